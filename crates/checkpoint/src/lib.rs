@@ -1,0 +1,179 @@
+//! Tensor files without a tensor engine: PyTorch `.pt` checkpoints (zip archive + restricted
+//! unpickler), safetensors and numpy `.npy`. Nothing here imports or executes code from a file.
+
+pub mod npy;
+pub mod pickle;
+pub mod pt;
+pub mod safetensors;
+mod tensor;
+
+use std::path::Path;
+
+pub use tensor::{DType, TensorData};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed file: {0}")]
+    Format(String),
+    #[error("unsafe content: {0}")]
+    Unsafe(String),
+    #[error("{path}: {source}")]
+    InFile { path: String, source: Box<Error> },
+}
+
+impl Error {
+    pub fn in_file(self, path: &Path) -> Error {
+        Error::InFile { path: path.display().to_string(), source: Box::new(self) }
+    }
+}
+
+/// An ordered state dict: names in saved order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateDict {
+    pub entries: Vec<(String, TensorData)>,
+}
+
+impl StateDict {
+    pub fn get(&self, name: &str) -> Option<&TensorData> {
+        self.entries.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, tensor: TensorData) {
+        let name = name.into();
+        if let Some(slot) = self.entries.iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = tensor;
+        } else {
+            self.entries.push((name, tensor));
+        }
+    }
+
+    /// Elements of all floating-point entries except BatchNorm buffers, i.e. what PyTorch counts as parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|(n, t)| t.dtype.is_float() && !is_buffer_name(n))
+            .map(|(_, t)| t.numel())
+            .sum()
+    }
+}
+
+/// BatchNorm buffers: saved in the state dict, but not parameters.
+pub fn is_buffer_name(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var") || name.ends_with(".num_batches_tracked")
+}
+
+/// How the weights were stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Layout {
+    /// open_clip training output: `{"epoch", "name", "state_dict", "optimizer", ...}`.
+    TrainingCheckpoint { epoch: Option<i64>, name: Option<String>, has_optimizer: bool, module_prefix: bool },
+    /// `torch.save(model.state_dict())`.
+    BareStateDict { module_prefix: bool },
+    Safetensors,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Layout::TrainingCheckpoint { epoch, name, has_optimizer, module_prefix } => {
+                write!(f, "PyTorch training checkpoint (state_dict")?;
+                if let Some(e) = epoch {
+                    write!(f, ", epoch {e}")?;
+                }
+                if let Some(n) = name {
+                    write!(f, ", run name {n:?}")?;
+                }
+                if *has_optimizer {
+                    write!(f, ", optimizer state")?;
+                }
+                if *module_prefix {
+                    write!(f, ", DDP `module.` prefix stripped")?;
+                }
+                write!(f, ")")
+            }
+            Layout::BareStateDict { module_prefix } => {
+                write!(f, "PyTorch state dict")?;
+                if *module_prefix {
+                    write!(f, " (DDP `module.` prefix stripped)")?;
+                }
+                Ok(())
+            }
+            Layout::Safetensors => write!(f, "safetensors"),
+        }
+    }
+}
+
+/// Weights read from any supported file, with the layout they came in.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub layout: Layout,
+    pub state_dict: StateDict,
+}
+
+/// Reads a checkpoint, choosing the format from the file's first bytes (not its extension).
+pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint, Error> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::Io(e).in_file(path))?;
+    load_bytes(&bytes).map_err(|e| e.in_file(path))
+}
+
+pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, Error> {
+    if bytes.starts_with(b"PK") {
+        pt::read_checkpoint(bytes)
+    } else if bytes.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
+        Err(Error::Format(
+            "this is the legacy (pre-1.6, non-zip) torch.save format, which pirclip does not read; \
+             re-save it with `torch.save(torch.load(f), f2)` in any recent PyTorch"
+                .into(),
+        ))
+    } else if safetensors::looks_like(bytes) {
+        Ok(Checkpoint { layout: Layout::Safetensors, state_dict: safetensors::read(bytes)? })
+    } else {
+        Err(Error::Format(
+            "not a PyTorch zip checkpoint (no `PK` signature) nor a safetensors file (no valid JSON header); \
+             the file may be truncated or of another kind"
+                .into(),
+        ))
+    }
+}
+
+/// Strips the DDP `module.` prefix exactly as the official loader does: only when the first key starts
+/// with `module`, and then from every key (7 characters).
+pub(crate) fn strip_module_prefix(entries: &mut [(String, TensorData)]) -> bool {
+    let strip = entries.first().map(|(k, _)| k.starts_with("module")).unwrap_or(false);
+    if strip {
+        for (k, _) in entries.iter_mut() {
+            *k = k.chars().skip(7).collect();
+        }
+    }
+    strip
+}
+
+/// Writes a file atomically: a temporary sibling is written and synced, then renamed over `path`, so a
+/// crash never leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| Error::Io(e).in_file(path))
+}
