@@ -1,1 +1,211 @@
-pub fn _placeholder() {}
+//! CLIP byte-level BPE tokenizer, producing the same ids as open_clip's `SimpleTokenizer`
+//! (spec §6.3): clean (ftfy-like fixes, HTML unescape twice, whitespace collapse, lower-case), split with
+//! CLIP's regex, byte→unicode map, BPE by merge rank, SOT/EOT, pad or truncate to the context length.
+
+mod clean;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Mutex;
+
+pub use clean::clean_text;
+
+pub const SOT: i64 = 49406;
+pub const EOT: i64 = 49407;
+pub const CONTEXT_LENGTH: usize = 77;
+
+/// The CLIP vocabulary shipped with pirclip (MIT, OpenAI CLIP).
+pub const DEFAULT_BPE_GZ: &[u8] = include_bytes!("../../../assets/bpe_simple_vocab_16e6.txt.gz");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("BPE vocabulary: {0}")]
+    Vocab(String),
+}
+
+pub struct Tokenizer {
+    encoder: HashMap<String, i64>,
+    ranks: HashMap<(String, String), usize>,
+    byte_encoder: [char; 256],
+    pattern: regex::Regex,
+    cache: Mutex<HashMap<String, Vec<i64>>>,
+}
+
+/// GPT-2/CLIP's reversible map from bytes to printable unicode characters, as (byte, char) pairs in the
+/// order Python's dict holds them (printable bytes first): that order defines the first 512 vocabulary ids.
+fn bytes_to_unicode() -> Vec<(u8, char)> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    printable.into_iter().zip(chars).map(|(b, c)| (b as u8, char::from_u32(c).unwrap())).collect()
+}
+
+impl Tokenizer {
+    /// The tokenizer with the bundled CLIP vocabulary.
+    pub fn new() -> Self {
+        Self::from_gz(DEFAULT_BPE_GZ).expect("bundled vocabulary is valid")
+    }
+
+    /// Builds the tokenizer from a gzip'd merges file (`bpe_simple_vocab_16e6.txt.gz`).
+    pub fn from_gz(gz: &[u8]) -> Result<Self, Error> {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::Vocab(format!("cannot decompress: {e}")))?;
+        // open_clip keeps lines 1 ..= 49152-256-2 of the file (line 0 is a version header).
+        let merges: Vec<(String, String)> = text
+            .split('\n')
+            .skip(1)
+            .take(49152 - 256 - 2)
+            .map(|line| {
+                let mut it = line.split_whitespace();
+                match (it.next(), it.next()) {
+                    (Some(a), Some(b)) => Ok((a.to_string(), b.to_string())),
+                    _ => Err(Error::Vocab(format!("malformed merge line {line:?}"))),
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let pairs = bytes_to_unicode();
+        let mut vocab: Vec<String> = pairs.iter().map(|(_, c)| c.to_string()).collect();
+        vocab.extend(pairs.iter().map(|(_, c)| format!("{c}</w>")));
+        let mut byte_encoder = ['\0'; 256];
+        for (b, c) in pairs {
+            byte_encoder[b as usize] = c;
+        }
+        vocab.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+        vocab.push("<start_of_text>".into());
+        vocab.push("<end_of_text>".into());
+        if vocab.len() != 49408 {
+            return Err(Error::Vocab(format!("expected 49408 entries, built {}", vocab.len())));
+        }
+        let encoder = vocab.into_iter().enumerate().map(|(i, v)| (v, i as i64)).collect();
+        let ranks = merges.into_iter().enumerate().map(|(i, m)| (m, i)).collect();
+        let pattern = regex::Regex::new(
+            r"(?i)<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+        )
+        .unwrap();
+        Ok(Tokenizer { encoder, ranks, byte_encoder, pattern, cache: Mutex::new(HashMap::new()) })
+    }
+
+    /// Token ids of one pre-tokenised piece (already byte-encoded), by lowest-rank-first merging.
+    fn bpe(&self, token: &str) -> Vec<i64> {
+        if let Some(ids) = self.cache.lock().unwrap().get(token) {
+            return ids.clone();
+        }
+        let chars: Vec<char> = token.chars().collect();
+        let mut word: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+        if let Some(last) = word.last_mut() {
+            last.push_str("</w>");
+        }
+        while word.len() > 1 {
+            let best = word
+                .windows(2)
+                .filter_map(|w| self.ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, w[0].clone(), w[1].clone())))
+                .min_by_key(|(r, _, _)| *r);
+            let Some((_, first, second)) = best else { break };
+            let mut merged = Vec::with_capacity(word.len());
+            let mut i = 0;
+            while i < word.len() {
+                if i + 1 < word.len() && word[i] == first && word[i + 1] == second {
+                    merged.push(format!("{first}{second}"));
+                    i += 2;
+                } else {
+                    merged.push(std::mem::take(&mut word[i]));
+                    i += 1;
+                }
+            }
+            word = merged;
+        }
+        let ids: Vec<i64> = word.iter().map(|w| self.encoder[w.as_str()]).collect();
+        self.cache.lock().unwrap().insert(token.to_string(), ids.clone());
+        ids
+    }
+
+    /// Token ids of the cleaned text, without SOT/EOT.
+    pub fn encode(&self, text: &str) -> Vec<i64> {
+        let text = clean_text(text);
+        let mut ids = Vec::new();
+        for m in self.pattern.find_iter(&text) {
+            let piece = m.as_str();
+            match piece {
+                "<start_of_text>" => ids.push(SOT),
+                "<end_of_text>" => ids.push(EOT),
+                _ => {
+                    let encoded: String = piece.bytes().map(|b| self.byte_encoder[b as usize]).collect();
+                    ids.extend(self.bpe(&encoded));
+                }
+            }
+        }
+        ids
+    }
+
+    /// `[SOT] + ids + [EOT]`, zero-padded to `context_length`; longer sequences are cut and end in EOT.
+    pub fn tokenize(&self, text: &str, context_length: usize) -> Vec<i64> {
+        let mut seq = Vec::with_capacity(context_length);
+        seq.push(SOT);
+        seq.extend(self.encode(text));
+        seq.push(EOT);
+        if seq.len() > context_length {
+            seq.truncate(context_length);
+            seq[context_length - 1] = EOT;
+        }
+        seq.resize(context_length, 0);
+        seq
+    }
+
+    /// Tokenises a batch into a row-major `[n, context_length]` buffer.
+    pub fn tokenize_batch<S: AsRef<str>>(&self, texts: &[S], context_length: usize) -> Vec<i64> {
+        texts.iter().flat_map(|t| self.tokenize(t.as_ref(), context_length)).collect()
+    }
+}
+
+impl Default for Tokenizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Position of the EOT token (the first maximum id), as open_clip's text pooling finds it.
+pub fn eot_position(ids: &[i64]) -> usize {
+    let mut best = 0;
+    for (i, &v) in ids.iter().enumerate() {
+        if v > ids[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_examples() {
+        let t = Tokenizer::new();
+        let ids = t.tokenize("The airport is very large .", 77);
+        assert_eq!(&ids[..8], &[49406, 518, 3259, 533, 1070, 3638, 269, 49407]);
+        assert!(ids[8..].iter().all(|&v| v == 0));
+        assert_eq!(&t.tokenize("", 77)[..3], &[49406, 49407, 0]);
+        assert_eq!(
+            &t.tokenize("It's 3 storage-tanks &amp; a   pond", 77)[..11],
+            &[49406, 585, 568, 274, 6824, 268, 14223, 261, 320, 10750, 49407]
+        );
+    }
+
+    #[test]
+    fn truncation_ends_in_eot() {
+        let t = Tokenizer::new();
+        let ids = t.tokenize(&"a ".repeat(100), 77);
+        assert_eq!(ids.len(), 77);
+        assert_eq!(ids[76], EOT);
+        assert_eq!(eot_position(&ids), 76);
+    }
+}
