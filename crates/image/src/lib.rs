@@ -1,1 +1,172 @@
-pub fn _placeholder() {}
+//! Image decoding and CLIP preprocessing compatible with the official torchvision + Pillow pipeline
+//! (spec §6.2): `Resize(shortest side, bicubic)` → `CenterCrop` → RGB → `/255` → normalise.
+
+mod resample;
+
+use std::path::Path;
+
+pub use resample::resize_bicubic;
+
+/// OpenAI CLIP normalisation constants.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: cannot read image: {message}")]
+    Decode { path: String, message: String },
+}
+
+/// An 8-bit RGB image, row-major, 3 bytes per pixel.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+impl std::fmt::Debug for RgbImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RgbImage({}x{})", self.width, self.height)
+    }
+}
+
+impl RgbImage {
+    pub fn new(width: usize, height: usize, pixels: Vec<u8>) -> Self {
+        assert_eq!(pixels.len(), width * height * 3, "RGB buffer size");
+        RgbImage { width, height, pixels }
+    }
+}
+
+/// Decodes jpg/png/tif/bmp/webp from memory into RGB. Grayscale is replicated, palette images are
+/// expanded, alpha is dropped (as PIL's `convert("RGB")`), 16-bit samples are rounded to 8 bits.
+pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, Error> {
+    if bytes.starts_with(&[0xff, 0xd8]) {
+        if let Some(img) = decode_jpeg_libjpeg(bytes) {
+            return Ok(img);
+        }
+        // CMYK or otherwise unusual JPEGs fall through to the pure-Rust decoder.
+    }
+    let img = image::load_from_memory(bytes).map_err(|e| Error::Decode { path: name.to_string(), message: e.to_string() })?;
+    let rgb = img.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    if w == 0 || h == 0 {
+        return Err(Error::Decode { path: name.to_string(), message: "image has no pixels".into() });
+    }
+    Ok(RgbImage::new(w as usize, h as usize, rgb.into_raw()))
+}
+
+/// libjpeg-turbo's default decode (ISLOW IDCT, fancy upsampling), as Pillow does it. `None` when the
+/// stream is not something it turns into RGB; libjpeg errors surface as panics in the binding, caught here.
+fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<RgbImage> {
+    std::panic::catch_unwind(|| -> Option<RgbImage> {
+        let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
+        if !matches!(d.color_space(), mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_RGB) {
+            return None;
+        }
+        let mut rgb = d.rgb().ok()?;
+        let (w, h) = (rgb.width(), rgb.height());
+        let px: Vec<[u8; 3]> = rgb.read_scanlines().ok()?;
+        rgb.finish().ok()?;
+        (w > 0 && h > 0 && px.len() == w * h).then(|| RgbImage::new(w, h, px.into_iter().flatten().collect()))
+    })
+    .ok()
+    .flatten()
+}
+
+pub fn decode_file(path: &Path) -> Result<RgbImage, Error> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Decode { path: path.display().to_string(), message: e.to_string() })?;
+    decode(&bytes, &path.display().to_string())
+}
+
+/// torchvision `Resize(size)` with an int size: the shorter side becomes `size`, the longer one
+/// `int(size * long / short)`; an image whose shorter side already equals `size` is returned unchanged.
+pub fn resize_shortest_side(img: &RgbImage, size: usize) -> RgbImage {
+    let (w, h) = (img.width, img.height);
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    if short == size {
+        return img.clone();
+    }
+    let new_long = (size as f64 * long as f64 / short as f64) as usize;
+    let (nw, nh) = if w <= h { (size, new_long) } else { (new_long, size) };
+    resize_bicubic(img, nw, nh)
+}
+
+/// torchvision `CenterCrop(size)`: offsets `round((H - size) / 2)`; smaller images are zero-padded first
+/// (torchvision pads `(size - W) // 2` left/top and the rest right/bottom).
+pub fn center_crop(img: &RgbImage, size: usize) -> RgbImage {
+    let mut img = img.clone();
+    if img.width < size || img.height < size {
+        let pw = size.saturating_sub(img.width);
+        let ph = size.saturating_sub(img.height);
+        let (left, top) = (pw / 2, ph / 2);
+        let (nw, nh) = (img.width + pw, img.height + ph);
+        let mut out = vec![0u8; nw * nh * 3];
+        for y in 0..img.height {
+            let src = &img.pixels[y * img.width * 3..(y + 1) * img.width * 3];
+            let at = ((y + top) * nw + left) * 3;
+            out[at..at + src.len()].copy_from_slice(src);
+        }
+        img = RgbImage::new(nw, nh, out);
+    }
+    // Python's round() on a .5 value rounds half to even.
+    let offset = |total: usize| -> usize { ((total - size) as f64 / 2.0).round_ties_even() as usize };
+    let (top, left) = (offset(img.height), offset(img.width));
+    let mut out = Vec::with_capacity(size * size * 3);
+    for y in top..top + size {
+        let row = &img.pixels[(y * img.width + left) * 3..(y * img.width + left + size) * 3];
+        out.extend_from_slice(row);
+    }
+    RgbImage::new(size, size, out)
+}
+
+/// The eval transform's geometric part: resize shortest side, then center crop.
+pub fn eval_resize_crop(img: &RgbImage, size: usize) -> RgbImage {
+    center_crop(&resize_shortest_side(img, size), size)
+}
+
+/// `ToTensor` + `Normalize` into a CHW float buffer (appended to `out`).
+pub fn normalize_into(img: &RgbImage, out: &mut Vec<f32>) {
+    let n = img.width * img.height;
+    out.reserve(3 * n);
+    for c in 0..3 {
+        let (mean, std) = (CLIP_MEAN[c], CLIP_STD[c]);
+        out.extend(img.pixels.iter().skip(c).step_by(3).map(|&v| (v as f32 / 255.0 - mean) / std));
+    }
+}
+
+/// Full eval preprocessing of one decoded image: `[3, size, size]` floats.
+pub fn preprocess_eval(img: &RgbImage, size: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(3 * size * size);
+    normalize_into(&eval_resize_crop(img, size), &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn center_crop_offsets_round_half_even() {
+        // 5 wide, crop 2: (5-2)/2 = 1.5 rounds to 2 in Python.
+        let img = RgbImage::new(5, 2, (0..30).collect());
+        let c = center_crop(&img, 2);
+        assert_eq!(&c.pixels[..3], &[6, 7, 8]);
+    }
+
+    #[test]
+    fn center_crop_pads_small_images() {
+        let img = RgbImage::new(1, 1, vec![9, 9, 9]);
+        let c = center_crop(&img, 3);
+        assert_eq!(c.pixels[(3 + 1) * 3], 9);
+        assert_eq!(c.pixels.iter().filter(|&&v| v == 9).count(), 3);
+    }
+
+    #[test]
+    fn resize_keeps_aspect_like_torchvision() {
+        let img = RgbImage::new(300, 200, vec![128; 300 * 200 * 3]);
+        let r = resize_shortest_side(&img, 224);
+        assert_eq!((r.width, r.height), (336, 224));
+        assert!(r.pixels.iter().all(|&v| v == 128), "a constant image stays constant");
+    }
+}
