@@ -25,7 +25,10 @@ pub enum Error {
 
 impl Error {
     pub fn in_file(self, path: &Path) -> Error {
-        Error::InFile { path: path.display().to_string(), source: Box::new(self) }
+        Error::InFile {
+            path: path.display().to_string(),
+            source: Box::new(self),
+        }
     }
 }
 
@@ -69,23 +72,37 @@ impl StateDict {
 
 /// BatchNorm buffers: saved in the state dict, but not parameters.
 pub fn is_buffer_name(name: &str) -> bool {
-    name.ends_with(".running_mean") || name.ends_with(".running_var") || name.ends_with(".num_batches_tracked")
+    name.ends_with(".running_mean")
+        || name.ends_with(".running_var")
+        || name.ends_with(".num_batches_tracked")
 }
 
 /// How the weights were stored.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Layout {
     /// open_clip training output: `{"epoch", "name", "state_dict", "optimizer", ...}`.
-    TrainingCheckpoint { epoch: Option<i64>, name: Option<String>, has_optimizer: bool, module_prefix: bool },
+    TrainingCheckpoint {
+        epoch: Option<i64>,
+        name: Option<String>,
+        has_optimizer: bool,
+        module_prefix: bool,
+    },
     /// `torch.save(model.state_dict())`.
-    BareStateDict { module_prefix: bool },
+    BareStateDict {
+        module_prefix: bool,
+    },
     Safetensors,
 }
 
 impl std::fmt::Display for Layout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Layout::TrainingCheckpoint { epoch, name, has_optimizer, module_prefix } => {
+            Layout::TrainingCheckpoint {
+                epoch,
+                name,
+                has_optimizer,
+                module_prefix,
+            } => {
                 write!(f, "PyTorch training checkpoint (state_dict")?;
                 if let Some(e) = epoch {
                     write!(f, ", epoch {e}")?;
@@ -137,7 +154,10 @@ pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, Error> {
                 .into(),
         ))
     } else if safetensors::looks_like(bytes) {
-        Ok(Checkpoint { layout: Layout::Safetensors, state_dict: safetensors::read(bytes)? })
+        Ok(Checkpoint {
+            layout: Layout::Safetensors,
+            state_dict: safetensors::read(bytes)?,
+        })
     } else {
         Err(Error::Format(
             "not a PyTorch zip checkpoint (no `PK` signature) nor a safetensors file (no valid JSON header); \
@@ -150,7 +170,10 @@ pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, Error> {
 /// Strips the DDP `module.` prefix exactly as the official loader does: only when the first key starts
 /// with `module`, and then from every key (7 characters).
 pub(crate) fn strip_module_prefix(entries: &mut [(String, TensorData)]) -> bool {
-    let strip = entries.first().map(|(k, _)| k.starts_with("module")).unwrap_or(false);
+    let strip = entries
+        .first()
+        .map(|(k, _)| k.starts_with("module"))
+        .unwrap_or(false);
     if strip {
         for (k, _) in entries.iter_mut() {
             *k = k.chars().skip(7).collect();
@@ -163,8 +186,14 @@ pub(crate) fn strip_module_prefix(entries: &mut [(String, TensorData)]) -> bool 
 /// crash never leaves a half-written file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;

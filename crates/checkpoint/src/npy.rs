@@ -16,16 +16,26 @@ pub fn read_bytes(bytes: &[u8]) -> Result<TensorData, Error> {
     }
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+            12,
+        ),
         v => return Err(Error::Format(format!("unsupported .npy version {v}"))),
     };
-    let header = std::str::from_utf8(bytes.get(start..start + header_len).ok_or_else(|| Error::Format("truncated .npy header".into()))?)
-        .map_err(|_| Error::Format(".npy header is not text".into()))?;
+    let header = std::str::from_utf8(
+        bytes
+            .get(start..start + header_len)
+            .ok_or_else(|| Error::Format("truncated .npy header".into()))?,
+    )
+    .map_err(|_| Error::Format(".npy header is not text".into()))?;
     let field = |key: &str| -> Option<&str> {
         let i = header.find(&format!("'{key}':"))? + key.len() + 3;
         Some(header[i..].trim_start())
     };
-    let descr = field("descr").and_then(|s| s.strip_prefix('\'')).and_then(|s| s.split('\'').next()).ok_or_else(|| Error::Format("npy header lacks descr".into()))?;
+    let descr = field("descr")
+        .and_then(|s| s.strip_prefix('\''))
+        .and_then(|s| s.split('\'').next())
+        .ok_or_else(|| Error::Format("npy header lacks descr".into()))?;
     let dtype = match descr {
         "<f4" => DType::F32,
         "<f8" => DType::F64,
@@ -38,20 +48,34 @@ pub fn read_bytes(bytes: &[u8]) -> Result<TensorData, Error> {
         "|b1" => DType::Bool,
         other => return Err(Error::Format(format!("unsupported .npy dtype {other}"))),
     };
-    if field("fortran_order").map(|s| s.starts_with("True")).unwrap_or(false) {
-        return Err(Error::Format("Fortran-ordered .npy arrays are not supported".into()));
+    if field("fortran_order")
+        .map(|s| s.starts_with("True"))
+        .unwrap_or(false)
+    {
+        return Err(Error::Format(
+            "Fortran-ordered .npy arrays are not supported".into(),
+        ));
     }
-    let shape_str = field("shape").and_then(|s| s.strip_prefix('(')).and_then(|s| s.split(')').next()).ok_or_else(|| Error::Format("npy header lacks shape".into()))?;
+    let shape_str = field("shape")
+        .and_then(|s| s.strip_prefix('('))
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| Error::Format("npy header lacks shape".into()))?;
     let shape: Vec<usize> = shape_str
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse().map_err(|_| Error::Format(format!("bad .npy shape {shape_str:?}"))))
+        .map(|s| {
+            s.parse()
+                .map_err(|_| Error::Format(format!("bad .npy shape {shape_str:?}")))
+        })
         .collect::<Result<_, _>>()?;
     let data = &bytes[start + header_len..];
     let need = shape.iter().product::<usize>() * dtype.size();
     if data.len() < need {
-        return Err(Error::Format(format!(".npy data truncated: {} of {need} bytes", data.len())));
+        return Err(Error::Format(format!(
+            ".npy data truncated: {} of {need} bytes",
+            data.len()
+        )));
     }
     TensorData::new(dtype, shape, data[..need].to_vec())
 }
@@ -59,9 +83,19 @@ pub fn read_bytes(bytes: &[u8]) -> Result<TensorData, Error> {
 pub fn to_bytes(t: &TensorData) -> Vec<u8> {
     let shape = match t.shape.len() {
         1 => format!("({},)", t.shape[0]),
-        _ => format!("({})", t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            t.shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
-    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}", t.dtype.npy_descr());
+    let mut header = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}",
+        t.dtype.npy_descr()
+    );
     // Pad so that the data starts on a 64-byte boundary, newline-terminated, as numpy does.
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));

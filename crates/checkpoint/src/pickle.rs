@@ -72,7 +72,10 @@ impl Value {
 
     pub fn dict_get(&self, key: &str) -> Option<&Value> {
         match self {
-            Value::Dict(items) => items.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v),
+            Value::Dict(items) => items
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v),
             _ => None,
         }
     }
@@ -125,7 +128,12 @@ fn refused(module: &str, name: &str) -> Error {
 fn persistent_load(pid: Value) -> Result<Value, Error> {
     let items = match pid {
         Value::Tuple(items) => items,
-        other => return Err(Error::Format(format!("persistent id is a {}, expected a tuple", other.type_name()))),
+        other => {
+            return Err(Error::Format(format!(
+                "persistent id is a {}, expected a tuple",
+                other.type_name()
+            )))
+        }
     };
     match items.as_slice() {
         [Value::Str(kind), Value::Global(Global::Storage(dtype)), key, Value::Str(location), numel]
@@ -134,22 +142,38 @@ fn persistent_load(pid: Value) -> Result<Value, Error> {
             let key = match key {
                 Value::Str(s) => s.clone(),
                 Value::Int(i) => i.to_string(),
-                other => return Err(Error::Format(format!("storage key is a {}", other.type_name()))),
+                other => {
+                    return Err(Error::Format(format!(
+                        "storage key is a {}",
+                        other.type_name()
+                    )))
+                }
             };
-            let numel = numel
-                .as_int()
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| Error::Format("storage element count is not a non-negative int".into()))?;
-            Ok(Value::Storage(StorageRef { key, dtype: *dtype, location: location.clone(), numel: numel as usize }))
+            let numel = numel.as_int().filter(|n| *n >= 0).ok_or_else(|| {
+                Error::Format("storage element count is not a non-negative int".into())
+            })?;
+            Ok(Value::Storage(StorageRef {
+                key,
+                dtype: *dtype,
+                location: location.clone(),
+                numel: numel as usize,
+            }))
         }
-        _ => Err(Error::Format(format!("unsupported persistent id {items:?}"))),
+        _ => Err(Error::Format(format!(
+            "unsupported persistent id {items:?}"
+        ))),
     }
 }
 
 fn usize_tuple(v: &Value, what: &str) -> Result<Vec<usize>, Error> {
     let items = match v {
         Value::Tuple(items) | Value::List(items) => items,
-        other => return Err(Error::Format(format!("tensor {what} is a {}, expected a tuple", other.type_name()))),
+        other => {
+            return Err(Error::Format(format!(
+                "tensor {what} is a {}, expected a tuple",
+                other.type_name()
+            )))
+        }
     };
     items
         .iter()
@@ -165,7 +189,12 @@ fn usize_tuple(v: &Value, what: &str) -> Result<Vec<usize>, Error> {
 fn call(func: Global, args: Value) -> Result<Value, Error> {
     let args = match args {
         Value::Tuple(a) => a,
-        other => return Err(Error::Format(format!("REDUCE arguments are a {}", other.type_name()))),
+        other => {
+            return Err(Error::Format(format!(
+                "REDUCE arguments are a {}",
+                other.type_name()
+            )))
+        }
     };
     match func {
         Global::OrderedDict => {
@@ -183,34 +212,54 @@ fn call(func: Global, args: Value) -> Result<Value, Error> {
                                     let k = kv.pop().unwrap();
                                     out.push((k, v));
                                 }
-                                _ => return Err(Error::Format("OrderedDict item is not a pair".into())),
+                                _ => {
+                                    return Err(Error::Format(
+                                        "OrderedDict item is not a pair".into(),
+                                    ))
+                                }
                             }
                         }
                         Ok(Value::Dict(out))
                     }
-                    other => Err(Error::Format(format!("OrderedDict built from a {}", other.type_name()))),
+                    other => Err(Error::Format(format!(
+                        "OrderedDict built from a {}",
+                        other.type_name()
+                    ))),
                 }
             }
         }
         Global::RebuildTensorV2 => {
             if args.len() < 4 {
-                return Err(Error::Format(format!("_rebuild_tensor_v2 got {} arguments", args.len())));
+                return Err(Error::Format(format!(
+                    "_rebuild_tensor_v2 got {} arguments",
+                    args.len()
+                )));
             }
             let storage = match &args[0] {
                 Value::Storage(s) => s.clone(),
-                other => return Err(Error::Format(format!("tensor storage is a {}", other.type_name()))),
+                other => {
+                    return Err(Error::Format(format!(
+                        "tensor storage is a {}",
+                        other.type_name()
+                    )))
+                }
             };
-            let offset = args[1]
-                .as_int()
-                .filter(|o| *o >= 0)
-                .ok_or_else(|| Error::Format("tensor storage offset is not a non-negative int".into()))?
-                as usize;
+            let offset = args[1].as_int().filter(|o| *o >= 0).ok_or_else(|| {
+                Error::Format("tensor storage offset is not a non-negative int".into())
+            })? as usize;
             let shape = usize_tuple(&args[2], "size")?;
             let stride = usize_tuple(&args[3], "stride")?;
             if shape.len() != stride.len() {
-                return Err(Error::Format(format!("tensor size {shape:?} and stride {stride:?} differ in rank")));
+                return Err(Error::Format(format!(
+                    "tensor size {shape:?} and stride {stride:?} differ in rank"
+                )));
             }
-            Ok(Value::Tensor(TensorRef { storage, offset, shape, stride }))
+            Ok(Value::Tensor(TensorRef {
+                storage,
+                offset,
+                shape,
+                stride,
+            }))
         }
         Global::RebuildParameter => match args.into_iter().next() {
             Some(t @ Value::Tensor(_)) => Ok(t),
@@ -219,7 +268,10 @@ fn call(func: Global, args: Value) -> Result<Value, Error> {
         Global::Set | Global::FrozenSet => match args.into_iter().next() {
             Some(Value::List(items)) | Some(Value::Tuple(items)) => Ok(Value::List(items)),
             None => Ok(Value::List(Vec::new())),
-            Some(other) => Err(Error::Format(format!("set built from a {}", other.type_name()))),
+            Some(other) => Err(Error::Format(format!(
+                "set built from a {}",
+                other.type_name()
+            ))),
         },
         Global::CodecsEncode => match args.as_slice() {
             // Protocol-2 pickles encode bytes as _codecs.encode(str, "latin1").
@@ -232,7 +284,9 @@ fn call(func: Global, args: Value) -> Result<Value, Error> {
             Some(Value::Tuple(items)) | Some(Value::List(items)) => Ok(Value::Tuple(items)),
             _ => Err(Error::Format("torch.Size without a tuple".into())),
         },
-        Global::Storage(_) => Err(Error::Unsafe("a storage class may only appear in a persistent id".into())),
+        Global::Storage(_) => Err(Error::Unsafe(
+            "a storage class may only appear in a persistent id".into(),
+        )),
     }
 }
 
@@ -281,7 +335,8 @@ impl<'a> Reader<'a> {
     }
     fn string(&mut self, n: usize) -> Result<String, Error> {
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| Error::Format("pickle string is not valid UTF-8".into()))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::Format("pickle string is not valid UTF-8".into()))
     }
 }
 
@@ -290,7 +345,10 @@ fn long_from_le(bytes: &[u8]) -> Result<i64, Error> {
         return Ok(0);
     }
     if bytes.len() > 8 {
-        return Err(Error::Format(format!("pickle integer of {} bytes does not fit in 64 bits", bytes.len())));
+        return Err(Error::Format(format!(
+            "pickle integer of {} bytes does not fit in 64 bits",
+            bytes.len()
+        )));
     }
     let negative = bytes[bytes.len() - 1] & 0x80 != 0;
     let mut buf = if negative { [0xffu8; 8] } else { [0u8; 8] };
@@ -305,7 +363,9 @@ pub fn unpickle(data: &[u8]) -> Result<Value, Error> {
     let mut memo: std::collections::HashMap<u32, Value> = std::collections::HashMap::new();
 
     fn pop(stack: &mut Vec<Value>) -> Result<Value, Error> {
-        stack.pop().ok_or_else(|| Error::Format("pickle stack underflow".into()))
+        stack
+            .pop()
+            .ok_or_else(|| Error::Format("pickle stack underflow".into()))
     }
     fn pop_mark(stack: &mut Vec<Value>) -> Result<Vec<Value>, Error> {
         let at = stack
@@ -317,7 +377,9 @@ pub fn unpickle(data: &[u8]) -> Result<Value, Error> {
         Ok(items)
     }
     fn top_mut(stack: &mut [Value]) -> Result<&mut Value, Error> {
-        stack.last_mut().ok_or_else(|| Error::Format("pickle stack underflow".into()))
+        stack
+            .last_mut()
+            .ok_or_else(|| Error::Format("pickle stack underflow".into()))
     }
     fn set_items(target: &mut Value, items: Vec<Value>) -> Result<(), Error> {
         match target {
@@ -575,7 +637,9 @@ mod tests {
     fn refuses_os_system() {
         // pickle.dumps of a class whose __reduce__ returns (os.system, ("echo pwned",)), protocol 2.
         let mut p = vec![0x80, 2];
-        p.extend_from_slice(b"cposix\nsystem\nq\x00X\x0a\x00\x00\x00echo pwnedq\x01\x85q\x02Rq\x03.");
+        p.extend_from_slice(
+            b"cposix\nsystem\nq\x00X\x0a\x00\x00\x00echo pwnedq\x01\x85q\x02Rq\x03.",
+        );
         let err = unpickle(&p).unwrap_err();
         assert!(matches!(err, Error::Unsafe(_)), "{err}");
         assert!(err.to_string().contains("posix.system"), "{err}");
@@ -596,9 +660,16 @@ mod tests {
         let v = unpickle(p).unwrap();
         assert_eq!(
             v.dict_get("a"),
-            Some(&Value::List(vec![Value::Int(1), Value::Float(2.5), Value::Str("x".into())]))
+            Some(&Value::List(vec![
+                Value::Int(1),
+                Value::Float(2.5),
+                Value::Str("x".into())
+            ]))
         );
-        assert_eq!(v.dict_get("b"), Some(&Value::Tuple(vec![Value::Bool(true), Value::None])));
+        assert_eq!(
+            v.dict_get("b"),
+            Some(&Value::Tuple(vec![Value::Bool(true), Value::None]))
+        );
     }
 
     #[test]

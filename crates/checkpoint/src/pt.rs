@@ -18,7 +18,9 @@ pub struct PtArchive<'a> {
 impl<'a> PtArchive<'a> {
     pub fn open(bytes: &'a [u8]) -> Result<Self, Error> {
         let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| {
-            Error::Format(format!("not a readable zip archive ({e}); the checkpoint is corrupt or truncated"))
+            Error::Format(format!(
+                "not a readable zip archive ({e}); the checkpoint is corrupt or truncated"
+            ))
         })?;
         let pkl_name = zip
             .file_names()
@@ -36,7 +38,9 @@ impl<'a> PtArchive<'a> {
                 }));
             }
         };
-        if zip.file_names().any(|n| n.ends_with("constants.pkl")) && zip.file_names().any(|n| n.contains("/code/")) {
+        if zip.file_names().any(|n| n.ends_with("constants.pkl"))
+            && zip.file_names().any(|n| n.contains("/code/"))
+        {
             return Err(Error::Format(
                 "this is a TorchScript archive (code/ + constants.pkl); load it in Python and save its \
                  state_dict() with torch.save"
@@ -48,12 +52,19 @@ impl<'a> PtArchive<'a> {
         zip.by_name(&pkl_name)
             .map_err(|e| Error::Format(format!("cannot open {pkl_name}: {e}")))?
             .read_to_end(&mut pkl)
-            .map_err(|e| Error::Format(format!("cannot read {pkl_name}: {e} (truncated archive?)")))?;
+            .map_err(|e| {
+                Error::Format(format!("cannot read {pkl_name}: {e} (truncated archive?)"))
+            })?;
         let object = pickle::unpickle(&pkl).map_err(|e| match e {
             Error::Format(m) => Error::Format(format!("{pkl_name}: {m}")),
             other => other,
         })?;
-        Ok(PtArchive { zip, prefix, storages: HashMap::new(), object })
+        Ok(PtArchive {
+            zip,
+            prefix,
+            storages: HashMap::new(),
+            object,
+        })
     }
 
     /// Materialises a tensor view as a contiguous tensor.
@@ -61,13 +72,15 @@ impl<'a> PtArchive<'a> {
         let key = &t.storage.key;
         if !self.storages.contains_key(key) {
             let name = format!("{}data/{}", self.prefix, key);
-            let mut file = self
-                .zip
-                .by_name(&name)
-                .map_err(|e| Error::Format(format!("storage `{name}` missing from the archive ({e})")))?;
+            let mut file = self.zip.by_name(&name).map_err(|e| {
+                Error::Format(format!("storage `{name}` missing from the archive ({e})"))
+            })?;
             let mut buf = Vec::with_capacity(file.size() as usize);
-            file.read_to_end(&mut buf)
-                .map_err(|e| Error::Format(format!("cannot read storage `{name}`: {e} (truncated archive?)")))?;
+            file.read_to_end(&mut buf).map_err(|e| {
+                Error::Format(format!(
+                    "cannot read storage `{name}`: {e} (truncated archive?)"
+                ))
+            })?;
             let need = t.storage.numel * t.storage.dtype.size();
             if buf.len() < need {
                 return Err(Error::Format(format!(
@@ -97,7 +110,9 @@ impl<'a> PtArchive<'a> {
                 _ => return Err(Error::Format("state_dict key is not a string".into())),
             };
             if let Value::Tensor(t) = v {
-                let tensor = self.tensor(t).map_err(|e| Error::Format(format!("entry `{name}`: {e}")))?;
+                let tensor = self
+                    .tensor(t)
+                    .map_err(|e| Error::Format(format!("entry `{name}`: {e}")))?;
                 entries.push((name, tensor));
             }
         }
@@ -107,7 +122,9 @@ impl<'a> PtArchive<'a> {
 
 fn is_tensor_dict(v: &Value) -> bool {
     match v {
-        Value::Dict(items) => !items.is_empty() && items.iter().any(|(_, v)| matches!(v, Value::Tensor(_))),
+        Value::Dict(items) => {
+            !items.is_empty() && items.iter().any(|(_, v)| matches!(v, Value::Tensor(_)))
+        }
         _ => false,
     }
 }
@@ -120,7 +137,9 @@ pub(crate) fn read_checkpoint(bytes: &[u8]) -> Result<Checkpoint, Error> {
         let module_prefix = crate::strip_module_prefix(&mut state_dict.entries);
         let layout = Layout::TrainingCheckpoint {
             epoch: object.dict_get("epoch").and_then(Value::as_int),
-            name: object.dict_get("name").and_then(|v| v.as_str().map(str::to_string)),
+            name: object
+                .dict_get("name")
+                .and_then(|v| v.as_str().map(str::to_string)),
             has_optimizer: object.dict_get("optimizer").is_some(),
             module_prefix,
         };
@@ -128,10 +147,14 @@ pub(crate) fn read_checkpoint(bytes: &[u8]) -> Result<Checkpoint, Error> {
     } else if is_tensor_dict(&object) {
         let mut state_dict = archive.state_dict(&object)?;
         let module_prefix = crate::strip_module_prefix(&mut state_dict.entries);
-        Ok(Checkpoint { layout: Layout::BareStateDict { module_prefix }, state_dict })
+        Ok(Checkpoint {
+            layout: Layout::BareStateDict { module_prefix },
+            state_dict,
+        })
     } else {
         Err(Error::Format(
-            "the pickled object is neither a state dict nor a dict with a `state_dict` entry".into(),
+            "the pickled object is neither a state dict nor a dict with a `state_dict` entry"
+                .into(),
         ))
     }
 }

@@ -15,7 +15,9 @@ pub fn looks_like(bytes: &[u8]) -> bool {
 
 pub fn read(bytes: &[u8]) -> Result<StateDict, Error> {
     if bytes.len() < 8 {
-        return Err(Error::Format("safetensors file shorter than its 8-byte header length".into()));
+        return Err(Error::Format(
+            "safetensors file shorter than its 8-byte header length".into(),
+        ));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     if 8 + n > bytes.len() {
@@ -26,7 +28,9 @@ pub fn read(bytes: &[u8]) -> Result<StateDict, Error> {
     }
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
         .map_err(|e| Error::Format(format!("safetensors header is not valid JSON: {e}")))?;
-    let obj = header.as_object().ok_or_else(|| Error::Format("safetensors header is not an object".into()))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| Error::Format("safetensors header is not an object".into()))?;
     let data = &bytes[8 + n..];
     let mut entries = Vec::new();
     for (name, info) in obj {
@@ -35,14 +39,21 @@ pub fn read(bytes: &[u8]) -> Result<StateDict, Error> {
         }
         let bad = |what: &str| Error::Format(format!("safetensors entry `{name}`: {what}"));
         let dtype_name = info["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
-        let dtype = DType::from_safetensors_name(dtype_name).ok_or_else(|| bad(&format!("unsupported dtype {dtype_name}")))?;
+        let dtype = DType::from_safetensors_name(dtype_name)
+            .ok_or_else(|| bad(&format!("unsupported dtype {dtype_name}")))?;
         let shape: Vec<usize> = info["shape"]
             .as_array()
             .ok_or_else(|| bad("no shape"))?
             .iter()
-            .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| bad("shape is not a list of integers")))
+            .map(|d| {
+                d.as_u64()
+                    .map(|d| d as usize)
+                    .ok_or_else(|| bad("shape is not a list of integers"))
+            })
             .collect::<Result<_, _>>()?;
-        let offs = info["data_offsets"].as_array().ok_or_else(|| bad("no data_offsets"))?;
+        let offs = info["data_offsets"]
+            .as_array()
+            .ok_or_else(|| bad("no data_offsets"))?;
         let (start, end) = match offs.as_slice() {
             [a, b] => (
                 a.as_u64().ok_or_else(|| bad("bad data_offsets"))? as usize,
@@ -51,9 +62,13 @@ pub fn read(bytes: &[u8]) -> Result<StateDict, Error> {
             _ => return Err(bad("data_offsets must hold two integers")),
         };
         if start > end || end > data.len() {
-            return Err(bad(&format!("data_offsets [{start}, {end}] outside the {} data bytes (truncated?)", data.len())));
+            return Err(bad(&format!(
+                "data_offsets [{start}, {end}] outside the {} data bytes (truncated?)",
+                data.len()
+            )));
         }
-        let tensor = TensorData::new(dtype, shape, data[start..end].to_vec()).map_err(|e| bad(&e.to_string()))?;
+        let tensor = TensorData::new(dtype, shape, data[start..end].to_vec())
+            .map_err(|e| bad(&e.to_string()))?;
         entries.push((name.clone(), tensor));
     }
     let mut sd = StateDict { entries };
@@ -65,8 +80,10 @@ pub fn read(bytes: &[u8]) -> Result<StateDict, Error> {
 pub fn write_bytes(sd: &StateDict, metadata: &[(&str, &str)]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        let m: serde_json::Map<String, serde_json::Value> =
-            metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string()))).collect();
+        let m: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+            .collect();
         header.insert("__metadata__".into(), serde_json::Value::Object(m));
     }
     let mut offset = 0usize;

@@ -152,17 +152,29 @@ impl TensorData {
                 bytes.len()
             )));
         }
-        Ok(TensorData { dtype, shape, bytes })
+        Ok(TensorData {
+            dtype,
+            shape,
+            bytes,
+        })
     }
 
     pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Self {
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        TensorData { dtype: DType::F32, shape, bytes }
+        TensorData {
+            dtype: DType::F32,
+            shape,
+            bytes,
+        }
     }
 
     pub fn from_i64(shape: Vec<usize>, values: &[i64]) -> Self {
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        TensorData { dtype: DType::I64, shape, bytes }
+        TensorData {
+            dtype: DType::I64,
+            shape,
+            bytes,
+        }
     }
 
     pub fn numel(&self) -> usize {
@@ -173,7 +185,10 @@ impl TensorData {
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let b = &self.bytes;
         match self.dtype {
-            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
             DType::F64 => b
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
@@ -223,12 +238,25 @@ impl TensorData {
         let values = self.to_f32_vec();
         let bytes: Vec<u8> = match to {
             DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-            DType::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-            DType::F64 => values.iter().flat_map(|v| (*v as f64).to_le_bytes()).collect(),
+            DType::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            DType::BF16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            DType::F64 => values
+                .iter()
+                .flat_map(|v| (*v as f64).to_le_bytes())
+                .collect(),
             _ => panic!("cast_float target must be a float dtype, got {to}"),
         };
-        TensorData { dtype: to, shape: self.shape.clone(), bytes }
+        TensorData {
+            dtype: to,
+            shape: self.shape.clone(),
+            bytes,
+        }
     }
 }
 

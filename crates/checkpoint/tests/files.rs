@@ -5,27 +5,64 @@ use pirclip_checkpoint::{load, Error, Layout};
 use std::path::PathBuf;
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(p)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(p)
 }
 
 #[test]
 fn dtypes_strides_and_shared_storages_match_torch() {
     let ck = load(fixture("checkpoints/dtypes_strides.pt")).unwrap();
-    assert_eq!(ck.layout, Layout::BareStateDict { module_prefix: false });
+    assert_eq!(
+        ck.layout,
+        Layout::BareStateDict {
+            module_prefix: false
+        }
+    );
     let expected = std::fs::read(fixture("checkpoints/dtypes_strides_expected.bin")).unwrap();
-    let expected: Vec<f32> = expected.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let expected: Vec<f32> = expected
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     let mut at = 0;
-    let names: Vec<&str> = ck.state_dict.entries.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["f32", "f16", "bf16", "transposed", "sliced", "scalar", "count", "shared_a", "shared_b"]);
+    let names: Vec<&str> = ck
+        .state_dict
+        .entries
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "f32",
+            "f16",
+            "bf16",
+            "transposed",
+            "sliced",
+            "scalar",
+            "count",
+            "shared_a",
+            "shared_b"
+        ]
+    );
     for (name, t) in &ck.state_dict.entries {
         let got = t.to_f32_vec();
-        assert_eq!(got, expected[at..at + got.len()], "entry {name} ({}, {:?})", t.dtype, t.shape);
+        assert_eq!(
+            got,
+            expected[at..at + got.len()],
+            "entry {name} ({}, {:?})",
+            t.dtype,
+            t.shape
+        );
         at += got.len();
     }
     assert_eq!(at, expected.len());
     assert_eq!(ck.state_dict.get("transposed").unwrap().shape, vec![6, 4]);
     assert_eq!(ck.state_dict.get("sliced").unwrap().shape, vec![2, 3]);
-    assert_eq!(ck.state_dict.get("scalar").unwrap().shape, Vec::<usize>::new());
+    assert_eq!(
+        ck.state_dict.get("scalar").unwrap().shape,
+        Vec::<usize>::new()
+    );
     assert_eq!(ck.state_dict.get("count").unwrap().to_i64_vec(), vec![7]);
 }
 
@@ -33,7 +70,12 @@ fn dtypes_strides_and_shared_storages_match_torch() {
 fn training_checkpoint_with_module_prefix_and_arbitrary_stem() {
     let ck = load(fixture("checkpoints/weird stem name.pt")).unwrap();
     match &ck.layout {
-        Layout::TrainingCheckpoint { epoch, name, module_prefix, has_optimizer } => {
+        Layout::TrainingCheckpoint {
+            epoch,
+            name,
+            module_prefix,
+            has_optimizer,
+        } => {
             assert_eq!(*epoch, Some(2));
             assert_eq!(name.as_deref(), Some("x"));
             assert!(*module_prefix);
@@ -41,7 +83,12 @@ fn training_checkpoint_with_module_prefix_and_arbitrary_stem() {
         }
         other => panic!("layout {other:?}"),
     }
-    let names: Vec<&str> = ck.state_dict.entries.iter().map(|(n, _)| n.as_str()).collect();
+    let names: Vec<&str> = ck
+        .state_dict
+        .entries
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
     assert_eq!(names, ["f32", "f16", "bf16"]);
 }
 
@@ -50,14 +97,19 @@ fn malicious_pickle_is_refused_and_never_runs() {
     let _ = std::fs::remove_file("/tmp/pirclip_pwned");
     let err = load(fixture("checkpoints/malicious.pt")).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("posix.system") || msg.contains("os.system"), "{msg}");
+    assert!(
+        msg.contains("posix.system") || msg.contains("os.system"),
+        "{msg}"
+    );
     assert!(msg.contains("malicious.pt"), "error names the file: {msg}");
     assert!(!std::path::Path::new("/tmp/pirclip_pwned").exists());
 }
 
 #[test]
 fn legacy_format_is_refused_clearly() {
-    let msg = load(fixture("checkpoints/legacy.pt")).unwrap_err().to_string();
+    let msg = load(fixture("checkpoints/legacy.pt"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("legacy"), "{msg}");
 }
 
@@ -67,7 +119,10 @@ fn truncated_and_corrupt_archives_are_refused() {
     for cut in [bytes.len() / 2, bytes.len() - 30, 100] {
         let err = pirclip_checkpoint::load_bytes(&bytes[..cut]).unwrap_err();
         assert!(matches!(err, Error::Format(_)), "cut at {cut}: {err}");
-        assert!(err.to_string().contains("zip") || err.to_string().contains("truncated"), "{err}");
+        assert!(
+            err.to_string().contains("zip") || err.to_string().contains("truncated"),
+            "{err}"
+        );
     }
     // Flip bytes inside a storage: zip CRCs catch it.
     let mut corrupt = bytes.clone();
@@ -78,7 +133,10 @@ fn truncated_and_corrupt_archives_are_refused() {
     assert!(pirclip_checkpoint::load_bytes(&corrupt).is_err());
     // Garbage.
     let err = pirclip_checkpoint::load_bytes(b"hello world, not a checkpoint").unwrap_err();
-    assert!(err.to_string().contains("not a PyTorch zip checkpoint"), "{err}");
+    assert!(
+        err.to_string().contains("not a PyTorch zip checkpoint"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -87,24 +145,56 @@ fn parity_set_a_three_layouts_hold_identical_weights() {
     let b = load(fixture("parity/model_state_dict.pt")).unwrap();
     let c = load(fixture("parity/train_checkpoint.pt")).unwrap();
     assert_eq!(a.layout, Layout::Safetensors);
-    assert_eq!(b.layout, Layout::BareStateDict { module_prefix: false });
-    assert!(matches!(c.layout, Layout::TrainingCheckpoint { epoch: Some(3), has_optimizer: true, module_prefix: true, .. }));
+    assert_eq!(
+        b.layout,
+        Layout::BareStateDict {
+            module_prefix: false
+        }
+    );
+    assert!(matches!(
+        c.layout,
+        Layout::TrainingCheckpoint {
+            epoch: Some(3),
+            has_optimizer: true,
+            module_prefix: true,
+            ..
+        }
+    ));
     assert_eq!(b.state_dict.len(), 187);
     assert_eq!(b.state_dict.parameter_count(), 1_202_291);
     // Saved order is the model's state-dict order (state_dict_keys.tsv).
     let tsv = std::fs::read_to_string(fixture("parity/state_dict_keys.tsv")).unwrap();
-    let keys: Vec<&str> = tsv.lines().filter(|l| !l.starts_with("key\t") && !l.is_empty()).map(|l| l.split('\t').next().unwrap()).collect();
-    let got: Vec<&str> = b.state_dict.entries.iter().map(|(n, _)| n.as_str()).collect();
+    let keys: Vec<&str> = tsv
+        .lines()
+        .filter(|l| !l.starts_with("key\t") && !l.is_empty())
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    let got: Vec<&str> = b
+        .state_dict
+        .entries
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
     assert_eq!(got, keys);
     for (name, t) in &b.state_dict.entries {
-        assert_eq!(Some(t), a.state_dict.get(name), "{name} differs between .pt and safetensors");
-        assert_eq!(Some(t), c.state_dict.get(name), "{name} differs in the training checkpoint");
+        assert_eq!(
+            Some(t),
+            a.state_dict.get(name),
+            "{name} differs between .pt and safetensors"
+        );
+        assert_eq!(
+            Some(t),
+            c.state_dict.get(name),
+            "{name} differs in the training checkpoint"
+        );
     }
 }
 
 #[test]
 fn safetensors_round_trip() {
-    let a = load(fixture("parity/model.safetensors")).unwrap().state_dict;
+    let a = load(fixture("parity/model.safetensors"))
+        .unwrap()
+        .state_dict;
     let bytes = pirclip_checkpoint::safetensors::write_bytes(&a, &[("format", "pt")]);
     let back = pirclip_checkpoint::safetensors::read(&bytes).unwrap();
     assert_eq!(back, a);

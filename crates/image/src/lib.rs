@@ -34,7 +34,11 @@ impl std::fmt::Debug for RgbImage {
 impl RgbImage {
     pub fn new(width: usize, height: usize, pixels: Vec<u8>) -> Self {
         assert_eq!(pixels.len(), width * height * 3, "RGB buffer size");
-        RgbImage { width, height, pixels }
+        RgbImage {
+            width,
+            height,
+            pixels,
+        }
     }
 }
 
@@ -47,11 +51,17 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, Error> {
         }
         // CMYK or otherwise unusual JPEGs fall through to the pure-Rust decoder.
     }
-    let img = image::load_from_memory(bytes).map_err(|e| Error::Decode { path: name.to_string(), message: e.to_string() })?;
+    let img = image::load_from_memory(bytes).map_err(|e| Error::Decode {
+        path: name.to_string(),
+        message: e.to_string(),
+    })?;
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
     if w == 0 || h == 0 {
-        return Err(Error::Decode { path: name.to_string(), message: "image has no pixels".into() });
+        return Err(Error::Decode {
+            path: name.to_string(),
+            message: "image has no pixels".into(),
+        });
     }
     Ok(RgbImage::new(w as usize, h as usize, rgb.into_raw()))
 }
@@ -61,21 +71,30 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, Error> {
 fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<RgbImage> {
     std::panic::catch_unwind(|| -> Option<RgbImage> {
         let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
-        if !matches!(d.color_space(), mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_RGB) {
+        if !matches!(
+            d.color_space(),
+            mozjpeg::ColorSpace::JCS_YCbCr
+                | mozjpeg::ColorSpace::JCS_GRAYSCALE
+                | mozjpeg::ColorSpace::JCS_RGB
+        ) {
             return None;
         }
         let mut rgb = d.rgb().ok()?;
         let (w, h) = (rgb.width(), rgb.height());
         let px: Vec<[u8; 3]> = rgb.read_scanlines().ok()?;
         rgb.finish().ok()?;
-        (w > 0 && h > 0 && px.len() == w * h).then(|| RgbImage::new(w, h, px.into_iter().flatten().collect()))
+        (w > 0 && h > 0 && px.len() == w * h)
+            .then(|| RgbImage::new(w, h, px.into_iter().flatten().collect()))
     })
     .ok()
     .flatten()
 }
 
 pub fn decode_file(path: &Path) -> Result<RgbImage, Error> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Decode { path: path.display().to_string(), message: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::Decode {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     decode(&bytes, &path.display().to_string())
 }
 
@@ -88,7 +107,11 @@ pub fn resize_shortest_side(img: &RgbImage, size: usize) -> RgbImage {
         return img.clone();
     }
     let new_long = (size as f64 * long as f64 / short as f64) as usize;
-    let (nw, nh) = if w <= h { (size, new_long) } else { (new_long, size) };
+    let (nw, nh) = if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
     resize_bicubic(img, nw, nh)
 }
 
@@ -110,7 +133,8 @@ pub fn center_crop(img: &RgbImage, size: usize) -> RgbImage {
         img = RgbImage::new(nw, nh, out);
     }
     // Python's round() on a .5 value rounds half to even.
-    let offset = |total: usize| -> usize { ((total - size) as f64 / 2.0).round_ties_even() as usize };
+    let offset =
+        |total: usize| -> usize { ((total - size) as f64 / 2.0).round_ties_even() as usize };
     let (top, left) = (offset(img.height), offset(img.width));
     let mut out = Vec::with_capacity(size * size * 3);
     for y in top..top + size {
@@ -131,7 +155,13 @@ pub fn normalize_into(img: &RgbImage, out: &mut Vec<f32>) {
     out.reserve(3 * n);
     for c in 0..3 {
         let (mean, std) = (CLIP_MEAN[c], CLIP_STD[c]);
-        out.extend(img.pixels.iter().skip(c).step_by(3).map(|&v| (v as f32 / 255.0 - mean) / std));
+        out.extend(
+            img.pixels
+                .iter()
+                .skip(c)
+                .step_by(3)
+                .map(|&v| (v as f32 / 255.0 - mean) / std),
+        );
     }
 }
 
@@ -167,6 +197,9 @@ mod tests {
         let img = RgbImage::new(300, 200, vec![128; 300 * 200 * 3]);
         let r = resize_shortest_side(&img, 224);
         assert_eq!((r.width, r.height), (336, 224));
-        assert!(r.pixels.iter().all(|&v| v == 128), "a constant image stays constant");
+        assert!(
+            r.pixels.iter().all(|&v| v == 128),
+            "a constant image stays constant"
+        );
     }
 }

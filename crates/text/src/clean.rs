@@ -11,14 +11,20 @@ use unicode_normalization::UnicodeNormalization;
 pub fn clean_text(text: &str) -> String {
     let text = fix_text(text);
     let text = html_unescape(&html_unescape(&text));
-    let collapsed = text.split(is_py_whitespace).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+    let collapsed = text
+        .split(is_py_whitespace)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
     py_lower(&collapsed)
 }
 
 /// Python's `str.isspace()` set, which is what `re`'s `\s` and `str.strip()` use.
 fn is_py_whitespace(c: char) -> bool {
-    matches!(c, '\t' | '\n' | '\x0b' | '\x0c' | '\r' | '\x1c'..='\x1f' | ' ' | '\u{85}' | '\u{a0}')
-        || (c > '\u{ff}' && c.is_whitespace())
+    matches!(
+        c,
+        '\t' | '\n' | '\x0b' | '\x0c' | '\r' | '\x1c'..='\x1f' | ' ' | '\u{85}' | '\u{a0}'
+    ) || (c > '\u{ff}' && c.is_whitespace())
 }
 
 fn py_lower(s: &str) -> String {
@@ -62,11 +68,18 @@ fn fix_text(text: &str) -> String {
             '\u{ff01}'..='\u{ff5e}' => out.push(char::from_u32(c as u32 - 0xff01 + 0x21).unwrap()),
             // ftfy's remove_control_chars: C0 controls except \t \n \x0c, DEL, and a set of format characters.
             '\x00'..='\x08' | '\x0b' | '\x0e'..='\x1f' | '\x7f' => {}
-            '\u{206a}'..='\u{206f}' | '\u{fff9}'..='\u{fffb}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}' => {}
+            '\u{206a}'..='\u{206f}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{feff}'
+            | '\u{fffe}'
+            | '\u{ffff}' => {}
             _ => out.push(c),
         }
     }
-    out.nfc().collect::<String>().trim_matches(is_py_whitespace).to_string()
+    out.nfc()
+        .collect::<String>()
+        .trim_matches(is_py_whitespace)
+        .to_string()
 }
 
 /// Python's `html.unescape` for numeric references and the named entities that occur in practice.
@@ -99,8 +112,20 @@ fn unescape_one(s: &str) -> Option<(String, usize)> {
     let body = &s[1..];
     if let Some(num) = body.strip_prefix('#') {
         let (digits, radix, skip) = match num.strip_prefix(['x', 'X']) {
-            Some(hex) => (hex.chars().take_while(|c| c.is_ascii_hexdigit()).collect::<String>(), 16, 3),
-            None => (num.chars().take_while(|c| c.is_ascii_digit()).collect::<String>(), 10, 2),
+            Some(hex) => (
+                hex.chars()
+                    .take_while(|c| c.is_ascii_hexdigit())
+                    .collect::<String>(),
+                16,
+                3,
+            ),
+            None => (
+                num.chars()
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect::<String>(),
+                10,
+                2,
+            ),
         };
         if digits.is_empty() {
             return None;
@@ -117,7 +142,11 @@ fn unescape_one(s: &str) -> Option<(String, usize)> {
         };
         return Some((c.to_string(), used));
     }
-    let name: String = body.chars().take_while(|c| c.is_ascii_alphanumeric()).take(32).collect();
+    let name: String = body
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .take(32)
+        .collect();
     if name.is_empty() {
         return None;
     }
@@ -136,9 +165,9 @@ fn unescape_one(s: &str) -> Option<(String, usize)> {
 
 fn cp1252(code: u32) -> char {
     const TABLE: [u32; 32] = [
-        0x20ac, 0x81, 0x201a, 0x0192, 0x201e, 0x2026, 0x2020, 0x2021, 0x02c6, 0x2030, 0x0160, 0x2039, 0x0152, 0x8d,
-        0x017d, 0x8f, 0x90, 0x2018, 0x2019, 0x201c, 0x201d, 0x2022, 0x2013, 0x2014, 0x02dc, 0x2122, 0x0161, 0x203a,
-        0x0153, 0x9d, 0x017e, 0x0178,
+        0x20ac, 0x81, 0x201a, 0x0192, 0x201e, 0x2026, 0x2020, 0x2021, 0x02c6, 0x2030, 0x0160,
+        0x2039, 0x0152, 0x8d, 0x017d, 0x8f, 0x90, 0x2018, 0x2019, 0x201c, 0x201d, 0x2022, 0x2013,
+        0x2014, 0x02dc, 0x2122, 0x0161, 0x203a, 0x0153, 0x9d, 0x017e, 0x0178,
     ];
     char::from_u32(TABLE[(code - 0x80) as usize]).unwrap()
 }
@@ -194,7 +223,10 @@ mod tests {
 
     #[test]
     fn cleaning_rules() {
-        assert_eq!(clean_text("  It's 3 storage-tanks &amp; a   pond "), "it's 3 storage-tanks & a pond");
+        assert_eq!(
+            clean_text("  It's 3 storage-tanks &amp; a   pond "),
+            "it's 3 storage-tanks & a pond"
+        );
         assert_eq!(clean_text("&amp;amp; &#x41;&#66;"), "& ab");
         assert_eq!(clean_text("\u{2018}A\u{2019}\r\nB\tC"), "'a' b c");
         assert_eq!(clean_text("\u{ff21}\u{fb01}"), "afi");

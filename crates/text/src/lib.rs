@@ -34,7 +34,10 @@ pub struct Tokenizer {
 /// GPT-2/CLIP's reversible map from bytes to printable unicode characters, as (byte, char) pairs in the
 /// order Python's dict holds them (printable bytes first): that order defines the first 512 vocabulary ids.
 fn bytes_to_unicode() -> Vec<(u8, char)> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -44,7 +47,11 @@ fn bytes_to_unicode() -> Vec<(u8, char)> {
             n += 1;
         }
     }
-    printable.into_iter().zip(chars).map(|(b, c)| (b as u8, char::from_u32(c).unwrap())).collect()
+    printable
+        .into_iter()
+        .zip(chars)
+        .map(|(b, c)| (b as u8, char::from_u32(c).unwrap()))
+        .collect()
 }
 
 impl Tokenizer {
@@ -83,15 +90,32 @@ impl Tokenizer {
         vocab.push("<start_of_text>".into());
         vocab.push("<end_of_text>".into());
         if vocab.len() != 49408 {
-            return Err(Error::Vocab(format!("expected 49408 entries, built {}", vocab.len())));
+            return Err(Error::Vocab(format!(
+                "expected 49408 entries, built {}",
+                vocab.len()
+            )));
         }
-        let encoder = vocab.into_iter().enumerate().map(|(i, v)| (v, i as i64)).collect();
-        let ranks = merges.into_iter().enumerate().map(|(i, m)| (m, i)).collect();
+        let encoder = vocab
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (v, i as i64))
+            .collect();
+        let ranks = merges
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| (m, i))
+            .collect();
         let pattern = regex::Regex::new(
             r"(?i)<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
         )
         .unwrap();
-        Ok(Tokenizer { encoder, ranks, byte_encoder, pattern, cache: Mutex::new(HashMap::new()) })
+        Ok(Tokenizer {
+            encoder,
+            ranks,
+            byte_encoder,
+            pattern,
+            cache: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Token ids of one pre-tokenised piece (already byte-encoded), by lowest-rank-first merging.
@@ -107,9 +131,15 @@ impl Tokenizer {
         while word.len() > 1 {
             let best = word
                 .windows(2)
-                .filter_map(|w| self.ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, w[0].clone(), w[1].clone())))
+                .filter_map(|w| {
+                    self.ranks
+                        .get(&(w[0].clone(), w[1].clone()))
+                        .map(|&r| (r, w[0].clone(), w[1].clone()))
+                })
                 .min_by_key(|(r, _, _)| *r);
-            let Some((_, first, second)) = best else { break };
+            let Some((_, first, second)) = best else {
+                break;
+            };
             let mut merged = Vec::with_capacity(word.len());
             let mut i = 0;
             while i < word.len() {
@@ -124,7 +154,10 @@ impl Tokenizer {
             word = merged;
         }
         let ids: Vec<i64> = word.iter().map(|w| self.encoder[w.as_str()]).collect();
-        self.cache.lock().unwrap().insert(token.to_string(), ids.clone());
+        self.cache
+            .lock()
+            .unwrap()
+            .insert(token.to_string(), ids.clone());
         ids
     }
 
@@ -138,7 +171,10 @@ impl Tokenizer {
                 "<start_of_text>" => ids.push(SOT),
                 "<end_of_text>" => ids.push(EOT),
                 _ => {
-                    let encoded: String = piece.bytes().map(|b| self.byte_encoder[b as usize]).collect();
+                    let encoded: String = piece
+                        .bytes()
+                        .map(|b| self.byte_encoder[b as usize])
+                        .collect();
                     ids.extend(self.bpe(&encoded));
                 }
             }
@@ -162,7 +198,10 @@ impl Tokenizer {
 
     /// Tokenises a batch into a row-major `[n, context_length]` buffer.
     pub fn tokenize_batch<S: AsRef<str>>(&self, texts: &[S], context_length: usize) -> Vec<i64> {
-        texts.iter().flat_map(|t| self.tokenize(t.as_ref(), context_length)).collect()
+        texts
+            .iter()
+            .flat_map(|t| self.tokenize(t.as_ref(), context_length))
+            .collect()
     }
 }
 

@@ -12,7 +12,9 @@ fn root() -> PathBuf {
 fn goldens() -> Vec<(String, Vec<i64>)> {
     let gz = std::fs::read(root().join("tests/fixtures/tokenizer_goldens.tsv.gz")).unwrap();
     let mut text = String::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text).unwrap();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_string(&mut text)
+        .unwrap();
     text.lines()
         .map(|line| {
             let (cap, ids) = line.split_once('\t').unwrap();
@@ -33,18 +35,33 @@ fn identical_to_open_clip_on_all_golden_captions() {
         let mut want_padded = want.clone();
         want_padded.resize(77, 0);
         if got != want_padded {
-            wrong.push(format!("{cap:?}\n  want {want:?}\n  got  {:?}", &got[..want.len().min(77)]));
+            wrong.push(format!(
+                "{cap:?}\n  want {want:?}\n  got  {:?}",
+                &got[..want.len().min(77)]
+            ));
         }
     }
-    println!("{} of {} golden captions identical", goldens.len() - wrong.len(), goldens.len());
-    assert!(wrong.is_empty(), "{} mismatches, first: {}", wrong.len(), wrong.iter().take(5).cloned().collect::<Vec<_>>().join("\n"));
+    println!(
+        "{} of {} golden captions identical",
+        goldens.len() - wrong.len(),
+        goldens.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} mismatches, first: {}",
+        wrong.len(),
+        wrong.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+    );
 }
 
 #[test]
 fn parity_fixture_tokens() {
-    let captions: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/parity/captions.json")).unwrap()).unwrap();
-    let want = pirclip_checkpoint::npy::read(root().join("tests/fixtures/parity/tokens.npy")).unwrap();
+    let captions: Vec<String> = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/parity/captions.json")).unwrap(),
+    )
+    .unwrap();
+    let want =
+        pirclip_checkpoint::npy::read(root().join("tests/fixtures/parity/tokens.npy")).unwrap();
     assert_eq!(want.shape, vec![captions.len(), 77]);
     let got = Tokenizer::new().tokenize_batch(&captions, 77);
     assert_eq!(got, want.to_i64_vec());
@@ -61,12 +78,20 @@ fn needs_shared_every_annotation_caption_is_in_the_goldens() {
     let tok = Tokenizer::new();
     let golden: std::collections::HashMap<String, Vec<i64>> = goldens().into_iter().collect();
     let mut count = 0;
-    for f in ["dataset_RSITMD.json", "dataset_rsicd.json", "dataset_sydney.json", "dataset_ucm.json"] {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap();
+    for f in [
+        "dataset_RSITMD.json",
+        "dataset_rsicd.json",
+        "dataset_sydney.json",
+        "dataset_ucm.json",
+    ] {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap();
         for im in v["images"].as_array().unwrap() {
             for s in im["sentences"].as_array().unwrap() {
                 let raw = s["raw"].as_str().unwrap();
-                let want = golden.get(raw).unwrap_or_else(|| panic!("caption {raw:?} of {f} missing from goldens"));
+                let want = golden
+                    .get(raw)
+                    .unwrap_or_else(|| panic!("caption {raw:?} of {f} missing from goldens"));
                 let got = tok.tokenize(raw, 77);
                 assert_eq!(&got[..want.len()], &want[..], "{raw:?}");
                 count += 1;

@@ -1,0 +1,210 @@
+//! The CLIP model of open_clip, and PIR-CLIP = CLIP ViT + instruction encoder `res_visual` + instruction
+//! mapping `vision_proj_res` + VIR (spec §1, §3).
+
+use pirclip_checkpoint::StateDict;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{ModelConfig, VisionTower};
+use crate::layers::{BnMode, Linear};
+use crate::params::{self, Init, Registry};
+use crate::resnet::ModifiedResNet;
+use crate::text::TextTower;
+use crate::vit::{BeliefMode, VisionTransformer};
+use crate::Error;
+
+/// Inference switches that change numbers (spec P1, P2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EncodeOptions {
+    pub bn_mode: BnMode,
+    pub belief_mode: BeliefMode,
+}
+
+pub enum Visual {
+    Vit(VisionTransformer),
+    ResNet(ModifiedResNet),
+}
+
+/// PIR-CLIP's instruction path: scene-prior ResNet and the mapping of its output to one ViT-width token.
+pub struct InstructionEncoder {
+    pub res_visual: ModifiedResNet,
+    pub vision_proj_res: Linear,
+}
+
+pub struct ClipModel {
+    pub config: ModelConfig,
+    registry: Registry,
+    pub visual: Visual,
+    pub instruction: Option<InstructionEncoder>,
+    pub text: TextTower,
+    pub logit_scale: Tensor,
+}
+
+/// open_clip's `state_dict()` order of the top-level groups.
+fn group_rank(name: &str) -> usize {
+    const ORDER: [&str; 9] = [
+        "positional_embedding",
+        "text_projection",
+        "logit_scale",
+        "vision_proj_res.",
+        "visual.",
+        "res_visual.",
+        "transformer.",
+        "token_embedding.",
+        "ln_final.",
+    ];
+    ORDER
+        .iter()
+        .position(|p| {
+            if p.ends_with('.') {
+                name.starts_with(p)
+            } else {
+                name == *p
+            }
+        })
+        .unwrap_or(ORDER.len())
+}
+
+impl ClipModel {
+    /// Builds the model with zeroed tensors; load a checkpoint or call `init::initialize` next.
+    pub fn new(config: &ModelConfig, device: Device) -> Self {
+        let r = Registry::new(device);
+        let embed = config.embed_dim as i64;
+        let text = TextTower::new(&r, &config.text, embed, config.quick_gelu);
+        let logit_scale = r.param("logit_scale", &[], Init::Const((1.0f64 / 0.07).ln()));
+        let vision_width = config.vision_width() as i64;
+        let visual = match &config.vision {
+            VisionTower::Vit {
+                layers,
+                width,
+                patch_size,
+                head_width,
+            } => Visual::Vit(VisionTransformer::new(
+                &r.sub("visual"),
+                config.image_size as i64,
+                *patch_size as i64,
+                *width as i64,
+                *layers as i64,
+                (*width / *head_width) as i64,
+                (*width as f64 * config.vision_mlp_ratio) as i64,
+                embed,
+                config.quick_gelu,
+            )),
+            VisionTower::ModifiedResNet {
+                layers,
+                width,
+                head_width,
+            } => Visual::ResNet(ModifiedResNet::new(
+                &r.sub("visual"),
+                *layers,
+                *width as i64,
+                (*width * 32 / *head_width) as i64,
+                embed,
+                config.image_size as i64,
+            )),
+        };
+        let instruction = config.instruction.as_ref().map(|ins| {
+            // The official code hard-codes Linear(512, 768) and res heads = res_width·32 // head_width; both
+            // are derived from the config here (P9) and coincide for PIR.json.
+            let heads = (ins.res_width * 32 / config.vision_head_width()) as i64;
+            InstructionEncoder {
+                res_visual: ModifiedResNet::new(
+                    &r.sub("res_visual"),
+                    ins.res_layers,
+                    ins.res_width as i64,
+                    heads,
+                    embed,
+                    config.image_size as i64,
+                ),
+                vision_proj_res: Linear::new(&r.sub("vision_proj_res"), embed, vision_width),
+            }
+        });
+        r.sort_entries_by_key(|name| group_rank(name));
+        ClipModel {
+            config: config.clone(),
+            registry: r,
+            visual,
+            instruction,
+            text,
+            logit_scale,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn device(&self) -> Device {
+        self.registry.device()
+    }
+
+    /// Strict load, as `load_state_dict(strict=True)`.
+    pub fn load(&self, sd: &StateDict, source: &str) -> Result<(), Error> {
+        params::load_strict(&self.registry, sd, source)
+    }
+
+    pub fn state_dict(&self) -> StateDict {
+        params::state_dict(&self.registry)
+    }
+
+    /// Output of the instruction ResNet's attention pool, `[N, embed_dim]`.
+    pub fn instruction_features(&self, images: &Tensor, bn: BnMode) -> Option<Tensor> {
+        self.instruction
+            .as_ref()
+            .map(|i| i.res_visual.forward(images, bn))
+    }
+
+    /// The instruction token `y`, `[N, vision width]`.
+    pub fn instruction_token(&self, images: &Tensor, bn: BnMode) -> Option<Tensor> {
+        self.instruction
+            .as_ref()
+            .map(|i| i.vision_proj_res.forward(&i.res_visual.forward(images, bn)))
+    }
+
+    /// Unnormalised image features `[N, embed_dim]` of preprocessed images `[N, 3, S, S]`.
+    pub fn encode_image(&self, images: &Tensor, opts: EncodeOptions) -> Tensor {
+        match (&self.visual, self.instruction_token(images, opts.bn_mode)) {
+            (Visual::Vit(vit), Some(y)) => vit.forward_instructed(images, &y, opts.belief_mode),
+            (Visual::Vit(vit), None) => vit.forward(images),
+            (Visual::ResNet(rn), _) => rn.forward(images, opts.bn_mode),
+        }
+    }
+
+    /// Unnormalised text features `[N, embed_dim]` of token ids `[N, context]`.
+    pub fn encode_text(&self, ids: &Tensor) -> Tensor {
+        self.text.forward(ids, true)
+    }
+
+    /// The same, computing all `context_length` positions like open_clip (for checks).
+    pub fn encode_text_full(&self, ids: &Tensor) -> Tensor {
+        self.text.forward(ids, false)
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.registry.with_entries(|es| {
+            es.iter()
+                .filter(|e| e.kind == params::EntryKind::Parameter)
+                .map(|e| e.tensor.numel())
+                .sum()
+        })
+    }
+}
+
+/// `F.normalize(x, dim=-1)`: L2 along features, norm clamped at 1e-12.
+pub fn l2_normalize(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
+}
+
+/// Images as a `[N, 3, S, S]` float tensor on `device` from a flat CHW buffer.
+pub fn images_tensor(pixels: &[f32], n: usize, size: usize, device: Device) -> Tensor {
+    Tensor::from_slice(pixels)
+        .view([n as i64, 3, size as i64, size as i64])
+        .to_device(device)
+}
+
+/// Token ids as a `[N, context]` int64 tensor.
+pub fn ids_tensor(ids: &[i64], n: usize, device: Device) -> Tensor {
+    Tensor::from_slice(ids)
+        .view([n as i64, -1])
+        .to_kind(Kind::Int64)
+        .to_device(device)
+}

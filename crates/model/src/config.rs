@@ -1,0 +1,237 @@
+//! open_clip model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`, `quick_gelu`) and built-in presets.
+
+use serde_json::Value;
+
+use crate::Error;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VisionTower {
+    /// open_clip `VisionTransformer`.
+    Vit {
+        layers: usize,
+        width: usize,
+        patch_size: usize,
+        head_width: usize,
+    },
+    /// open_clip `ModifiedResNet` (RN50 etc.): `layers` blocks per stage, base `width`.
+    ModifiedResNet {
+        layers: [usize; 4],
+        width: usize,
+        head_width: usize,
+    },
+}
+
+/// The instruction encoder of PIR-CLIP: a ModifiedResNet whose attention pool outputs `embed_dim`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instruction {
+    pub res_layers: [usize; 4],
+    pub res_width: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub width: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub mlp_ratio: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub name: String,
+    pub embed_dim: usize,
+    pub quick_gelu: bool,
+    pub image_size: usize,
+    pub vision: VisionTower,
+    pub vision_mlp_ratio: f64,
+    /// Present for PIR-CLIP (`res_layers` + `res_width` in `vision_cfg`).
+    pub instruction: Option<Instruction>,
+    pub text: TextConfig,
+}
+
+pub const PRESETS: [(&str, &str); 4] = [
+    ("PIR", include_str!("../../../assets/PIR.json")),
+    (
+        "ViT-B-32",
+        r#"{"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}"#,
+    ),
+    (
+        "ViT-L-14",
+        r#"{"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}}"#,
+    ),
+    (
+        "RN50",
+        r#"{"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 64, "patch_size": null},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}"#,
+    ),
+];
+
+fn usize_field(v: &Value, key: &str, ctx: &str) -> Result<usize, Error> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| Error::Config(format!("{ctx}.{key} must be a positive integer")))
+}
+
+fn four(v: &Value, ctx: &str) -> Result<[usize; 4], Error> {
+    let arr = v
+        .as_array()
+        .filter(|a| a.len() == 4)
+        .ok_or_else(|| Error::Config(format!("{ctx} must be a list of 4 integers")))?;
+    let mut out = [0; 4];
+    for (o, x) in out.iter_mut().zip(arr) {
+        *o = x
+            .as_u64()
+            .ok_or_else(|| Error::Config(format!("{ctx} must be a list of 4 integers")))?
+            as usize;
+    }
+    Ok(out)
+}
+
+impl ModelConfig {
+    /// A preset name (`PIR`, `ViT-B-32`, `ViT-L-14`, `RN50`, with an optional `-quickgelu` suffix) or a
+    /// path to an open_clip JSON config.
+    pub fn from_name_or_path(spec: &str) -> Result<Self, Error> {
+        let (base, quick) = match spec.strip_suffix("-quickgelu") {
+            Some(b) => (b, true),
+            None => (spec, false),
+        };
+        if let Some((name, json)) = PRESETS.iter().find(|(n, _)| n.eq_ignore_ascii_case(base)) {
+            let mut cfg = Self::from_json(json, name)?;
+            cfg.quick_gelu |= quick;
+            if quick {
+                cfg.name = format!("{name}-quickgelu");
+            }
+            return Ok(cfg);
+        }
+        let path = std::path::Path::new(spec);
+        if path.exists() {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{spec}: {e}")))?;
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| spec.to_string());
+            return Self::from_json(&text, &stem)
+                .map_err(|e| Error::Config(format!("{spec}: {e}")));
+        }
+        let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+        Err(Error::Config(format!(
+            "unknown model {spec:?}: not a preset ({}) nor an existing config file",
+            names.join(", ")
+        )))
+    }
+
+    pub fn from_json(text: &str, name: &str) -> Result<Self, Error> {
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| Error::Config(format!("invalid JSON: {e}")))?;
+        let embed_dim = usize_field(&v, "embed_dim", "config")?;
+        let quick_gelu = v
+            .get("quick_gelu")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let vc = v
+            .get("vision_cfg")
+            .ok_or_else(|| Error::Config("vision_cfg missing".into()))?;
+        let tc = v
+            .get("text_cfg")
+            .ok_or_else(|| Error::Config("text_cfg missing".into()))?;
+        let image_size = usize_field(vc, "image_size", "vision_cfg")?;
+        let width = usize_field(vc, "width", "vision_cfg")?;
+        let head_width = vc.get("head_width").and_then(Value::as_u64).unwrap_or(64) as usize;
+        let vision = match vc.get("layers") {
+            Some(l) if l.is_array() => VisionTower::ModifiedResNet {
+                layers: four(l, "vision_cfg.layers")?,
+                width,
+                head_width,
+            },
+            _ => {
+                let patch_size = usize_field(vc, "patch_size", "vision_cfg")?;
+                if image_size % patch_size != 0 {
+                    return Err(Error::Config(format!(
+                        "image_size {image_size} is not a multiple of patch_size {patch_size}"
+                    )));
+                }
+                if width % head_width != 0 {
+                    return Err(Error::Config(format!(
+                        "vision width {width} is not a multiple of head_width {head_width}"
+                    )));
+                }
+                VisionTower::Vit {
+                    layers: usize_field(vc, "layers", "vision_cfg")?,
+                    width,
+                    patch_size,
+                    head_width,
+                }
+            }
+        };
+        let instruction = match (vc.get("res_layers"), vc.get("res_width")) {
+            (Some(l), Some(w)) => Some(Instruction {
+                res_layers: four(l, "vision_cfg.res_layers")?,
+                res_width: w.as_u64().ok_or_else(|| {
+                    Error::Config("vision_cfg.res_width must be an integer".into())
+                })? as usize,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "vision_cfg needs both res_layers and res_width (PIR) or neither".into(),
+                ))
+            }
+        };
+        if instruction.is_some() && !matches!(vision, VisionTower::Vit { .. }) {
+            return Err(Error::Config(
+                "PIR's instruction encoder needs a ViT vision tower".into(),
+            ));
+        }
+        let text = TextConfig {
+            context_length: usize_field(tc, "context_length", "text_cfg")?,
+            vocab_size: usize_field(tc, "vocab_size", "text_cfg")?,
+            width: usize_field(tc, "width", "text_cfg")?,
+            heads: usize_field(tc, "heads", "text_cfg")?,
+            layers: usize_field(tc, "layers", "text_cfg")?,
+            mlp_ratio: tc.get("mlp_ratio").and_then(Value::as_f64).unwrap_or(4.0),
+        };
+        if text.width % text.heads != 0 {
+            return Err(Error::Config(format!(
+                "text width {} is not a multiple of heads {}",
+                text.width, text.heads
+            )));
+        }
+        Ok(ModelConfig {
+            name: name.to_string(),
+            embed_dim,
+            quick_gelu,
+            image_size,
+            vision,
+            vision_mlp_ratio: vc.get("mlp_ratio").and_then(Value::as_f64).unwrap_or(4.0),
+            instruction,
+            text,
+        })
+    }
+
+    pub fn vision_width(&self) -> usize {
+        match self.vision {
+            VisionTower::Vit { width, .. } | VisionTower::ModifiedResNet { width, .. } => width,
+        }
+    }
+
+    pub fn vision_head_width(&self) -> usize {
+        match self.vision {
+            VisionTower::Vit { head_width, .. }
+            | VisionTower::ModifiedResNet { head_width, .. } => head_width,
+        }
+    }
+
+    pub fn family(&self) -> &'static str {
+        match (&self.instruction, &self.vision) {
+            (Some(_), _) => "PIR-CLIP (ViT + instruction ResNet)",
+            (None, VisionTower::Vit { .. }) => "CLIP ViT",
+            (None, VisionTower::ModifiedResNet { .. }) => "CLIP ModifiedResNet",
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Building blocks shared by the towers (spec §3.2): LayerNorm, Linear, multi-head attention with
+//! `in_proj` weights, the pre-LN residual block, a transformer stack, and BatchNorm in both modes.
+
+use tch::{Kind, Tensor};
+
+use crate::params::{Init, Registry};
+
+/// How BatchNorm layers normalise (spec §3.2, §7.3, P2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BnMode {
+    /// Running statistics (PyTorch eval mode); the right choice for deployment and new models.
+    #[default]
+    Running,
+    /// Statistics of the current batch without touching the running ones: what the official `retrieval.py`
+    /// computes, since it never calls `model.eval()`.
+    Batch,
+    /// Training: batch statistics, and the running statistics are updated (momentum 0.1, unbiased variance).
+    Train,
+}
+
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    dim: i64,
+}
+
+impl LayerNorm {
+    pub fn new(r: &Registry, dim: i64) -> Self {
+        LayerNorm {
+            weight: r.param("weight", &[dim], Init::Ones),
+            bias: r.param("bias", &[dim], Init::Zeros),
+            dim,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), 1e-5, true)
+    }
+}
+
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// PyTorch's default `nn.Linear` initialisation: U(±1/√fan_in) for weight and bias.
+    pub fn new(r: &Registry, inp: i64, out: i64) -> Self {
+        let bound = 1.0 / (inp as f64).sqrt();
+        Linear {
+            weight: r.param("weight", &[out, inp], Init::Uniform(bound)),
+            bias: Some(r.param("bias", &[out], Init::Uniform(bound))),
+        }
+    }
+
+    pub fn with_init(r: &Registry, inp: i64, out: i64, weight: Init, bias: Init) -> Self {
+        Linear {
+            weight: r.param("weight", &[out, inp], weight),
+            bias: Some(r.param("bias", &[out], bias)),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// `nn.MultiheadAttention` with packed q/k/v projection (rows q, k, v).
+pub struct MultiHeadAttention {
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj: Linear,
+    heads: i64,
+}
+
+impl MultiHeadAttention {
+    pub fn new(r: &Registry, width: i64, heads: i64, in_init: Init, out_init: Init) -> Self {
+        let in_proj_weight = r.param("in_proj_weight", &[3 * width, width], in_init);
+        let in_proj_bias = r.param("in_proj_bias", &[3 * width], Init::Zeros);
+        let out_proj = Linear::with_init(&r.sub("out_proj"), width, width, out_init, Init::Zeros);
+        MultiHeadAttention {
+            in_proj_weight,
+            in_proj_bias,
+            out_proj,
+            heads,
+        }
+    }
+
+    /// Self-attention over `[N, L, D]`; `causal` applies the text tower's mask.
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
+        let (n, l, d) = x.size3().unwrap();
+        let dh = d / self.heads;
+        let qkv = x
+            .linear(&self.in_proj_weight, Some(&self.in_proj_bias))
+            .view([n, l, 3, self.heads, dh])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let o = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            causal,
+            None,
+            false,
+        );
+        self.out_proj.forward(&o.transpose(1, 2).reshape([n, l, d]))
+    }
+}
+
+pub fn gelu(x: &Tensor, quick: bool) -> Tensor {
+    if quick {
+        x * (x * 1.702).sigmoid()
+    } else {
+        x.gelu("none")
+    }
+}
+
+/// Pre-LN residual block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+pub struct ResidualBlock {
+    ln_1: LayerNorm,
+    attn: MultiHeadAttention,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    c_proj: Linear,
+    quick_gelu: bool,
+}
+
+/// Initialisation scheme of a transformer stack (spec §3.10: the ViT keeps PyTorch defaults, the text
+/// tower uses CLIP's normal initialisation).
+#[derive(Debug, Clone, Copy)]
+pub enum TransformerInit {
+    PyTorchDefault,
+    ClipText { layers: i64 },
+}
+
+impl ResidualBlock {
+    pub fn new(
+        r: &Registry,
+        width: i64,
+        heads: i64,
+        mlp_width: i64,
+        quick_gelu: bool,
+        init: TransformerInit,
+    ) -> Self {
+        let w = width as f64;
+        let (in_init, out_init, fc_init, proj_init) = match init {
+            TransformerInit::PyTorchDefault => (
+                Init::Uniform((6.0 / (4.0 * w)).sqrt()), // xavier_uniform on [3D, D]
+                Init::Uniform(1.0 / w.sqrt()),
+                Init::Uniform(1.0 / w.sqrt()),
+                Init::Uniform(1.0 / (mlp_width as f64).sqrt()),
+            ),
+            TransformerInit::ClipText { layers } => {
+                let proj_std = w.powf(-0.5) * (2.0 * layers as f64).powf(-0.5);
+                (
+                    Init::Normal(w.powf(-0.5)),
+                    Init::Normal(proj_std),
+                    Init::Normal((2.0 * w).powf(-0.5)),
+                    Init::Normal(proj_std),
+                )
+            }
+        };
+        let ln_1 = LayerNorm::new(&r.sub("ln_1"), width);
+        let attn = MultiHeadAttention::new(&r.sub("attn"), width, heads, in_init, out_init);
+        let ln_2 = LayerNorm::new(&r.sub("ln_2"), width);
+        let mlp = r.sub("mlp");
+        let c_fc = Linear::with_init(
+            &mlp.sub("c_fc"),
+            width,
+            mlp_width,
+            fc_init,
+            Init::Uniform(1.0 / w.sqrt()),
+        );
+        let c_proj = Linear::with_init(
+            &mlp.sub("c_proj"),
+            mlp_width,
+            width,
+            proj_init,
+            Init::Uniform(1.0 / (mlp_width as f64).sqrt()),
+        );
+        ResidualBlock {
+            ln_1,
+            attn,
+            ln_2,
+            c_fc,
+            c_proj,
+            quick_gelu,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
+        let x = x + self.attn.forward(&self.ln_1.forward(x), causal);
+        let h = gelu(&self.c_fc.forward(&self.ln_2.forward(&x)), self.quick_gelu);
+        x + self.c_proj.forward(&h)
+    }
+}
+
+pub struct Transformer {
+    blocks: Vec<ResidualBlock>,
+}
+
+impl Transformer {
+    pub fn new(
+        r: &Registry,
+        width: i64,
+        layers: i64,
+        heads: i64,
+        mlp_width: i64,
+        quick_gelu: bool,
+        init: TransformerInit,
+    ) -> Self {
+        let rb = r.sub("resblocks");
+        let blocks = (0..layers)
+            .map(|i| ResidualBlock::new(&rb.sub(i), width, heads, mlp_width, quick_gelu, init))
+            .collect();
+        Transformer { blocks }
+    }
+
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
+        let mut x = x.shallow_clone();
+        for b in &self.blocks {
+            x = b.forward(&x, causal);
+        }
+        x
+    }
+}
+
+/// `nn.BatchNorm2d` (eps 1e-5, momentum 0.1) with the saved buffers, including `num_batches_tracked`.
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+}
+
+impl BatchNorm {
+    pub fn new(r: &Registry, channels: i64, weight_init: Init) -> Self {
+        BatchNorm {
+            weight: r.param("weight", &[channels], weight_init),
+            bias: r.param("bias", &[channels], Init::Zeros),
+            running_mean: r.buffer("running_mean", &[channels], Kind::Float, Init::Zeros),
+            running_var: r.buffer("running_var", &[channels], Kind::Float, Init::Ones),
+            num_batches_tracked: r.buffer("num_batches_tracked", &[], Kind::Int64, Init::Zeros),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
+        match mode {
+            BnMode::Running => x.batch_norm(
+                Some(&self.weight),
+                Some(&self.bias),
+                Some(&self.running_mean),
+                Some(&self.running_var),
+                false,
+                0.1,
+                1e-5,
+                true,
+            ),
+            BnMode::Batch => x.batch_norm(
+                Some(&self.weight),
+                Some(&self.bias),
+                None::<&Tensor>,
+                None,
+                true,
+                0.1,
+                1e-5,
+                true,
+            ),
+            BnMode::Train => {
+                let _ = tch::no_grad(|| self.num_batches_tracked.shallow_clone().g_add_scalar_(1));
+                x.batch_norm(
+                    Some(&self.weight),
+                    Some(&self.bias),
+                    Some(&self.running_mean),
+                    Some(&self.running_var),
+                    true,
+                    0.1,
+                    1e-5,
+                    true,
+                )
+            }
+        }
+    }
+}
