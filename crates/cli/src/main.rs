@@ -1,1 +1,43 @@
-fn main() {}
+//! `pirclip`: a thin command-line layer over the library crates.
+
+mod common;
+mod pipeline;
+mod embed;
+mod init;
+mod inspect;
+mod tokenize;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pirclip", version, about = "PIR-CLIP remote-sensing image-text retrieval: embed, evaluate, train, search", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed images and/or captions with a model and write .npy matrices.
+    Embed(embed::Args),
+    /// Print the 77 CLIP token ids of each caption.
+    Tokenize(tokenize::Args),
+    /// Describe a checkpoint: layout, keys, parameters, dtypes, model family.
+    Inspect(inspect::Args),
+    /// Write a randomly initialised model (official initialisation distributions) as safetensors.
+    Init(init::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Embed(a) => embed::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Init(a) => init::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -39,3 +39,26 @@ pub fn load_model(
     model.load(&ck.state_dict, &checkpoint.display().to_string())?;
     Ok(model)
 }
+
+pub mod cuda {
+    //! CUDA support is loaded on demand: `load` opens libtorch_cuda (next to the libtorch this binary was
+    //! built against, or found through the usual library search path), whose static initialisers register
+    //! the CUDA backend with libtorch.
+
+    /// Opens libtorch_cuda once; returns whether a CUDA device is then visible.
+    pub fn load() -> bool {
+        static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ONCE.get_or_init(|| {
+            let dir = option_env!("PIRCLIP_TORCH_LIB").unwrap_or("");
+            for candidate in [format!("{dir}/libtorch_cuda.so"), "libtorch_cuda.so".to_string()] {
+                let c = std::ffi::CString::new(candidate).unwrap();
+                // SAFETY: dlopen with a valid C string; the handle is intentionally never closed.
+                let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+                if !h.is_null() {
+                    break;
+                }
+            }
+            tch::Cuda::is_available()
+        })
+    }
+}

@@ -1,0 +1,131 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use pirclip_checkpoint::{is_buffer_name, StateDict};
+use pirclip_model::config::{ModelConfig, VisionTower, PRESETS};
+
+/// Describe a checkpoint without building a model: layout, entry and parameter counts, dtypes, and the
+/// architecture its shapes imply (with the matching preset, if any).
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .pt or .safetensors file.
+    checkpoint: PathBuf,
+}
+
+fn count_blocks(sd: &StateDict, prefix: &str) -> usize {
+    let mut n = 0;
+    while sd.entries.iter().any(|(k, _)| k.starts_with(&format!("{prefix}{n}."))) {
+        n += 1;
+    }
+    n
+}
+
+fn shape(sd: &StateDict, key: &str) -> Option<Vec<usize>> {
+    sd.get(key).map(|t| t.shape.clone())
+}
+
+/// The architecture numbers the shapes imply, in a form comparable with a config.
+#[derive(Debug, PartialEq)]
+struct Arch {
+    embed_dim: usize,
+    image_size: usize,
+    vision: String,
+    instruction: Option<([usize; 4], usize)>,
+    text: (usize, usize, usize, usize),
+}
+
+fn resnet_layers(sd: &StateDict, prefix: &str) -> [usize; 4] {
+    [1, 2, 3, 4].map(|i| count_blocks(sd, &format!("{prefix}layer{i}.")))
+}
+
+fn arch_of(sd: &StateDict) -> Option<Arch> {
+    let embed_dim = shape(sd, "text_projection")?.get(1).copied()?;
+    let text = (
+        shape(sd, "positional_embedding")?[0],
+        shape(sd, "token_embedding.weight")?[0],
+        shape(sd, "ln_final.weight")?[0],
+        count_blocks(sd, "transformer.resblocks."),
+    );
+    let (vision, image_size) = if let Some(c) = shape(sd, "visual.conv1.weight").filter(|s| s[1] == 3 && s[2] > 3) {
+        let tokens = shape(sd, "visual.positional_embedding")?[0];
+        let grid = ((tokens - 1) as f64).sqrt() as usize;
+        (format!("ViT width {} layers {} patch {}", c[0], count_blocks(sd, "visual.transformer.resblocks."), c[2]), grid * c[2])
+    } else {
+        let width = shape(sd, "visual.conv3.weight")?[0];
+        let tokens = shape(sd, "visual.attnpool.positional_embedding")?[0];
+        let grid = ((tokens - 1) as f64).sqrt() as usize;
+        (format!("ModifiedResNet layers {:?} width {width}", resnet_layers(sd, "visual.")), grid * 32)
+    };
+    let instruction = shape(sd, "res_visual.conv3.weight").map(|w| (resnet_layers(sd, "res_visual."), w[0]));
+    Some(Arch { embed_dim, image_size, vision, instruction, text })
+}
+
+fn arch_of_config(c: &ModelConfig) -> Arch {
+    let vision = match &c.vision {
+        VisionTower::Vit { layers, width, patch_size, .. } => format!("ViT width {width} layers {layers} patch {patch_size}"),
+        VisionTower::ModifiedResNet { layers, width, .. } => format!("ModifiedResNet layers {layers:?} width {width}"),
+    };
+    Arch {
+        embed_dim: c.embed_dim,
+        image_size: c.image_size,
+        vision,
+        instruction: c.instruction.as_ref().map(|i| (i.res_layers, i.res_width)),
+        text: (c.text.context_length, c.text.vocab_size, c.text.width, c.text.layers),
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let size = std::fs::metadata(&a.checkpoint)?.len();
+    let ck = pirclip_checkpoint::load(&a.checkpoint)?;
+    let sd = &ck.state_dict;
+    let buffers = sd.entries.iter().filter(|(k, _)| is_buffer_name(k)).count();
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, t) in &sd.entries {
+        *dtypes.entry(t.dtype.to_string()).or_default() += 1;
+    }
+    println!("file:        {} ({:.1} MB)", a.checkpoint.display(), size as f64 / 1e6);
+    println!("layout:      {}", ck.layout);
+    println!("entries:     {} ({} parameters, {} buffers)", sd.len(), sd.len() - buffers, buffers);
+    println!("parameters:  {}", group_thousands(sd.parameter_count()));
+    println!("dtypes:      {}", dtypes.iter().map(|(d, n)| format!("{d} ({n})")).collect::<Vec<_>>().join(", "));
+    match arch_of(sd) {
+        None => println!("family:      unknown (no open_clip CLIP keys such as text_projection / visual.*)"),
+        Some(arch) => {
+            let family = match (&arch.instruction, arch.vision.starts_with("ViT")) {
+                (Some(_), _) => "PIR-CLIP (CLIP ViT + instruction ResNet + VIR)",
+                (None, true) => "open_clip CLIP with a ViT image tower",
+                (None, false) => "open_clip CLIP with a ModifiedResNet image tower",
+            };
+            println!("family:      {family}");
+            println!("vision:      {}, image {}", arch.vision, arch.image_size);
+            if let Some((layers, width)) = arch.instruction {
+                println!("instruction: ModifiedResNet layers {layers:?} width {width}");
+            }
+            let (ctx, vocab, width, layers) = arch.text;
+            println!("text:        width {width} layers {layers} context {ctx} vocab {vocab}");
+            println!("embed dim:   {}", arch.embed_dim);
+            let preset = PRESETS.iter().find_map(|(name, _)| {
+                let c = ModelConfig::from_name_or_path(name).ok()?;
+                (arch_of_config(&c) == arch).then_some(*name)
+            });
+            match preset {
+                Some(p) => println!("preset:      {p} (use --model {p})"),
+                None => println!("preset:      none matches; pass an open_clip JSON config with --model"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn group_thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

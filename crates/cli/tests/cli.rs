@@ -1,0 +1,134 @@
+//! The `pirclip` binary end to end, against the official goldens of fixture set A.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pirclip_checkpoint::npy;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fx(p: &str) -> PathBuf {
+    root().join("tests/fixtures/parity").join(p)
+}
+
+fn pirclip(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pirclip")).args(args).output().unwrap()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pirclip-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn max_diff(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (npy::read(a).unwrap(), npy::read(b).unwrap());
+    assert_eq!(a.shape, b.shape);
+    a.to_f32_vec().iter().zip(b.to_f32_vec()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn embed_jpegs_and_captions_matches_official_features() {
+    let out = tmpdir("embed");
+    let captions: Vec<String> = serde_json::from_str(&std::fs::read_to_string(fx("captions.json")).unwrap()).unwrap();
+    let texts = out.join("captions.txt");
+    std::fs::write(&texts, captions.join("\n") + "\n").unwrap();
+    // Files in the goldens' image order (not sorted), from JPEG through decode, resize and the model.
+    let imgs: Vec<String> = ["airport_348.jpg", "bareland_43.jpg", "airport_349.jpg", "beach_388.jpg"]
+        .iter()
+        .map(|n| fx(&format!("images/{n}")).display().to_string())
+        .collect();
+    for (layout, bn, want) in [
+        ("model_state_dict.pt", "running", "image_features_eval.npy"),
+        ("train_checkpoint.pt", "batch", "image_features_trainbn.npy"),
+    ] {
+        let mut args = vec!["embed", "--model", fx("config.json").to_str().unwrap().to_string().leak(), "--checkpoint"];
+        args.push(fx(layout).to_str().unwrap().to_string().leak());
+        args.extend(["--bn-mode", bn, "--no-normalize", "--out", out.to_str().unwrap(), "--texts", texts.to_str().unwrap(), "--images"]);
+        args.extend(imgs.iter().map(|s| s.as_str()));
+        let o = pirclip(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let d = max_diff(&out.join("img_emb.npy"), &fx(want));
+        println!("{layout} --bn-mode {bn}: image max |Δ| {d:.2e}");
+        assert!(d <= 1e-4, "{d}");
+        let d = max_diff(&out.join("text_emb.npy"), &fx("text_features.npy"));
+        assert!(d <= 1e-4, "text {d}");
+        let listed = std::fs::read_to_string(out.join("images.txt")).unwrap();
+        assert_eq!(listed.lines().collect::<Vec<_>>(), imgs);
+        assert_eq!(std::fs::read_to_string(out.join("texts.txt")).unwrap().lines().count(), 6);
+    }
+    // Normalised rows by default; a directory is read in sorted order.
+    let o = pirclip(&["embed", "--model", fx("config.json").to_str().unwrap(), "--checkpoint", fx("model.safetensors").to_str().unwrap(), "--images", fx("images").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    let e = npy::read(out.join("img_emb.npy")).unwrap().to_f32_vec();
+    for row in e.chunks(64) {
+        let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-5);
+    }
+    let listed = std::fs::read_to_string(out.join("images.txt")).unwrap();
+    let names: Vec<&str> = listed.lines().map(|l| l.rsplit('/').next().unwrap()).collect();
+    assert_eq!(names, ["airport_348.jpg", "airport_349.jpg", "bareland_43.jpg", "beach_388.jpg"]);
+}
+
+#[test]
+fn unreadable_image_is_named_and_nothing_is_written() {
+    let dir = tmpdir("bad");
+    std::fs::copy(fx("images/airport_348.jpg"), dir.join("a.jpg")).unwrap();
+    std::fs::write(dir.join("b_broken.jpg"), b"\xff\xd8\xffjunk").unwrap();
+    let out = dir.join("out");
+    let o = pirclip(&["embed", "--model", fx("config.json").to_str().unwrap(), "--checkpoint", fx("model.safetensors").to_str().unwrap(), "--images", dir.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("b_broken.jpg"), "{err}");
+    assert!(!out.join("img_emb.npy").exists());
+}
+
+#[test]
+fn strict_load_error_reaches_the_user() {
+    let o = pirclip(&["embed", "--model", "ViT-B-32", "--checkpoint", fx("model.safetensors").to_str().unwrap(), "--texts", "/dev/null", "--out", "/tmp/x"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("shape mismatch for text_projection: model expects [512, 512], checkpoint has [16, 64]"), "{err}");
+    assert!(err.contains("125 unexpected key(s): "), "{err}");
+    assert!(err.contains("240 missing key(s): "), "{err}");
+    assert!(err.contains("hint: `pirclip inspect"), "{err}");
+}
+
+#[test]
+fn tokenize_prints_open_clip_ids() {
+    let o = pirclip(&["tokenize", "The airport is very large .", ""]);
+    let s = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].starts_with("49406 518 3259 533 1070 3638 269 49407 0 "));
+    assert_eq!(lines[0].split(' ').count(), 77);
+    assert!(lines[1].starts_with("49406 49407 0"));
+}
+
+#[test]
+fn init_then_inspect_reports_the_model() {
+    let dir = tmpdir("init");
+    let f = dir.join("tiny.safetensors");
+    let o = pirclip(&["init", "--model", fx("config.json").to_str().unwrap(), "--out", f.to_str().unwrap(), "--seed", "3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = pirclip(&["inspect", f.to_str().unwrap()]);
+    let s = String::from_utf8(o.stdout).unwrap();
+    assert!(s.contains("entries:     187 (130 parameters, 57 buffers)"), "{s}");
+    assert!(s.contains("parameters:  1,202,291"), "{s}");
+    assert!(s.contains("PIR-CLIP"), "{s}");
+    // Seeded: the same seed gives the same file, another seed another one.
+    let g = dir.join("again.safetensors");
+    pirclip(&["init", "--model", fx("config.json").to_str().unwrap(), "--out", g.to_str().unwrap(), "--seed", "3"]);
+    assert_eq!(std::fs::read(&f).unwrap(), std::fs::read(&g).unwrap());
+    // Initial values follow the official rules: bottleneck bn3 weights zero, logit_scale ln(1/0.07).
+    let sd = pirclip_checkpoint::load(&f).unwrap().state_dict;
+    assert!(sd.get("res_visual.layer1.0.bn3.weight").unwrap().to_f32_vec().iter().all(|&v| v == 0.0));
+    assert!(sd.get("res_visual.bn3.weight").unwrap().to_f32_vec().iter().all(|&v| v == 1.0));
+    assert!((sd.get("logit_scale").unwrap().to_f32_vec()[0] - 2.659_26).abs() < 1e-5);
+    let te = sd.get("token_embedding.weight").unwrap().to_f32_vec();
+    let std = (te.iter().map(|v| v * v).sum::<f32>() / te.len() as f32).sqrt();
+    assert!((std - 0.02).abs() < 0.001, "token_embedding std {std}");
+}
