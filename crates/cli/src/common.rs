@@ -87,7 +87,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
             Ok(Device::Cuda(0))
         }
         s if s.starts_with("cuda:") => {
-            let i: usize = s[5..].parse().with_context(|| format!("bad device {s:?}"))?;
+            let i: usize = s[5..]
+                .parse()
+                .with_context(|| format!("bad device {s:?}"))?;
             pirclip_model::cuda::load();
             let n = tch::Cuda::device_count() as usize;
             if i >= n {
@@ -102,9 +104,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .unwrap()
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>8} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
     );
     pb.set_prefix(what.to_string());
     pb
@@ -112,8 +116,12 @@ pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
 
 /// Reads captions: one per line, an empty line is an empty caption; `\r\n` endings are accepted.
 pub fn read_captions(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading captions from {}", path.display()))?;
-    Ok(text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect())
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading captions from {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect())
 }
 
 pub fn write_lines(path: &Path, lines: impl IntoIterator<Item = String>) -> Result<()> {

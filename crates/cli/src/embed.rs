@@ -36,7 +36,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let images = pirclip_data::collect_images(&a.images)?;
     if !a.images.is_empty() && images.is_empty() {
-        bail!("no image files (jpg, png, tif, ...) found in {:?}", a.images);
+        bail!(
+            "no image files (jpg, png, tif, ...) found in {:?}",
+            a.images
+        );
     }
     let captions = match &a.texts {
         Some(f) => read_captions(f)?,
@@ -49,24 +52,55 @@ pub fn run(a: Args) -> Result<()> {
     let mut outputs = Vec::new();
     if !images.is_empty() {
         let t = Instant::now();
-        let e = encode_images(&model, &images, a.model.options(), a.batch_size, normalize, true)?;
+        let e = encode_images(
+            &model,
+            &images,
+            a.model.options(),
+            a.batch_size,
+            normalize,
+            true,
+        )?;
         let s = t.elapsed().as_secs_f64();
-        eprintln!("encoded {} images in {s:.2} s ({:.1} images/s)", e.rows, e.rows as f64 / s);
-        outputs.push(("img_emb.npy", e, "images.txt", images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()));
+        eprintln!(
+            "encoded {} images in {s:.2} s ({:.1} images/s)",
+            e.rows,
+            e.rows as f64 / s
+        );
+        outputs.push((
+            "img_emb.npy",
+            e,
+            "images.txt",
+            images
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>(),
+        ));
     }
     if !captions.is_empty() {
         let t = Instant::now();
         let e = encode_texts(&model, &captions, 256, normalize, true)?;
         let s = t.elapsed().as_secs_f64();
-        eprintln!("encoded {} captions in {s:.2} s ({:.1} captions/s)", e.rows, e.rows as f64 / s);
+        eprintln!(
+            "encoded {} captions in {s:.2} s ({:.1} captions/s)",
+            e.rows,
+            e.rows as f64 / s
+        );
         outputs.push(("text_emb.npy", e, "texts.txt", captions.clone()));
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for (npy_name, e, list_name, lines) in outputs {
         pirclip_checkpoint::npy::write(a.out.join(npy_name), &e.to_tensor_data())?;
         write_lines(&a.out.join(list_name), lines)?;
-        eprintln!("wrote {} ({} x {})", a.out.join(npy_name).display(), e.rows, e.dim);
+        eprintln!(
+            "wrote {} ({} x {})",
+            a.out.join(npy_name).display(),
+            e.rows,
+            e.dim
+        );
     }
-    eprintln!("model load {load_s:.2} s, total {:.2} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "model load {load_s:.2} s, total {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -24,8 +24,16 @@ pub fn run(a: Args) -> Result<()> {
     pirclip_model::init::initialize(model.registry(), a.seed);
     let sd = model.state_dict();
     let seed = a.seed.to_string();
-    pirclip_checkpoint::safetensors::write(&a.out, &sd, &[("format", "pt"), ("pirclip_model", &config.name), ("pirclip_init_seed", &seed)])
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    pirclip_checkpoint::safetensors::write(
+        &a.out,
+        &sd,
+        &[
+            ("format", "pt"),
+            ("pirclip_model", &config.name),
+            ("pirclip_init_seed", &seed),
+        ],
+    )
+    .with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
         "wrote {} ({} entries, {} parameters, model {}, seed {})",
         a.out.display(),

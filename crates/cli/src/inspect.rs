@@ -15,7 +15,11 @@ pub struct Args {
 
 fn count_blocks(sd: &StateDict, prefix: &str) -> usize {
     let mut n = 0;
-    while sd.entries.iter().any(|(k, _)| k.starts_with(&format!("{prefix}{n}."))) {
+    while sd
+        .entries
+        .iter()
+        .any(|(k, _)| k.starts_with(&format!("{prefix}{n}.")))
+    {
         n += 1;
     }
     n
@@ -47,31 +51,65 @@ fn arch_of(sd: &StateDict) -> Option<Arch> {
         shape(sd, "ln_final.weight")?[0],
         count_blocks(sd, "transformer.resblocks."),
     );
-    let (vision, image_size) = if let Some(c) = shape(sd, "visual.conv1.weight").filter(|s| s[1] == 3 && s[2] > 3) {
-        let tokens = shape(sd, "visual.positional_embedding")?[0];
-        let grid = ((tokens - 1) as f64).sqrt() as usize;
-        (format!("ViT width {} layers {} patch {}", c[0], count_blocks(sd, "visual.transformer.resblocks."), c[2]), grid * c[2])
-    } else {
-        let width = shape(sd, "visual.conv3.weight")?[0];
-        let tokens = shape(sd, "visual.attnpool.positional_embedding")?[0];
-        let grid = ((tokens - 1) as f64).sqrt() as usize;
-        (format!("ModifiedResNet layers {:?} width {width}", resnet_layers(sd, "visual.")), grid * 32)
-    };
-    let instruction = shape(sd, "res_visual.conv3.weight").map(|w| (resnet_layers(sd, "res_visual."), w[0]));
-    Some(Arch { embed_dim, image_size, vision, instruction, text })
+    let (vision, image_size) =
+        if let Some(c) = shape(sd, "visual.conv1.weight").filter(|s| s[1] == 3 && s[2] > 3) {
+            let tokens = shape(sd, "visual.positional_embedding")?[0];
+            let grid = ((tokens - 1) as f64).sqrt() as usize;
+            (
+                format!(
+                    "ViT width {} layers {} patch {}",
+                    c[0],
+                    count_blocks(sd, "visual.transformer.resblocks."),
+                    c[2]
+                ),
+                grid * c[2],
+            )
+        } else {
+            let width = shape(sd, "visual.conv3.weight")?[0];
+            let tokens = shape(sd, "visual.attnpool.positional_embedding")?[0];
+            let grid = ((tokens - 1) as f64).sqrt() as usize;
+            (
+                format!(
+                    "ModifiedResNet layers {:?} width {width}",
+                    resnet_layers(sd, "visual.")
+                ),
+                grid * 32,
+            )
+        };
+    let instruction =
+        shape(sd, "res_visual.conv3.weight").map(|w| (resnet_layers(sd, "res_visual."), w[0]));
+    Some(Arch {
+        embed_dim,
+        image_size,
+        vision,
+        instruction,
+        text,
+    })
 }
 
 fn arch_of_config(c: &ModelConfig) -> Arch {
     let vision = match &c.vision {
-        VisionTower::Vit { layers, width, patch_size, .. } => format!("ViT width {width} layers {layers} patch {patch_size}"),
-        VisionTower::ModifiedResNet { layers, width, .. } => format!("ModifiedResNet layers {layers:?} width {width}"),
+        VisionTower::Vit {
+            layers,
+            width,
+            patch_size,
+            ..
+        } => format!("ViT width {width} layers {layers} patch {patch_size}"),
+        VisionTower::ModifiedResNet { layers, width, .. } => {
+            format!("ModifiedResNet layers {layers:?} width {width}")
+        }
     };
     Arch {
         embed_dim: c.embed_dim,
         image_size: c.image_size,
         vision,
         instruction: c.instruction.as_ref().map(|i| (i.res_layers, i.res_width)),
-        text: (c.text.context_length, c.text.vocab_size, c.text.width, c.text.layers),
+        text: (
+            c.text.context_length,
+            c.text.vocab_size,
+            c.text.width,
+            c.text.layers,
+        ),
     }
 }
 
@@ -84,13 +122,31 @@ pub fn run(a: Args) -> Result<()> {
     for (_, t) in &sd.entries {
         *dtypes.entry(t.dtype.to_string()).or_default() += 1;
     }
-    println!("file:        {} ({:.1} MB)", a.checkpoint.display(), size as f64 / 1e6);
+    println!(
+        "file:        {} ({:.1} MB)",
+        a.checkpoint.display(),
+        size as f64 / 1e6
+    );
     println!("layout:      {}", ck.layout);
-    println!("entries:     {} ({} parameters, {} buffers)", sd.len(), sd.len() - buffers, buffers);
+    println!(
+        "entries:     {} ({} parameters, {} buffers)",
+        sd.len(),
+        sd.len() - buffers,
+        buffers
+    );
     println!("parameters:  {}", group_thousands(sd.parameter_count()));
-    println!("dtypes:      {}", dtypes.iter().map(|(d, n)| format!("{d} ({n})")).collect::<Vec<_>>().join(", "));
+    println!(
+        "dtypes:      {}",
+        dtypes
+            .iter()
+            .map(|(d, n)| format!("{d} ({n})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     match arch_of(sd) {
-        None => println!("family:      unknown (no open_clip CLIP keys such as text_projection / visual.*)"),
+        None => println!(
+            "family:      unknown (no open_clip CLIP keys such as text_projection / visual.*)"
+        ),
         Some(arch) => {
             let family = match (&arch.instruction, arch.vision.starts_with("ViT")) {
                 (Some(_), _) => "PIR-CLIP (CLIP ViT + instruction ResNet + VIR)",
@@ -111,7 +167,9 @@ pub fn run(a: Args) -> Result<()> {
             });
             match preset {
                 Some(p) => println!("preset:      {p} (use --model {p})"),
-                None => println!("preset:      none matches; pass an open_clip JSON config with --model"),
+                None => println!(
+                    "preset:      none matches; pass an open_clip JSON config with --model"
+                ),
             }
         }
     }

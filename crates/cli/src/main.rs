@@ -1,10 +1,11 @@
 //! `pirclip`: a thin command-line layer over the library crates.
 
 mod common;
-mod pipeline;
 mod embed;
+mod eval;
 mod init;
 mod inspect;
+mod pipeline;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Embed images and/or captions with a model and write .npy matrices.
     Embed(embed::Args),
+    /// Retrieval evaluation (R@1/5/10 both ways, mean recall) exactly as the official retrieval.py.
+    Eval(eval::Args),
     /// Print the 77 CLIP token ids of each caption.
     Tokenize(tokenize::Args),
     /// Describe a checkpoint: layout, keys, parameters, dtypes, model family.
@@ -32,6 +35,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(a) => embed::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Init(a) => init::run(a),

@@ -22,7 +22,10 @@ impl Embeddings {
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
-    let t = t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
+    let t = t
+        .to_device(tch::Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
     let n = t.numel();
     let mut v = vec![0f32; n];
     t.copy_data(&mut v, n);
@@ -30,11 +33,21 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 }
 
 fn decode_workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8)
 }
 
 /// Encodes images in the given order (batches of `batch_size`, which matters for `--bn-mode batch`).
-pub fn encode_images(model: &ClipModel, paths: &[PathBuf], opts: EncodeOptions, batch_size: usize, normalize: bool, progress: bool) -> Result<Embeddings> {
+pub fn encode_images(
+    model: &ClipModel,
+    paths: &[PathBuf],
+    opts: EncodeOptions,
+    batch_size: usize,
+    normalize: bool,
+    progress: bool,
+) -> Result<Embeddings> {
     let size = model.config.image_size;
     let dim = model.config.embed_dim;
     let pb = crate::common::progress(paths.len() as u64, "images");
@@ -42,7 +55,8 @@ pub fn encode_images(model: &ClipModel, paths: &[PathBuf], opts: EncodeOptions, 
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut values = Vec::with_capacity(paths.len() * dim);
-    let rx = pirclip_data::loader::eval_batches(paths.to_vec(), size, batch_size, decode_workers(), 2);
+    let rx =
+        pirclip_data::loader::eval_batches(paths.to_vec(), size, batch_size, decode_workers(), 2);
     for batch in rx {
         let batch = batch.context("preprocessing images")?;
         let x = images_tensor(&batch.pixels, batch.len, size, model.device());
@@ -58,13 +72,26 @@ pub fn encode_images(model: &ClipModel, paths: &[PathBuf], opts: EncodeOptions, 
         pb.inc(batch.len as u64);
     }
     pb.finish_and_clear();
-    anyhow::ensure!(values.len() == paths.len() * dim, "image pipeline ended early");
-    Ok(Embeddings { rows: paths.len(), dim, values })
+    anyhow::ensure!(
+        values.len() == paths.len() * dim,
+        "image pipeline ended early"
+    );
+    Ok(Embeddings {
+        rows: paths.len(),
+        dim,
+        values,
+    })
 }
 
 /// Encodes captions; rows come back in input order. Captions are grouped by token length so each batch
 /// runs only up to its longest caption's EOT.
-pub fn encode_texts(model: &ClipModel, captions: &[String], batch_size: usize, normalize: bool, progress: bool) -> Result<Embeddings> {
+pub fn encode_texts(
+    model: &ClipModel,
+    captions: &[String],
+    batch_size: usize,
+    normalize: bool,
+    progress: bool,
+) -> Result<Embeddings> {
     let tok = pirclip_text::Tokenizer::new();
     let ctx = model.config.text.context_length;
     let dim = model.config.embed_dim;
@@ -94,5 +121,9 @@ pub fn encode_texts(model: &ClipModel, captions: &[String], batch_size: usize, n
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
-    Ok(Embeddings { rows: captions.len(), dim, values })
+    Ok(Embeddings {
+        rows: captions.len(),
+        dim,
+        values,
+    })
 }

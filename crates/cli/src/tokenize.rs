@@ -24,7 +24,12 @@ pub fn run(a: Args) -> Result<()> {
     let mut out = String::new();
     for c in &captions {
         let ids = tok.tokenize(c, pirclip_text::CONTEXT_LENGTH);
-        out.push_str(&ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
+        out.push_str(
+            &ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
         out.push('\n');
     }
     print!("{out}");

@@ -14,7 +14,10 @@ fn fx(p: &str) -> PathBuf {
 }
 
 fn pirclip(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pirclip")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_pirclip"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -27,27 +30,51 @@ fn tmpdir(name: &str) -> PathBuf {
 fn max_diff(a: &Path, b: &Path) -> f32 {
     let (a, b) = (npy::read(a).unwrap(), npy::read(b).unwrap());
     assert_eq!(a.shape, b.shape);
-    a.to_f32_vec().iter().zip(b.to_f32_vec()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.to_f32_vec()
+        .iter()
+        .zip(b.to_f32_vec())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
 fn embed_jpegs_and_captions_matches_official_features() {
     let out = tmpdir("embed");
-    let captions: Vec<String> = serde_json::from_str(&std::fs::read_to_string(fx("captions.json")).unwrap()).unwrap();
+    let captions: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(fx("captions.json")).unwrap()).unwrap();
     let texts = out.join("captions.txt");
     std::fs::write(&texts, captions.join("\n") + "\n").unwrap();
     // Files in the goldens' image order (not sorted), from JPEG through decode, resize and the model.
-    let imgs: Vec<String> = ["airport_348.jpg", "bareland_43.jpg", "airport_349.jpg", "beach_388.jpg"]
-        .iter()
-        .map(|n| fx(&format!("images/{n}")).display().to_string())
-        .collect();
+    let imgs: Vec<String> = [
+        "airport_348.jpg",
+        "bareland_43.jpg",
+        "airport_349.jpg",
+        "beach_388.jpg",
+    ]
+    .iter()
+    .map(|n| fx(&format!("images/{n}")).display().to_string())
+    .collect();
     for (layout, bn, want) in [
         ("model_state_dict.pt", "running", "image_features_eval.npy"),
         ("train_checkpoint.pt", "batch", "image_features_trainbn.npy"),
     ] {
-        let mut args = vec!["embed", "--model", fx("config.json").to_str().unwrap().to_string().leak(), "--checkpoint"];
+        let mut args = vec![
+            "embed",
+            "--model",
+            fx("config.json").to_str().unwrap().to_string().leak(),
+            "--checkpoint",
+        ];
         args.push(fx(layout).to_str().unwrap().to_string().leak());
-        args.extend(["--bn-mode", bn, "--no-normalize", "--out", out.to_str().unwrap(), "--texts", texts.to_str().unwrap(), "--images"]);
+        args.extend([
+            "--bn-mode",
+            bn,
+            "--no-normalize",
+            "--out",
+            out.to_str().unwrap(),
+            "--texts",
+            texts.to_str().unwrap(),
+            "--images",
+        ]);
         args.extend(imgs.iter().map(|s| s.as_str()));
         let o = pirclip(&args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -58,10 +85,26 @@ fn embed_jpegs_and_captions_matches_official_features() {
         assert!(d <= 1e-4, "text {d}");
         let listed = std::fs::read_to_string(out.join("images.txt")).unwrap();
         assert_eq!(listed.lines().collect::<Vec<_>>(), imgs);
-        assert_eq!(std::fs::read_to_string(out.join("texts.txt")).unwrap().lines().count(), 6);
+        assert_eq!(
+            std::fs::read_to_string(out.join("texts.txt"))
+                .unwrap()
+                .lines()
+                .count(),
+            6
+        );
     }
     // Normalised rows by default; a directory is read in sorted order.
-    let o = pirclip(&["embed", "--model", fx("config.json").to_str().unwrap(), "--checkpoint", fx("model.safetensors").to_str().unwrap(), "--images", fx("images").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = pirclip(&[
+        "embed",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--checkpoint",
+        fx("model.safetensors").to_str().unwrap(),
+        "--images",
+        fx("images").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success());
     let e = npy::read(out.join("img_emb.npy")).unwrap().to_f32_vec();
     for row in e.chunks(64) {
@@ -69,8 +112,19 @@ fn embed_jpegs_and_captions_matches_official_features() {
         assert!((n - 1.0).abs() < 1e-5);
     }
     let listed = std::fs::read_to_string(out.join("images.txt")).unwrap();
-    let names: Vec<&str> = listed.lines().map(|l| l.rsplit('/').next().unwrap()).collect();
-    assert_eq!(names, ["airport_348.jpg", "airport_349.jpg", "bareland_43.jpg", "beach_388.jpg"]);
+    let names: Vec<&str> = listed
+        .lines()
+        .map(|l| l.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "airport_348.jpg",
+            "airport_349.jpg",
+            "bareland_43.jpg",
+            "beach_388.jpg"
+        ]
+    );
 }
 
 #[test]
@@ -79,7 +133,17 @@ fn unreadable_image_is_named_and_nothing_is_written() {
     std::fs::copy(fx("images/airport_348.jpg"), dir.join("a.jpg")).unwrap();
     std::fs::write(dir.join("b_broken.jpg"), b"\xff\xd8\xffjunk").unwrap();
     let out = dir.join("out");
-    let o = pirclip(&["embed", "--model", fx("config.json").to_str().unwrap(), "--checkpoint", fx("model.safetensors").to_str().unwrap(), "--images", dir.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = pirclip(&[
+        "embed",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--checkpoint",
+        fx("model.safetensors").to_str().unwrap(),
+        "--images",
+        dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("b_broken.jpg"), "{err}");
@@ -88,10 +152,25 @@ fn unreadable_image_is_named_and_nothing_is_written() {
 
 #[test]
 fn strict_load_error_reaches_the_user() {
-    let o = pirclip(&["embed", "--model", "ViT-B-32", "--checkpoint", fx("model.safetensors").to_str().unwrap(), "--texts", "/dev/null", "--out", "/tmp/x"]);
+    let o = pirclip(&[
+        "embed",
+        "--model",
+        "ViT-B-32",
+        "--checkpoint",
+        fx("model.safetensors").to_str().unwrap(),
+        "--texts",
+        "/dev/null",
+        "--out",
+        "/tmp/x",
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("shape mismatch for text_projection: model expects [512, 512], checkpoint has [16, 64]"), "{err}");
+    assert!(
+        err.contains(
+            "shape mismatch for text_projection: model expects [512, 512], checkpoint has [16, 64]"
+        ),
+        "{err}"
+    );
     assert!(err.contains("125 unexpected key(s): "), "{err}");
     assert!(err.contains("240 missing key(s): "), "{err}");
     assert!(err.contains("hint: `pirclip inspect"), "{err}");
@@ -112,23 +191,184 @@ fn tokenize_prints_open_clip_ids() {
 fn init_then_inspect_reports_the_model() {
     let dir = tmpdir("init");
     let f = dir.join("tiny.safetensors");
-    let o = pirclip(&["init", "--model", fx("config.json").to_str().unwrap(), "--out", f.to_str().unwrap(), "--seed", "3"]);
+    let o = pirclip(&[
+        "init",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--out",
+        f.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = pirclip(&["inspect", f.to_str().unwrap()]);
     let s = String::from_utf8(o.stdout).unwrap();
-    assert!(s.contains("entries:     187 (130 parameters, 57 buffers)"), "{s}");
+    assert!(
+        s.contains("entries:     187 (130 parameters, 57 buffers)"),
+        "{s}"
+    );
     assert!(s.contains("parameters:  1,202,291"), "{s}");
     assert!(s.contains("PIR-CLIP"), "{s}");
     // Seeded: the same seed gives the same file, another seed another one.
     let g = dir.join("again.safetensors");
-    pirclip(&["init", "--model", fx("config.json").to_str().unwrap(), "--out", g.to_str().unwrap(), "--seed", "3"]);
+    pirclip(&[
+        "init",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--out",
+        g.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
     assert_eq!(std::fs::read(&f).unwrap(), std::fs::read(&g).unwrap());
     // Initial values follow the official rules: bottleneck bn3 weights zero, logit_scale ln(1/0.07).
     let sd = pirclip_checkpoint::load(&f).unwrap().state_dict;
-    assert!(sd.get("res_visual.layer1.0.bn3.weight").unwrap().to_f32_vec().iter().all(|&v| v == 0.0));
-    assert!(sd.get("res_visual.bn3.weight").unwrap().to_f32_vec().iter().all(|&v| v == 1.0));
+    assert!(sd
+        .get("res_visual.layer1.0.bn3.weight")
+        .unwrap()
+        .to_f32_vec()
+        .iter()
+        .all(|&v| v == 0.0));
+    assert!(sd
+        .get("res_visual.bn3.weight")
+        .unwrap()
+        .to_f32_vec()
+        .iter()
+        .all(|&v| v == 1.0));
     assert!((sd.get("logit_scale").unwrap().to_f32_vec()[0] - 2.659_26).abs() < 1e-5);
     let te = sd.get("token_embedding.weight").unwrap().to_f32_vec();
     let std = (te.iter().map(|v| v * v).sum::<f32>() / te.len() as f32).sqrt();
     assert!((std - 0.02).abs() < 0.001, "token_embedding std {std}");
+}
+
+fn eval_json(extra: &[&str], out: &Path) -> serde_json::Value {
+    let mut args: Vec<String> = [
+        "eval",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--checkpoint",
+        fx("train_checkpoint.pt").to_str().unwrap(),
+        "--json",
+        fx("retrieval.json").to_str().unwrap(),
+        "--recall-k",
+        "1,2,3",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !extra.contains(&"--images-dir") && !extra.contains(&"--retrieval-images-dir") {
+        args.extend([
+            "--images-dir".to_string(),
+            fx("images").to_str().unwrap().to_string(),
+        ]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
+fn assert_official(got: &serde_json::Value, golden: &str) {
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx(golden)).unwrap()).unwrap();
+    for (k, v) in want.as_object().unwrap() {
+        assert_eq!(got[k], *v, "{k} vs {golden}");
+    }
+}
+
+#[test]
+fn eval_reproduces_official_retrieval_metrics_in_both_bn_modes() {
+    let dir = tmpdir("eval");
+    let emb = dir.join("emb");
+    let got = eval_json(
+        &["--embeddings-out", emb.to_str().unwrap()],
+        &dir.join("m.json"),
+    );
+    assert_official(&got, "retrieval_metrics_eval.json");
+    assert_eq!(got["settings"]["images"], 4);
+    assert_eq!(got["settings"]["texts"], 20);
+    assert_eq!(got["settings"]["bn_mode"], "running");
+    assert!(
+        max_diff(
+            &emb.join("img_emb.npy"),
+            &fx("retrieval_image_emb_eval.npy")
+        ) <= 1e-5
+    );
+    assert!(max_diff(&emb.join("text_emb.npy"), &fx("retrieval_text_emb.npy")) <= 1e-5);
+    assert_eq!(
+        npy::read(emb.join("text_to_image.npy"))
+            .unwrap()
+            .to_i64_vec(),
+        npy::read(fx("retrieval_text_image_index.npy"))
+            .unwrap()
+            .to_i64_vec()
+    );
+    // The official script's flag names, batch statistics over batches of 2.
+    let got = eval_json(
+        &[
+            "--bn-mode",
+            "batch",
+            "--batch-size",
+            "2",
+            "--embeddings-out",
+            emb.to_str().unwrap(),
+        ],
+        &dir.join("b2.json"),
+    );
+    assert_official(&got, "retrieval_metrics_trainbn_b2.json");
+    assert!(
+        max_diff(
+            &emb.join("img_emb.npy"),
+            &fx("retrieval_image_emb_trainbn_b2.npy")
+        ) <= 1e-5
+    );
+}
+
+#[test]
+fn eval_missing_images_error_or_skip() {
+    let dir = tmpdir("missing");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for n in ["airport_348.jpg", "airport_349.jpg", "beach_388.jpg"] {
+        std::fs::copy(fx(&format!("images/{n}")), imgs.join(n)).unwrap();
+    }
+    let o = pirclip(&[
+        "eval",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--checkpoint",
+        fx("model.safetensors").to_str().unwrap(),
+        "--json",
+        fx("retrieval.json").to_str().unwrap(),
+        "--images-dir",
+        imgs.to_str().unwrap(),
+        "--recall-k",
+        "1,2",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("1 of 4 images")
+            && err.contains("bareland_43.jpg")
+            && err.contains("--skip-missing"),
+        "{err}"
+    );
+    let got = eval_json(
+        &[
+            "--retrieval-images-dir",
+            imgs.to_str().unwrap(),
+            "--skip-missing",
+            "--recall-k",
+            "1,2",
+        ],
+        &dir.join("m.json"),
+    );
+    assert_eq!(got["settings"]["images"], 3);
+    assert_eq!(got["settings"]["texts"], 15);
+    assert_eq!(got["settings"]["missing_images_skipped"], 1);
 }

@@ -1,14 +1,18 @@
 //! Engine-free data handling: image lists, threaded decode + preprocessing in order, retrieval datasets
 //! and metrics.
 
+pub mod karpathy;
 pub mod loader;
+pub mod metrics;
 
 use std::path::{Path, PathBuf};
 
 pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp", "gif"];
 
 pub fn is_image_path(p: &Path) -> bool {
-    p.extension().map(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x))).unwrap_or(false)
+    p.extension()
+        .map(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+        .unwrap_or(false)
 }
 
 /// Expands files and directories into a list of image files; a directory contributes its image files
@@ -21,14 +25,21 @@ pub fn collect_images(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", input.display())))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.is_file() && is_image_path(p))
-                .filter(|p| !p.file_name().map(|n| n.to_string_lossy().starts_with('.')).unwrap_or(true))
+                .filter(|p| {
+                    !p.file_name()
+                        .map(|n| n.to_string_lossy().starts_with('.'))
+                        .unwrap_or(true)
+                })
                 .collect();
             files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
             out.extend(files);
         } else if input.is_file() {
             out.push(input.clone());
         } else {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{}: no such file or directory", input.display())));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{}: no such file or directory", input.display()),
+            ));
         }
     }
     Ok(out)

@@ -18,7 +18,13 @@ pub type BatchResult = Result<ImageBatch, pirclip_image::Error>;
 
 /// Streams `paths` as eval-preprocessed batches of `batch_size` from `workers` threads, at most `prefetch`
 /// batches ahead. The first failing image ends the stream with its error.
-pub fn eval_batches(paths: Vec<PathBuf>, size: usize, batch_size: usize, workers: usize, prefetch: usize) -> mpsc::Receiver<BatchResult> {
+pub fn eval_batches(
+    paths: Vec<PathBuf>,
+    size: usize,
+    batch_size: usize,
+    workers: usize,
+    prefetch: usize,
+) -> mpsc::Receiver<BatchResult> {
     let (tx, rx) = mpsc::sync_channel(prefetch.max(1));
     thread::spawn(move || {
         let workers = workers.max(1);
@@ -34,15 +40,23 @@ pub fn eval_batches(paths: Vec<PathBuf>, size: usize, batch_size: usize, workers
                         s.spawn(move || -> Result<(), pirclip_image::Error> {
                             for (i, f) in files.iter().enumerate() {
                                 let img = decode_file(f)?;
-                                out[i * per..(i + 1) * per].copy_from_slice(&preprocess_eval(&img, size));
+                                out[i * per..(i + 1) * per]
+                                    .copy_from_slice(&preprocess_eval(&img, size));
                             }
                             Ok(())
                         })
                     })
                     .collect();
-                handles.into_iter().map(|h| h.join().expect("decoder thread panicked")).collect()
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("decoder thread panicked"))
+                    .collect()
             });
-            let item = result.map(|_| ImageBatch { start: b * batch_size, len: chunk.len(), pixels });
+            let item = result.map(|_| ImageBatch {
+                start: b * batch_size,
+                len: chunk.len(),
+                pixels,
+            });
             let failed = item.is_err();
             if tx.send(item).is_err() || failed {
                 return;

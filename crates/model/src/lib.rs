@@ -50,7 +50,10 @@ pub mod cuda {
         static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ONCE.get_or_init(|| {
             let dir = option_env!("PIRCLIP_TORCH_LIB").unwrap_or("");
-            for candidate in [format!("{dir}/libtorch_cuda.so"), "libtorch_cuda.so".to_string()] {
+            for candidate in [
+                format!("{dir}/libtorch_cuda.so"),
+                "libtorch_cuda.so".to_string(),
+            ] {
                 let c = std::ffi::CString::new(candidate).unwrap();
                 // SAFETY: dlopen with a valid C string; the handle is intentionally never closed.
                 let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };

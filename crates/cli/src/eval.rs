@@ -1,0 +1,227 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use pirclip_data::karpathy::{Dataset, RetrievalSet};
+use pirclip_data::metrics::{round2, Retrieval};
+use serde_json::json;
+use tch::Tensor;
+
+use crate::common::{BeliefModeArg, BnModeArg};
+use crate::pipeline::{encode_images, encode_texts};
+
+/// Retrieval evaluation exactly as the official retrieval.py (spec §7): test images sorted by file name,
+/// all captions of each, cosine similarity, R@k image→text and text→image, mean recall.
+///
+/// To reproduce published numbers of the released checkpoint use `--bn-mode batch --batch-size 64` (the
+/// official script never switches BatchNorm to eval mode); the default, running statistics, is the right
+/// choice for models you train. The official flag names are accepted as aliases.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model preset or open_clip JSON config.
+    #[arg(long, alias = "model-name", default_value = "PIR")]
+    model: String,
+    /// Weights (.pt in any official layout, or .safetensors).
+    #[arg(long, alias = "remoteclip-path")]
+    checkpoint: PathBuf,
+    /// Karpathy-style dataset JSON (dataset_rsitmd.json, dataset_rsicd.json, ...).
+    #[arg(long, alias = "retrieval-json-dir")]
+    json: PathBuf,
+    /// Folder holding the images named in the JSON.
+    #[arg(long, alias = "retrieval-images-dir")]
+    images_dir: PathBuf,
+    /// Split(s) to evaluate, comma separated.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Images per forward pass; with --bn-mode batch it also fixes the BatchNorm statistics (official: 64).
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// BatchNorm statistics: running (default) or batch (what retrieval.py computes).
+    #[arg(long, value_enum, default_value_t = BnModeArg::Running)]
+    bn_mode: BnModeArg,
+    /// VIR re-weighting variant (PIR only).
+    #[arg(long, value_enum, default_value_t = BeliefModeArg::BeliefPlusIndex)]
+    belief_mode: BeliefModeArg,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Recall cut-offs, comma separated.
+    #[arg(long, default_value = "1,5,10", value_delimiter = ',')]
+    recall_k: Vec<usize>,
+    /// Write the metrics (and the run's settings) as JSON.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Save img_emb.npy, text_emb.npy and text_to_image.npy here.
+    #[arg(long)]
+    embeddings_out: Option<PathBuf>,
+    /// Evaluate on the images present in --images-dir, skipping the missing ones (and their captions).
+    #[arg(long)]
+    skip_missing: bool,
+}
+
+fn sha256_file(path: &std::path::Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let t0 = Instant::now();
+    if a.recall_k.is_empty() || a.recall_k.contains(&0) {
+        bail!("--recall-k needs positive integers, e.g. 1,5,10");
+    }
+    let ds = Dataset::load(&a.json)?;
+    let splits: Vec<&str> = a.split.split(',').map(str::trim).collect();
+    let mut set = RetrievalSet::build(&ds, &splits);
+    if set.images.is_empty() {
+        bail!("{}: no images in split(s) {:?}", a.json.display(), splits);
+    }
+    let listed = set.images.len();
+    let missing = set.retain_present(&a.images_dir);
+    if !missing.is_empty() {
+        let first: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
+        if !a.skip_missing {
+            bail!(
+                "{} of {listed} images of split {:?} are missing from {} (first: {}); pass --skip-missing to evaluate on the {} present ones",
+                missing.len(),
+                a.split,
+                a.images_dir.display(),
+                first.join(", "),
+                listed - missing.len()
+            );
+        }
+        eprintln!(
+            "skipping {} missing images (first: {}); evaluating {} of {listed}",
+            missing.len(),
+            first.join(", "),
+            set.images.len()
+        );
+    }
+    let margs = crate::common::ModelArgs {
+        model: a.model.clone(),
+        checkpoint: a.checkpoint.clone(),
+        bn_mode: a.bn_mode,
+        belief_mode: a.belief_mode,
+        device: a.device.clone(),
+    };
+    let model = margs.load()?;
+    let t_enc = Instant::now();
+    let img = encode_images(
+        &model,
+        &set.image_paths(&a.images_dir),
+        margs.options(),
+        a.batch_size,
+        true,
+        true,
+    )?;
+    let img_s = t_enc.elapsed().as_secs_f64();
+    let txt = encode_texts(&model, &set.texts, 256, true, true)?;
+    let enc_s = t_enc.elapsed().as_secs_f64();
+    let (ni, nt, d) = (img.rows, txt.rows, img.dim);
+    let scores: Vec<f32> = {
+        let it = Tensor::from_slice(&img.values).view([ni as i64, d as i64]);
+        let tt = Tensor::from_slice(&txt.values).view([nt as i64, d as i64]);
+        let s = tt.matmul(&it.tr()).contiguous();
+        let mut v = vec![0f32; nt * ni];
+        s.copy_data(&mut v, nt * ni);
+        v
+    };
+    let m = Retrieval {
+        scores: &scores,
+        n_texts: nt,
+        n_images: ni,
+        text_to_image: &set.text_to_image,
+    }
+    .metrics(&a.recall_k);
+    let seconds = t0.elapsed().as_secs_f64();
+
+    println!(
+        "retrieval: {} split {} — {ni} images, {nt} texts{}",
+        a.json.display(),
+        a.split,
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} missing images skipped)", missing.len())
+        }
+    );
+    let header: String = a
+        .recall_k
+        .iter()
+        .map(|k| format!("{:>8}", format!("R@{k}")))
+        .collect();
+    println!("{:<14}{header}", "");
+    let row = |v: &[f64]| -> String { v.iter().map(|x| format!("{:>8.2}", x)).collect() };
+    println!("{:<14}{}", "image→text", row(&m.image_to_text));
+    println!("{:<14}{}", "text→image", row(&m.text_to_image));
+    println!("{:<14}{:>8.2}", "mean recall", m.mean_recall);
+    println!(
+        "median rank   image→text {:.1}, text→image {:.1}; mean rank {:.1} / {:.1}",
+        m.i2t_median_rank, m.t2i_median_rank, m.i2t_mean_rank, m.t2i_mean_rank
+    );
+    eprintln!(
+        "{seconds:.1} s in all; images {:.1}/s, encoding {enc_s:.1} s",
+        ni as f64 / img_s
+    );
+
+    if let Some(dir) = &a.embeddings_out {
+        std::fs::create_dir_all(dir)?;
+        pirclip_checkpoint::npy::write(dir.join("img_emb.npy"), &img.to_tensor_data())?;
+        pirclip_checkpoint::npy::write(dir.join("text_emb.npy"), &txt.to_tensor_data())?;
+        let t2i: Vec<i64> = set.text_to_image.iter().map(|&i| i as i64).collect();
+        pirclip_checkpoint::npy::write(
+            dir.join("text_to_image.npy"),
+            &pirclip_checkpoint::TensorData::from_i64(vec![nt], &t2i),
+        )?;
+        crate::common::write_lines(&dir.join("images.txt"), set.images.clone())?;
+    }
+    if let Some(out) = &a.out {
+        let mut obj = serde_json::Map::new();
+        let mut raw = serde_json::Map::new();
+        for (k, v) in m.official() {
+            obj.insert(k.clone(), json!(round2(v)));
+            raw.insert(k, json!(v));
+        }
+        raw.insert("image2text-median-rank".into(), json!(m.i2t_median_rank));
+        raw.insert("image2text-mean-rank".into(), json!(m.i2t_mean_rank));
+        raw.insert("text2image-median-rank".into(), json!(m.t2i_median_rank));
+        raw.insert("text2image-mean-rank".into(), json!(m.t2i_mean_rank));
+        obj.insert("raw".into(), serde_json::Value::Object(raw));
+        obj.insert(
+            "settings".into(),
+            json!({
+                "model": model.config.name,
+                "checkpoint": a.checkpoint.display().to_string(),
+                "checkpoint_sha256": sha256_file(&a.checkpoint).context("hashing the checkpoint")?,
+                "dataset": a.json.display().to_string(),
+                "dataset_name": ds.name,
+                "images_dir": a.images_dir.display().to_string(),
+                "split": a.split,
+                "images": ni,
+                "texts": nt,
+                "missing_images_skipped": missing.len(),
+                "bn_mode": format!("{:?}", a.bn_mode).to_lowercase(),
+                "belief_mode": match a.belief_mode { BeliefModeArg::BeliefPlusIndex => "belief_plus_index", BeliefModeArg::BeliefOnly => "belief_only" },
+                "batch_size": a.batch_size,
+                "device": a.device,
+                "recall_k": a.recall_k,
+                "seconds": seconds,
+                "pirclip_version": env!("CARGO_PKG_VERSION"),
+            }),
+        );
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(obj))? + "\n";
+        pirclip_checkpoint::write_atomic(out, text.as_bytes())?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
