@@ -1,0 +1,132 @@
+//! Training PIR-CLIP / CLIP models: one optimisation step exactly as open_clip's `train_one_epoch`
+//! (spec §6.6) with PIR-CLIP's affiliation loss. Data loading, run management and the CLI live above.
+
+pub mod loss;
+pub mod optim;
+
+use pirclip_model::params::EntryKind;
+use pirclip_model::{l2_normalize, BeliefMode, BnMode, ClipModel, EncodeOptions};
+use tch::{Kind, Tensor};
+
+pub use loss::{labels_from_names, labels_from_strings};
+pub use optim::{learning_rate, AdamW, AdamWConfig, Schedule};
+
+#[derive(Debug, Clone, Copy)]
+pub struct TrainOptions {
+    pub affiliation_loss: bool,
+    pub belief_mode: BeliefMode,
+    /// `--lock-instruction`: res_visual + vision_proj_res frozen, their BatchNorm in eval mode (P4).
+    pub lock_instruction: bool,
+    /// `--lock-text`: text tower frozen.
+    pub lock_text: bool,
+    pub grad_clip_norm: Option<f64>,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            affiliation_loss: true,
+            belief_mode: BeliefMode::BeliefPlusIndex,
+            lock_instruction: false,
+            lock_text: false,
+            grad_clip_norm: None,
+        }
+    }
+}
+
+/// What one step measured (losses before the update).
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    pub contrastive: f64,
+    pub affiliation: Option<f64>,
+    pub total: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub logit_scale: f64,
+}
+
+fn is_text_param(name: &str) -> bool {
+    name == "positional_embedding"
+        || name == "text_projection"
+        || name.starts_with("transformer.")
+        || name.starts_with("token_embedding.")
+        || name.starts_with("ln_final.")
+}
+
+fn is_instruction_param(name: &str) -> bool {
+    name.starts_with("res_visual.") || name.starts_with("vision_proj_res.")
+}
+
+pub struct Trainer {
+    pub model: ClipModel,
+    pub optimizer: AdamW,
+    pub options: TrainOptions,
+}
+
+impl Trainer {
+    /// Marks the trainable parameters (`requires_grad`) and builds AdamW over them in model order.
+    pub fn new(model: ClipModel, adamw: AdamWConfig, options: TrainOptions) -> Self {
+        let params: Vec<(String, Tensor)> = model.registry().with_entries(|entries| {
+            entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Parameter)
+                .filter_map(|e| {
+                    let frozen = (options.lock_text && is_text_param(&e.name))
+                        || (options.lock_instruction && is_instruction_param(&e.name));
+                    let t = e.tensor.set_requires_grad(!frozen);
+                    (!frozen).then(|| (e.name.clone(), t))
+                })
+                .collect()
+        });
+        Trainer {
+            optimizer: AdamW::new(params, adamw),
+            model,
+            options,
+        }
+    }
+
+    pub fn trainable_parameter_count(&self) -> usize {
+        self.optimizer.params.iter().map(|p| p.param.numel()).sum()
+    }
+
+    /// Forward in train mode, losses, backward, (clip), AdamW step at `lr`, clamp of logit_scale.
+    pub fn step(&mut self, images: &Tensor, ids: &Tensor, labels: &[i64], lr: f64) -> StepStats {
+        self.optimizer.zero_grad();
+        let bn_mode = if self.options.lock_instruction {
+            BnMode::Running
+        } else {
+            BnMode::Train
+        };
+        let opts = EncodeOptions {
+            bn_mode,
+            belief_mode: self.options.belief_mode,
+        };
+        let image = l2_normalize(&self.model.encode_image(images, opts));
+        let text = l2_normalize(&self.model.encode_text(ids));
+        let labels_t = Tensor::from_slice(labels)
+            .to_kind(Kind::Int64)
+            .to_device(image.device());
+        let losses = loss::clip_losses(
+            &image,
+            &text,
+            &self.model.logit_scale,
+            self.options.affiliation_loss.then_some(&labels_t),
+        );
+        let total = losses.total();
+        total.backward();
+        let grad_norm = match self.options.grad_clip_norm {
+            Some(max) => optim::clip_grad_norm(&self.optimizer.params, max),
+            None => optim::global_grad_norm(&self.optimizer.params),
+        };
+        self.optimizer.step(lr);
+        optim::clamp_logit_scale(&self.model.logit_scale);
+        StepStats {
+            contrastive: losses.contrastive.double_value(&[]),
+            affiliation: losses.affiliation.as_ref().map(|a| a.double_value(&[])),
+            total: total.double_value(&[]),
+            grad_norm,
+            lr,
+            logit_scale: self.model.logit_scale.double_value(&[]),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! AdamW with PyTorch's exact update (single-tensor path, amsgrad off) and open_clip's two parameter
+//! groups (spec §6.4), LR schedules (§6.5), global-norm clipping and the logit-scale clamp.
+
+use tch::{Kind, Tensor};
+
+/// open_clip's rule: no weight decay for tensors with < 2 dims or whose name contains bn, ln, bias or
+/// logit_scale (in effect: decay iff ndim ≥ 2).
+pub fn excluded_from_decay(name: &str, ndim: usize) -> bool {
+    ndim < 2
+        || name.contains("bn")
+        || name.contains("ln")
+        || name.contains("bias")
+        || name.contains("logit_scale")
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PIR defaults: open_clip picks the ResNet betas because "vit" is not in "PIR" (P12).
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.2,
+        }
+    }
+}
+
+pub struct ParamState {
+    pub name: String,
+    pub param: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    pub decay: bool,
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Group 0 (no decay) first, then group 1, each in parameter order: PyTorch's optimizer indices.
+    pub params: Vec<ParamState>,
+    pub step: i64,
+}
+
+impl AdamW {
+    /// `params` in the model's parameter order; frozen ones must be left out.
+    pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
+        let mut no_decay = Vec::new();
+        let mut decay = Vec::new();
+        for (name, p) in params {
+            let d = !excluded_from_decay(&name, p.dim());
+            let st = ParamState {
+                exp_avg: p.zeros_like(),
+                exp_avg_sq: p.zeros_like(),
+                name,
+                param: p,
+                decay: d,
+            };
+            if d {
+                decay.push(st)
+            } else {
+                no_decay.push(st)
+            }
+        }
+        no_decay.extend(decay);
+        AdamW {
+            config,
+            params: no_decay,
+            step: 0,
+        }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            let mut g = p.param.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+    }
+
+    /// One update with learning rate `lr` (PyTorch `_single_tensor_adamw`).
+    pub fn step(&mut self, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        self.step += 1;
+        let c = self.config;
+        let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
+        let step_size = lr / bias_correction1;
+        let bc2_sqrt = bias_correction2.sqrt();
+        for p in &mut self.params {
+            let grad = p.param.grad();
+            if !grad.defined() {
+                continue;
+            }
+            let wd = if p.decay { c.weight_decay } else { 0.0 };
+            let mut param = p.param.shallow_clone();
+            if wd != 0.0 {
+                let _ = param.g_mul_scalar_(1.0 - lr * wd);
+            }
+            let _ = p.exp_avg.lerp_(&grad, 1.0 - c.beta1);
+            // Same arithmetic order as PyTorch's addcmul/addcdiv kernels: (value·t1)·t2 and (value·t1)/t2.
+            let _ = p
+                .exp_avg_sq
+                .g_mul_scalar_(c.beta2)
+                .g_add_(&((&grad * (1.0 - c.beta2)) * &grad));
+            let denom = (p.exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
+            let _ = param.g_add_(&((&p.exp_avg * -step_size) / denom));
+        }
+    }
+}
+
+/// √Σ g² over all parameters, accumulated in float64.
+pub fn global_grad_norm(params: &[ParamState]) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let mut total = 0f64;
+    for p in params {
+        let g = p.param.grad();
+        if g.defined() {
+            total += g
+                .to_kind(Kind::Double)
+                .square()
+                .sum(Kind::Double)
+                .double_value(&[]);
+        }
+    }
+    total.sqrt()
+}
+
+/// `clip_grad_norm_`: scales all gradients by max_norm / (norm + 1e-6) when the norm exceeds max_norm.
+pub fn clip_grad_norm(params: &[ParamState], max_norm: f64) -> f64 {
+    let norm = global_grad_norm(params);
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        let _guard = tch::no_grad_guard();
+        for p in params {
+            let mut g = p.param.grad();
+            if g.defined() {
+                let _ = g.g_mul_scalar_(coef);
+            }
+        }
+    }
+    norm
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    /// Linear warm-up then cosine decay to 0 at the last step.
+    Cosine,
+    /// Linear warm-up then constant.
+    Const,
+    /// Linear warm-up, constant, then a linear cool-down over the last `cooldown_steps` to `end_lr`.
+    ConstCooldown { cooldown_steps: i64, end_lr: f64 },
+}
+
+/// open_clip's schedules: LR for optimizer step `k` (0-based), set before the step.
+pub fn learning_rate(schedule: Schedule, base: f64, warmup: i64, total: i64, k: i64) -> f64 {
+    if k < warmup {
+        return base * (k + 1) as f64 / warmup as f64;
+    }
+    match schedule {
+        Schedule::Const => base,
+        Schedule::Cosine => {
+            let e = (k - warmup) as f64;
+            let es = (total - warmup).max(1) as f64;
+            0.5 * (1.0 + (std::f64::consts::PI * e / es).cos()) * base
+        }
+        Schedule::ConstCooldown {
+            cooldown_steps,
+            end_lr,
+        } => {
+            let start_cooldown = total - cooldown_steps;
+            if k < start_cooldown {
+                base
+            } else {
+                let e = (k - start_cooldown) as f64;
+                let es = (total - start_cooldown).max(1) as f64;
+                // open_clip's cooldown power defaults to 1.0 (linear).
+                let decay = 1.0 - e / es;
+                decay * (base - end_lr) + end_lr
+            }
+        }
+    }
+}
+
+/// Clamp of the temperature parameter after each step: [0, ln 100].
+pub fn clamp_logit_scale(logit_scale: &Tensor) {
+    let _guard = tch::no_grad_guard();
+    let _ = logit_scale.shallow_clone().clamp_(0.0, 100f64.ln());
+}

@@ -1,0 +1,170 @@
+//! Fixture A one-step golden (tests/fixtures/parity/README.md §6.2): one official training step from
+//! train_checkpoint.pt on the fixture batch.
+
+use std::path::PathBuf;
+
+use pirclip_checkpoint::npy;
+use pirclip_model::clip::{ids_tensor, images_tensor};
+use pirclip_model::{ClipModel, ModelConfig};
+use pirclip_train::{labels_from_names, AdamWConfig, TrainOptions, Trainer};
+use tch::Device;
+
+fn fx(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/parity")
+        .join(p)
+}
+
+fn key_bias_range(name: &str, len: usize) -> Option<std::ops::Range<usize>> {
+    if name.ends_with("attn.in_proj_bias") {
+        let d = len / 3;
+        Some(d..2 * d)
+    } else if name == "res_visual.attnpool.k_proj.bias" {
+        Some(0..len)
+    } else {
+        None
+    }
+}
+
+#[test]
+fn one_training_step_matches_the_official_step() {
+    let cfg = ModelConfig::from_name_or_path(fx("config.json").to_str().unwrap()).unwrap();
+    let model = ClipModel::new(&cfg, Device::Cpu);
+    let before = pirclip_checkpoint::load(fx("train_checkpoint.pt"))
+        .unwrap()
+        .state_dict;
+    model.load(&before, "train_checkpoint.pt").unwrap();
+    let adamw = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.2,
+    };
+    let mut trainer = Trainer::new(model, adamw, TrainOptions::default());
+    let images = images_tensor(
+        &npy::read(fx("pixels_eval.npy")).unwrap().to_f32_vec(),
+        4,
+        64,
+        Device::Cpu,
+    );
+    let ids = ids_tensor(
+        &npy::read(fx("tokens.npy")).unwrap().to_i64_vec()[..4 * 77],
+        4,
+        Device::Cpu,
+    );
+    let names = [
+        "airport_348.jpg",
+        "bareland_43.jpg",
+        "airport_349.jpg",
+        "beach_388.jpg",
+    ];
+    let labels = labels_from_names(&names);
+    assert_eq!(labels, vec![0, 1, 0, 2]);
+    let stats = trainer.step(&images, &ids, &labels, 1e-3);
+
+    let step: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx("step.json")).unwrap()).unwrap();
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+    let lb = &step["loss_before_step"];
+    println!("losses {stats:?}");
+    assert!(rel(stats.contrastive, lb["contrastive_loss"].as_f64().unwrap()) <= 1e-5);
+    assert!(
+        rel(
+            stats.affiliation.unwrap(),
+            lb["affiliation_loss"].as_f64().unwrap()
+        ) <= 1e-5
+    );
+    assert!(rel(stats.total, lb["total"].as_f64().unwrap()) <= 1e-5);
+    assert!(
+        rel(
+            stats.grad_norm,
+            step["grad_global_l2_norm"].as_f64().unwrap()
+        ) <= 1e-4,
+        "grad norm {}",
+        stats.grad_norm
+    );
+    // Per-parameter gradient norms (the backward-pass diagnostic), skipping pure-noise key biases.
+    let per = step["grad_l2_norm_per_parameter"].as_object().unwrap();
+    let mut worst = 0f64;
+    for p in &trainer.optimizer.params {
+        let want = per[&p.name].as_f64().unwrap();
+        if p.name == "res_visual.attnpool.k_proj.bias" {
+            continue;
+        }
+        let got = p
+            .param
+            .grad()
+            .square()
+            .sum(tch::Kind::Double)
+            .double_value(&[])
+            .sqrt();
+        // in_proj_bias norms include the noise-only key part, which is tiny next to q and v.
+        worst = worst.max(rel(got, want));
+    }
+    println!("worst per-parameter gradient-norm relative error {worst:.2e}");
+    assert!(worst <= 1e-4, "{worst}");
+
+    // Group order and membership as PyTorch's optimizer indices.
+    let group0: Vec<&str> = step["optimizer"]["group0_no_weight_decay"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let group1: Vec<&str> = step["optimizer"]["group1_weight_decay"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let ours: Vec<&str> = trainer
+        .optimizer
+        .params
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(
+        ours,
+        group0.iter().chain(&group1).copied().collect::<Vec<_>>()
+    );
+
+    let after_want = pirclip_checkpoint::load(fx("after_one_step.safetensors"))
+        .unwrap()
+        .state_dict;
+    let after = trainer.model.state_dict();
+    let (mut total, mut within, mut worst_el) = (0usize, 0usize, 0f32);
+    for (name, want) in &after_want.entries {
+        let got = after.get(name).unwrap();
+        if name.ends_with("num_batches_tracked") {
+            assert_eq!(got.to_i64_vec(), vec![8], "{name}");
+            continue;
+        }
+        let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
+        let b = before.get(name).unwrap().to_f32_vec();
+        let skip = key_bias_range(name, g.len());
+        for i in 0..g.len() {
+            if skip.as_ref().map(|r| r.contains(&i)).unwrap_or(false) {
+                assert!(
+                    (g[i] - b[i]).abs() <= 1e-3 + 1e-7,
+                    "{name}[{i}] moved {}",
+                    g[i] - b[i]
+                );
+                continue;
+            }
+            let d = (g[i] - w[i]).abs();
+            if name.contains("running_") || name == "logit_scale" {
+                assert!(d <= 1e-6, "{name}[{i}]: {d}");
+            }
+            total += 1;
+            within += (d <= 1e-5) as usize;
+            worst_el = worst_el.max(d);
+        }
+    }
+    let frac = within as f64 / total as f64;
+    println!(
+        "after one step: {within}/{total} elements within 1e-5 ({:.5}%), worst {worst_el:.2e}",
+        100.0 * frac
+    );
+    assert!(frac >= 0.9999, "{frac}");
+    assert!(worst_el <= 2e-3, "{worst_el}");
+}
