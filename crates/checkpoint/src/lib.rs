@@ -4,6 +4,7 @@
 pub mod npy;
 pub mod pickle;
 pub mod pt;
+pub mod pt_write;
 pub mod safetensors;
 mod tensor;
 

@@ -199,3 +199,80 @@ fn safetensors_round_trip() {
     let back = pirclip_checkpoint::safetensors::read(&bytes).unwrap();
     assert_eq!(back, a);
 }
+
+#[test]
+fn written_checkpoint_round_trips_through_our_reader() {
+    use pirclip_checkpoint::pt_write::{self, PyValue};
+    let sd = load(fixture("parity/model.safetensors"))
+        .unwrap()
+        .state_dict;
+    let obj = PyValue::Dict(vec![
+        (PyValue::str("epoch"), PyValue::Int(4)),
+        (PyValue::str("name"), PyValue::str("run")),
+        (PyValue::str("state_dict"), PyValue::state_dict(&sd)),
+    ]);
+    let bytes = pt_write::to_bytes(&obj, "epoch_4").unwrap();
+    let ck = pirclip_checkpoint::load_bytes(&bytes).unwrap();
+    assert!(matches!(
+        ck.layout,
+        Layout::TrainingCheckpoint {
+            epoch: Some(4),
+            module_prefix: false,
+            ..
+        }
+    ));
+    assert_eq!(ck.state_dict, sd);
+}
+
+/// PyTorch itself (the project's venv, set up by scripts/setup.sh) opens what we write with weights_only.
+#[test]
+fn written_checkpoint_opens_in_torch_load_weights_only() {
+    use pirclip_checkpoint::pt_write::{self, PyValue};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "needs the project venv with torch: run scripts/setup.sh"
+    );
+    let sd = load(fixture("parity/model_state_dict.pt"))
+        .unwrap()
+        .state_dict;
+    let obj = PyValue::Dict(vec![
+        (PyValue::str("epoch"), PyValue::Int(1)),
+        (PyValue::str("state_dict"), PyValue::state_dict(&sd)),
+        (
+            PyValue::str("extra"),
+            PyValue::List(vec![
+                PyValue::Float(0.5),
+                PyValue::None,
+                PyValue::Tuple(vec![PyValue::Bool(true), PyValue::Int(-3_000_000_000)]),
+            ]),
+        ),
+    ]);
+    let path = std::env::temp_dir().join(format!("pirclip-write-{}.pt", std::process::id()));
+    pt_write::write(&path, &obj).unwrap();
+    let script = format!(
+        "import torch\n\
+         ck = torch.load({p:?}, weights_only=True)\n\
+         ref = torch.load({m:?}, weights_only=True)\n\
+         sd = ck['state_dict']\n\
+         assert type(sd).__name__ == 'OrderedDict', type(sd)\n\
+         assert list(sd) == list(ref), 'key order'\n\
+         assert all(torch.equal(sd[k], ref[k]) for k in ref)\n\
+         assert ck['extra'] == [0.5, None, (True, -3000000000)], ck['extra']\n\
+         print('torch.load ok', len(sd))",
+        p = path.display().to_string(),
+        m = fixture("parity/model_state_dict.pt").display().to_string()
+    );
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("torch.load ok 187"));
+}
