@@ -4,6 +4,8 @@
 pub mod karpathy;
 pub mod loader;
 pub mod metrics;
+pub mod shards;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,289 @@
+//! webdataset tar shards. Members sharing a key (basename up to the first `.`) form a sample; the official
+//! PIR-CLIP names are `<key>.img_content`, `<key>.caption`, `<key>.img_name`, and the common
+//! `jpg|png|tif|…` / `txt` / `json` conventions are accepted too.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::train::{ImageSource, Sample};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Spec(String),
+}
+
+/// Expands `a-{000..003}.tar` (zero padding kept) and `x.tar::y.tar` lists.
+pub fn expand_braces(spec: &str) -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    for part in spec.split("::").filter(|s| !s.is_empty()) {
+        match (part.find('{'), part.find('}')) {
+            (Some(a), Some(b)) if a < b => {
+                let inner = &part[a + 1..b];
+                let (lo, hi) = inner
+                    .split_once("..")
+                    .ok_or_else(|| Error::Spec(format!("bad brace range {inner:?} in {part:?}")))?;
+                let width = lo.len();
+                let (lo_n, hi_n): (u64, u64) = (
+                    lo.parse()
+                        .map_err(|_| Error::Spec(format!("bad brace range {inner:?}")))?,
+                    hi.parse()
+                        .map_err(|_| Error::Spec(format!("bad brace range {inner:?}")))?,
+                );
+                for n in lo_n..=hi_n {
+                    let rest = format!("{}{:0width$}{}", &part[..a], n, &part[b + 1..]);
+                    out.extend(expand_braces(&rest)?);
+                }
+            }
+            _ => out.push(part.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+const IMAGE_MEMBERS: [&str; 9] = [
+    "img_content",
+    "jpg",
+    "jpeg",
+    "png",
+    "tif",
+    "tiff",
+    "webp",
+    "bmp",
+    "image",
+];
+
+/// Reads all samples of the shards; samples lacking an image or a caption are skipped and counted.
+pub fn read_shards(paths: &[PathBuf]) -> Result<(Vec<Sample>, usize), Error> {
+    let mut samples = Vec::new();
+    let mut skipped = 0;
+    for path in paths {
+        let file = std::fs::File::open(path)
+            .map_err(|e| Error::Spec(format!("{}: {e}", path.display())))?;
+        let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+        let mut groups: BTreeMap<String, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        let entries = archive
+            .entries()
+            .map_err(|e| Error::Spec(format!("{}: {e}", path.display())))?;
+        for entry in entries {
+            let mut entry =
+                entry.map_err(|e| Error::Spec(format!("{}: corrupt tar: {e}", path.display())))?;
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let name = entry
+                .path()
+                .map(|p| p.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let base = name.rsplit('/').next().unwrap_or(&name).to_string();
+            let (key, ext) = match base.split_once('.') {
+                Some((k, e)) => (
+                    format!("{}{}", &name[..name.len() - base.len()], k),
+                    e.to_ascii_lowercase(),
+                ),
+                None => continue,
+            };
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).map_err(|e| {
+                Error::Spec(format!("{}: truncated member {name}: {e}", path.display()))
+            })?;
+            if !groups.contains_key(&key) {
+                order.push(key.clone());
+            }
+            groups.entry(key).or_default().insert(ext, data);
+        }
+        for key in order {
+            let g = &groups[&key];
+            let image = IMAGE_MEMBERS.iter().find_map(|m| g.get(*m));
+            let caption = g.get("caption").or_else(|| g.get("txt")).map(|b| {
+                String::from_utf8_lossy(b)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string()
+            });
+            let json: Option<serde_json::Value> =
+                g.get("json").and_then(|b| serde_json::from_slice(b).ok());
+            let name = g
+                .get("img_name")
+                .map(|b| String::from_utf8_lossy(b).trim().to_string())
+                .or_else(|| {
+                    json.as_ref().and_then(|j| {
+                        j.get("filename")
+                            .and_then(|f| f.as_str())
+                            .map(str::to_string)
+                    })
+                })
+                .unwrap_or_else(|| key.rsplit('/').next().unwrap_or(&key).to_string());
+            let label = json.as_ref().and_then(|j| j.get("label")).map(|l| {
+                l.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| l.to_string())
+            });
+            match (image, caption) {
+                (Some(img), Some(caption)) => samples.push(Sample {
+                    image: ImageSource::Bytes(Arc::new(img.clone())),
+                    caption,
+                    name,
+                    label,
+                }),
+                _ => skipped += 1,
+            }
+        }
+    }
+    Ok((samples, skipped))
+}
+
+fn tar_member(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_cksum();
+    builder.append_data(&mut h, name, data)
+}
+
+/// One sample to write: the image file, its caption and its original name (and optional scene label).
+pub struct ShardInput {
+    pub image_path: PathBuf,
+    pub caption: String,
+    pub name: String,
+    pub label: Option<String>,
+}
+
+/// Writes `shard-000000.tar`, … with `shard_size` samples each, plus `sizes.json`. Each shard is written
+/// atomically. Returns the shard paths and the number of samples whose image could not be read.
+pub fn write_shards(
+    inputs: &[ShardInput],
+    out: &Path,
+    shard_size: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<(Vec<PathBuf>, Vec<String>), Error> {
+    std::fs::create_dir_all(out)?;
+    let mut sizes = serde_json::Map::new();
+    let mut paths = Vec::new();
+    let mut unreadable = Vec::new();
+    let mut cache: Option<(PathBuf, Arc<Vec<u8>>)> = None;
+    for (s, chunk) in inputs.chunks(shard_size.max(1)).enumerate() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut count = 0;
+        for (i, input) in chunk.iter().enumerate() {
+            let bytes = match &cache {
+                Some((p, b)) if *p == input.image_path => b.clone(),
+                _ => match std::fs::read(&input.image_path) {
+                    Ok(b) => {
+                        let b = Arc::new(b);
+                        cache = Some((input.image_path.clone(), b.clone()));
+                        b
+                    }
+                    Err(e) => {
+                        unreadable.push(format!("{}: {e}", input.image_path.display()));
+                        continue;
+                    }
+                },
+            };
+            let key = format!("{:06}{:06}", s, i);
+            tar_member(&mut builder, &format!("{key}.img_content"), &bytes)?;
+            tar_member(
+                &mut builder,
+                &format!("{key}.caption"),
+                input.caption.as_bytes(),
+            )?;
+            tar_member(
+                &mut builder,
+                &format!("{key}.img_name"),
+                input.name.as_bytes(),
+            )?;
+            if let Some(l) = &input.label {
+                tar_member(
+                    &mut builder,
+                    &format!("{key}.json"),
+                    serde_json::json!({ "label": l, "filename": input.name })
+                        .to_string()
+                        .as_bytes(),
+                )?;
+            }
+            count += 1;
+            progress(1);
+        }
+        let name = format!("shard-{s:06}.tar");
+        let path = out.join(&name);
+        let data = builder.into_inner()?;
+        let tmp = out.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, data)?;
+        std::fs::rename(&tmp, &path)?;
+        sizes.insert(name, serde_json::json!(count));
+        paths.push(path);
+    }
+    std::fs::write(
+        out.join("sizes.json"),
+        serde_json::to_string_pretty(&serde_json::Value::Object(sizes)).unwrap() + "\n",
+    )?;
+    Ok((paths, unreadable))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn braces() {
+        assert_eq!(
+            expand_braces("s-{000..002}.tar").unwrap(),
+            ["s-000.tar", "s-001.tar", "s-002.tar"]
+        );
+        assert_eq!(
+            expand_braces("a.tar::b-{8..10}.tar").unwrap(),
+            ["a.tar", "b-8.tar", "b-9.tar", "b-10.tar"]
+        );
+    }
+
+    #[test]
+    fn write_then_read_and_skip_incomplete() {
+        let dir = std::env::temp_dir().join(format!("pirclip-shards-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("airport_1.jpg");
+        std::fs::write(&img, b"fake image bytes").unwrap();
+        let inputs: Vec<ShardInput> = (0..5)
+            .map(|i| ShardInput {
+                image_path: img.clone(),
+                caption: format!("caption {i}"),
+                name: "airport_1.jpg".into(),
+                label: Some("airport".into()),
+            })
+            .chain(std::iter::once(ShardInput {
+                image_path: dir.join("missing.jpg"),
+                caption: "x".into(),
+                name: "missing.jpg".into(),
+                label: None,
+            }))
+            .collect();
+        let (paths, bad) = write_shards(&inputs, &dir.join("out"), 2, |_| {}).unwrap();
+        assert_eq!(paths.len(), 3);
+        assert_eq!(bad.len(), 1);
+        let sizes: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("out/sizes.json")).unwrap())
+                .unwrap();
+        assert_eq!(sizes["shard-000002.tar"], 1);
+        // A shard with a caption-less sample.
+        let mut b = tar::Builder::new(Vec::new());
+        tar_member(&mut b, "k1.jpg", b"img").unwrap();
+        tar_member(&mut b, "k2.jpg", b"img").unwrap();
+        tar_member(&mut b, "k2.txt", b"a caption\n").unwrap();
+        std::fs::write(dir.join("out/extra.tar"), b.into_inner().unwrap()).unwrap();
+        let mut all = paths.clone();
+        all.push(dir.join("out/extra.tar"));
+        let (samples, skipped) = read_shards(&all).unwrap();
+        assert_eq!(samples.len(), 6);
+        assert_eq!(skipped, 1);
+        assert_eq!(samples[0].caption, "caption 0");
+        assert_eq!(samples[0].name, "airport_1.jpg");
+        assert_eq!(samples[0].label.as_deref(), Some("airport"));
+        assert_eq!(samples[5].caption, "a caption");
+        assert_eq!(samples[5].name, "k2");
+    }
+}

@@ -1,0 +1,365 @@
+//! Training samples and batches: Karpathy JSON + image folder (every caption a sample) or webdataset
+//! shards; RandomResizedCrop augmentation (spec §6.2); decoding on background threads with a bounded
+//! queue. Everything random derives from (seed, epoch, sample index), so runs are reproducible and a
+//! resumed run sees exactly the batches it would have seen.
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+use pirclip_image::{
+    center_crop, decode, normalize_into, resize_bicubic, resize_shortest_side, RgbImage,
+};
+
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    File(PathBuf),
+    Bytes(Arc<Vec<u8>>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub image: ImageSource,
+    pub caption: String,
+    /// Original image file name: the official class label is its prefix before the first `_`.
+    pub name: String,
+    /// Scene label from the JSON, when present (`--label-source json`).
+    pub label: Option<String>,
+}
+
+/// Every caption of the chosen splits is a sample, in JSON order.
+pub fn samples_from_karpathy(
+    ds: &crate::karpathy::Dataset,
+    splits: &[&str],
+    images_dir: &Path,
+) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for e in ds
+        .entries
+        .iter()
+        .filter(|e| splits.contains(&e.split.as_str()))
+    {
+        for c in &e.captions {
+            out.push(Sample {
+                image: ImageSource::File(images_dir.join(&e.filename)),
+                caption: c.clone(),
+                name: e.filename.clone(),
+                label: e.label.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// SplitMix64: small, fast, and its whole state is one integer.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// A generator for one (seed, stream, index) triple.
+    pub fn keyed(seed: u64, stream: u64, index: u64) -> Self {
+        let mut r = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
+        r.0 ^= r
+            .next_u64()
+            .wrapping_add(stream.wrapping_mul(0xbf58_476d_1ce4_e5b9));
+        r.0 ^= r
+            .next_u64()
+            .wrapping_add(index.wrapping_mul(0x94d0_49bb_1331_11eb));
+        r
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.uniform()
+    }
+
+    /// Uniform integer in [0, n).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.uniform() * n as f64) as usize % n.max(1)
+    }
+
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}
+
+/// torchvision `RandomResizedCrop(size, scale, ratio)` on a PIL image: sample a box (10 tries, then a
+/// centre fallback), crop, bicubic resize to `size × size`.
+pub fn random_resized_crop(
+    img: &RgbImage,
+    size: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut Rng,
+) -> RgbImage {
+    let (w_img, h_img) = (img.width as f64, img.height as f64);
+    let area = w_img * h_img;
+    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+    let mut crop = None;
+    for _ in 0..10 {
+        let target = area * rng.range(scale.0, scale.1);
+        let aspect = rng.range(lr0, lr1).exp();
+        let w = (target * aspect).sqrt().round() as usize;
+        let h = (target / aspect).sqrt().round() as usize;
+        if w > 0 && w <= img.width && h > 0 && h <= img.height {
+            let top = rng.below(img.height - h + 1);
+            let left = rng.below(img.width - w + 1);
+            crop = Some((top, left, h, w));
+            break;
+        }
+    }
+    let (top, left, h, w) = crop.unwrap_or_else(|| {
+        let in_ratio = w_img / h_img;
+        let (w, h) = if in_ratio < ratio.0 {
+            (img.width, (w_img / ratio.0).round() as usize)
+        } else if in_ratio > ratio.1 {
+            ((h_img * ratio.1).round() as usize, img.height)
+        } else {
+            (img.width, img.height)
+        };
+        ((img.height - h) / 2, (img.width - w) / 2, h, w)
+    });
+    let mut px = Vec::with_capacity(w * h * 3);
+    for y in top..top + h {
+        px.extend_from_slice(
+            &img.pixels[(y * img.width + left) * 3..(y * img.width + left + w) * 3],
+        );
+    }
+    resize_bicubic(&RgbImage::new(w, h, px), size, size)
+}
+
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub image_size: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Reshuffle every epoch (off: samples in order, for debugging).
+    pub shuffle: bool,
+    /// Train augmentation (off: the eval transform).
+    pub augment: bool,
+    pub workers: usize,
+    pub context_length: usize,
+}
+
+pub struct TrainBatch {
+    pub epoch: usize,
+    /// 0-based index of the batch within its epoch.
+    pub index: usize,
+    pub pixels: Vec<f32>,
+    pub ids: Vec<i64>,
+    pub names: Vec<String>,
+    pub labels: Vec<Option<String>>,
+    /// Samples of this batch that could not be decoded and were replaced by the next ones.
+    pub skipped: Vec<String>,
+}
+
+pub struct TrainLoader {
+    samples: Arc<Vec<Sample>>,
+    config: LoaderConfig,
+}
+
+fn load_image(s: &ImageSource) -> Result<RgbImage, String> {
+    match s {
+        ImageSource::File(p) => pirclip_image::decode_file(p).map_err(|e| e.to_string()),
+        ImageSource::Bytes(b) => decode(b, "shard member").map_err(|e| e.to_string()),
+    }
+}
+
+impl TrainLoader {
+    pub fn new(samples: Vec<Sample>, config: LoaderConfig) -> Self {
+        TrainLoader {
+            samples: Arc::new(samples),
+            config,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Full batches per epoch (the last partial batch is dropped, as in training).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.samples.len() / self.config.batch_size
+    }
+
+    /// The sample order of `epoch`.
+    pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.samples.len()).collect();
+        if self.config.shuffle {
+            Rng::keyed(self.config.seed, 1, epoch as u64).shuffle(&mut order);
+        }
+        order
+    }
+
+    /// Streams the batches of `epoch` starting at batch `start`, prefetching two batches ahead.
+    pub fn stream(&self, epoch: usize, start: usize) -> mpsc::Receiver<TrainBatch> {
+        let (tx, rx) = mpsc::sync_channel(2);
+        let samples = self.samples.clone();
+        let cfg = self.config.clone();
+        let order = self.epoch_order(epoch);
+        let nb = self.batches_per_epoch();
+        thread::spawn(move || {
+            let tok = pirclip_text::Tokenizer::new();
+            let b = cfg.batch_size;
+            let per = 3 * cfg.image_size * cfg.image_size;
+            for index in start..nb {
+                // Replacements for undecodable samples come from the samples after this batch's slice, in
+                // order, wrapping around: deterministic whatever the thread timing.
+                let mut candidates = (index * b..order.len())
+                    .chain(0..index * b)
+                    .map(|i| order[i]);
+                let mut chosen: Vec<(usize, RgbImage)> = Vec::with_capacity(b);
+                let mut skipped = Vec::new();
+                while chosen.len() < b {
+                    let want = b - chosen.len();
+                    let group: Vec<usize> = candidates.by_ref().take(want).collect();
+                    if group.is_empty() {
+                        return; // every sample failed
+                    }
+                    let imgs: Vec<Result<RgbImage, String>> = thread::scope(|s| {
+                        let chunk = group.len().div_ceil(cfg.workers.max(1));
+                        let handles: Vec<_> = group
+                            .chunks(chunk)
+                            .map(|c| {
+                                let samples = &samples;
+                                let cfg = &cfg;
+                                s.spawn(move || {
+                                    c.iter()
+                                        .map(|&i| {
+                                            let img = load_image(&samples[i].image)?;
+                                            Ok(if cfg.augment {
+                                                let mut rng = Rng::keyed(
+                                                    cfg.seed,
+                                                    2 + epoch as u64,
+                                                    i as u64,
+                                                );
+                                                random_resized_crop(
+                                                    &img,
+                                                    cfg.image_size,
+                                                    (0.9, 1.0),
+                                                    (0.75, 4.0 / 3.0),
+                                                    &mut rng,
+                                                )
+                                            } else {
+                                                center_crop(
+                                                    &resize_shortest_side(&img, cfg.image_size),
+                                                    cfg.image_size,
+                                                )
+                                            })
+                                        })
+                                        .collect::<Vec<_>>()
+                                })
+                            })
+                            .collect();
+                        handles
+                            .into_iter()
+                            .flat_map(|h| h.join().unwrap())
+                            .collect()
+                    });
+                    for (i, r) in group.into_iter().zip(imgs) {
+                        match r {
+                            Ok(img) => chosen.push((i, img)),
+                            Err(e) => skipped.push(format!("{}: {e}", samples[i].name)),
+                        }
+                    }
+                }
+                let mut pixels = Vec::with_capacity(b * per);
+                let mut ids = Vec::with_capacity(b * cfg.context_length);
+                let mut names = Vec::with_capacity(b);
+                let mut labels = Vec::with_capacity(b);
+                for (i, img) in &chosen {
+                    normalize_into(img, &mut pixels);
+                    ids.extend(tok.tokenize(&samples[*i].caption, cfg.context_length));
+                    names.push(samples[*i].name.clone());
+                    labels.push(samples[*i].label.clone());
+                }
+                if tx
+                    .send(TrainBatch {
+                        epoch,
+                        index,
+                        pixels,
+                        ids,
+                        names,
+                        labels,
+                        skipped,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crop_stays_in_bounds_and_scale() {
+        let img = RgbImage::new(
+            150,
+            150,
+            (0..150 * 150 * 3).map(|i| (i % 251) as u8).collect(),
+        );
+        for i in 0..50 {
+            let mut rng = Rng::keyed(7, 0, i);
+            let out = random_resized_crop(&img, 64, (0.9, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+            assert_eq!((out.width, out.height), (64, 64));
+        }
+        // Deterministic per key.
+        let a = random_resized_crop(
+            &img,
+            32,
+            (0.9, 1.0),
+            (0.75, 4.0 / 3.0),
+            &mut Rng::keyed(1, 2, 3),
+        );
+        let b = random_resized_crop(
+            &img,
+            32,
+            (0.9, 1.0),
+            (0.75, 4.0 / 3.0),
+            &mut Rng::keyed(1, 2, 3),
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn shuffle_is_a_permutation_and_seeded() {
+        let mut a: Vec<usize> = (0..100).collect();
+        Rng::keyed(3, 1, 0).shuffle(&mut a);
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..100).collect::<Vec<_>>());
+        let mut b: Vec<usize> = (0..100).collect();
+        Rng::keyed(3, 1, 0).shuffle(&mut b);
+        assert_eq!(a, b);
+        assert_ne!(a, (0..100).collect::<Vec<_>>());
+    }
+}
