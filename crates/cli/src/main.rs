@@ -6,7 +6,9 @@ mod eval;
 mod init;
 mod inspect;
 mod pipeline;
+mod shards;
 mod tokenize;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +25,10 @@ enum Command {
     Embed(embed::Args),
     /// Retrieval evaluation (R@1/5/10 both ways, mean recall) exactly as the official retrieval.py.
     Eval(eval::Args),
+    /// Train or fine-tune (contrastive + affiliation loss) from a JSON dataset or webdataset shards.
+    Train(Box<train::Args>),
+    /// Write webdataset tar shards from a Karpathy-style JSON.
+    Shards(shards::Args),
     /// Print the 77 CLIP token ids of each caption.
     Tokenize(tokenize::Args),
     /// Describe a checkpoint: layout, keys, parameters, dtypes, model family.
@@ -36,6 +42,8 @@ fn main() {
     let result = match cli.command {
         Command::Embed(a) => embed::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Train(a) => train::run(*a),
+        Command::Shards(a) => shards::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Init(a) => init::run(a),

@@ -372,3 +372,126 @@ fn eval_missing_images_error_or_skip() {
     assert_eq!(got["settings"]["texts"], 15);
     assert_eq!(got["settings"]["missing_images_skipped"], 1);
 }
+
+fn mini() -> PathBuf {
+    root().join("data/rsicd-mini")
+}
+
+fn train(dir: &Path, name: &str, max_steps: &str, extra: &[&str]) {
+    let mut args = vec![
+        "train",
+        "--model",
+        fx("config.json").to_str().unwrap().to_string().leak(),
+        "--train-data",
+        dir.join("shards/shard-{000000..000002}.tar")
+            .to_str()
+            .unwrap()
+            .to_string()
+            .leak(),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--aff-loss",
+        "--logs",
+        dir.join("logs").to_str().unwrap().to_string().leak(),
+        "--name",
+        name,
+        "--max-steps",
+        max_steps,
+        "--log-every-n-steps",
+        "1",
+    ];
+    args.extend(extra);
+    let o = pirclip(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// N steps straight vs N/2, stop, resume, N/2: identical weights and optimizer moments (CPU).
+#[test]
+fn resume_continues_exactly() {
+    let dir = tmpdir("resume");
+    let m = mini();
+    let o = pirclip(&[
+        "shards",
+        "--json",
+        m.join("dataset_rsicd_mini.json").to_str().unwrap(),
+        "--images-dir",
+        m.join("images").to_str().unwrap(),
+        "--split",
+        "train,val,test",
+        "--out",
+        dir.join("shards").to_str().unwrap(),
+        "--shard-size",
+        "100",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // 6 steps cross no epoch boundary; 40 steps cross one (37 batches per epoch).
+    for (n, half) in [("6", "3"), ("40", "20")] {
+        train(&dir, &format!("straight{n}"), n, &[]);
+        train(&dir, &format!("split{n}"), half, &[]);
+        train(&dir, &format!("split{n}"), n, &["--resume", "latest"]);
+        let a = std::fs::read(dir.join(format!("logs/straight{n}/checkpoints/epoch_latest.pt")))
+            .unwrap();
+        let b =
+            std::fs::read(dir.join(format!("logs/split{n}/checkpoints/epoch_latest.pt"))).unwrap();
+        let (ca, cb) = (
+            pirclip_checkpoint::load_bytes(&a).unwrap(),
+            pirclip_checkpoint::load_bytes(&b).unwrap(),
+        );
+        assert_eq!(ca.state_dict, cb.state_dict, "weights after {n} steps");
+        let (mut pa, mut pb) = (
+            pirclip_checkpoint::pt::open(&a).unwrap(),
+            pirclip_checkpoint::pt::open(&b).unwrap(),
+        );
+        let moments =
+            |p: &mut pirclip_checkpoint::pt::PtArchive| -> Vec<pirclip_checkpoint::TensorData> {
+                let obj = std::mem::replace(&mut p.object, pirclip_checkpoint::pickle::Value::None);
+                let Some(pirclip_checkpoint::pickle::Value::Dict(state)) = obj
+                    .dict_get("optimizer")
+                    .and_then(|o| o.dict_get("state"))
+                    .cloned()
+                else {
+                    panic!("no optimizer state")
+                };
+                state
+                    .iter()
+                    .flat_map(|(_, v)| {
+                        ["exp_avg", "exp_avg_sq"].map(|f| match v.dict_get(f) {
+                            Some(pirclip_checkpoint::pickle::Value::Tensor(t)) => {
+                                p.tensor(t).unwrap()
+                            }
+                            _ => panic!(),
+                        })
+                    })
+                    .collect()
+            };
+        assert_eq!(
+            moments(&mut pa),
+            moments(&mut pb),
+            "optimizer moments after {n} steps"
+        );
+    }
+    // The event file holds the official tags.
+    let tb = std::fs::read_dir(dir.join("logs/straight6/tensorboard"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let scalars = pirclip_train::tensorboard::read_scalars(&tb).unwrap();
+    for tag in [
+        "train/total_loss",
+        "train/contrastive_loss",
+        "train/affiliation_loss",
+        "train/lr",
+        "train/samples_per_second",
+        "train/scale",
+    ] {
+        assert!(scalars.iter().any(|(s, t, _)| t == tag && *s == 6), "{tag}");
+    }
+}

@@ -1,8 +1,10 @@
 //! Training PIR-CLIP / CLIP models: one optimisation step exactly as open_clip's `train_one_epoch`
 //! (spec §6.6) with PIR-CLIP's affiliation loss. Data loading, run management and the CLI live above.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+pub mod tensorboard;
 
 use pirclip_model::params::EntryKind;
 use pirclip_model::{l2_normalize, BeliefMode, BnMode, ClipModel, EncodeOptions};

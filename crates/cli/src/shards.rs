@@ -1,0 +1,71 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use pirclip_data::karpathy::Dataset;
+use pirclip_data::shards::{write_shards, ShardInput};
+
+/// Write webdataset tar shards (official member names img_content / caption / img_name, plus a json with
+/// the scene label) and sizes.json from a Karpathy-style JSON: every caption becomes one sample.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Karpathy-style dataset JSON.
+    #[arg(long)]
+    json: PathBuf,
+    /// Folder with the images named in the JSON.
+    #[arg(long)]
+    images_dir: PathBuf,
+    /// Split(s), comma separated.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples per shard.
+    #[arg(long, default_value_t = 1000)]
+    shard_size: usize,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let ds = Dataset::load(&a.json)?;
+    let splits: Vec<&str> = a.split.split(',').map(str::trim).collect();
+    let inputs: Vec<ShardInput> = ds
+        .entries
+        .iter()
+        .filter(|e| splits.contains(&e.split.as_str()))
+        .flat_map(|e| {
+            e.captions.iter().map(|c| ShardInput {
+                image_path: a.images_dir.join(&e.filename),
+                caption: c.clone(),
+                name: e.filename.clone(),
+                label: e.label.clone(),
+            })
+        })
+        .collect();
+    if inputs.is_empty() {
+        bail!("{}: no samples in split(s) {:?}", a.json.display(), splits);
+    }
+    let pb = crate::common::progress(inputs.len() as u64, "samples");
+    let (paths, unreadable) = write_shards(&inputs, &a.out, a.shard_size, |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    if !unreadable.is_empty() {
+        eprintln!(
+            "skipped {} samples whose image could not be read, first: {}",
+            unreadable.len(),
+            unreadable[0]
+        );
+    }
+    println!(
+        "wrote {} samples in {} shards to {} ({}shard-{{000000..{:06}}}.tar, sizes.json)",
+        inputs.len() - unreadable.len(),
+        paths.len(),
+        a.out.display(),
+        a.out
+            .display()
+            .to_string()
+            .trim_end_matches('/')
+            .to_string()
+            + "/",
+        paths.len() - 1
+    );
+    Ok(())
+}

@@ -1,0 +1,567 @@
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use pirclip_data::karpathy::{Dataset, RetrievalSet};
+use pirclip_data::metrics::Retrieval;
+use pirclip_data::train::{samples_from_karpathy, LoaderConfig, Sample, TrainLoader};
+use pirclip_model::clip::{ids_tensor, images_tensor};
+use pirclip_model::{ClipModel, EncodeOptions, ModelConfig};
+use pirclip_train::checkpoint::{self, Position};
+use pirclip_train::tensorboard::EventWriter;
+use pirclip_train::{
+    labels_from_names, labels_from_strings, learning_rate, AdamWConfig, Schedule, TrainOptions,
+    Trainer,
+};
+
+use crate::common::{parse_device, BeliefModeArg};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+#[clap(rename_all = "kebab-case")]
+enum LrScheduler {
+    Cosine,
+    Const,
+    ConstCooldown,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LabelSource {
+    /// Official rule: file-name prefix before the first `_`, numbered per batch.
+    Filename,
+    /// The JSON's `label` field (needed for RSICD's numeric file names).
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+#[clap(rename_all = "snake_case")]
+enum Precision {
+    Fp32,
+    Amp,
+    AmpBf16,
+}
+
+/// Train or fine-tune with open_clip's recipe plus PIR-CLIP's affiliation loss. Run folder:
+/// <logs>/<name>/{out.log, params.txt, checkpoints/, tensorboard/}; checkpoints are PyTorch-readable
+/// (epoch_N.pt in open_clip's layout) with a .safetensors copy of the weights.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model preset or open_clip JSON config.
+    #[arg(long, default_value = "PIR")]
+    model: String,
+    /// Start from these weights; keys that match are loaded, the rest is randomly initialised (reported).
+    #[arg(long)]
+    pretrained: Option<PathBuf>,
+    /// Training data: a Karpathy JSON (with --images-dir) or webdataset shards (`dir/shard-{000000..000007}.tar`).
+    #[arg(long)]
+    train_data: String,
+    /// Images folder for a JSON --train-data.
+    #[arg(long)]
+    images_dir: Option<PathBuf>,
+    /// Splits of a JSON --train-data, comma separated.
+    #[arg(long, default_value = "train")]
+    train_split: String,
+    /// Limit the samples per epoch (default: all, or the shards' sizes.json).
+    #[arg(long)]
+    train_num_samples: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.2)]
+    wd: f64,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
+    /// Warm-up steps (linear from lr/warmup to lr).
+    #[arg(long, default_value_t = 10000)]
+    warmup: i64,
+    #[arg(long, value_enum, default_value_t = LrScheduler::Cosine)]
+    lr_scheduler: LrScheduler,
+    /// const-cooldown: epochs of cool-down at the end.
+    #[arg(long, default_value_t = 0)]
+    epochs_cooldown: usize,
+    /// const-cooldown: final learning rate.
+    #[arg(long, default_value_t = 0.0)]
+    lr_cooldown_end: f64,
+    /// Clip the global gradient norm.
+    #[arg(long)]
+    grad_clip_norm: Option<f64>,
+    /// Add the cluster-wise affiliation loss (PIR-CLIP's --is_aff_loss).
+    #[arg(long, alias = "is_aff_loss")]
+    aff_loss: bool,
+    #[arg(long, value_enum, default_value_t = LabelSource::Filename)]
+    label_source: LabelSource,
+    /// Freeze the instruction encoder (res_visual + vision_proj_res, BatchNorm in eval mode).
+    #[arg(long)]
+    lock_instruction: bool,
+    /// Freeze the text tower.
+    #[arg(long)]
+    lock_text: bool,
+    #[arg(long, value_enum, default_value_t = BeliefModeArg::BeliefPlusIndex)]
+    belief_mode: BeliefModeArg,
+    /// fp32 everywhere; amp / amp_bf16 are not implemented yet (refused).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Decoding threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    #[arg(long, default_value = "./logs")]
+    logs: PathBuf,
+    /// Run name (default: date-model-lr-batch).
+    #[arg(long)]
+    name: Option<String>,
+    /// Save every N epochs (and always at the end).
+    #[arg(long, default_value_t = 1)]
+    save_frequency: usize,
+    /// Also keep checkpoints/epoch_latest.pt up to date.
+    #[arg(long)]
+    save_most_recent: bool,
+    /// Resume: `latest` (this run's newest checkpoint) or a checkpoint file.
+    #[arg(long)]
+    resume: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    log_every_n_steps: usize,
+    /// Stop after this many optimizer steps in total (a checkpoint is written; resume continues exactly).
+    #[arg(long)]
+    max_steps: Option<i64>,
+    /// Train on the eval transform (no RandomResizedCrop).
+    #[arg(long)]
+    no_augment: bool,
+    /// Samples in order, every epoch.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Validation JSON (Karpathy) for the retrieval metric during training.
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    #[arg(long)]
+    val_images_dir: Option<PathBuf>,
+    #[arg(long, default_value = "test")]
+    val_split: String,
+    /// Validate every N epochs.
+    #[arg(long, default_value_t = 1)]
+    val_frequency: usize,
+}
+
+struct Log(std::fs::File);
+
+impl Log {
+    fn line(&mut self, s: &str) {
+        let _ = writeln!(self.0, "{s}");
+        let _ = self.0.flush();
+    }
+}
+
+fn load_samples(a: &Args) -> Result<Vec<Sample>> {
+    if a.train_data.ends_with(".json") {
+        let images = a
+            .images_dir
+            .as_ref()
+            .context("--images-dir is needed with a JSON --train-data")?;
+        let ds = Dataset::load(Path::new(&a.train_data))?;
+        let splits: Vec<&str> = a.train_split.split(',').map(str::trim).collect();
+        Ok(samples_from_karpathy(&ds, &splits, images))
+    } else {
+        let paths: Vec<PathBuf> = pirclip_data::shards::expand_braces(&a.train_data)?
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
+        let (samples, skipped) = pirclip_data::shards::read_shards(&paths)?;
+        if skipped > 0 {
+            eprintln!("shards: skipped {skipped} samples lacking an image or a caption");
+        }
+        Ok(samples)
+    }
+}
+
+fn validate(
+    model: &ClipModel,
+    json: &Path,
+    images: &Path,
+    split: &str,
+    belief: EncodeOptions,
+) -> Result<pirclip_data::metrics::Metrics> {
+    let ds = Dataset::load(json)?;
+    let set = RetrievalSet::build(&ds, &[split]);
+    let img = crate::pipeline::encode_images(
+        model,
+        &set.image_paths(images),
+        EncodeOptions {
+            bn_mode: pirclip_model::BnMode::Running,
+            ..belief
+        },
+        64,
+        true,
+        false,
+    )?;
+    let txt = crate::pipeline::encode_texts(model, &set.texts, 256, true, false)?;
+    let (ni, nt, d) = (img.rows, txt.rows, img.dim);
+    let mut scores = vec![0f32; nt * ni];
+    for t in 0..nt {
+        for i in 0..ni {
+            scores[t * ni + i] = (0..d)
+                .map(|c| txt.values[t * d + c] * img.values[i * d + c])
+                .sum();
+        }
+    }
+    Ok(Retrieval {
+        scores: &scores,
+        n_texts: nt,
+        n_images: ni,
+        text_to_image: &set.text_to_image,
+    }
+    .metrics(&[1, 5, 10]))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if !matches!(a.precision, Precision::Fp32) {
+        bail!(
+            "--precision {:?} is not implemented yet; use fp32",
+            a.precision
+        );
+    }
+    let device = parse_device(&a.device)?;
+    let config = ModelConfig::from_name_or_path(&a.model)?;
+    let name = a.name.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        format!(
+            "{secs}-model_{}-lr_{}-b_{}-j_{}-p_fp32",
+            config.name, a.lr, a.batch_size, a.workers
+        )
+    });
+    let run_dir = a.logs.join(&name);
+    let ckpt_dir = run_dir.join("checkpoints");
+    let resume_path = match a.resume.as_deref() {
+        None => {
+            if run_dir.exists() {
+                bail!("run folder {} exists: pick another --name, or continue it with --resume latest", run_dir.display());
+            }
+            None
+        }
+        Some("latest") => {
+            let latest = ckpt_dir.join("epoch_latest.pt");
+            if latest.exists() {
+                Some(latest)
+            } else {
+                let mut best: Option<(usize, PathBuf)> = None;
+                for e in std::fs::read_dir(&ckpt_dir).with_context(|| {
+                    format!("--resume latest: no checkpoints in {}", ckpt_dir.display())
+                })? {
+                    let p = e?.path();
+                    let n = p
+                        .file_name()
+                        .and_then(|f| f.to_str())
+                        .and_then(|f| f.strip_prefix("epoch_"))
+                        .and_then(|f| f.strip_suffix(".pt"))
+                        .and_then(|f| f.parse().ok());
+                    if let Some(n) = n {
+                        if best.as_ref().map(|(b, _)| n > *b).unwrap_or(true) {
+                            best = Some((n, p));
+                        }
+                    }
+                }
+                Some(
+                    best.context(format!(
+                        "--resume latest: no epoch_N.pt in {}",
+                        ckpt_dir.display()
+                    ))?
+                    .1,
+                )
+            }
+        }
+        Some(f) => Some(PathBuf::from(f)),
+    };
+    std::fs::create_dir_all(&ckpt_dir)?;
+    let mut log = Log(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("out.log"))?);
+    std::fs::write(run_dir.join("params.txt"), format!("{a:#?}\n"))?;
+
+    let model = ClipModel::new(&config, device);
+    pirclip_model::init::initialize(model.registry(), a.seed as i64);
+    if let Some(p) = &a.pretrained {
+        let ck = pirclip_checkpoint::load(p)?;
+        let report = pirclip_model::params::load_state_dict(model.registry(), &ck.state_dict);
+        let msg = format!(
+            "pretrained {}: loaded {} tensors; randomly initialised:{}",
+            p.display(),
+            report.loaded.len(),
+            if report.is_clean() {
+                " none".to_string()
+            } else {
+                report.describe()
+            }
+        );
+        eprintln!("{msg}");
+        log.line(&msg);
+    }
+    let options = TrainOptions {
+        affiliation_loss: a.aff_loss,
+        belief_mode: match a.belief_mode {
+            BeliefModeArg::BeliefPlusIndex => pirclip_model::BeliefMode::BeliefPlusIndex,
+            BeliefModeArg::BeliefOnly => pirclip_model::BeliefMode::BeliefOnly,
+        },
+        lock_instruction: a.lock_instruction,
+        lock_text: a.lock_text,
+        grad_clip_norm: a.grad_clip_norm,
+    };
+    let mut trainer = Trainer::new(
+        model,
+        AdamWConfig {
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: a.eps,
+            weight_decay: a.wd,
+        },
+        options,
+    );
+    let mut pos = Position::default();
+    if let Some(p) = &resume_path {
+        pos = checkpoint::resume(p, &mut trainer).map_err(anyhow::Error::msg)?;
+        let msg = format!(
+            "resumed from {} at epoch {}, batch {}, step {}",
+            p.display(),
+            pos.epoch,
+            pos.batch_in_epoch,
+            pos.step
+        );
+        eprintln!("{msg}");
+        log.line(&msg);
+    }
+
+    let mut samples = load_samples(&a)?;
+    if let Some(n) = a.train_num_samples {
+        samples.truncate(n);
+    }
+    if samples.len() < a.batch_size {
+        bail!(
+            "{} training samples, fewer than one batch of {}",
+            samples.len(),
+            a.batch_size
+        );
+    }
+    let loader = TrainLoader::new(
+        samples,
+        LoaderConfig {
+            image_size: config.image_size,
+            batch_size: a.batch_size,
+            seed: a.seed,
+            shuffle: !a.no_shuffle,
+            augment: !a.no_augment,
+            workers: a.workers,
+            context_length: config.text.context_length,
+        },
+    );
+    let per_epoch = loader.batches_per_epoch();
+    let total_steps = (per_epoch * a.epochs) as i64;
+    let stop_at = a
+        .max_steps
+        .map(|m| m.min(total_steps))
+        .unwrap_or(total_steps);
+    let schedule = match a.lr_scheduler {
+        LrScheduler::Cosine => Schedule::Cosine,
+        LrScheduler::Const => Schedule::Const,
+        LrScheduler::ConstCooldown => Schedule::ConstCooldown {
+            cooldown_steps: (per_epoch * a.epochs_cooldown) as i64,
+            end_lr: a.lr_cooldown_end,
+        },
+    };
+    let header = format!(
+        "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}, {} epochs, steps {}..{}",
+        config.name,
+        crate::inspect::group_thousands(trainer.model.parameter_count()),
+        crate::inspect::group_thousands(trainer.trainable_parameter_count()),
+        loader.len(),
+        per_epoch,
+        a.batch_size,
+        a.epochs,
+        pos.step,
+        stop_at
+    );
+    eprintln!("{header}");
+    log.line(&header);
+    let mut tb = EventWriter::create(&run_dir.join("tensorboard"))?;
+    let pb = crate::common::progress(stop_at as u64, "steps");
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>6} [{bar:25}] {pos}/{len} {msg} eta {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    pb.set_position(pos.step as u64);
+    let mut lr = a.lr;
+    let mut skipped_total = 0usize;
+    let mut step = pos.step;
+    'epochs: for epoch in pos.epoch..a.epochs {
+        let start = if epoch == pos.epoch {
+            pos.batch_in_epoch
+        } else {
+            0
+        };
+        let mut t_data = Instant::now();
+        for batch in loader.stream(epoch, start) {
+            if step >= stop_at {
+                break 'epochs;
+            }
+            let data_time = t_data.elapsed().as_secs_f64();
+            let t_batch = Instant::now();
+            if !batch.skipped.is_empty() {
+                skipped_total += batch.skipped.len();
+                log.line(&format!(
+                    "skipped {} unreadable samples (total {skipped_total}): {}",
+                    batch.skipped.len(),
+                    batch.skipped.join("; ")
+                ));
+            }
+            let n = batch.names.len();
+            let labels = match a.label_source {
+                LabelSource::Filename => labels_from_names(&batch.names),
+                LabelSource::Json => labels_from_strings(
+                    &batch
+                        .labels
+                        .iter()
+                        .zip(&batch.names)
+                        .map(|(l, n)| l.clone().unwrap_or_else(|| n.clone()))
+                        .collect::<Vec<_>>(),
+                ),
+            };
+            let images = images_tensor(&batch.pixels, n, config.image_size, device);
+            let ids = ids_tensor(&batch.ids, n, device);
+            lr = learning_rate(schedule, a.lr, a.warmup, total_steps, step);
+            let s = trainer.step(&images, &ids, &labels, lr);
+            step += 1;
+            let batch_time = t_batch.elapsed().as_secs_f64() + data_time;
+            let sps = n as f64 / batch_time;
+            pb.set_message(format!(
+                "loss {:.4} (con {:.4}{}) lr {lr:.2e} {sps:.1} samples/s",
+                s.total,
+                s.contrastive,
+                s.affiliation
+                    .map(|x| format!(" aff {x:.4}"))
+                    .unwrap_or_default()
+            ));
+            pb.set_position(step as u64);
+            let done_in_epoch = batch.index + 1;
+            if step % a.log_every_n_steps as i64 == 0
+                || done_in_epoch == per_epoch
+                || step == stop_at
+            {
+                let mut scalars = vec![
+                    ("train/data_time", data_time),
+                    ("train/batch_time", batch_time),
+                    ("train/samples_per_second", sps),
+                    ("train/samples_per_second_per_gpu", sps),
+                    ("train/scale", s.logit_scale.exp()),
+                    ("train/lr", lr),
+                    ("train/contrastive_loss", s.contrastive),
+                    ("train/total_loss", s.total),
+                    ("train/grad_norm", s.grad_norm),
+                ];
+                if let Some(aff) = s.affiliation {
+                    scalars.push(("train/affiliation_loss", aff));
+                }
+                tb.scalars(step, &scalars)?;
+                log.line(&format!(
+                    "Train Epoch: {epoch} [{done_in_epoch}/{per_epoch}] step {step} Data (t): {data_time:.3} Batch (t): {batch_time:.3}, {sps:.2}/s LR: {lr:.6} Logit Scale: {:.3} Contrastive_loss: {:.5}{} Loss: {:.5}",
+                    s.logit_scale.exp(),
+                    s.contrastive,
+                    s.affiliation.map(|x| format!(" Affiliation_loss: {x:.5}")).unwrap_or_default(),
+                    s.total
+                ));
+            }
+            if step == stop_at && done_in_epoch < per_epoch {
+                let p = Position {
+                    epoch,
+                    batch_in_epoch: done_in_epoch,
+                    step,
+                };
+                checkpoint::save(&ckpt_dir.join("epoch_latest.pt"), &trainer, &name, p, lr)?;
+                log.line(&format!("stopped at step {step} (--max-steps); checkpoints/epoch_latest.pt resumes here"));
+                break 'epochs;
+            }
+            t_data = Instant::now();
+        }
+        let completed = epoch + 1;
+        let p = Position {
+            epoch: completed,
+            batch_in_epoch: 0,
+            step,
+        };
+        if completed == a.epochs || completed % a.save_frequency == 0 {
+            let path = ckpt_dir.join(format!("epoch_{completed}.pt"));
+            checkpoint::save(&path, &trainer, &name, p, lr)?;
+            pirclip_checkpoint::safetensors::write(
+                &ckpt_dir.join(format!("epoch_{completed}.safetensors")),
+                &trainer.model.state_dict(),
+                &[("format", "pt"), ("pirclip_model", &config.name)],
+            )?;
+            log.line(&format!("saved {}", path.display()));
+        }
+        if a.save_most_recent || step == stop_at {
+            checkpoint::save(&ckpt_dir.join("epoch_latest.pt"), &trainer, &name, p, lr)?;
+        }
+        if let (Some(vj), Some(vi)) = (&a.val_data, &a.val_images_dir) {
+            if completed % a.val_frequency == 0 || completed == a.epochs {
+                let m = validate(
+                    &trainer.model,
+                    vj,
+                    vi,
+                    &a.val_split,
+                    EncodeOptions {
+                        bn_mode: pirclip_model::BnMode::Running,
+                        belief_mode: options.belief_mode,
+                    },
+                )?;
+                let mut scalars = Vec::new();
+                let official = m.official();
+                for (k, v) in &official {
+                    scalars.push((k.as_str(), *v));
+                }
+                let tags: Vec<(String, f64)> = official
+                    .iter()
+                    .map(|(k, v)| (format!("val/{k}"), *v))
+                    .collect();
+                tb.scalars(
+                    step,
+                    &tags
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), *v))
+                        .collect::<Vec<_>>(),
+                )?;
+                let line = format!(
+                    "Eval Epoch: {completed} {}",
+                    official
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {v:.2}"))
+                        .collect::<Vec<_>>()
+                        .join("\t")
+                );
+                pb.println(&line);
+                log.line(&line);
+            }
+        }
+        if step >= stop_at {
+            break;
+        }
+    }
+    pb.finish();
+    let msg = format!("done at step {step}; run folder {}", run_dir.display());
+    eprintln!("{msg}");
+    log.line(&msg);
+    Ok(())
+}
