@@ -27,15 +27,68 @@ pub enum BeliefModeArg {
     BeliefOnly,
 }
 
+/// The model pirclip trained itself and ships (models/README.md): the default when no --checkpoint is given.
+pub const BUNDLED_MODEL: &str = "pir-small-aid150";
+
+/// Finds a file shipped with pirclip (models/, data/): next to the executable's repository (when run
+/// from target/release) or in the source tree it was built from.
+pub fn bundled_file(relative: &str) -> Result<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        for up in exe.ancestors().skip(1).take(4) {
+            candidates.push(up.join(relative));
+        }
+    }
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(relative));
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| format!("bundled file {relative} not found next to the pirclip executable nor in its source tree"))
+}
+
+/// `--model` / `--checkpoint` resolution: no checkpoint means the bundled model (and its config, unless
+/// --model says otherwise); a checkpoint without --model means the PIR preset.
+pub fn resolve_model(model: Option<&str>, checkpoint: Option<&Path>) -> Result<(ModelConfig, PathBuf)> {
+    match checkpoint {
+        Some(c) => Ok((ModelConfig::from_name_or_path(model.unwrap_or("PIR"))?, c.to_path_buf())),
+        None => {
+            let weights = bundled_file(&format!("models/{BUNDLED_MODEL}.safetensors"))?;
+            let config = match model {
+                Some(m) => ModelConfig::from_name_or_path(m)?,
+                None => {
+                    let path = bundled_file(&format!("models/{BUNDLED_MODEL}.json"))?;
+                    let mut c = ModelConfig::from_name_or_path(path.to_str().unwrap())?;
+                    c.name = BUNDLED_MODEL.to_string();
+                    c
+                }
+            };
+            Ok((config, weights))
+        }
+    }
+}
+
+pub fn load_model(config: &ModelConfig, checkpoint: &Path, device: &str) -> Result<ClipModel> {
+    let device = parse_device(device)?;
+    pirclip_model::load_model(config, checkpoint, device).with_context(|| {
+        format!(
+            "loading {} as model {} (hint: `pirclip inspect {}` tells which model the file holds)",
+            checkpoint.display(),
+            config.name,
+            checkpoint.display()
+        )
+    })
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model preset (PIR, ViT-B-32, ViT-L-14, RN50; add -quickgelu for OpenAI weights) or an open_clip
-    /// JSON config file.
-    #[arg(long, default_value = "PIR")]
-    pub model: String,
-    /// Weights: PyTorch .pt (training checkpoint or state dict, `module.` prefix allowed) or .safetensors.
+    /// JSON config file. Default: PIR with --checkpoint, else the bundled model's config.
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub model: Option<String>,
+    /// Weights: PyTorch .pt (training checkpoint or state dict, `module.` prefix allowed) or .safetensors.
+    /// Default: the bundled model pirclip trained on RSICD-AID150 (models/README.md).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
     /// BatchNorm statistics of the instruction ResNet / RN50 tower.
     #[arg(long, value_enum, default_value_t = BnModeArg::Running)]
     pub bn_mode: BnModeArg,
@@ -62,18 +115,8 @@ impl ModelArgs {
     }
 
     pub fn load(&self) -> Result<ClipModel> {
-        let config = ModelConfig::from_name_or_path(&self.model)?;
-        let device = parse_device(&self.device)?;
-        let model = pirclip_model::load_model(&config, &self.checkpoint, device)
-            .with_context(|| {
-                format!(
-                    "loading {} as model {} (hint: `pirclip inspect {}` tells which model the file holds)",
-                    self.checkpoint.display(),
-                    config.name,
-                    self.checkpoint.display()
-                )
-            })?;
-        Ok(model)
+        let (config, checkpoint) = resolve_model(self.model.as_deref(), self.checkpoint.as_deref())?;
+        load_model(&config, &checkpoint, &self.device)
     }
 }
 

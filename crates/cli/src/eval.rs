@@ -18,45 +18,45 @@ use crate::pipeline::{encode_images, encode_texts};
 /// choice for models you train. The official flag names are accepted as aliases.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model preset or open_clip JSON config.
-    #[arg(long, alias = "model-name", default_value = "PIR")]
-    model: String,
-    /// Weights (.pt in any official layout, or .safetensors).
+    /// Model preset or open_clip JSON config (default: PIR with --checkpoint, else the bundled model's).
+    #[arg(long, alias = "model-name")]
+    pub model: Option<String>,
+    /// Weights (.pt in any official layout, or .safetensors). Default: the bundled model.
     #[arg(long, alias = "remoteclip-path")]
-    checkpoint: PathBuf,
+    pub checkpoint: Option<PathBuf>,
     /// Karpathy-style dataset JSON (dataset_rsitmd.json, dataset_rsicd.json, ...).
     #[arg(long, alias = "retrieval-json-dir")]
-    json: PathBuf,
+    pub json: PathBuf,
     /// Folder holding the images named in the JSON.
     #[arg(long, alias = "retrieval-images-dir")]
-    images_dir: PathBuf,
+    pub images_dir: PathBuf,
     /// Split(s) to evaluate, comma separated.
     #[arg(long, default_value = "test")]
-    split: String,
+    pub split: String,
     /// Images per forward pass; with --bn-mode batch it also fixes the BatchNorm statistics (official: 64).
     #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    pub batch_size: usize,
     /// BatchNorm statistics: running (default) or batch (what retrieval.py computes).
     #[arg(long, value_enum, default_value_t = BnModeArg::Running)]
-    bn_mode: BnModeArg,
+    pub bn_mode: BnModeArg,
     /// VIR re-weighting variant (PIR only).
     #[arg(long, value_enum, default_value_t = BeliefModeArg::BeliefPlusIndex)]
-    belief_mode: BeliefModeArg,
+    pub belief_mode: BeliefModeArg,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub device: String,
     /// Recall cut-offs, comma separated.
     #[arg(long, default_value = "1,5,10", value_delimiter = ',')]
-    recall_k: Vec<usize>,
+    pub recall_k: Vec<usize>,
     /// Write the metrics (and the run's settings) as JSON.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub out: Option<PathBuf>,
     /// Save img_emb.npy, text_emb.npy and text_to_image.npy here.
     #[arg(long)]
-    embeddings_out: Option<PathBuf>,
+    pub embeddings_out: Option<PathBuf>,
     /// Evaluate on the images present in --images-dir, skipping the missing ones (and their captions).
     #[arg(long)]
-    skip_missing: bool,
+    pub skip_missing: bool,
 }
 
 fn sha256_file(path: &std::path::Path) -> Result<String> {
@@ -114,6 +114,7 @@ pub fn run(a: Args) -> Result<()> {
         belief_mode: a.belief_mode,
         device: a.device.clone(),
     };
+    let (_, checkpoint_path) = crate::common::resolve_model(a.model.as_deref(), a.checkpoint.as_deref())?;
     let model = margs.load()?;
     let t_enc = Instant::now();
     let img = encode_images(
@@ -125,7 +126,9 @@ pub fn run(a: Args) -> Result<()> {
         true,
     )?;
     let img_s = t_enc.elapsed().as_secs_f64();
+    let t_txt = Instant::now();
     let txt = encode_texts(&model, &set.texts, 256, true, true)?;
+    let txt_s = t_txt.elapsed().as_secs_f64();
     let enc_s = t_enc.elapsed().as_secs_f64();
     let (ni, nt, d) = (img.rows, txt.rows, img.dim);
     let scores: Vec<f32> = {
@@ -170,8 +173,9 @@ pub fn run(a: Args) -> Result<()> {
         m.i2t_median_rank, m.t2i_median_rank, m.i2t_mean_rank, m.t2i_mean_rank
     );
     eprintln!(
-        "{seconds:.1} s in all; images {:.1}/s, encoding {enc_s:.1} s",
-        ni as f64 / img_s
+        "{seconds:.1} s in all; encoding {enc_s:.1} s: images {:.1}/s, texts {:.1}/s",
+        ni as f64 / img_s,
+        nt as f64 / txt_s
     );
 
     if let Some(dir) = &a.embeddings_out {
@@ -201,8 +205,8 @@ pub fn run(a: Args) -> Result<()> {
             "settings".into(),
             json!({
                 "model": model.config.name,
-                "checkpoint": a.checkpoint.display().to_string(),
-                "checkpoint_sha256": sha256_file(&a.checkpoint).context("hashing the checkpoint")?,
+                "checkpoint": checkpoint_path.display().to_string(),
+                "checkpoint_sha256": sha256_file(&checkpoint_path).context("hashing the checkpoint")?,
                 "dataset": a.json.display().to_string(),
                 "dataset_name": ds.name,
                 "images_dir": a.images_dir.display().to_string(),

@@ -1,11 +1,14 @@
 //! `pirclip`: a thin command-line layer over the library crates.
 
 mod common;
+mod demo;
 mod embed;
 mod eval;
+mod export;
 mod init;
 mod inspect;
 mod pipeline;
+mod search;
 mod shards;
 mod tokenize;
 mod train;
@@ -21,6 +24,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job on bundled data, offline: evaluation table and three example searches.
+    Demo(demo::Args),
+    /// Search images by text with the bundled model or your own.
+    Search(search::Args),
     /// Embed images and/or captions with a model and write .npy matrices.
     Embed(embed::Args),
     /// Retrieval evaluation (R@1/5/10 both ways, mean recall) exactly as the official retrieval.py.
@@ -31,6 +38,8 @@ enum Command {
     Shards(shards::Args),
     /// Print the 77 CLIP token ids of each caption.
     Tokenize(tokenize::Args),
+    /// Convert a checkpoint's weights to safetensors (fp32, fp16 or bf16).
+    Export(export::Args),
     /// Describe a checkpoint: layout, keys, parameters, dtypes, model family.
     Inspect(inspect::Args),
     /// Write a randomly initialised model (official initialisation distributions) as safetensors.
@@ -40,11 +49,14 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Search(a) => search::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(*a),
         Command::Shards(a) => shards::run(a),
         Command::Tokenize(a) => tokenize::run(a),
+        Command::Export(a) => export::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Init(a) => init::run(a),
     };

@@ -116,6 +116,9 @@ pub struct Args {
     /// Decoding threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Threads for the tensor engine (default: libtorch's choice, one per core).
+    #[arg(long)]
+    threads: Option<i32>,
     #[arg(long, default_value = "./logs")]
     logs: PathBuf,
     /// Run name (default: date-model-lr-batch).
@@ -231,6 +234,9 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let device = parse_device(&a.device)?;
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t);
+    }
     let config = ModelConfig::from_name_or_path(&a.model)?;
     let name = a.name.clone().unwrap_or_else(|| {
         let secs = std::time::SystemTime::now()

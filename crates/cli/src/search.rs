@@ -1,0 +1,62 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+use crate::common::ModelArgs;
+use crate::pipeline::{encode_images, encode_texts};
+
+/// Search images by text: embeds the images (a directory in sorted order, or files) and prints the best
+/// matches of each query with their cosine similarity.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image files or directories to search.
+    #[arg(long, num_args = 1.., required = true)]
+    pub images: Vec<PathBuf>,
+    /// Matches to print per query.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Text queries.
+    #[arg(required = true)]
+    pub queries: Vec<String>,
+}
+
+/// Ranked (image index, score) per query.
+pub fn rank(img: &crate::pipeline::Embeddings, txt: &crate::pipeline::Embeddings, top_k: usize) -> Vec<Vec<(usize, f32)>> {
+    let d = img.dim;
+    (0..txt.rows)
+        .map(|q| {
+            let qv = &txt.values[q * d..(q + 1) * d];
+            let mut scored: Vec<(usize, f32)> =
+                (0..img.rows).map(|i| (i, img.values[i * d..(i + 1) * d].iter().zip(qv).map(|(a, b)| a * b).sum())).collect();
+            scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            scored.truncate(top_k);
+            scored
+        })
+        .collect()
+}
+
+pub fn print_results(queries: &[String], paths: &[PathBuf], ranked: &[Vec<(usize, f32)>]) {
+    for (q, hits) in queries.iter().zip(ranked) {
+        println!("\n\u{201c}{q}\u{201d}");
+        for (r, (i, s)) in hits.iter().enumerate() {
+            let name = paths[*i].file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            println!("  {}. {name:<28} {s:.3}", r + 1);
+        }
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let paths = pirclip_data::collect_images(&a.images)?;
+    if paths.is_empty() {
+        bail!("no image files found in {:?}", a.images);
+    }
+    let model = a.model.load()?;
+    let img = encode_images(&model, &paths, a.model.options(), a.batch_size, true, true)?;
+    let txt = encode_texts(&model, &a.queries, 256, true, false)?;
+    print_results(&a.queries, &paths, &rank(&img, &txt, a.top_k));
+    Ok(())
+}
