@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything pirclip needs on a fresh machine and builds it; fast and idempotent when done.
 #   scripts/setup.sh         venv with the pinned torch (libtorch for tch), then cargo build --release
-#   scripts/setup.sh --dev   also open_clip_torch etc. (reference goldens and benchmarks only)
+#   scripts/setup.sh --dev   also open_clip_torch, tensorboard, webdataset (goldens, benchmarks, interop checks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=2.11.0   # must match tch 0.24 (Cargo.toml)
@@ -18,7 +18,7 @@ if [ "${1:-}" = "--dev" ]; then
   if ! .venv/bin/python -c "import open_clip" 2>/dev/null; then
     echo "setup: installing open_clip_torch 2.24.0 (development aid)"
     echo "torch==$TORCH_VERSION" > .venv/constraints.txt
-    .venv/bin/pip install --quiet --disable-pip-version-check -c .venv/constraints.txt open_clip_torch==2.24.0 ftfy regex pillow numpy
+    .venv/bin/pip install --quiet --disable-pip-version-check -c .venv/constraints.txt open_clip_torch==2.24.0 ftfy regex pillow numpy tensorboard webdataset
   fi
 fi
 source scripts/env.sh

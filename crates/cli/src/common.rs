@@ -39,7 +39,11 @@ pub fn bundled_file(relative: &str) -> Result<PathBuf> {
             candidates.push(up.join(relative));
         }
     }
-    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(relative));
+    candidates.push(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(relative),
+    );
     candidates
         .into_iter()
         .find(|p| p.exists())
@@ -48,9 +52,15 @@ pub fn bundled_file(relative: &str) -> Result<PathBuf> {
 
 /// `--model` / `--checkpoint` resolution: no checkpoint means the bundled model (and its config, unless
 /// --model says otherwise); a checkpoint without --model means the PIR preset.
-pub fn resolve_model(model: Option<&str>, checkpoint: Option<&Path>) -> Result<(ModelConfig, PathBuf)> {
+pub fn resolve_model(
+    model: Option<&str>,
+    checkpoint: Option<&Path>,
+) -> Result<(ModelConfig, PathBuf)> {
     match checkpoint {
-        Some(c) => Ok((ModelConfig::from_name_or_path(model.unwrap_or("PIR"))?, c.to_path_buf())),
+        Some(c) => Ok((
+            ModelConfig::from_name_or_path(model.unwrap_or("PIR"))?,
+            c.to_path_buf(),
+        )),
         None => {
             let weights = bundled_file(&format!("models/{BUNDLED_MODEL}.safetensors"))?;
             let config = match model {
@@ -115,7 +125,8 @@ impl ModelArgs {
     }
 
     pub fn load(&self) -> Result<ClipModel> {
-        let (config, checkpoint) = resolve_model(self.model.as_deref(), self.checkpoint.as_deref())?;
+        let (config, checkpoint) =
+            resolve_model(self.model.as_deref(), self.checkpoint.as_deref())?;
         load_model(&config, &checkpoint, &self.device)
     }
 }

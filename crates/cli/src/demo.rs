@@ -11,13 +11,28 @@ pub struct Args {
     top_k: usize,
 }
 
-pub const QUERIES: [&str; 3] = ["many planes parked at an airport", "a river with a bridge", "a baseball field"];
+pub const QUERIES: [&str; 3] = [
+    "many planes parked at an airport",
+    "a river with a bridge",
+    "a baseball field",
+];
 
 pub fn run(a: Args) -> Result<()> {
     let dir = bundled_file("data/rsicd-mini")?;
-    let model_args = ModelArgs { model: None, checkpoint: None, bn_mode: BnModeArg::Running, belief_mode: BeliefModeArg::BeliefPlusIndex, device: "cpu".into() };
+    let model_args = ModelArgs {
+        model: None,
+        checkpoint: None,
+        bn_mode: BnModeArg::Running,
+        belief_mode: BeliefModeArg::BeliefPlusIndex,
+        device: "cpu".into(),
+    };
     let (config, weights) = crate::common::resolve_model(None, None)?;
-    println!("pirclip demo — model {} ({}), images {}", config.name, weights.display(), dir.join("images").display());
+    println!(
+        "pirclip demo — model {} ({}), images {}",
+        config.name,
+        weights.display(),
+        dir.join("images").display()
+    );
     println!();
     crate::eval::run(crate::eval::Args {
         model: None,
@@ -36,11 +51,15 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     let model = model_args.load()?;
     let paths = pirclip_data::collect_images(&[dir.join("images")])?;
-    let img = crate::pipeline::encode_images(&model, &paths, model_args.options(), 64, true, false)?;
+    let img =
+        crate::pipeline::encode_images(&model, &paths, model_args.options(), 64, true, false)?;
     let queries: Vec<String> = QUERIES.iter().map(|q| q.to_string()).collect();
     let txt = crate::pipeline::encode_texts(&model, &queries, 256, true, false)?;
     println!();
-    println!("text search over the {} images (cosine similarity):", paths.len());
+    println!(
+        "text search over the {} images (cosine similarity):",
+        paths.len()
+    );
     crate::search::print_results(&queries, &paths, &crate::search::rank(&img, &txt, a.top_k));
     Ok(())
 }

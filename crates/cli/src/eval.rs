@@ -114,7 +114,8 @@ pub fn run(a: Args) -> Result<()> {
         belief_mode: a.belief_mode,
         device: a.device.clone(),
     };
-    let (_, checkpoint_path) = crate::common::resolve_model(a.model.as_deref(), a.checkpoint.as_deref())?;
+    let (_, checkpoint_path) =
+        crate::common::resolve_model(a.model.as_deref(), a.checkpoint.as_deref())?;
     let model = margs.load()?;
     let t_enc = Instant::now();
     let img = encode_images(

@@ -38,8 +38,15 @@ pub fn run(a: Args) -> Result<()> {
             *t = t.cast_float(to);
         }
     }
-    pirclip_checkpoint::safetensors::write(&a.out, &sd, &[("format", "pt")]).with_context(|| format!("writing {}", a.out.display()))?;
+    pirclip_checkpoint::safetensors::write(&a.out, &sd, &[("format", "pt")])
+        .with_context(|| format!("writing {}", a.out.display()))?;
     let size = std::fs::metadata(&a.out)?.len();
-    eprintln!("wrote {} ({} entries, {:.1} MB, {:?})", a.out.display(), sd.len(), size as f64 / 1e6, a.dtype);
+    eprintln!(
+        "wrote {} ({} entries, {:.1} MB, {:?})",
+        a.out.display(),
+        sd.len(),
+        size as f64 / 1e6,
+        a.dtype
+    );
     Ok(())
 }

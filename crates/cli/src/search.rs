@@ -25,13 +25,27 @@ pub struct Args {
 }
 
 /// Ranked (image index, score) per query.
-pub fn rank(img: &crate::pipeline::Embeddings, txt: &crate::pipeline::Embeddings, top_k: usize) -> Vec<Vec<(usize, f32)>> {
+pub fn rank(
+    img: &crate::pipeline::Embeddings,
+    txt: &crate::pipeline::Embeddings,
+    top_k: usize,
+) -> Vec<Vec<(usize, f32)>> {
     let d = img.dim;
     (0..txt.rows)
         .map(|q| {
             let qv = &txt.values[q * d..(q + 1) * d];
-            let mut scored: Vec<(usize, f32)> =
-                (0..img.rows).map(|i| (i, img.values[i * d..(i + 1) * d].iter().zip(qv).map(|(a, b)| a * b).sum())).collect();
+            let mut scored: Vec<(usize, f32)> = (0..img.rows)
+                .map(|i| {
+                    (
+                        i,
+                        img.values[i * d..(i + 1) * d]
+                            .iter()
+                            .zip(qv)
+                            .map(|(a, b)| a * b)
+                            .sum(),
+                    )
+                })
+                .collect();
             scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             scored.truncate(top_k);
             scored
@@ -43,7 +57,10 @@ pub fn print_results(queries: &[String], paths: &[PathBuf], ranked: &[Vec<(usize
     for (q, hits) in queries.iter().zip(ranked) {
         println!("\n\u{201c}{q}\u{201d}");
         for (r, (i, s)) in hits.iter().enumerate() {
-            let name = paths[*i].file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let name = paths[*i]
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             println!("  {}. {name:<28} {s:.3}", r + 1);
         }
     }

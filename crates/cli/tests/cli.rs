@@ -495,3 +495,101 @@ fn resume_continues_exactly() {
         assert!(scalars.iter().any(|(s, t, _)| t == tag && *s == 6), "{tag}");
     }
 }
+
+#[test]
+fn export_fp16_keeps_bn_statistics_fp32_and_embeddings_close() {
+    let dir = tmpdir("export");
+    let half = dir.join("half.safetensors");
+    let o = pirclip(&[
+        "export",
+        "--checkpoint",
+        fx("train_checkpoint.pt").to_str().unwrap(),
+        "--out",
+        half.to_str().unwrap(),
+        "--dtype",
+        "fp16",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sd = pirclip_checkpoint::load(&half).unwrap().state_dict;
+    assert_eq!(sd.len(), 187);
+    assert_eq!(
+        sd.get("visual.proj").unwrap().dtype,
+        pirclip_checkpoint::DType::F16
+    );
+    assert_eq!(
+        sd.get("res_visual.bn1.running_var").unwrap().dtype,
+        pirclip_checkpoint::DType::F32
+    );
+    assert_eq!(
+        sd.get("res_visual.bn1.num_batches_tracked").unwrap().dtype,
+        pirclip_checkpoint::DType::I64
+    );
+    let o = pirclip(&[
+        "embed",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--checkpoint",
+        half.to_str().unwrap(),
+        "--texts",
+        "/dev/stdin",
+        "--images",
+        fx("images").to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = pirclip(&[
+        "embed",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--checkpoint",
+        fx("model.safetensors").to_str().unwrap(),
+        "--images",
+        fx("images").to_str().unwrap(),
+        "--out",
+        dir.join("f32").to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let d = max_diff(&dir.join("img_emb.npy"), &dir.join("f32/img_emb.npy"));
+    assert!(
+        d < 0.05 && d > 0.0,
+        "fp16 weights change normalised embeddings by {d}"
+    );
+}
+
+#[test]
+fn search_ranks_images_for_queries() {
+    let o = pirclip(&[
+        "search",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--checkpoint",
+        fx("model.safetensors").to_str().unwrap(),
+        "--images",
+        fx("images").to_str().unwrap(),
+        "--top-k",
+        "2",
+        "an airport",
+        "a beach",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        s.contains("\u{201c}an airport\u{201d}") && s.contains("\u{201c}a beach\u{201d}"),
+        "{s}"
+    );
+    assert_eq!(
+        s.lines()
+            .filter(|l| l.trim_start().starts_with("1. ") || l.trim_start().starts_with("2. "))
+            .count(),
+        4,
+        "{s}"
+    );
+    // Scores are printed in descending order.
+    let scores: Vec<f32> = s
+        .lines()
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect();
+    assert_eq!(scores.len(), 4);
+    assert!(scores[0] >= scores[1] && scores[2] >= scores[3]);
+}
