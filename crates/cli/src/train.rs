@@ -62,9 +62,21 @@ pub struct Args {
     /// Splits of a JSON --train-data, comma separated.
     #[arg(long, default_value = "train")]
     train_split: String,
-    /// Limit the samples per epoch (default: all, or the shards' sizes.json).
+    /// Samples per epoch (default: all samples; with --dataset-resampled the shards' sizes.json total).
     #[arg(long)]
     train_num_samples: Option<usize>,
+    /// Draw each epoch's shards with replacement (open_clip --dataset-resampled).
+    #[arg(long)]
+    dataset_resampled: bool,
+    /// CSV --train-data: image path column (relative paths are taken against --images-dir or the CSV's folder).
+    #[arg(long, default_value = "filepath")]
+    csv_img_key: String,
+    /// CSV --train-data: caption column.
+    #[arg(long, default_value = "title")]
+    csv_caption_key: String,
+    /// CSV --train-data: field separator.
+    #[arg(long, default_value = "\t")]
+    csv_separator: String,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     #[arg(long, default_value_t = 1)]
@@ -165,7 +177,29 @@ impl Log {
     }
 }
 
-fn load_samples(a: &Args) -> Result<Vec<Sample>> {
+/// Samples, and the shard of each sample when the data are shards.
+fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
+    if a.train_data.ends_with(".csv") || a.train_data.ends_with(".tsv") {
+        let path = Path::new(&a.train_data);
+        let base = a
+            .images_dir
+            .clone()
+            .unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf());
+        let sep = match a.csv_separator.as_str() {
+            "\\t" | "\t" => '\t',
+            s if s.chars().count() == 1 => s.chars().next().unwrap(),
+            s => bail!("--csv-separator must be one character, got {s:?}"),
+        };
+        let samples = pirclip_data::train::samples_from_csv(
+            path,
+            &a.csv_img_key,
+            &a.csv_caption_key,
+            sep,
+            &base,
+        )
+        .map_err(anyhow::Error::msg)?;
+        return Ok((samples, None));
+    }
     if a.train_data.ends_with(".json") {
         let images = a
             .images_dir
@@ -173,17 +207,17 @@ fn load_samples(a: &Args) -> Result<Vec<Sample>> {
             .context("--images-dir is needed with a JSON --train-data")?;
         let ds = Dataset::load(Path::new(&a.train_data))?;
         let splits: Vec<&str> = a.train_split.split(',').map(str::trim).collect();
-        Ok(samples_from_karpathy(&ds, &splits, images))
+        Ok((samples_from_karpathy(&ds, &splits, images), None))
     } else {
         let paths: Vec<PathBuf> = pirclip_data::shards::expand_braces(&a.train_data)?
             .into_iter()
             .map(PathBuf::from)
             .collect();
-        let (samples, skipped) = pirclip_data::shards::read_shards(&paths)?;
+        let (samples, shard_of, skipped) = pirclip_data::shards::read_shards_indexed(&paths)?;
         if skipped > 0 {
             eprintln!("shards: skipped {skipped} samples lacking an image or a caption");
         }
-        Ok(samples)
+        Ok((samples, Some(shard_of)))
     }
 }
 
@@ -349,9 +383,26 @@ pub fn run(a: Args) -> Result<()> {
         log.line(&msg);
     }
 
-    let mut samples = load_samples(&a)?;
-    if let Some(n) = a.train_num_samples {
-        samples.truncate(n);
+    let (mut samples, shard_of) = load_samples(&a)?;
+    let resampled = match (a.dataset_resampled, shard_of) {
+        (false, _) => None,
+        (true, None) => bail!("--dataset-resampled needs webdataset shards as --train-data"),
+        (true, Some(shard_of)) => {
+            let paths: Vec<PathBuf> = pirclip_data::shards::expand_braces(&a.train_data)?
+                .into_iter()
+                .map(PathBuf::from)
+                .collect();
+            let per_epoch = a
+                .train_num_samples
+                .or_else(|| pirclip_data::shards::sizes_json_total(&paths))
+                .unwrap_or(samples.len());
+            Some((shard_of, per_epoch))
+        }
+    };
+    if resampled.is_none() {
+        if let Some(n) = a.train_num_samples {
+            samples.truncate(n);
+        }
     }
     if samples.len() < a.batch_size {
         bail!(
@@ -360,7 +411,7 @@ pub fn run(a: Args) -> Result<()> {
             a.batch_size
         );
     }
-    let loader = TrainLoader::new(
+    let mut loader = TrainLoader::new(
         samples,
         LoaderConfig {
             image_size: config.image_size,
@@ -372,6 +423,9 @@ pub fn run(a: Args) -> Result<()> {
             context_length: config.text.context_length,
         },
     );
+    if let Some((shard_of, per_epoch)) = resampled {
+        loader = loader.with_resampling(shard_of, per_epoch);
+    }
     let per_epoch = loader.batches_per_epoch();
     let total_steps = (per_epoch * a.epochs) as i64;
     let stop_at = a

@@ -59,9 +59,15 @@ const IMAGE_MEMBERS: [&str; 9] = [
 
 /// Reads all samples of the shards; samples lacking an image or a caption are skipped and counted.
 pub fn read_shards(paths: &[PathBuf]) -> Result<(Vec<Sample>, usize), Error> {
+    read_shards_indexed(paths).map(|(s, _, k)| (s, k))
+}
+
+/// Like `read_shards`, also returning the shard index of every sample.
+pub fn read_shards_indexed(paths: &[PathBuf]) -> Result<(Vec<Sample>, Vec<usize>, usize), Error> {
     let mut samples = Vec::new();
+    let mut shard_of = Vec::new();
     let mut skipped = 0;
-    for path in paths {
+    for (shard, path) in paths.iter().enumerate() {
         let file = std::fs::File::open(path)
             .map_err(|e| Error::Spec(format!("{}: {e}", path.display())))?;
         let mut archive = tar::Archive::new(std::io::BufReader::new(file));
@@ -124,17 +130,35 @@ pub fn read_shards(paths: &[PathBuf]) -> Result<(Vec<Sample>, usize), Error> {
                     .unwrap_or_else(|| l.to_string())
             });
             match (image, caption) {
-                (Some(img), Some(caption)) => samples.push(Sample {
-                    image: ImageSource::Bytes(Arc::new(img.clone())),
-                    caption,
-                    name,
-                    label,
-                }),
+                (Some(img), Some(caption)) => {
+                    samples.push(Sample {
+                        image: ImageSource::Bytes(Arc::new(img.clone())),
+                        caption,
+                        name,
+                        label,
+                    });
+                    shard_of.push(shard);
+                }
                 _ => skipped += 1,
             }
         }
     }
-    Ok((samples, skipped))
+    Ok((samples, shard_of, skipped))
+}
+
+/// Sample count of the shards from a `sizes.json` beside them, if there is one.
+pub fn sizes_json_total(paths: &[PathBuf]) -> Option<usize> {
+    let dir = paths.first()?.parent()?;
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sizes.json")).ok()?).ok()?;
+    paths
+        .iter()
+        .map(|p| {
+            v.get(p.file_name()?.to_str()?)?
+                .as_u64()
+                .map(|n| n as usize)
+        })
+        .sum()
 }
 
 fn tar_member(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> std::io::Result<()> {

@@ -175,6 +175,8 @@ pub struct TrainBatch {
 pub struct TrainLoader {
     samples: Arc<Vec<Sample>>,
     config: LoaderConfig,
+    /// For `--dataset-resampled`: the shard of every sample, and the samples per epoch.
+    resampled: Option<(Vec<usize>, usize)>,
 }
 
 fn load_image(s: &ImageSource) -> Result<RgbImage, String> {
@@ -189,7 +191,14 @@ impl TrainLoader {
         TrainLoader {
             samples: Arc::new(samples),
             config,
+            resampled: None,
         }
+    }
+
+    /// Draw each epoch's samples from shards with replacement (`shard_of[i]` = shard of sample i).
+    pub fn with_resampling(mut self, shard_of: Vec<usize>, samples_per_epoch: usize) -> Self {
+        self.resampled = Some((shard_of, samples_per_epoch));
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -202,11 +211,18 @@ impl TrainLoader {
 
     /// Full batches per epoch (the last partial batch is dropped, as in training).
     pub fn batches_per_epoch(&self) -> usize {
-        self.samples.len() / self.config.batch_size
+        self.resampled
+            .as_ref()
+            .map(|(_, n)| *n)
+            .unwrap_or(self.samples.len())
+            / self.config.batch_size
     }
 
     /// The sample order of `epoch`.
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+        if let Some((shard_of, count)) = &self.resampled {
+            return resampled_order(shard_of, *count, self.config.seed, epoch);
+        }
         let mut order: Vec<usize> = (0..self.samples.len()).collect();
         if self.config.shuffle {
             Rng::keyed(self.config.seed, 1, epoch as u64).shuffle(&mut order);
@@ -351,6 +367,41 @@ mod tests {
     }
 
     #[test]
+    fn resampling_draws_whole_shards_with_replacement() {
+        let shard_of = [0, 0, 0, 1, 1, 1, 2, 2, 2];
+        let a = resampled_order(&shard_of, 12, 5, 0);
+        assert_eq!(a.len(), 12);
+        assert_eq!(a, resampled_order(&shard_of, 12, 5, 0));
+        assert_ne!(a, resampled_order(&shard_of, 12, 5, 1));
+        // Each consecutive run of 3 comes from one shard.
+        for c in a.chunks(3) {
+            assert!(c.iter().all(|&i| shard_of[i] == shard_of[c[0]]), "{a:?}");
+        }
+    }
+
+    #[test]
+    fn csv_samples() {
+        let dir = std::env::temp_dir().join(format!("pirclip-csv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("train.csv");
+        std::fs::write(
+            &f,
+            "filepath\ttitle\nimgs/airport_1.jpg\ta caption\n/abs/beach_2.jpg\tanother one\n",
+        )
+        .unwrap();
+        let s = samples_from_csv(&f, "filepath", "title", '\t', &dir).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].name, "airport_1.jpg");
+        assert_eq!(s[1].caption, "another one");
+        assert!(
+            matches!(&s[1].image, ImageSource::File(p) if p == std::path::Path::new("/abs/beach_2.jpg"))
+        );
+        assert!(samples_from_csv(&f, "image", "title", '\t', &dir)
+            .unwrap_err()
+            .contains("no column \"image\""));
+    }
+
+    #[test]
     fn shuffle_is_a_permutation_and_seeded() {
         let mut a: Vec<usize> = (0..100).collect();
         Rng::keyed(3, 1, 0).shuffle(&mut a);
@@ -362,4 +413,78 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, (0..100).collect::<Vec<_>>());
     }
+}
+
+/// open_clip's CSV dataset: one row per sample; image paths are taken as written (relative ones against
+/// `base`). The label file name is the image's base name.
+pub fn samples_from_csv(
+    path: &Path,
+    img_key: &str,
+    caption_key: &str,
+    separator: char,
+    base: &Path,
+) -> Result<Vec<Sample>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| format!("{}: empty CSV", path.display()))?
+        .split(separator)
+        .collect();
+    let col = |k: &str| {
+        header.iter().position(|h| h.trim() == k).ok_or_else(|| {
+            format!(
+                "{}: no column {k:?} (columns: {})",
+                path.display(),
+                header.join(", ")
+            )
+        })
+    };
+    let (ic, cc) = (col(img_key)?, col(caption_key)?);
+    let mut out = Vec::new();
+    for (n, line) in lines.enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(separator).collect();
+        let (Some(img), Some(cap)) = (f.get(ic), f.get(cc)) else {
+            return Err(format!(
+                "{}: line {} has {} fields",
+                path.display(),
+                n + 2,
+                f.len()
+            ));
+        };
+        let p = base.join(img.trim());
+        let name = p
+            .file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        out.push(Sample {
+            image: ImageSource::File(p),
+            caption: cap.to_string(),
+            name,
+            label: None,
+        });
+    }
+    Ok(out)
+}
+
+/// `--dataset-resampled`: the epoch's samples come from shards drawn with replacement (uniformly, seeded
+/// per epoch), each drawn shard contributing its samples in shuffled order, until `count` samples.
+pub fn resampled_order(shard_of: &[usize], count: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let n_shards = shard_of.iter().max().map(|m| m + 1).unwrap_or(0);
+    let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); n_shards];
+    for (i, &s) in shard_of.iter().enumerate() {
+        by_shard[s].push(i);
+    }
+    let mut rng = Rng::keyed(seed, 3, epoch as u64);
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count && n_shards > 0 {
+        let mut s = by_shard[rng.below(n_shards)].clone();
+        rng.shuffle(&mut s);
+        out.extend(s);
+    }
+    out.truncate(count);
+    out
 }
