@@ -5,7 +5,6 @@ use anyhow::{bail, Context, Result};
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
 use pirclip_data::metrics::{round2, Retrieval};
 use serde_json::json;
-use tch::Tensor;
 
 use crate::common::{BeliefModeArg, BnModeArg};
 use crate::pipeline::{encode_images, encode_texts};
@@ -131,15 +130,8 @@ pub fn run(a: Args) -> Result<()> {
     let txt = encode_texts(&model, &set.texts, 256, true, true)?;
     let txt_s = t_txt.elapsed().as_secs_f64();
     let enc_s = t_enc.elapsed().as_secs_f64();
-    let (ni, nt, d) = (img.rows, txt.rows, img.dim);
-    let scores: Vec<f32> = {
-        let it = Tensor::from_slice(&img.values).view([ni as i64, d as i64]);
-        let tt = Tensor::from_slice(&txt.values).view([nt as i64, d as i64]);
-        let s = tt.matmul(&it.tr()).contiguous();
-        let mut v = vec![0f32; nt * ni];
-        s.copy_data(&mut v, nt * ni);
-        v
-    };
+    let (ni, nt) = (img.rows, txt.rows);
+    let scores = crate::pipeline::similarity(&img, &txt);
     let m = Retrieval {
         scores: &scores,
         n_texts: nt,

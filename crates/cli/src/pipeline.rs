@@ -127,3 +127,10 @@ pub fn encode_texts(
         values,
     })
 }
+
+/// Cosine similarities `texts × images` (row-major `[n_texts, n_images]`) of normalised embeddings.
+pub fn similarity(img: &Embeddings, txt: &Embeddings) -> Vec<f32> {
+    let it = Tensor::from_slice(&img.values).view([img.rows as i64, img.dim as i64]);
+    let tt = Tensor::from_slice(&txt.values).view([txt.rows as i64, txt.dim as i64]);
+    to_vec(&tt.matmul(&it.tr()))
+}

@@ -30,22 +30,11 @@ pub fn rank(
     txt: &crate::pipeline::Embeddings,
     top_k: usize,
 ) -> Vec<Vec<(usize, f32)>> {
-    let d = img.dim;
+    let scores = crate::pipeline::similarity(img, txt);
     (0..txt.rows)
         .map(|q| {
-            let qv = &txt.values[q * d..(q + 1) * d];
-            let mut scored: Vec<(usize, f32)> = (0..img.rows)
-                .map(|i| {
-                    (
-                        i,
-                        img.values[i * d..(i + 1) * d]
-                            .iter()
-                            .zip(qv)
-                            .map(|(a, b)| a * b)
-                            .sum(),
-                    )
-                })
-                .collect();
+            let row = &scores[q * img.rows..(q + 1) * img.rows];
+            let mut scored: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
             scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             scored.truncate(top_k);
             scored

@@ -242,15 +242,8 @@ fn validate(
         false,
     )?;
     let txt = crate::pipeline::encode_texts(model, &set.texts, 256, true, false)?;
-    let (ni, nt, d) = (img.rows, txt.rows, img.dim);
-    let mut scores = vec![0f32; nt * ni];
-    for t in 0..nt {
-        for i in 0..ni {
-            scores[t * ni + i] = (0..d)
-                .map(|c| txt.values[t * d + c] * img.values[i * d + c])
-                .sum();
-        }
-    }
+    let (ni, nt) = (img.rows, txt.rows);
+    let scores = crate::pipeline::similarity(&img, &txt);
     Ok(Retrieval {
         scores: &scores,
         n_texts: nt,
