@@ -285,3 +285,53 @@ fn pir_state_dict_keys_match_the_643_official_keys() {
     });
     assert_eq!(got, want);
 }
+
+/// Plain open_clip models (no PIR parts): a ViT tower with QuickGELU and a ModifiedResNet tower, against
+/// open_clip_torch's own outputs (tests/fixtures/openclip, made by dev/make_openclip_goldens.py).
+#[test]
+fn open_clip_vit_quickgelu_and_modified_resnet_match_open_clip() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/openclip");
+    for name in ["tiny-vit-quickgelu", "tiny-rn"] {
+        let cfg =
+            ModelConfig::from_name_or_path(dir.join(format!("{name}.json")).to_str().unwrap())
+                .unwrap();
+        let m = ClipModel::new(&cfg, Device::Cpu);
+        let sd = pirclip_checkpoint::load(dir.join(format!("{name}.safetensors")))
+            .unwrap()
+            .state_dict;
+        m.load(&sd, name).unwrap();
+        // Our state-dict order is open_clip's.
+        let keys: Vec<String> = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{name}_keys.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            m.state_dict()
+                .entries
+                .iter()
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<_>>(),
+            keys,
+            "{name} key order"
+        );
+        let _g = tch::no_grad_guard();
+        let f = m.encode_image(&pixels(), EncodeOptions::default());
+        let d = max_abs_diff(
+            &f,
+            &npy::read(dir.join(format!("{name}_image_features.npy"))).unwrap(),
+        );
+        println!("{name} image features: max |Δ| {d:.2e}");
+        assert!(d <= 1e-4, "{name} image {d}");
+        let t = m.encode_text(&ids_tensor(
+            &golden("tokens.npy").to_i64_vec(),
+            6,
+            Device::Cpu,
+        ));
+        let d = max_abs_diff(
+            &t,
+            &npy::read(dir.join(format!("{name}_text_features.npy"))).unwrap(),
+        );
+        println!("{name} text features: max |Δ| {d:.2e}");
+        assert!(d <= 1e-4, "{name} text {d}");
+    }
+}
