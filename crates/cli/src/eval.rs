@@ -165,6 +165,7 @@ pub fn run(a: Args) -> Result<()> {
         "median rank   image→text {:.1}, text→image {:.1}; mean rank {:.1} / {:.1}",
         m.i2t_median_rank, m.t2i_median_rank, m.i2t_mean_rank, m.t2i_mean_rank
     );
+    std::io::Write::flush(&mut std::io::stdout())?;
     eprintln!(
         "{seconds:.1} s in all; encoding {enc_s:.1} s: images {:.1}/s, texts {:.1}/s",
         ni as f64 / img_s,

@@ -593,3 +593,55 @@ fn search_ranks_images_for_queries() {
     assert_eq!(scores.len(), 4);
     assert!(scores[0] >= scores[1] && scores[2] >= scores[3]);
 }
+
+/// The README's main job: bundled model + bundled images, offline.
+#[test]
+fn demo_runs_offline_with_the_bundled_model() {
+    let o = pirclip(&["demo"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8(o.stdout).unwrap();
+    assert!(s.contains("60 images, 300 texts"), "{s}");
+    assert!(s.contains("mean recall"), "{s}");
+    for q in [
+        "many planes parked at an airport",
+        "a river with a bridge",
+        "a baseball field",
+    ] {
+        assert!(s.contains(q), "{q} missing:\n{s}");
+    }
+    // The bundled model is trained: far above chance (~2 for 60 images).
+    let mr: f64 = s
+        .lines()
+        .find(|l| l.starts_with("mean recall"))
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        mr > 30.0,
+        "bundled model mean recall {mr} on its held-out demo set"
+    );
+    // Without --checkpoint, eval uses the bundled model too.
+    let dir = tmpdir("bundled");
+    let m = mini();
+    let out = dir.join("m.json");
+    let o = pirclip(&[
+        "eval",
+        "--json",
+        m.join("dataset_rsicd_mini.json").to_str().unwrap(),
+        "--images-dir",
+        m.join("images").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    assert_eq!(v["settings"]["model"], "pir-small-aid150");
+    assert_eq!(
+        v["retrieval-mean-recall"].as_f64().unwrap(),
+        (mr * 100.0).round() / 100.0
+    );
+}
