@@ -89,15 +89,16 @@ pub fn load_model(config: &ModelConfig, checkpoint: &Path, device: &str) -> Resu
     })
 }
 
-#[derive(clap::Args, Debug, Clone)]
+/// Defaults: bundled model, running BatchNorm statistics, HEAD belief mode, CPU.
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct ModelArgs {
     /// Model preset (PIR, ViT-B-32, ViT-L-14, RN50; add -quickgelu for OpenAI weights) or an open_clip
     /// JSON config file. Default: PIR with --checkpoint, else the bundled model's config.
-    #[arg(long)]
+    #[arg(long, alias = "model-name")]
     pub model: Option<String>,
     /// Weights: PyTorch .pt (training checkpoint or state dict, `module.` prefix allowed) or .safetensors.
     /// Default: the bundled model pirclip trained on RSICD-AID150 (models/README.md).
-    #[arg(long)]
+    #[arg(long, alias = "remoteclip-path")]
     pub checkpoint: Option<PathBuf>,
     /// BatchNorm statistics of the instruction ResNet / RN50 tower.
     #[arg(long, value_enum, default_value_t = BnModeArg::Running)]
@@ -108,6 +109,15 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+impl ModelArgs {
+    pub fn bundled_on_cpu() -> Self {
+        ModelArgs {
+            device: "cpu".into(),
+            ..Default::default()
+        }
+    }
 }
 
 impl ModelArgs {

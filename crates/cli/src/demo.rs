@@ -1,6 +1,6 @@
 use anyhow::Result;
 
-use crate::common::{bundled_file, BeliefModeArg, BnModeArg, ModelArgs};
+use crate::common::{bundled_file, ModelArgs};
 
 /// The main job on bundled data, offline: retrieval evaluation of the bundled model on the bundled
 /// 60-image RSICD set (held out from its training), then three example text searches.
@@ -19,13 +19,7 @@ pub const QUERIES: [&str; 3] = [
 
 pub fn run(a: Args) -> Result<()> {
     let dir = bundled_file("data/rsicd-mini")?;
-    let model_args = ModelArgs {
-        model: None,
-        checkpoint: None,
-        bn_mode: BnModeArg::Running,
-        belief_mode: BeliefModeArg::BeliefPlusIndex,
-        device: "cpu".into(),
-    };
+    let model_args = ModelArgs::bundled_on_cpu();
     let (config, weights) = crate::common::resolve_model(None, None)?;
     println!(
         "pirclip demo — model {} ({}), images {}",
@@ -35,15 +29,11 @@ pub fn run(a: Args) -> Result<()> {
     );
     println!();
     crate::eval::run(crate::eval::Args {
-        model: None,
-        checkpoint: None,
+        model: ModelArgs::bundled_on_cpu(),
         json: dir.join("dataset_rsicd_mini.json"),
         images_dir: dir.join("images"),
         split: "test".into(),
         batch_size: 64,
-        bn_mode: BnModeArg::Running,
-        belief_mode: BeliefModeArg::BeliefPlusIndex,
-        device: "cpu".into(),
         recall_k: vec![1, 5, 10],
         out: None,
         embeddings_out: None,

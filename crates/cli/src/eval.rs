@@ -6,7 +6,7 @@ use pirclip_data::karpathy::{Dataset, RetrievalSet};
 use pirclip_data::metrics::{round2, Retrieval};
 use serde_json::json;
 
-use crate::common::{BeliefModeArg, BnModeArg};
+use crate::common::{BeliefModeArg, ModelArgs};
 use crate::pipeline::{encode_images, encode_texts};
 
 /// Retrieval evaluation exactly as the official retrieval.py (spec §7): test images sorted by file name,
@@ -17,12 +17,8 @@ use crate::pipeline::{encode_images, encode_texts};
 /// choice for models you train. The official flag names are accepted as aliases.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model preset or open_clip JSON config (default: PIR with --checkpoint, else the bundled model's).
-    #[arg(long, alias = "model-name")]
-    pub model: Option<String>,
-    /// Weights (.pt in any official layout, or .safetensors). Default: the bundled model.
-    #[arg(long, alias = "remoteclip-path")]
-    pub checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Karpathy-style dataset JSON (dataset_rsitmd.json, dataset_rsicd.json, ...).
     #[arg(long, alias = "retrieval-json-dir")]
     pub json: PathBuf,
@@ -35,15 +31,6 @@ pub struct Args {
     /// Images per forward pass; with --bn-mode batch it also fixes the BatchNorm statistics (official: 64).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// BatchNorm statistics: running (default) or batch (what retrieval.py computes).
-    #[arg(long, value_enum, default_value_t = BnModeArg::Running)]
-    pub bn_mode: BnModeArg,
-    /// VIR re-weighting variant (PIR only).
-    #[arg(long, value_enum, default_value_t = BeliefModeArg::BeliefPlusIndex)]
-    pub belief_mode: BeliefModeArg,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Recall cut-offs, comma separated.
     #[arg(long, default_value = "1,5,10", value_delimiter = ',')]
     pub recall_k: Vec<usize>,
@@ -106,15 +93,9 @@ pub fn run(a: Args) -> Result<()> {
             set.images.len()
         );
     }
-    let margs = crate::common::ModelArgs {
-        model: a.model.clone(),
-        checkpoint: a.checkpoint.clone(),
-        bn_mode: a.bn_mode,
-        belief_mode: a.belief_mode,
-        device: a.device.clone(),
-    };
+    let margs = &a.model;
     let (_, checkpoint_path) =
-        crate::common::resolve_model(a.model.as_deref(), a.checkpoint.as_deref())?;
+        crate::common::resolve_model(margs.model.as_deref(), margs.checkpoint.as_deref())?;
     let model = margs.load()?;
     let t_enc = Instant::now();
     let img = encode_images(
@@ -208,10 +189,10 @@ pub fn run(a: Args) -> Result<()> {
                 "images": ni,
                 "texts": nt,
                 "missing_images_skipped": missing.len(),
-                "bn_mode": format!("{:?}", a.bn_mode).to_lowercase(),
-                "belief_mode": match a.belief_mode { BeliefModeArg::BeliefPlusIndex => "belief_plus_index", BeliefModeArg::BeliefOnly => "belief_only" },
+                "bn_mode": format!("{:?}", margs.bn_mode).to_lowercase(),
+                "belief_mode": match margs.belief_mode { BeliefModeArg::BeliefPlusIndex => "belief_plus_index", BeliefModeArg::BeliefOnly => "belief_only" },
                 "batch_size": a.batch_size,
-                "device": a.device,
+                "device": margs.device,
                 "recall_k": a.recall_k,
                 "seconds": seconds,
                 "pirclip_version": env!("CARGO_PKG_VERSION"),
