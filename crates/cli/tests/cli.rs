@@ -329,6 +329,35 @@ fn eval_reproduces_official_retrieval_metrics_in_both_bn_modes() {
     );
 }
 
+/// Existing official commands work by changing only the program name.
+#[test]
+fn eval_accepts_the_official_flag_names() {
+    let o = pirclip(&[
+        "eval",
+        "--model-name",
+        fx("config.json").to_str().unwrap(),
+        "--remoteclip-path",
+        fx("train_checkpoint.pt").to_str().unwrap(),
+        "--retrieval-json-dir",
+        fx("retrieval.json").to_str().unwrap(),
+        "--retrieval-images-dir",
+        fx("images").to_str().unwrap(),
+        "--recall-k",
+        "1,2,3",
+        "--bn-mode",
+        "batch",
+        "--batch-size",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        s.lines()
+            .any(|l| l.starts_with("mean recall") && l.ends_with("39.17")),
+        "{s}"
+    );
+}
+
 #[test]
 fn eval_missing_images_error_or_skip() {
     let dir = tmpdir("missing");
