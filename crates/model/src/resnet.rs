@@ -15,6 +15,33 @@ fn conv(r: &Registry, name: &str, inp: i64, out: i64, k: i64) -> Tensor {
     )
 }
 
+/// Bias-free convolution (stride, padding symmetric) followed by BatchNorm.
+fn conv_bn(
+    x: &Tensor,
+    weight: &Tensor,
+    bn: &BatchNorm,
+    stride: i64,
+    padding: i64,
+    mode: BnMode,
+) -> Tensor {
+    bn.forward(
+        &x.conv2d(
+            weight,
+            None::<Tensor>,
+            [stride, stride],
+            [padding, padding],
+            [1, 1],
+            1,
+        ),
+        mode,
+    )
+}
+
+/// `nn.AvgPool2d(k)`: kernel = stride = k, no padding.
+fn avg_pool(x: &Tensor, k: i64) -> Tensor {
+    x.avg_pool2d([k, k], [k, k], [0, 0], false, true, None::<i64>)
+}
+
 struct Bottleneck {
     conv1: Tensor,
     bn1: BatchNorm,
@@ -55,54 +82,21 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor, bn: BnMode) -> Tensor {
-        let none = None::<Tensor>;
-        let o = self
-            .bn1
-            .forward(
-                &x.conv2d(&self.conv1, none.as_ref(), [1, 1], [0, 0], [1, 1], 1),
-                bn,
-            )
-            .relu();
-        let mut o = self
-            .bn2
-            .forward(
-                &o.conv2d(&self.conv2, none.as_ref(), [1, 1], [1, 1], [1, 1], 1),
-                bn,
-            )
-            .relu();
+        let o = conv_bn(x, &self.conv1, &self.bn1, 1, 0, bn).relu();
+        let mut o = conv_bn(&o, &self.conv2, &self.bn2, 1, 1, bn).relu();
         if self.stride > 1 {
-            o = o.avg_pool2d(
-                [self.stride, self.stride],
-                [self.stride, self.stride],
-                [0, 0],
-                false,
-                true,
-                None::<i64>,
-            );
+            o = avg_pool(&o, self.stride);
         }
-        let o = self.bn3.forward(
-            &o.conv2d(&self.conv3, none.as_ref(), [1, 1], [0, 0], [1, 1], 1),
-            bn,
-        );
+        let o = conv_bn(&o, &self.conv3, &self.bn3, 1, 0, bn);
         let identity = match &self.downsample {
             None => x.shallow_clone(),
             Some((w, dbn)) => {
                 let pooled = if self.stride > 1 {
-                    x.avg_pool2d(
-                        [self.stride, self.stride],
-                        [self.stride, self.stride],
-                        [0, 0],
-                        false,
-                        true,
-                        None::<i64>,
-                    )
+                    avg_pool(x, self.stride)
                 } else {
                     x.shallow_clone()
                 };
-                dbn.forward(
-                    &pooled.conv2d(w, none.as_ref(), [1, 1], [0, 0], [1, 1], 1),
-                    bn,
-                )
+                conv_bn(&pooled, w, dbn, 1, 0, bn)
             }
         };
         (o + identity).relu()
@@ -233,29 +227,10 @@ impl ModifiedResNet {
     }
 
     pub fn forward(&self, x: &Tensor, bn: BnMode) -> Tensor {
-        let none = None::<Tensor>;
-        let x = self
-            .bn1
-            .forward(
-                &x.conv2d(&self.conv1, none.as_ref(), [2, 2], [1, 1], [1, 1], 1),
-                bn,
-            )
-            .relu();
-        let x = self
-            .bn2
-            .forward(
-                &x.conv2d(&self.conv2, none.as_ref(), [1, 1], [1, 1], [1, 1], 1),
-                bn,
-            )
-            .relu();
-        let x = self
-            .bn3
-            .forward(
-                &x.conv2d(&self.conv3, none.as_ref(), [1, 1], [1, 1], [1, 1], 1),
-                bn,
-            )
-            .relu();
-        let mut x = x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>);
+        let x = conv_bn(x, &self.conv1, &self.bn1, 2, 1, bn).relu();
+        let x = conv_bn(&x, &self.conv2, &self.bn2, 1, 1, bn).relu();
+        let x = conv_bn(&x, &self.conv3, &self.bn3, 1, 1, bn).relu();
+        let mut x = avg_pool(&x, 2);
         for stage in &self.layers {
             for block in stage {
                 x = block.forward(&x, bn);
