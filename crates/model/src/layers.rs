@@ -65,6 +65,32 @@ impl Linear {
     }
 }
 
+/// Scaled dot-product attention over `heads` heads: `q` `[N, Lq, D]`, `k`/`v` `[N, L, D]` → `[N, Lq, D]`.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: i64,
+    causal: bool,
+) -> Tensor {
+    let split = |t: &Tensor| {
+        let (n, l, d) = t.size3().unwrap();
+        t.view([n, l, heads, d / heads]).transpose(1, 2)
+    };
+    let o = Tensor::scaled_dot_product_attention(
+        &split(q),
+        &split(k),
+        &split(v),
+        None::<Tensor>,
+        0.0,
+        causal,
+        None,
+        false,
+    );
+    let (n, lq, d) = q.size3().unwrap();
+    o.transpose(1, 2).reshape([n, lq, d])
+}
+
 /// `nn.MultiheadAttention` with packed q/k/v projection (rows q, k, v).
 pub struct MultiHeadAttention {
     in_proj_weight: Tensor,
@@ -88,24 +114,12 @@ impl MultiHeadAttention {
 
     /// Self-attention over `[N, L, D]`; `causal` applies the text tower's mask.
     pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
-        let (n, l, d) = x.size3().unwrap();
-        let dh = d / self.heads;
         let qkv = x
             .linear(&self.in_proj_weight, Some(&self.in_proj_bias))
-            .view([n, l, 3, self.heads, dh])
-            .permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let o = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            causal,
-            None,
-            false,
-        );
-        self.out_proj.forward(&o.transpose(1, 2).reshape([n, l, d]))
+            .chunk(3, -1);
+        self.out_proj.forward(&multi_head_attention(
+            &qkv[0], &qkv[1], &qkv[2], self.heads, causal,
+        ))
     }
 }
 
@@ -248,40 +262,25 @@ impl BatchNorm {
     }
 
     pub fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
-        match mode {
-            BnMode::Running => x.batch_norm(
-                Some(&self.weight),
-                Some(&self.bias),
-                Some(&self.running_mean),
-                Some(&self.running_var),
-                false,
-                0.1,
-                1e-5,
-                true,
-            ),
-            BnMode::Batch => x.batch_norm(
-                Some(&self.weight),
-                Some(&self.bias),
-                None::<&Tensor>,
-                None,
-                true,
-                0.1,
-                1e-5,
-                true,
-            ),
+        // Running: normalise with the stored statistics. Batch: batch statistics, stored ones untouched
+        // (passing none). Train: batch statistics, stored ones updated in place by the kernel.
+        let (stats, training) = match mode {
+            BnMode::Running => (Some((&self.running_mean, &self.running_var)), false),
+            BnMode::Batch => (None, true),
             BnMode::Train => {
                 let _ = tch::no_grad(|| self.num_batches_tracked.shallow_clone().g_add_scalar_(1));
-                x.batch_norm(
-                    Some(&self.weight),
-                    Some(&self.bias),
-                    Some(&self.running_mean),
-                    Some(&self.running_var),
-                    true,
-                    0.1,
-                    1e-5,
-                    true,
-                )
+                (Some((&self.running_mean, &self.running_var)), true)
             }
-        }
+        };
+        x.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            stats.map(|s| s.0),
+            stats.map(|s| s.1),
+            training,
+            0.1,
+            1e-5,
+            true,
+        )
     }
 }

@@ -3,7 +3,7 @@
 
 use tch::Tensor;
 
-use crate::layers::{BatchNorm, BnMode, Linear};
+use crate::layers::{multi_head_attention, BatchNorm, BnMode, Linear};
 use crate::params::{Init, Registry};
 
 fn conv(r: &Registry, name: &str, inp: i64, out: i64, k: i64) -> Tensor {
@@ -136,34 +136,16 @@ impl AttentionPool {
         let tokens = x.flatten(2, 3).transpose(1, 2); // [N, HW, C]
         let tokens =
             Tensor::cat(&[tokens.mean_dim(1, true, None), tokens], 1) + &self.positional_embedding;
-        let l = tokens.size()[1];
-        let dh = c / self.heads;
-        let q = self
-            .q_proj
-            .forward(&tokens.narrow(1, 0, 1))
-            .view([n, 1, self.heads, dh])
-            .transpose(1, 2);
-        let k = self
-            .k_proj
-            .forward(&tokens)
-            .view([n, l, self.heads, dh])
-            .transpose(1, 2);
-        let v = self
-            .v_proj
-            .forward(&tokens)
-            .view([n, l, self.heads, dh])
-            .transpose(1, 2);
-        let o = Tensor::scaled_dot_product_attention(
+        // Only the mean token's query matters (spec §3.3).
+        let q = self.q_proj.forward(&tokens.narrow(1, 0, 1));
+        let o = multi_head_attention(
             &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
+            &self.k_proj.forward(&tokens),
+            &self.v_proj.forward(&tokens),
+            self.heads,
             false,
         );
-        self.c_proj.forward(&o.transpose(1, 2).reshape([n, c]))
+        self.c_proj.forward(&o.reshape([n, c]))
     }
 }
 
