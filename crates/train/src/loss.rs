@@ -5,21 +5,14 @@ use tch::{Kind, Reduction, Tensor};
 /// Class ids from image file names (spec §5.1): the prefix before the first `_` (the whole name when it
 /// has none), numbered 0, 1, 2, … in order of first appearance within the batch.
 pub fn labels_from_names<S: AsRef<str>>(names: &[S]) -> Vec<i64> {
-    let mut seen: Vec<&str> = Vec::new();
-    names
+    let prefixes: Vec<&str> = names
         .iter()
         .map(|n| {
             let base = n.as_ref().rsplit('/').next().unwrap_or(n.as_ref());
-            let prefix = base.split('_').next().unwrap_or(base);
-            match seen.iter().position(|p| *p == prefix) {
-                Some(i) => i as i64,
-                None => {
-                    seen.push(prefix);
-                    (seen.len() - 1) as i64
-                }
-            }
+            base.split('_').next().unwrap_or(base)
         })
-        .collect()
+        .collect();
+    labels_from_strings(&prefixes)
 }
 
 /// Class ids numbered by first appearance of arbitrary label strings (for `--label-source json`).

@@ -1,7 +1,7 @@
 //! AdamW with PyTorch's exact update (single-tensor path, amsgrad off) and open_clip's two parameter
 //! groups (spec §6.4), LR schedules (§6.5), global-norm clipping and the logit-scale clamp.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// open_clip's rule: no weight decay for tensors with < 2 dims or whose name contains bn, ln, bias or
 /// logit_scale (in effect: decay iff ndim ≥ 2).
@@ -116,18 +116,15 @@ impl AdamW {
     }
 }
 
-/// √Σ g² over all parameters, accumulated in float64.
+/// √Σ g² over all parameters (per-tensor L2 norms, combined in float64).
 pub fn global_grad_norm(params: &[ParamState]) -> f64 {
     let _guard = tch::no_grad_guard();
     let mut total = 0f64;
     for p in params {
         let g = p.param.grad();
         if g.defined() {
-            total += g
-                .to_kind(Kind::Double)
-                .square()
-                .sum(Kind::Double)
-                .double_value(&[]);
+            // Per-tensor norms in the gradient's own dtype (one read, no copy), combined in f64.
+            total += g.norm().double_value(&[]).powi(2);
         }
     }
     total.sqrt()
