@@ -135,9 +135,15 @@ impl ModelArgs {
     }
 
     pub fn load(&self) -> Result<ClipModel> {
+        Ok(self.load_resolved()?.0)
+    }
+
+    /// The model and the weights file it came from (the bundled one when no --checkpoint was given).
+    pub fn load_resolved(&self) -> Result<(ClipModel, PathBuf)> {
         let (config, checkpoint) =
             resolve_model(self.model.as_deref(), self.checkpoint.as_deref())?;
-        load_model(&config, &checkpoint, &self.device)
+        let model = load_model(&config, &checkpoint, &self.device)?;
+        Ok((model, checkpoint))
     }
 }
 

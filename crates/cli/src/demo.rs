@@ -20,16 +20,8 @@ pub const QUERIES: [&str; 3] = [
 pub fn run(a: Args) -> Result<()> {
     let dir = bundled_file("data/rsicd-mini")?;
     let model_args = ModelArgs::bundled_on_cpu();
-    let (config, weights) = crate::common::resolve_model(None, None)?;
-    println!(
-        "pirclip demo — model {} ({}), images {}",
-        config.name,
-        weights.display(),
-        dir.join("images").display()
-    );
-    println!();
-    crate::eval::run(crate::eval::Args {
-        model: ModelArgs::bundled_on_cpu(),
+    let eval_args = crate::eval::Args {
+        model: model_args.clone(),
         json: dir.join("dataset_rsicd_mini.json"),
         images_dir: dir.join("images"),
         split: "test".into(),
@@ -38,8 +30,17 @@ pub fn run(a: Args) -> Result<()> {
         out: None,
         embeddings_out: None,
         skip_missing: false,
-    })?;
-    let model = model_args.load()?;
+    };
+    let prepared = crate::eval::prepare(&eval_args)?;
+    let (model, weights) = model_args.load_resolved()?;
+    println!(
+        "pirclip demo — model {} ({}), images {}",
+        model.config.name,
+        weights.display(),
+        dir.join("images").display()
+    );
+    println!();
+    crate::eval::evaluate(&eval_args, prepared, &model, &weights)?;
     let paths = pirclip_data::collect_images(&[dir.join("images")])?;
     let img =
         crate::pipeline::encode_images(&model, &paths, model_args.options(), 64, true, false)?;

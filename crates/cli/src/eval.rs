@@ -1,9 +1,10 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
 use pirclip_data::metrics::{round2, Retrieval};
+use pirclip_model::ClipModel;
 use serde_json::json;
 
 use crate::common::{BeliefModeArg, ModelArgs};
@@ -45,7 +46,7 @@ pub struct Args {
     pub skip_missing: bool,
 }
 
-fn sha256_file(path: &std::path::Path) -> Result<String> {
+fn sha256_file(path: &Path) -> Result<String> {
     use sha2::Digest;
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
@@ -61,8 +62,22 @@ fn sha256_file(path: &std::path::Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The test set, checked against the image folder before any model is loaded.
+pub struct Prepared {
+    started: Instant,
+    dataset_name: String,
+    set: RetrievalSet,
+    missing: Vec<String>,
+}
+
 pub fn run(a: Args) -> Result<()> {
-    let t0 = Instant::now();
+    let prepared = prepare(&a)?;
+    let (model, checkpoint) = a.model.load_resolved()?;
+    evaluate(&a, prepared, &model, &checkpoint)
+}
+
+pub fn prepare(a: &Args) -> Result<Prepared> {
+    let started = Instant::now();
     if a.recall_k.is_empty() || a.recall_k.contains(&0) {
         bail!("--recall-k needs positive integers, e.g. 1,5,10");
     }
@@ -93,13 +108,26 @@ pub fn run(a: Args) -> Result<()> {
             set.images.len()
         );
     }
+    Ok(Prepared {
+        started,
+        dataset_name: ds.name,
+        set,
+        missing,
+    })
+}
+
+/// Encodes the prepared set with `model` (loaded from `checkpoint_path`), prints and writes the metrics.
+pub fn evaluate(a: &Args, p: Prepared, model: &ClipModel, checkpoint_path: &Path) -> Result<()> {
+    let Prepared {
+        started: t0,
+        dataset_name,
+        set,
+        missing,
+    } = p;
     let margs = &a.model;
-    let (_, checkpoint_path) =
-        crate::common::resolve_model(margs.model.as_deref(), margs.checkpoint.as_deref())?;
-    let model = margs.load()?;
     let t_enc = Instant::now();
     let img = encode_images(
-        &model,
+        model,
         &set.image_paths(&a.images_dir),
         margs.options(),
         a.batch_size,
@@ -108,7 +136,7 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     let img_s = t_enc.elapsed().as_secs_f64();
     let t_txt = Instant::now();
-    let txt = encode_texts(&model, &set.texts, 256, true, true)?;
+    let txt = encode_texts(model, &set.texts, 256, true, true)?;
     let txt_s = t_txt.elapsed().as_secs_f64();
     let enc_s = t_enc.elapsed().as_secs_f64();
     let (ni, nt) = (img.rows, txt.rows);
@@ -181,9 +209,9 @@ pub fn run(a: Args) -> Result<()> {
             json!({
                 "model": model.config.name,
                 "checkpoint": checkpoint_path.display().to_string(),
-                "checkpoint_sha256": sha256_file(&checkpoint_path).context("hashing the checkpoint")?,
+                "checkpoint_sha256": sha256_file(checkpoint_path).context("hashing the checkpoint")?,
                 "dataset": a.json.display().to_string(),
-                "dataset_name": ds.name,
+                "dataset_name": dataset_name,
                 "images_dir": a.images_dir.display().to_string(),
                 "split": a.split,
                 "images": ni,
