@@ -674,3 +674,122 @@ fn demo_runs_offline_with_the_bundled_model() {
         (mr * 100.0).round() / 100.0
     );
 }
+
+/// The fine-tuning switches together: --pretrained (every key found), --lock-instruction (weights and
+/// BatchNorm statistics of res_visual/vision_proj_res untouched), --lock-text, --label-source json,
+/// const-cooldown schedule, and --val-data (retrieval metric logged and written to TensorBoard).
+#[test]
+fn fine_tuning_switches_do_what_they_say() {
+    let dir = tmpdir("finetune");
+    let m = mini();
+    let json = m.join("dataset_rsicd_mini.json");
+    let images = m.join("images");
+    let logs = dir.join("logs");
+    let o = pirclip(&[
+        "train",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--pretrained",
+        fx("model.safetensors").to_str().unwrap(),
+        "--train-data",
+        json.to_str().unwrap(),
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--train-split",
+        "test",
+        "--train-num-samples",
+        "60",
+        "--batch-size",
+        "30",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "0",
+        "--lr-scheduler",
+        "const-cooldown",
+        "--epochs-cooldown",
+        "1",
+        "--lr-cooldown-end",
+        "0",
+        "--aff-loss",
+        "--label-source",
+        "json",
+        "--lock-instruction",
+        "--lock-text",
+        "--val-data",
+        json.to_str().unwrap(),
+        "--val-images-dir",
+        images.to_str().unwrap(),
+        "--logs",
+        logs.to_str().unwrap(),
+        "--name",
+        "ft",
+        "--log-every-n-steps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = std::fs::read_to_string(logs.join("ft/out.log")).unwrap();
+    assert!(
+        log.contains("loaded 187 tensors; randomly initialised: none"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Eval Epoch: 1") && log.contains("retrieval-mean-recall"),
+        "{log}"
+    );
+    let before = pirclip_checkpoint::load(fx("model.safetensors"))
+        .unwrap()
+        .state_dict;
+    let after = pirclip_checkpoint::load(logs.join("ft/checkpoints/epoch_1.safetensors"))
+        .unwrap()
+        .state_dict;
+    let frozen = |k: &str| {
+        k.starts_with("res_visual.")
+            || k.starts_with("vision_proj_res.")
+            || k.starts_with("transformer.")
+            || k.starts_with("token_embedding.")
+            || k.starts_with("ln_final.")
+            || k == "positional_embedding"
+            || k == "text_projection"
+    };
+    let (mut n_frozen, mut n_changed) = (0, 0);
+    for (k, t) in &after.entries {
+        if frozen(k) {
+            assert_eq!(Some(t), before.get(k), "{k} changed although locked");
+            n_frozen += 1;
+        } else if before.get(k) != Some(t) {
+            n_changed += 1;
+        }
+    }
+    assert!(
+        n_frozen > 100 && n_changed > 20,
+        "frozen {n_frozen}, changed {n_changed}"
+    );
+    assert_eq!(
+        after
+            .get("res_visual.bn1.num_batches_tracked")
+            .unwrap()
+            .to_i64_vec(),
+        vec![7],
+        "BN in eval mode"
+    );
+    // const-cooldown over the whole run (2 steps): base LR, then half of it.
+    let tb = std::fs::read_dir(logs.join("ft/tensorboard"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let scalars = pirclip_train::tensorboard::read_scalars(&tb).unwrap();
+    let lr: Vec<(i64, f32)> = scalars
+        .iter()
+        .filter(|(_, t, _)| t == "train/lr")
+        .map(|(s, _, v)| (*s, *v))
+        .collect();
+    assert_eq!(lr, vec![(1, 1e-3), (2, 5e-4)]);
+    assert!(scalars
+        .iter()
+        .any(|(_, t, _)| t == "val/retrieval-mean-recall"));
+}
