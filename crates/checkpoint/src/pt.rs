@@ -158,9 +158,3 @@ pub(crate) fn read_checkpoint(bytes: &[u8]) -> Result<Checkpoint, Error> {
         ))
     }
 }
-
-/// Reads a full training checkpoint's pickled object (for resuming: epoch, optimizer state, ...), and a
-/// function to materialise the tensors it references.
-pub fn open(bytes: &[u8]) -> Result<PtArchive<'_>, Error> {
-    PtArchive::open(bytes)
-}

@@ -474,8 +474,8 @@ fn resume_continues_exactly() {
         );
         assert_eq!(ca.state_dict, cb.state_dict, "weights after {n} steps");
         let (mut pa, mut pb) = (
-            pirclip_checkpoint::pt::open(&a).unwrap(),
-            pirclip_checkpoint::pt::open(&b).unwrap(),
+            pirclip_checkpoint::pt::PtArchive::open(&a).unwrap(),
+            pirclip_checkpoint::pt::PtArchive::open(&b).unwrap(),
         );
         let moments =
             |p: &mut pirclip_checkpoint::pt::PtArchive| -> Vec<pirclip_checkpoint::TensorData> {

@@ -46,3 +46,25 @@ pub fn collect_images(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
     }
     Ok(out)
 }
+
+/// Applies `f` to every item on up to `workers` scoped threads (contiguous chunks), results in input order.
+pub fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let chunk = items.len().div_ceil(workers.max(1));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|c| s.spawn(|| c.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("worker thread panicked"))
+            .collect()
+    })
+}

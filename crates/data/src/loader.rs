@@ -27,30 +27,15 @@ pub fn eval_batches(
 ) -> mpsc::Receiver<BatchResult> {
     let (tx, rx) = mpsc::sync_channel(prefetch.max(1));
     thread::spawn(move || {
-        let workers = workers.max(1);
         for (b, chunk) in paths.chunks(batch_size.max(1)).enumerate() {
             let per = 3 * size * size;
-            let mut pixels = vec![0f32; chunk.len() * per];
-            let per_worker = chunk.len().div_ceil(workers);
-            let result: Result<(), pirclip_image::Error> = thread::scope(|s| {
-                let handles: Vec<_> = pixels
-                    .chunks_mut(per_worker * per)
-                    .zip(chunk.chunks(per_worker))
-                    .map(|(out, files)| {
-                        s.spawn(move || -> Result<(), pirclip_image::Error> {
-                            for (i, f) in files.iter().enumerate() {
-                                let img = decode_file(f)?;
-                                out[i * per..(i + 1) * per]
-                                    .copy_from_slice(&preprocess_eval(&img, size));
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("decoder thread panicked"))
-                    .collect()
+            let decoded = crate::parallel_map(chunk, workers, |f| {
+                decode_file(f).map(|img| preprocess_eval(&img, size))
+            });
+            let mut pixels = Vec::with_capacity(chunk.len() * per);
+            let result: Result<(), pirclip_image::Error> = decoded.into_iter().try_for_each(|d| {
+                pixels.extend(d?);
+                Ok(())
             });
             let item = result.map(|_| ImageBatch {
                 start: b * batch_size,

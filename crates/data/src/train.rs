@@ -255,46 +255,28 @@ impl TrainLoader {
                     if group.is_empty() {
                         return; // every sample failed
                     }
-                    let imgs: Vec<Result<RgbImage, String>> = thread::scope(|s| {
-                        let chunk = group.len().div_ceil(cfg.workers.max(1));
-                        let handles: Vec<_> = group
-                            .chunks(chunk)
-                            .map(|c| {
-                                let samples = &samples;
-                                let cfg = &cfg;
-                                s.spawn(move || {
-                                    c.iter()
-                                        .map(|&i| {
-                                            let img = load_image(&samples[i].image)?;
-                                            Ok(if cfg.augment {
-                                                let mut rng = Rng::keyed(
-                                                    cfg.seed,
-                                                    2 + epoch as u64,
-                                                    i as u64,
-                                                );
-                                                random_resized_crop(
-                                                    &img,
-                                                    cfg.image_size,
-                                                    (0.9, 1.0),
-                                                    (0.75, 4.0 / 3.0),
-                                                    &mut rng,
-                                                )
-                                            } else {
-                                                center_crop(
-                                                    &resize_shortest_side(&img, cfg.image_size),
-                                                    cfg.image_size,
-                                                )
-                                            })
-                                        })
-                                        .collect::<Vec<_>>()
-                                })
+                    let imgs = crate::parallel_map(
+                        &group,
+                        cfg.workers,
+                        |&i| -> Result<RgbImage, String> {
+                            let img = load_image(&samples[i].image)?;
+                            Ok(if cfg.augment {
+                                let mut rng = Rng::keyed(cfg.seed, 2 + epoch as u64, i as u64);
+                                random_resized_crop(
+                                    &img,
+                                    cfg.image_size,
+                                    (0.9, 1.0),
+                                    (0.75, 4.0 / 3.0),
+                                    &mut rng,
+                                )
+                            } else {
+                                center_crop(
+                                    &resize_shortest_side(&img, cfg.image_size),
+                                    cfg.image_size,
+                                )
                             })
-                            .collect();
-                        handles
-                            .into_iter()
-                            .flat_map(|h| h.join().unwrap())
-                            .collect()
-                    });
+                        },
+                    );
                     for (i, r) in group.into_iter().zip(imgs) {
                         match r {
                             Ok(img) => chosen.push((i, img)),

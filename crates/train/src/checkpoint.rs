@@ -121,7 +121,7 @@ pub fn resume(path: &Path, trainer: &mut Trainer) -> Result<Position, String> {
         .model
         .load(&ck.state_dict, &path.display().to_string())
         .map_err(|e| e.to_string())?;
-    let mut archive = pirclip_checkpoint::pt::open(&bytes).map_err(|e| e.to_string())?;
+    let mut archive = pirclip_checkpoint::pt::PtArchive::open(&bytes).map_err(|e| e.to_string())?;
     let obj = std::mem::replace(&mut archive.object, Value::None);
     let epoch = obj.dict_get("epoch").and_then(Value::as_int).unwrap_or(0) as usize;
     let mut pos = Position {
