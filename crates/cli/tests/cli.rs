@@ -793,3 +793,65 @@ fn fine_tuning_switches_do_what_they_say() {
         .iter()
         .any(|(_, t, _)| t == "val/retrieval-mean-recall"));
 }
+
+/// The bisecting path: eval transform, samples in JSON order, constant LR from step 0; deterministic.
+#[test]
+fn debug_path_constant_lr_in_order_and_reproducible() {
+    let dir = tmpdir("debugpath");
+    let m = mini();
+    let run = |name: &str| {
+        let o = pirclip(&[
+            "train",
+            "--model",
+            fx("config.json").to_str().unwrap(),
+            "--train-data",
+            m.join("dataset_rsicd_mini.json").to_str().unwrap(),
+            "--images-dir",
+            m.join("images").to_str().unwrap(),
+            "--train-split",
+            "test",
+            "--batch-size",
+            "10",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "3",
+            "--lr",
+            "2e-4",
+            "--warmup",
+            "0",
+            "--lr-scheduler",
+            "const",
+            "--no-augment",
+            "--no-shuffle",
+            "--logs",
+            dir.join("logs").to_str().unwrap(),
+            "--name",
+            name,
+            "--log-every-n-steps",
+            "1",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        dir.join(format!("logs/{name}"))
+    };
+    let (a, b) = (run("a"), run("b"));
+    let tb = std::fs::read_dir(a.join("tensorboard"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let lr: Vec<f32> = pirclip_train::tensorboard::read_scalars(&tb)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, t, _)| t == "train/lr")
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(lr, vec![2e-4; 3]);
+    let load = |p: &Path| {
+        pirclip_checkpoint::load(p.join("checkpoints/epoch_latest.pt"))
+            .unwrap()
+            .state_dict
+    };
+    assert_eq!(load(&a), load(&b), "two identical debug runs differ");
+}
