@@ -23,12 +23,20 @@ pub struct Args {
     /// Samples per shard.
     #[arg(long, default_value_t = 1000)]
     shard_size: usize,
+    /// Keep the JSON order. By default samples are shuffled (seeded) before writing, so that a shard
+    /// mixes scenes and the captions of one image are spread out: a training shuffle buffer then sees a
+    /// representative stream.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Seed of the write-time shuffle.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let ds = Dataset::load(&a.json)?;
     let splits: Vec<&str> = a.split.split(',').map(str::trim).collect();
-    let inputs: Vec<ShardInput> = ds
+    let mut inputs: Vec<ShardInput> = ds
         .entries
         .iter()
         .filter(|e| splits.contains(&e.split.as_str()))
@@ -41,6 +49,9 @@ pub fn run(a: Args) -> Result<()> {
             })
         })
         .collect();
+    if !a.no_shuffle {
+        pirclip_data::train::Rng::keyed(a.seed, 5, 0).shuffle(&mut inputs);
+    }
     if inputs.is_empty() {
         bail!("{}: no samples in split(s) {:?}", a.json.display(), splits);
     }

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
 use pirclip_data::metrics::Retrieval;
-use pirclip_data::train::{samples_from_karpathy, LoaderConfig, Sample, TrainLoader};
+use pirclip_data::train::{samples_from_karpathy, LoaderConfig, Sample, ShardOrder, TrainLoader};
 use pirclip_model::clip::{ids_tensor, images_tensor};
 use pirclip_model::{ClipModel, EncodeOptions, ModelConfig};
 use pirclip_train::checkpoint::{self, Position};
@@ -68,6 +68,10 @@ pub struct Args {
     /// Draw each epoch's shards with replacement (open_clip --dataset-resampled).
     #[arg(long)]
     dataset_resampled: bool,
+    /// Shards: samples stream from disk through a shuffle buffer of this many samples (webdataset
+    /// `shuffle(n)`, open_clip's 5000); shards themselves are shuffled every epoch.
+    #[arg(long, default_value_t = 5000)]
+    shuffle_buffer: usize,
     /// CSV --train-data: image path column (relative paths are taken against --images-dir or the CSV's folder).
     #[arg(long, default_value = "filepath")]
     csv_img_key: String,
@@ -77,8 +81,13 @@ pub struct Args {
     /// CSV --train-data: field separator.
     #[arg(long, default_value = "\t")]
     csv_separator: String,
+    /// Samples per micro-batch (per forward pass).
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// Accumulate this many micro-batches per optimizer step (open_clip --accum-freq): the contrastive
+    /// loss sees batch-size × accum-freq samples while memory holds one micro-batch's activations.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    accum_freq: u32,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     #[arg(long, default_value_t = 5e-4)]
@@ -377,24 +386,40 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     let (mut samples, shard_of) = load_samples(&a)?;
-    let resampled = match (a.dataset_resampled, shard_of) {
-        (false, _) => None,
+    let mut shard_order = match (a.dataset_resampled, shard_of) {
         (true, None) => bail!("--dataset-resampled needs webdataset shards as --train-data"),
-        (true, Some(shard_of)) => {
-            let paths: Vec<PathBuf> = pirclip_data::shards::expand_braces(&a.train_data)?
-                .into_iter()
-                .map(PathBuf::from)
-                .collect();
-            let per_epoch = a
-                .train_num_samples
-                .or_else(|| pirclip_data::shards::sizes_json_total(&paths))
-                .unwrap_or(samples.len());
-            Some((shard_of, per_epoch))
+        (_, None) => None,
+        (resampled, Some(shard_of)) => {
+            let resampled = if resampled {
+                let paths: Vec<PathBuf> = pirclip_data::shards::expand_braces(&a.train_data)?
+                    .into_iter()
+                    .map(PathBuf::from)
+                    .collect();
+                Some(
+                    a.train_num_samples
+                        .or_else(|| pirclip_data::shards::sizes_json_total(&paths))
+                        .unwrap_or(samples.len()),
+                )
+            } else {
+                None
+            };
+            Some(ShardOrder {
+                shard_of,
+                resampled,
+                buffer: a.shuffle_buffer,
+            })
         }
     };
-    if resampled.is_none() {
-        if let Some(n) = a.train_num_samples {
-            samples.truncate(n);
+    if let Some(n) = a.train_num_samples {
+        match &mut shard_order {
+            Some(ShardOrder {
+                resampled: Some(_), ..
+            }) => {}
+            Some(order) => {
+                samples.truncate(n);
+                order.shard_of.truncate(n);
+            }
+            None => samples.truncate(n),
         }
     }
     if samples.len() < a.batch_size {
@@ -416,10 +441,20 @@ pub fn run(a: Args) -> Result<()> {
             context_length: config.text.context_length,
         },
     );
-    if let Some((shard_of, per_epoch)) = resampled {
-        loader = loader.with_resampling(shard_of, per_epoch);
+    if let Some(order) = shard_order {
+        loader = loader.with_shards(order);
     }
-    let per_epoch = loader.batches_per_epoch();
+    let accum = a.accum_freq as usize;
+    // Optimizer steps per epoch; micro-batches that cannot fill a last step are dropped, as in open_clip.
+    let per_epoch = loader.batches_per_epoch() / accum;
+    if per_epoch == 0 {
+        bail!(
+            "{} samples make {} batches of {}: fewer than one step of --accum-freq {accum}",
+            loader.len(),
+            loader.batches_per_epoch(),
+            a.batch_size
+        );
+    }
     let total_steps = (per_epoch * a.epochs) as i64;
     let stop_at = a
         .max_steps
@@ -434,13 +469,14 @@ pub fn run(a: Args) -> Result<()> {
         },
     };
     let header = format!(
-        "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}, {} epochs, steps {}..{}",
+        "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}{}, {} epochs, steps {}..{}",
         config.name,
         crate::inspect::group_thousands(trainer.model.parameter_count()),
         crate::inspect::group_thousands(trainer.trainable_parameter_count()),
         loader.len(),
         per_epoch,
         a.batch_size,
+        if accum > 1 { format!(" × {accum} accumulated") } else { String::new() },
         a.epochs,
         pos.step,
         stop_at
@@ -467,12 +503,14 @@ pub fn run(a: Args) -> Result<()> {
             0
         };
         let mut t_data = Instant::now();
+        let mut pending = Vec::with_capacity(accum);
         for batch in loader.stream(epoch, start) {
             if step >= stop_at {
                 break 'epochs;
             }
-            let data_time = t_data.elapsed().as_secs_f64();
-            let t_batch = Instant::now();
+            if batch.index >= per_epoch * accum {
+                break; // micro-batches left over after the epoch's last full step
+            }
             if !batch.skipped.is_empty() {
                 skipped_total += batch.skipped.len();
                 log.line(&format!(
@@ -481,22 +519,38 @@ pub fn run(a: Args) -> Result<()> {
                     batch.skipped.join("; ")
                 ));
             }
-            let n = batch.names.len();
+            pending.push(batch);
+            if pending.len() < accum {
+                continue;
+            }
+            let batches = std::mem::take(&mut pending);
+            let data_time = t_data.elapsed().as_secs_f64();
+            let t_batch = Instant::now();
+            let names: Vec<String> = batches.iter().flat_map(|b| b.names.clone()).collect();
+            let n = names.len();
             let labels = match a.label_source {
-                LabelSource::Filename => labels_from_names(&batch.names),
+                LabelSource::Filename => labels_from_names(&names),
                 LabelSource::Json => labels_from_strings(
-                    &batch
-                        .labels
+                    &batches
                         .iter()
-                        .zip(&batch.names)
+                        .flat_map(|b| b.labels.iter().zip(&b.names))
                         .map(|(l, n)| l.clone().unwrap_or_else(|| n.clone()))
                         .collect::<Vec<_>>(),
                 ),
             };
-            let images = images_tensor(&batch.pixels, n, config.image_size, device);
-            let ids = ids_tensor(&batch.ids, n, device);
+            let micro: Vec<(tch::Tensor, tch::Tensor)> = batches
+                .iter()
+                .map(|b| {
+                    let m = b.names.len();
+                    (
+                        images_tensor(&b.pixels, m, config.image_size, device),
+                        ids_tensor(&b.ids, m, device),
+                    )
+                })
+                .collect();
+            let batch_index = batches.last().map(|b| b.index).unwrap_or(0);
             lr = learning_rate(schedule, a.lr, a.warmup, total_steps, step);
-            let s = trainer.step(&images, &ids, &labels, lr);
+            let s = trainer.step_accumulated(&micro, &labels, lr);
             step += 1;
             let batch_time = t_batch.elapsed().as_secs_f64() + data_time;
             let sps = n as f64 / batch_time;
@@ -509,7 +563,7 @@ pub fn run(a: Args) -> Result<()> {
                     .unwrap_or_default()
             ));
             pb.set_position(step as u64);
-            let done_in_epoch = batch.index + 1;
+            let done_in_epoch = (batch_index + 1) / accum;
             if step % a.log_every_n_steps as i64 == 0
                 || done_in_epoch == per_epoch
                 || step == stop_at
@@ -540,7 +594,7 @@ pub fn run(a: Args) -> Result<()> {
             if step == stop_at && done_in_epoch < per_epoch {
                 let p = Position {
                     epoch,
-                    batch_in_epoch: done_in_epoch,
+                    batch_in_epoch: done_in_epoch * accum,
                     step,
                 };
                 checkpoint::save(&ckpt_dir.join("epoch_latest.pt"), &trainer, &name, p, lr)?;

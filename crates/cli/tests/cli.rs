@@ -459,11 +459,14 @@ fn resume_continues_exactly() {
         "100",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // 6 steps cross no epoch boundary; 40 steps cross one (37 batches per epoch).
-    for (n, half) in [("6", "3"), ("40", "20")] {
-        train(&dir, &format!("straight{n}"), n, &[]);
-        train(&dir, &format!("split{n}"), half, &[]);
-        train(&dir, &format!("split{n}"), n, &["--resume", "latest"]);
+    // 6 steps cross no epoch boundary; 40 steps cross one (37 batches per epoch). With --accum-freq 2,
+    // an epoch is 18 steps (the 37th micro-batch is dropped): 24 steps cross it.
+    let accum: &[&str] = &["--accum-freq", "2"];
+    for (n, half, extra) in [("6", "3", &[][..]), ("40", "20", &[]), ("24", "12", accum)] {
+        train(&dir, &format!("straight{n}"), n, extra);
+        train(&dir, &format!("split{n}"), half, extra);
+        let resume = [extra, &["--resume", "latest"][..]].concat();
+        train(&dir, &format!("split{n}"), n, &resume);
         let a = std::fs::read(dir.join(format!("logs/straight{n}/checkpoints/epoch_latest.pt")))
             .unwrap();
         let b =
@@ -505,6 +508,12 @@ fn resume_continues_exactly() {
             "optimizer moments after {n} steps"
         );
     }
+    let log = std::fs::read_to_string(dir.join("logs/straight24/out.log")).unwrap();
+    assert!(
+        log.contains("18 batches/epoch of 8 × 2 accumulated"),
+        "{log}"
+    );
+    assert!(log.contains("Train Epoch: 1 [6/18] step 24"), "{log}");
     // The event file holds the official tags.
     let tb = std::fs::read_dir(dir.join("logs/straight6/tensorboard"))
         .unwrap()

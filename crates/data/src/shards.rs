@@ -57,9 +57,20 @@ const IMAGE_MEMBERS: [&str; 9] = [
     "image",
 ];
 
-/// Reads all samples of the shards; samples lacking an image or a caption are skipped and counted.
+/// Indexes the samples of the shards; samples lacking an image or a caption are skipped and counted.
 pub fn read_shards(paths: &[PathBuf]) -> Result<(Vec<Sample>, usize), Error> {
     read_shards_indexed(paths).map(|(s, _, k)| (s, k))
+}
+
+/// A member's bytes: image members are not read, only located (offset and length in the tar), so the
+/// shards are streamed from disk during training and only captions and names stay in memory.
+enum Member {
+    Inline(Vec<u8>),
+    Located { offset: u64, len: u64 },
+}
+
+fn is_image_member(ext: &str) -> bool {
+    IMAGE_MEMBERS.contains(&ext)
 }
 
 /// Like `read_shards`, also returning the shard index of every sample.
@@ -70,8 +81,10 @@ pub fn read_shards_indexed(paths: &[PathBuf]) -> Result<(Vec<Sample>, Vec<usize>
     for (shard, path) in paths.iter().enumerate() {
         let file = std::fs::File::open(path)
             .map_err(|e| Error::Spec(format!("{}: {e}", path.display())))?;
+        let file_len = file.metadata()?.len();
+        let shared_path = Arc::new(path.clone());
         let mut archive = tar::Archive::new(std::io::BufReader::new(file));
-        let mut groups: BTreeMap<String, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
+        let mut groups: BTreeMap<String, BTreeMap<String, Member>> = BTreeMap::new();
         let mut order: Vec<String> = Vec::new();
         let entries = archive
             .entries()
@@ -94,28 +107,44 @@ pub fn read_shards_indexed(paths: &[PathBuf]) -> Result<(Vec<Sample>, Vec<usize>
                 ),
                 None => continue,
             };
-            let mut data = Vec::new();
-            entry.read_to_end(&mut data).map_err(|e| {
-                Error::Spec(format!("{}: truncated member {name}: {e}", path.display()))
-            })?;
+            let member = if is_image_member(&ext) {
+                let (offset, len) = (entry.raw_file_position(), entry.size());
+                if offset + len > file_len {
+                    return Err(Error::Spec(format!(
+                        "{}: truncated member {name}: {len} bytes at offset {offset}, file has {file_len}",
+                        path.display()
+                    )));
+                }
+                Member::Located { offset, len }
+            } else {
+                let mut data = Vec::new();
+                entry.read_to_end(&mut data).map_err(|e| {
+                    Error::Spec(format!("{}: truncated member {name}: {e}", path.display()))
+                })?;
+                Member::Inline(data)
+            };
             if !groups.contains_key(&key) {
                 order.push(key.clone());
             }
-            groups.entry(key).or_default().insert(ext, data);
+            groups.entry(key).or_default().insert(ext, member);
         }
+        let text = |g: &BTreeMap<String, Member>, ext: &str| match g.get(ext) {
+            Some(Member::Inline(b)) => Some(String::from_utf8_lossy(b).to_string()),
+            _ => None,
+        };
         for key in order {
             let g = &groups[&key];
-            let image = IMAGE_MEMBERS.iter().find_map(|m| g.get(*m));
-            let caption = g.get("caption").or_else(|| g.get("txt")).map(|b| {
-                String::from_utf8_lossy(b)
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string()
+            let image = IMAGE_MEMBERS.iter().find_map(|m| match g.get(*m) {
+                Some(Member::Located { offset, len }) => Some((*offset, *len)),
+                _ => None,
             });
+            let caption = text(g, "caption")
+                .or_else(|| text(g, "txt"))
+                .map(|c| c.trim_end_matches(['\n', '\r']).to_string());
             let json: Option<serde_json::Value> =
-                g.get("json").and_then(|b| serde_json::from_slice(b).ok());
-            let name = g
-                .get("img_name")
-                .map(|b| String::from_utf8_lossy(b).trim().to_string())
+                text(g, "json").and_then(|b| serde_json::from_str(&b).ok());
+            let name = text(g, "img_name")
+                .map(|b| b.trim().to_string())
                 .or_else(|| {
                     json.as_ref().and_then(|j| {
                         j.get("filename")
@@ -130,9 +159,13 @@ pub fn read_shards_indexed(paths: &[PathBuf]) -> Result<(Vec<Sample>, Vec<usize>
                     .unwrap_or_else(|| l.to_string())
             });
             match (image, caption) {
-                (Some(img), Some(caption)) => {
+                (Some((offset, len)), Some(caption)) => {
                     samples.push(Sample {
-                        image: ImageSource::Bytes(Arc::new(img.clone())),
+                        image: ImageSource::TarMember {
+                            path: shared_path.clone(),
+                            offset,
+                            len,
+                        },
                         caption,
                         name,
                         label,

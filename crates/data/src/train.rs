@@ -15,6 +15,12 @@ use pirclip_image::{
 pub enum ImageSource {
     File(PathBuf),
     Bytes(Arc<Vec<u8>>),
+    /// `len` bytes at `offset` of a webdataset tar: read when the sample is loaded.
+    TarMember {
+        path: Arc<PathBuf>,
+        offset: u64,
+        len: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -175,14 +181,38 @@ pub struct TrainBatch {
 pub struct TrainLoader {
     samples: Arc<Vec<Sample>>,
     config: LoaderConfig,
-    /// For `--dataset-resampled`: the shard of every sample, and the samples per epoch.
-    resampled: Option<(Vec<usize>, usize)>,
+    /// Set when the samples come from webdataset shards.
+    shards: Option<ShardOrder>,
+}
+
+/// How the samples of webdataset shards are ordered into an epoch, as open_clip's webdataset pipeline does:
+/// shards shuffled (or, with `--dataset-resampled`, drawn with replacement), read one after the other,
+/// their samples passed through a shuffle buffer.
+#[derive(Debug, Clone)]
+pub struct ShardOrder {
+    /// The shard of every sample; the samples of a shard are contiguous, in tar order.
+    pub shard_of: Vec<usize>,
+    /// `--dataset-resampled`: shards drawn with replacement until this many samples.
+    pub resampled: Option<usize>,
+    /// Sample shuffle buffer (webdataset `shuffle(n)`); 0 or 1 keeps the shards' sample order.
+    pub buffer: usize,
 }
 
 fn load_image(s: &ImageSource) -> Result<RgbImage, String> {
     match s {
         ImageSource::File(p) => pirclip_image::decode_file(p).map_err(|e| e.to_string()),
         ImageSource::Bytes(b) => decode(b, "shard member").map_err(|e| e.to_string()),
+        ImageSource::TarMember { path, offset, len } => {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut bytes = vec![0u8; *len as usize];
+            std::fs::File::open(path.as_path())
+                .and_then(|mut f| {
+                    f.seek(SeekFrom::Start(*offset))?;
+                    f.read_exact(&mut bytes)
+                })
+                .map_err(|e| format!("{} at byte {offset}: {e}", path.display()))?;
+            decode(&bytes, &path.display().to_string()).map_err(|e| e.to_string())
+        }
     }
 }
 
@@ -191,13 +221,13 @@ impl TrainLoader {
         TrainLoader {
             samples: Arc::new(samples),
             config,
-            resampled: None,
+            shards: None,
         }
     }
 
-    /// Draw each epoch's samples from shards with replacement (`shard_of[i]` = shard of sample i).
-    pub fn with_resampling(mut self, shard_of: Vec<usize>, samples_per_epoch: usize) -> Self {
-        self.resampled = Some((shard_of, samples_per_epoch));
+    /// The samples come from webdataset shards: order them the webdataset way.
+    pub fn with_shards(mut self, order: ShardOrder) -> Self {
+        self.shards = Some(order);
         self
     }
 
@@ -211,17 +241,17 @@ impl TrainLoader {
 
     /// Full batches per epoch (the last partial batch is dropped, as in training).
     pub fn batches_per_epoch(&self) -> usize {
-        self.resampled
+        self.shards
             .as_ref()
-            .map(|(_, n)| *n)
+            .and_then(|s| s.resampled)
             .unwrap_or(self.samples.len())
             / self.config.batch_size
     }
 
     /// The sample order of `epoch`.
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        if let Some((shard_of, count)) = &self.resampled {
-            return resampled_order(shard_of, *count, self.config.seed, epoch);
+        if let Some(plan) = &self.shards {
+            return shard_epoch_order(plan, self.config.shuffle, self.config.seed, epoch);
         }
         let mut order: Vec<usize> = (0..self.samples.len()).collect();
         if self.config.shuffle {
@@ -348,17 +378,71 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    fn plan(shard_of: Vec<usize>, resampled: Option<usize>, buffer: usize) -> ShardOrder {
+        ShardOrder {
+            shard_of,
+            resampled,
+            buffer,
+        }
+    }
+
     #[test]
     fn resampling_draws_whole_shards_with_replacement() {
-        let shard_of = [0, 0, 0, 1, 1, 1, 2, 2, 2];
-        let a = resampled_order(&shard_of, 12, 5, 0);
+        let p = plan(vec![0, 0, 0, 1, 1, 1, 2, 2, 2], Some(12), 0);
+        let a = shard_epoch_order(&p, true, 5, 0);
         assert_eq!(a.len(), 12);
-        assert_eq!(a, resampled_order(&shard_of, 12, 5, 0));
-        assert_ne!(a, resampled_order(&shard_of, 12, 5, 1));
-        // Each consecutive run of 3 comes from one shard.
+        assert_eq!(a, shard_epoch_order(&p, true, 5, 0));
+        assert_ne!(a, shard_epoch_order(&p, true, 5, 1));
+        // Without a buffer, each consecutive run of 3 is one whole shard, in tar order.
         for c in a.chunks(3) {
-            assert!(c.iter().all(|&i| shard_of[i] == shard_of[c[0]]), "{a:?}");
+            assert!(
+                c.iter().all(|&i| p.shard_of[i] == p.shard_of[c[0]]),
+                "{a:?}"
+            );
+            assert_eq!(c[1], c[0] + 1);
         }
+    }
+
+    #[test]
+    fn shard_order_streams_through_a_bounded_shuffle_buffer() {
+        // 20 shards of 50 samples, buffer 16.
+        let shard_of: Vec<usize> = (0..1000).map(|i| i / 50).collect();
+        let p = plan(shard_of.clone(), None, 16);
+        let a = shard_epoch_order(&p, true, 9, 0);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>(), "every sample once");
+        assert_ne!(a, shard_epoch_order(&p, true, 9, 1), "reshuffled per epoch");
+        assert_eq!(a, shard_epoch_order(&p, true, 9, 0), "seeded");
+        // Reconstruct the shard stream (whole shards, in tar order): no sample leaves the buffer before
+        // it entered, and none stays more than a bounded time in it... except the final drain.
+        let mut shards: Vec<usize> = Vec::new();
+        for &i in &a {
+            if !shards.contains(&shard_of[i]) {
+                shards.push(shard_of[i]);
+            }
+        }
+        // The first output samples come from the first shard(s) read: with 16 buffered, the first 16
+        // outputs lie within the first 31 stream positions.
+        let stream: Vec<usize> = {
+            let mut first_seen = shards.clone();
+            first_seen.sort_by_key(|s| a.iter().position(|&i| shard_of[i] == *s));
+            first_seen
+                .iter()
+                .flat_map(|&s| s * 50..s * 50 + 50)
+                .collect()
+        };
+        for (k, &i) in a.iter().enumerate().take(1000 - 16) {
+            let p_in = stream.iter().position(|&x| x == i).unwrap();
+            assert!(p_in <= k + 15, "sample {i} out at {k}, entered at {p_in}");
+        }
+        // Shuffling really mixes: not the stream order.
+        assert_ne!(a, stream);
+        // --no-shuffle: shards and samples in order.
+        assert_eq!(
+            shard_epoch_order(&p, false, 9, 0),
+            (0..1000).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -452,21 +536,53 @@ pub fn samples_from_csv(
     Ok(out)
 }
 
-/// `--dataset-resampled`: the epoch's samples come from shards drawn with replacement (uniformly, seeded
-/// per epoch), each drawn shard contributing its samples in shuffled order, until `count` samples.
-pub fn resampled_order(shard_of: &[usize], count: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let n_shards = shard_of.iter().max().map(|m| m + 1).unwrap_or(0);
+/// The sample order of one epoch over webdataset shards (see `ShardOrder`). Computed from indices alone, so
+/// a resumed run can skip to its position without reading the samples before it.
+pub fn shard_epoch_order(plan: &ShardOrder, shuffle: bool, seed: u64, epoch: usize) -> Vec<usize> {
+    let n_shards = plan.shard_of.iter().max().map(|m| m + 1).unwrap_or(0);
     let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); n_shards];
-    for (i, &s) in shard_of.iter().enumerate() {
+    for (i, &s) in plan.shard_of.iter().enumerate() {
         by_shard[s].push(i);
     }
     let mut rng = Rng::keyed(seed, 3, epoch as u64);
-    let mut out = Vec::with_capacity(count);
-    while out.len() < count && n_shards > 0 {
-        let mut s = by_shard[rng.below(n_shards)].clone();
-        rng.shuffle(&mut s);
-        out.extend(s);
+    let shards: Vec<usize> = match plan.resampled {
+        Some(count) => {
+            let mut drawn = Vec::new();
+            let mut n = 0;
+            while n < count && !plan.shard_of.is_empty() {
+                let s = rng.below(n_shards);
+                n += by_shard[s].len();
+                drawn.push(s);
+            }
+            drawn
+        }
+        None => {
+            let mut all: Vec<usize> = (0..n_shards).collect();
+            if shuffle {
+                rng.shuffle(&mut all);
+            }
+            all
+        }
+    };
+    let stream = shards.iter().flat_map(|&s| by_shard[s].iter().copied());
+    let mut out = Vec::with_capacity(plan.resampled.unwrap_or(plan.shard_of.len()));
+    if (shuffle || plan.resampled.is_some()) && plan.buffer > 1 {
+        let mut rng = Rng::keyed(seed, 4, epoch as u64);
+        let mut buffer = Vec::with_capacity(plan.buffer);
+        for i in stream {
+            buffer.push(i);
+            if buffer.len() == plan.buffer {
+                let k = rng.below(buffer.len());
+                out.push(buffer.swap_remove(k));
+            }
+        }
+        rng.shuffle(&mut buffer);
+        out.extend(buffer);
+    } else {
+        out.extend(stream);
     }
-    out.truncate(count);
+    if let Some(count) = plan.resampled {
+        out.truncate(count);
+    }
     out
 }

@@ -93,7 +93,10 @@ impl Trainer {
 
     /// Forward in train mode, losses, backward, (clip), AdamW step at `lr`, clamp of logit_scale.
     pub fn step(&mut self, images: &Tensor, ids: &Tensor, labels: &[i64], lr: f64) -> StepStats {
-        self.optimizer.zero_grad();
+        self.step_accumulated(&[(images.shallow_clone(), ids.shallow_clone())], labels, lr)
+    }
+
+    fn encode_normalized(&self, images: &Tensor, ids: &Tensor) -> (Tensor, Tensor) {
         let bn_mode = if self.options.lock_instruction {
             BnMode::Running
         } else {
@@ -103,19 +106,68 @@ impl Trainer {
             bn_mode,
             belief_mode: self.options.belief_mode,
         };
-        let image = l2_normalize(&self.model.encode_image(images, opts));
-        let text = l2_normalize(&self.model.encode_text(ids));
+        (
+            l2_normalize(&self.model.encode_image(images, opts)),
+            l2_normalize(&self.model.encode_text(ids)),
+        )
+    }
+
+    /// One optimizer step over micro-batches, as open_clip's `--accum-freq`: the features of every
+    /// micro-batch are first computed without gradients; then each micro-batch is recomputed with
+    /// gradients and the loss of the whole accumulated batch (its fresh features in place of its cached
+    /// ones) is back-propagated, so the summed gradient is the full batch's while only one micro-batch's
+    /// activations are alive. `labels` number the samples of all micro-batches, in order. With
+    /// BatchNorm in train mode, statistics are per micro-batch and the running statistics are updated
+    /// by both passes, exactly as in open_clip.
+    pub fn step_accumulated(
+        &mut self,
+        micro: &[(Tensor, Tensor)],
+        labels: &[i64],
+        lr: f64,
+    ) -> StepStats {
+        assert!(!micro.is_empty(), "no micro-batch");
+        self.optimizer.zero_grad();
+        let cached: Vec<(Tensor, Tensor)> = if micro.len() > 1 {
+            tch::no_grad(|| {
+                micro
+                    .iter()
+                    .map(|(i, t)| self.encode_normalized(i, t))
+                    .collect()
+            })
+        } else {
+            Vec::new()
+        };
+        let device = micro[0].0.device();
         let labels_t = Tensor::from_slice(labels)
             .to_kind(Kind::Int64)
-            .to_device(image.device());
-        let losses = loss::clip_losses(
-            &image,
-            &text,
-            &self.model.logit_scale,
-            self.options.affiliation_loss.then_some(&labels_t),
-        );
-        let total = losses.total();
-        total.backward();
+            .to_device(device);
+        let mut last = None;
+        for (j, (images, ids)) in micro.iter().enumerate() {
+            let (fresh_image, fresh_text) = self.encode_normalized(images, ids);
+            let (image, text) = if micro.len() == 1 {
+                (fresh_image, fresh_text)
+            } else {
+                let pick = |fresh: &Tensor, which: fn(&(Tensor, Tensor)) -> &Tensor| {
+                    let parts: Vec<&Tensor> = cached
+                        .iter()
+                        .enumerate()
+                        .map(|(k, c)| if k == j { fresh } else { which(c) })
+                        .collect();
+                    Tensor::cat(&parts, 0)
+                };
+                (pick(&fresh_image, |c| &c.0), pick(&fresh_text, |c| &c.1))
+            };
+            let losses = loss::clip_losses(
+                &image,
+                &text,
+                &self.model.logit_scale,
+                self.options.affiliation_loss.then_some(&labels_t),
+            );
+            let total = losses.total();
+            total.backward();
+            last = Some((losses, total));
+        }
+        let (losses, total) = last.expect("at least one micro-batch");
         let grad_norm = match self.options.grad_clip_norm {
             Some(max) => optim::clip_grad_norm(&self.optimizer.params, max),
             None => optim::global_grad_norm(&self.optimizer.params),

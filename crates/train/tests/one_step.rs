@@ -168,3 +168,90 @@ fn one_training_step_matches_the_official_step() {
     assert!(frac >= 0.9999, "{frac}");
     assert!(worst_el <= 2e-3, "{worst_el}");
 }
+
+/// `--accum-freq 2` over two micro-batches of 2 gives the gradient of one batch of 4 (the instruction
+/// ResNet locked so BatchNorm does not depend on the batch split), and the same losses.
+#[test]
+fn accumulated_micro_batches_give_the_full_batch_gradient() {
+    let cfg = ModelConfig::from_name_or_path(fx("config.json").to_str().unwrap()).unwrap();
+    let state = pirclip_checkpoint::load(fx("train_checkpoint.pt"))
+        .unwrap()
+        .state_dict;
+    let pixels = npy::read(fx("pixels_eval.npy")).unwrap().to_f32_vec();
+    let tokens = npy::read(fx("tokens.npy")).unwrap().to_i64_vec();
+    let per_image = 3 * 64 * 64;
+    let labels = labels_from_names(&[
+        "airport_348.jpg",
+        "bareland_43.jpg",
+        "airport_349.jpg",
+        "beach_388.jpg",
+    ]);
+    let options = TrainOptions {
+        lock_instruction: true,
+        ..TrainOptions::default()
+    };
+    let adamw = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.2,
+    };
+    let trainer = || {
+        let model = ClipModel::new(&cfg, Device::Cpu);
+        model.load(&state, "train_checkpoint.pt").unwrap();
+        Trainer::new(model, adamw, options)
+    };
+    let batch = |from: usize, n: usize| {
+        (
+            images_tensor(
+                &pixels[from * per_image..(from + n) * per_image],
+                n,
+                64,
+                Device::Cpu,
+            ),
+            ids_tensor(&tokens[from * 77..(from + n) * 77], n, Device::Cpu),
+        )
+    };
+    let mut full = trainer();
+    let whole = batch(0, 4);
+    let a = full.step(&whole.0, &whole.1, &labels, 1e-3);
+    let mut accum = trainer();
+    let b = accum.step_accumulated(&[batch(0, 2), batch(2, 2)], &labels, 1e-3);
+    println!("full {a:?}\naccumulated {b:?}");
+    for (x, y) in [
+        (a.contrastive, b.contrastive),
+        (a.affiliation.unwrap(), b.affiliation.unwrap()),
+    ] {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "{x} vs {y}");
+    }
+    let mut worst = 0f64;
+    for (p, q) in full.optimizer.params.iter().zip(&accum.optimizer.params) {
+        assert_eq!(p.name, q.name);
+        let (g, h) = (p.param.grad(), q.param.grad());
+        if p.name == "logit_scale" {
+            // open_clip back-propagates the whole accumulated loss once per micro-batch and
+            // logit_scale is not cached, so its gradient is summed accum_freq times: kept as is.
+            let (x, y) = (g.double_value(&[]), h.double_value(&[]));
+            assert!(
+                (2.0 * x - y).abs() <= 1e-5 * x.abs(),
+                "logit_scale grad {x} vs {y}"
+            );
+            continue;
+        }
+        let norm = g.norm().double_value(&[]);
+        if norm < 1e-6 {
+            continue;
+        }
+        worst = worst.max((g - h).norm().double_value(&[]) / norm);
+    }
+    println!("worst per-parameter relative gradient difference {worst:.2e}");
+    assert!(worst <= 1e-4, "{worst}");
+    // A different split really changes something when BatchNorm is in train mode: the test can fail.
+    let mut bn_train = {
+        let model = ClipModel::new(&cfg, Device::Cpu);
+        model.load(&state, "train_checkpoint.pt").unwrap();
+        Trainer::new(model, adamw, TrainOptions::default())
+    };
+    let c = bn_train.step_accumulated(&[batch(0, 2), batch(2, 2)], &labels, 1e-3);
+    assert!((c.contrastive - a.contrastive).abs() > 1e-6);
+}
