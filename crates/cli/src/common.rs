@@ -27,6 +27,18 @@ pub enum BeliefModeArg {
     BeliefOnly,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum PrecisionArg {
+    #[default]
+    Fp32,
+    /// Autocast to fp16 (for CUDA).
+    Fp16,
+    /// Autocast to bf16 (CUDA; CPUs with AVX-512 BF16 / AMX).
+    Bf16,
+    /// Dynamic int8 linear layers (CPU, fbgemm): faster, embeddings within quantization error.
+    Int8,
+}
+
 /// The model pirclip trained itself and ships (models/README.md): the default when no --checkpoint is given.
 pub const BUNDLED_MODEL: &str = "pir-small-aid150";
 
@@ -109,6 +121,12 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Inference arithmetic.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    pub precision: PrecisionArg,
+    /// Threads of the tensor engine (default: libtorch's choice, one per core).
+    #[arg(long)]
+    pub threads: Option<i32>,
 }
 
 impl ModelArgs {
@@ -142,7 +160,13 @@ impl ModelArgs {
     pub fn load_resolved(&self) -> Result<(ClipModel, PathBuf)> {
         let (config, checkpoint) =
             resolve_model(self.model.as_deref(), self.checkpoint.as_deref())?;
-        let model = load_model(&config, &checkpoint, &self.device)?;
+        if let Some(t) = self.threads {
+            tch::set_num_threads(t);
+        }
+        let mut model = load_model(&config, &checkpoint, &self.device)?;
+        model
+            .set_precision(self.precision.into())
+            .context("--precision")?;
         Ok((model, checkpoint))
     }
 }

@@ -1,5 +1,6 @@
 //! `pirclip`: a thin command-line layer over the library crates.
 
+mod bench;
 mod common;
 mod demo;
 mod embed;
@@ -42,6 +43,8 @@ enum Command {
     Export(export::Args),
     /// Describe a checkpoint: layout, keys, parameters, dtypes, model family.
     Inspect(inspect::Args),
+    /// Measure image/text encode speed, eval time and peak RSS of a model; prints JSON.
+    Bench(bench::Args),
     /// Write a randomly initialised model (official initialisation distributions) as safetensors.
     Init(init::Args),
 }
@@ -59,6 +62,7 @@ fn main() {
         Command::Export(a) => export::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Init(a) => init::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

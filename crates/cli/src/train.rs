@@ -13,7 +13,7 @@ use pirclip_train::checkpoint::{self, Position};
 use pirclip_train::tensorboard::EventWriter;
 use pirclip_train::{
     labels_from_names, labels_from_strings, learning_rate, AdamWConfig, Schedule, TrainOptions,
-    Trainer,
+    TrainPrecision, Trainer,
 };
 
 use crate::common::{parse_device, BeliefModeArg};
@@ -127,7 +127,9 @@ pub struct Args {
     lock_text: bool,
     #[arg(long, value_enum, default_value_t = BeliefModeArg::BeliefPlusIndex)]
     belief_mode: BeliefModeArg,
-    /// fp32 everywhere; amp / amp_bf16 are not implemented yet (refused).
+    /// fp32; amp = autocast to fp16 with a gradient scaler on CUDA, to bf16 on CPU (PyTorch's CPU
+    /// autocast type; fast only on CPUs with AVX-512 BF16 / AMX); amp_bf16 = bf16 autocast everywhere.
+    /// Weights, optimizer state and updates stay fp32.
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
     precision: Precision,
     #[arg(long, default_value = "cpu")]
@@ -263,12 +265,6 @@ fn validate(
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if !matches!(a.precision, Precision::Fp32) {
-        bail!(
-            "--precision {:?} is not implemented yet; use fp32",
-            a.precision
-        );
-    }
     let device = parse_device(&a.device)?;
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
@@ -280,8 +276,12 @@ pub fn run(a: Args) -> Result<()> {
             .unwrap()
             .as_secs();
         format!(
-            "{secs}-model_{}-lr_{}-b_{}-j_{}-p_fp32",
-            config.name, a.lr, a.batch_size, a.workers
+            "{secs}-model_{}-lr_{}-b_{}-j_{}-p_{}",
+            config.name,
+            a.lr,
+            a.batch_size,
+            a.workers,
+            format!("{:?}", a.precision).to_lowercase()
         )
     });
     let run_dir = a.logs.join(&name);
@@ -360,6 +360,11 @@ pub fn run(a: Args) -> Result<()> {
         lock_instruction: a.lock_instruction,
         lock_text: a.lock_text,
         grad_clip_norm: a.grad_clip_norm,
+        precision: match a.precision {
+            Precision::Fp32 => TrainPrecision::Fp32,
+            Precision::Amp => TrainPrecision::Amp,
+            Precision::AmpBf16 => TrainPrecision::AmpBf16,
+        },
     };
     let mut trainer = Trainer::new(
         model,
@@ -469,7 +474,7 @@ pub fn run(a: Args) -> Result<()> {
         },
     };
     let header = format!(
-        "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}{}, {} epochs, steps {}..{}",
+        "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}{}, {} epochs, steps {}..{}, precision {}",
         config.name,
         crate::inspect::group_thousands(trainer.model.parameter_count()),
         crate::inspect::group_thousands(trainer.trainable_parameter_count()),
@@ -479,7 +484,14 @@ pub fn run(a: Args) -> Result<()> {
         if accum > 1 { format!(" × {accum} accumulated") } else { String::new() },
         a.epochs,
         pos.step,
-        stop_at
+        stop_at,
+        match trainer.autocast_kind() {
+            None => "fp32".to_string(),
+            Some(k) => format!(
+                "{k:?} autocast{}",
+                if trainer.scaler.is_some() { " + gradient scaler" } else { "" }
+            ),
+        }
     );
     eprintln!("{header}");
     log.line(&header);

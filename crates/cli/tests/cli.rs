@@ -864,3 +864,78 @@ fn debug_path_constant_lr_in_order_and_reproducible() {
     };
     assert_eq!(load(&a), load(&b), "two identical debug runs differ");
 }
+
+/// `--precision int8` (bundled model, 60 real images, every caption): embeddings stay close to fp32,
+/// and `pirclip bench` prints its JSON report.
+#[test]
+fn int8_embeddings_stay_close_and_bench_reports_json() {
+    let out = tmpdir("int8");
+    let m = mini();
+    let ds: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(m.join("dataset_rsicd_mini.json")).unwrap(),
+    )
+    .unwrap();
+    let captions: Vec<String> = ds["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|im| im["sentences"].as_array().unwrap().clone())
+        .map(|s| s["raw"].as_str().unwrap().to_string())
+        .collect();
+    std::fs::write(out.join("captions.txt"), captions.join("\n") + "\n").unwrap();
+    let mut embs = Vec::new();
+    for p in ["fp32", "int8"] {
+        let dir = out.join(p);
+        let o = pirclip(&[
+            "embed",
+            "--precision",
+            p,
+            "--images",
+            m.join("images").to_str().unwrap(),
+            "--texts",
+            out.join("captions.txt").to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        embs.push([
+            npy::read(dir.join("img_emb.npy")).unwrap(),
+            npy::read(dir.join("text_emb.npy")).unwrap(),
+        ]);
+    }
+    for (k, what) in ["images", "texts"].iter().enumerate() {
+        let (a, b) = (&embs[0][k], &embs[1][k]);
+        assert_eq!(a.shape, b.shape);
+        let dim = a.shape[1];
+        let (a, b) = (a.to_f32_vec(), b.to_f32_vec());
+        let (mut worst, mut identical) = (1f32, true);
+        for (x, y) in a.chunks(dim).zip(b.chunks(dim)) {
+            let cos: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            worst = worst.min(cos);
+            identical &= x == y;
+        }
+        println!("int8 vs fp32 {what}: lowest cosine {worst:.4}");
+        assert!(worst > 0.98, "{what}: {worst}");
+        assert!(!identical, "{what}: int8 really changes the arithmetic");
+    }
+    let o = pirclip(&[
+        "bench",
+        "--precision",
+        "int8",
+        "--json",
+        m.join("dataset_rsicd_mini.json").to_str().unwrap(),
+        "--images-dir",
+        m.join("images").to_str().unwrap(),
+        "--images",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    println!("{r}");
+    assert_eq!(r["images"], 16);
+    assert_eq!(r["precision"], "int8");
+    assert_eq!(r["captions"], 80);
+    for k in ["images_per_s", "captions_per_s", "eval_s", "peak_rss_mb", "load_s"] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+}

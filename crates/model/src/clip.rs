@@ -19,6 +19,19 @@ pub struct EncodeOptions {
     pub belief_mode: BeliefMode,
 }
 
+/// Inference arithmetic (`--precision`). Training has its own switch (autocast in the train crate).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    Fp32,
+    /// Autocast to fp16 (CUDA; on CPU only where the hardware has fp16 arithmetic).
+    Fp16,
+    /// Autocast to bf16.
+    Bf16,
+    /// Dynamic int8 linear layers (CPU).
+    Int8,
+}
+
 pub enum Visual {
     Vit(VisionTransformer),
     ResNet(ModifiedResNet),
@@ -37,6 +50,8 @@ pub struct ClipModel {
     pub instruction: Option<InstructionEncoder>,
     pub text: TextTower,
     pub logit_scale: Tensor,
+    /// Autocast dtype of `encode_image` / `encode_text` (set by `set_precision`).
+    autocast: Option<Kind>,
 }
 
 /// open_clip's `state_dict()` order of the top-level groups.
@@ -126,6 +141,27 @@ impl ClipModel {
             instruction,
             text,
             logit_scale,
+            autocast: None,
+        }
+    }
+
+    /// Inference precision of `encode_image` / `encode_text`; outputs stay fp32 tensors.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<(), Error> {
+        self.autocast = match precision {
+            Precision::Fp32 | Precision::Int8 => None,
+            Precision::Fp16 => Some(Kind::Half),
+            Precision::Bf16 => Some(Kind::BFloat16),
+        };
+        if precision == Precision::Int8 {
+            self.quantize_int8()?;
+        }
+        Ok(())
+    }
+
+    fn with_precision(&self, f: impl FnOnce() -> Tensor) -> Tensor {
+        match self.autocast {
+            Some(kind) => crate::native::autocast(self.device(), kind, f).to_kind(Kind::Float),
+            None => f(),
         }
     }
 
@@ -162,21 +198,53 @@ impl ClipModel {
 
     /// Unnormalised image features `[N, embed_dim]` of preprocessed images `[N, 3, S, S]`.
     pub fn encode_image(&self, images: &Tensor, opts: EncodeOptions) -> Tensor {
-        match (&self.visual, self.instruction_token(images, opts.bn_mode)) {
-            (Visual::Vit(vit), Some(y)) => vit.forward_instructed(images, &y, opts.belief_mode),
-            (Visual::Vit(vit), None) => vit.forward(images),
-            (Visual::ResNet(rn), _) => rn.forward(images, opts.bn_mode),
-        }
+        self.with_precision(
+            || match (&self.visual, self.instruction_token(images, opts.bn_mode)) {
+                (Visual::Vit(vit), Some(y)) => vit.forward_instructed(images, &y, opts.belief_mode),
+                (Visual::Vit(vit), None) => vit.forward(images),
+                (Visual::ResNet(rn), _) => rn.forward(images, opts.bn_mode),
+            },
+        )
     }
 
     /// Unnormalised text features `[N, embed_dim]` of token ids `[N, context]`.
     pub fn encode_text(&self, ids: &Tensor) -> Tensor {
-        self.text.forward(ids, true)
+        self.with_precision(|| self.text.forward(ids, true))
     }
 
     /// The same, computing all `context_length` positions like open_clip (for checks).
     pub fn encode_text_full(&self, ids: &Tensor) -> Tensor {
         self.text.forward(ids, false)
+    }
+
+    /// Every linear layer (transformer blocks, attention pool, instruction mapping), in model order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = match &self.visual {
+            Visual::Vit(v) => v.linears(),
+            Visual::ResNet(r) => r.linears(),
+        };
+        if let Some(i) = &self.instruction {
+            out.extend(i.res_visual.linears());
+            out.push(&i.vision_proj_res);
+        }
+        out.extend(self.text.linears());
+        out
+    }
+
+    /// `--precision int8`: dynamic int8 quantization of every linear layer (weights per output channel,
+    /// activations per tensor at run time, fbgemm). Convolutions, attention products, LayerNorm and the
+    /// final projections stay fp32. Inference on CPU only; returns how many layers were quantized.
+    pub fn quantize_int8(&self) -> Result<usize, Error> {
+        if self.device() != Device::Cpu {
+            return Err(Error::Config(
+                "int8 runs on the CPU (fbgemm); use fp16/bf16 on CUDA".into(),
+            ));
+        }
+        let linears = self.linears();
+        for l in &linears {
+            l.quantize_int8().map_err(Error::Config)?;
+        }
+        Ok(linears.len())
     }
 
     pub fn parameter_count(&self) -> usize {

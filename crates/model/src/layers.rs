@@ -41,27 +41,50 @@ impl LayerNorm {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Set by `quantize_int8` (inference only): the forward pass then runs fbgemm's int8 GEMM.
+    int8: std::sync::OnceLock<crate::native::QuantizedLinear>,
 }
 
 impl Linear {
     /// PyTorch's default `nn.Linear` initialisation: U(±1/√fan_in) for weight and bias.
     pub fn new(r: &Registry, inp: i64, out: i64) -> Self {
         let bound = 1.0 / (inp as f64).sqrt();
+        Self::from_tensors(
+            r.param("weight", &[out, inp], Init::Uniform(bound)),
+            Some(r.param("bias", &[out], Init::Uniform(bound))),
+        )
+    }
+
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear {
-            weight: r.param("weight", &[out, inp], Init::Uniform(bound)),
-            bias: Some(r.param("bias", &[out], Init::Uniform(bound))),
+            weight,
+            bias,
+            int8: std::sync::OnceLock::new(),
         }
     }
 
     pub fn with_init(r: &Registry, inp: i64, out: i64, weight: Init, bias: Init) -> Self {
-        Linear {
-            weight: r.param("weight", &[out, inp], weight),
-            bias: Some(r.param("bias", &[out], bias)),
-        }
+        Self::from_tensors(
+            r.param("weight", &[out, inp], weight),
+            Some(r.param("bias", &[out], bias)),
+        )
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        match self.int8.get() {
+            Some(q) => q.forward(x),
+            None => x.linear(&self.weight, self.bias.as_ref()),
+        }
+    }
+
+    /// Switches this layer to int8 weights (per output channel) with dynamic int8 activations; the fp32
+    /// weights stay, so `state_dict` is unchanged. CPU only, no gradients.
+    pub fn quantize_int8(&self) -> Result<(), String> {
+        if self.int8.get().is_none() {
+            let q = crate::native::QuantizedLinear::new(&self.weight, self.bias.as_ref())?;
+            let _ = self.int8.set(q);
+        }
+        Ok(())
     }
 }
 
@@ -93,8 +116,8 @@ pub fn multi_head_attention(
 
 /// `nn.MultiheadAttention` with packed q/k/v projection (rows q, k, v).
 pub struct MultiHeadAttention {
-    in_proj_weight: Tensor,
-    in_proj_bias: Tensor,
+    /// `in_proj_weight` / `in_proj_bias` (rows q, k, v).
+    in_proj: Linear,
     out_proj: Linear,
     heads: i64,
 }
@@ -105,18 +128,19 @@ impl MultiHeadAttention {
         let in_proj_bias = r.param("in_proj_bias", &[3 * width], Init::Zeros);
         let out_proj = Linear::with_init(&r.sub("out_proj"), width, width, out_init, Init::Zeros);
         MultiHeadAttention {
-            in_proj_weight,
-            in_proj_bias,
+            in_proj: Linear::from_tensors(in_proj_weight, Some(in_proj_bias)),
             out_proj,
             heads,
         }
     }
 
+    pub fn linears(&self) -> [&Linear; 2] {
+        [&self.in_proj, &self.out_proj]
+    }
+
     /// Self-attention over `[N, L, D]`; `causal` applies the text tower's mask.
     pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
-        let qkv = x
-            .linear(&self.in_proj_weight, Some(&self.in_proj_bias))
-            .chunk(3, -1);
+        let qkv = self.in_proj.forward(x).chunk(3, -1);
         self.out_proj.forward(&multi_head_attention(
             &qkv[0], &qkv[1], &qkv[2], self.heads, causal,
         ))
@@ -204,6 +228,12 @@ impl ResidualBlock {
         }
     }
 
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut l = self.attn.linears().to_vec();
+        l.extend([&self.c_fc, &self.c_proj]);
+        l
+    }
+
     pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
         let x = x + self.attn.forward(&self.ln_1.forward(x), causal);
         let h = gelu(&self.c_fc.forward(&self.ln_2.forward(&x)), self.quick_gelu);
@@ -230,6 +260,10 @@ impl Transformer {
             .map(|i| ResidualBlock::new(&rb.sub(i), width, heads, mlp_width, quick_gelu, init))
             .collect();
         Transformer { blocks }
+    }
+
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.blocks.iter().flat_map(|b| b.linears()).collect()
     }
 
     pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {

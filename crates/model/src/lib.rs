@@ -8,12 +8,13 @@ pub mod clip;
 pub mod config;
 pub mod init;
 pub mod layers;
+pub mod native;
 pub mod params;
 pub mod resnet;
 pub mod text;
 pub mod vit;
 
-pub use clip::{l2_normalize, ClipModel, EncodeOptions};
+pub use clip::{l2_normalize, ClipModel, EncodeOptions, Precision};
 pub use config::ModelConfig;
 pub use layers::BnMode;
 pub use vit::BeliefMode;

@@ -131,6 +131,10 @@ impl AttentionPool {
         }
     }
 
+    fn linears(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.c_proj]
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
         let (n, c, _, _) = x.size4().unwrap();
         let tokens = x.flatten(2, 3).transpose(1, 2); // [N, HW, C]
@@ -206,6 +210,11 @@ impl ModifiedResNet {
             layers: stages,
             attnpool,
         }
+    }
+
+    /// The attention pool's projections (the convolutions are not linear layers).
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.attnpool.linears().to_vec()
     }
 
     pub fn forward(&self, x: &Tensor, bn: BnMode) -> Tensor {

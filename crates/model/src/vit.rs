@@ -77,6 +77,10 @@ impl VisionTransformer {
         }
     }
 
+    pub fn linears(&self) -> Vec<&crate::layers::Linear> {
+        self.transformer.linears()
+    }
+
     /// Patch embedding, class token, positions and `ln_pre`: `[N, 1 + grid², width]`.
     pub fn embed(&self, image: &Tensor) -> Tensor {
         let x = image.conv2d(

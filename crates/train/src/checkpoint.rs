@@ -79,7 +79,7 @@ pub fn save(
             (PyValue::str("params"), PyValue::List(params)),
         ])
     };
-    let obj = PyValue::Dict(vec![
+    let mut top = vec![
         (PyValue::str("epoch"), PyValue::Int(pos.epoch as i64)),
         (PyValue::str("name"), PyValue::str(name)),
         (PyValue::str("state_dict"), PyValue::state_dict(&sd)),
@@ -107,7 +107,33 @@ pub fn save(
                 ),
             ]),
         ),
-    ]);
+    ];
+    // open_clip stores `scaler.state_dict()` under "scaler" for fp16 amp runs.
+    if let Some(sc) = &trainer.scaler {
+        top.push((
+            PyValue::str("scaler"),
+            PyValue::Dict(vec![
+                (PyValue::str("scale"), PyValue::Float(sc.scale)),
+                (
+                    PyValue::str("growth_factor"),
+                    PyValue::Float(sc.growth_factor),
+                ),
+                (
+                    PyValue::str("backoff_factor"),
+                    PyValue::Float(sc.backoff_factor),
+                ),
+                (
+                    PyValue::str("growth_interval"),
+                    PyValue::Int(sc.growth_interval as i64),
+                ),
+                (
+                    PyValue::str("_growth_tracker"),
+                    PyValue::Int(sc.growth_tracker as i64),
+                ),
+            ]),
+        ));
+    }
+    let obj = PyValue::Dict(top);
     pt_write::write(path, &obj)
 }
 
@@ -135,6 +161,14 @@ pub fn resume(path: &Path, trainer: &mut Trainer) -> Result<Position, String> {
             .dict_get("batch_in_epoch")
             .and_then(Value::as_int)
             .unwrap_or(0) as usize;
+    }
+    if let (Some(sc), Some(saved)) = (&mut trainer.scaler, obj.dict_get("scaler")) {
+        if let Some(Value::Float(x)) = saved.dict_get("scale") {
+            sc.scale = *x;
+        }
+        if let Some(t) = saved.dict_get("_growth_tracker").and_then(Value::as_int) {
+            sc.growth_tracker = t as u32;
+        }
     }
     let Some(Value::Dict(state)) = obj.dict_get("optimizer").and_then(|o| o.dict_get("state"))
     else {

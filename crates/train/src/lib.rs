@@ -11,7 +11,18 @@ use pirclip_model::{l2_normalize, BeliefMode, BnMode, ClipModel, EncodeOptions};
 use tch::{Kind, Tensor};
 
 pub use loss::{labels_from_names, labels_from_strings};
-pub use optim::{learning_rate, AdamW, AdamWConfig, Schedule};
+pub use optim::{learning_rate, AdamW, AdamWConfig, GradScaler, Schedule};
+
+/// `--precision` of training, as open_clip: `amp` is autocast in the device's default half type (fp16
+/// with a gradient scaler on CUDA, bf16 on CPU, where PyTorch's CPU autocast uses bf16), `amp_bf16` is
+/// bf16 autocast everywhere. Parameters, optimizer state and the update stay fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrainPrecision {
+    #[default]
+    Fp32,
+    Amp,
+    AmpBf16,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct TrainOptions {
@@ -22,6 +33,7 @@ pub struct TrainOptions {
     /// `--lock-text`: text tower frozen.
     pub lock_text: bool,
     pub grad_clip_norm: Option<f64>,
+    pub precision: TrainPrecision,
 }
 
 impl Default for TrainOptions {
@@ -32,6 +44,7 @@ impl Default for TrainOptions {
             lock_instruction: false,
             lock_text: false,
             grad_clip_norm: None,
+            precision: TrainPrecision::Fp32,
         }
     }
 }
@@ -63,6 +76,8 @@ pub struct Trainer {
     pub model: ClipModel,
     pub optimizer: AdamW,
     pub options: TrainOptions,
+    /// fp16 autocast only (`amp` on CUDA).
+    pub scaler: Option<GradScaler>,
 }
 
 impl Trainer {
@@ -80,10 +95,13 @@ impl Trainer {
                 })
                 .collect()
         });
+        let scaler = (options.precision == TrainPrecision::Amp && model.device().is_cuda())
+            .then(GradScaler::default);
         Trainer {
             optimizer: AdamW::new(params, adamw),
             model,
             options,
+            scaler,
         }
     }
 
@@ -112,6 +130,23 @@ impl Trainer {
         )
     }
 
+    /// The autocast dtype of the forward pass, if any.
+    pub fn autocast_kind(&self) -> Option<Kind> {
+        match self.options.precision {
+            TrainPrecision::Fp32 => None,
+            TrainPrecision::AmpBf16 => Some(Kind::BFloat16),
+            TrainPrecision::Amp if self.model.device().is_cuda() => Some(Kind::Half),
+            TrainPrecision::Amp => Some(Kind::BFloat16),
+        }
+    }
+
+    fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        match self.autocast_kind() {
+            Some(kind) => pirclip_model::native::autocast(self.model.device(), kind, f),
+            None => f(),
+        }
+    }
+
     /// One optimizer step over micro-batches, as open_clip's `--accum-freq`: the features of every
     /// micro-batch are first computed without gradients; then each micro-batch is recomputed with
     /// gradients and the loss of the whole accumulated batch (its fresh features in place of its cached
@@ -131,7 +166,7 @@ impl Trainer {
             tch::no_grad(|| {
                 micro
                     .iter()
-                    .map(|(i, t)| self.encode_normalized(i, t))
+                    .map(|(i, t)| self.autocast(|| self.encode_normalized(i, t)))
                     .collect()
             })
         } else {
@@ -143,37 +178,53 @@ impl Trainer {
             .to_device(device);
         let mut last = None;
         for (j, (images, ids)) in micro.iter().enumerate() {
-            let (fresh_image, fresh_text) = self.encode_normalized(images, ids);
-            let (image, text) = if micro.len() == 1 {
-                (fresh_image, fresh_text)
-            } else {
-                let pick = |fresh: &Tensor, which: fn(&(Tensor, Tensor)) -> &Tensor| {
-                    let parts: Vec<&Tensor> = cached
-                        .iter()
-                        .enumerate()
-                        .map(|(k, c)| if k == j { fresh } else { which(c) })
-                        .collect();
-                    Tensor::cat(&parts, 0)
+            let (losses, total) = self.autocast(|| {
+                let (fresh_image, fresh_text) = self.encode_normalized(images, ids);
+                let (image, text) = if micro.len() == 1 {
+                    (fresh_image, fresh_text)
+                } else {
+                    let pick = |fresh: &Tensor, which: fn(&(Tensor, Tensor)) -> &Tensor| {
+                        let parts: Vec<&Tensor> = cached
+                            .iter()
+                            .enumerate()
+                            .map(|(k, c)| if k == j { fresh } else { which(c) })
+                            .collect();
+                        Tensor::cat(&parts, 0)
+                    };
+                    (pick(&fresh_image, |c| &c.0), pick(&fresh_text, |c| &c.1))
                 };
-                (pick(&fresh_image, |c| &c.0), pick(&fresh_text, |c| &c.1))
-            };
-            let losses = loss::clip_losses(
-                &image,
-                &text,
-                &self.model.logit_scale,
-                self.options.affiliation_loss.then_some(&labels_t),
-            );
-            let total = losses.total();
-            total.backward();
+                let losses = loss::clip_losses(
+                    &image,
+                    &text,
+                    &self.model.logit_scale,
+                    self.options.affiliation_loss.then_some(&labels_t),
+                );
+                let total = losses.total();
+                (losses, total)
+            });
+            match &self.scaler {
+                Some(s) => (&total * s.scale).backward(),
+                None => total.backward(),
+            }
             last = Some((losses, total));
         }
         let (losses, total) = last.expect("at least one micro-batch");
-        let grad_norm = match self.options.grad_clip_norm {
-            Some(max) => optim::clip_grad_norm(&self.optimizer.params, max),
-            None => optim::global_grad_norm(&self.optimizer.params),
+        let finite = match &self.scaler {
+            Some(s) => s.unscale(&self.optimizer.params),
+            None => true,
         };
-        self.optimizer.step(lr);
-        optim::clamp_logit_scale(&self.model.logit_scale);
+        let grad_norm = match self.options.grad_clip_norm {
+            Some(max) if finite => optim::clip_grad_norm(&self.optimizer.params, max),
+            _ => optim::global_grad_norm(&self.optimizer.params),
+        };
+        // An fp16 overflow skips the update, as GradScaler.step does.
+        if finite {
+            self.optimizer.step(lr);
+            optim::clamp_logit_scale(&self.model.logit_scale);
+        }
+        if let Some(s) = &mut self.scaler {
+            s.update(finite);
+        }
         StepStats {
             contrastive: losses.contrastive.double_value(&[]),
             affiliation: losses.affiliation.as_ref().map(|a| a.double_value(&[])),

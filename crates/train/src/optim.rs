@@ -191,3 +191,58 @@ pub fn clamp_logit_scale(logit_scale: &Tensor) {
     let _guard = tch::no_grad_guard();
     let _ = logit_scale.shallow_clone().clamp_(0.0, 100f64.ln());
 }
+
+/// `torch.amp.GradScaler` for fp16 autocast: the loss is multiplied by `scale` before backward so small
+/// gradients survive fp16; gradients are divided back before clipping and the step. A step whose
+/// gradients hold inf/NaN is skipped and the scale halved; after `growth_interval` good steps in a row
+/// it doubles (PyTorch's defaults).
+#[derive(Debug, Clone)]
+pub struct GradScaler {
+    pub scale: f64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: u32,
+    pub growth_tracker: u32,
+}
+
+impl Default for GradScaler {
+    fn default() -> Self {
+        GradScaler {
+            scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            growth_tracker: 0,
+        }
+    }
+}
+
+impl GradScaler {
+    /// Divides the gradients by the scale; true when all of them are finite.
+    pub fn unscale(&self, params: &[ParamState]) -> bool {
+        let _guard = tch::no_grad_guard();
+        let mut finite = true;
+        for p in params {
+            let g = p.param.grad();
+            if g.defined() {
+                let _ = g.shallow_clone().g_mul_scalar_(1.0 / self.scale);
+                finite &= g.isfinite().all().int64_value(&[]) != 0;
+            }
+        }
+        finite
+    }
+
+    /// After a step: back off (the step was skipped) or count towards growth.
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.growth_tracker += 1;
+            if self.growth_tracker == self.growth_interval {
+                self.scale *= self.growth_factor;
+                self.growth_tracker = 0;
+            }
+        } else {
+            self.scale *= self.backoff_factor;
+            self.growth_tracker = 0;
+        }
+    }
+}

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use pirclip_checkpoint::npy;
 use pirclip_model::clip::{ids_tensor, images_tensor};
 use pirclip_model::{ClipModel, ModelConfig};
-use pirclip_train::{labels_from_names, AdamWConfig, TrainOptions, Trainer};
+use pirclip_train::{
+    labels_from_names, AdamWConfig, GradScaler, TrainOptions, TrainPrecision, Trainer,
+};
 use tch::Device;
 
 fn fx(p: &str) -> PathBuf {
@@ -254,4 +256,96 @@ fn accumulated_micro_batches_give_the_full_batch_gradient() {
     };
     let c = bn_train.step_accumulated(&[batch(0, 2), batch(2, 2)], &labels, 1e-3);
     assert!((c.contrastive - a.contrastive).abs() > 1e-6);
+}
+
+/// `--precision amp_bf16` (and `amp`, which is bf16 on CPU): the forward runs in bf16, so the losses are
+/// within bf16 error of fp32, parameters and optimizer state stay fp32, and the step is taken.
+#[test]
+fn bf16_autocast_step_is_close_to_fp32_and_keeps_fp32_weights() {
+    let cfg = ModelConfig::from_name_or_path(fx("config.json").to_str().unwrap()).unwrap();
+    let state = pirclip_checkpoint::load(fx("train_checkpoint.pt"))
+        .unwrap()
+        .state_dict;
+    let images = images_tensor(
+        &npy::read(fx("pixels_eval.npy")).unwrap().to_f32_vec(),
+        4,
+        64,
+        Device::Cpu,
+    );
+    let ids = ids_tensor(
+        &npy::read(fx("tokens.npy")).unwrap().to_i64_vec()[..4 * 77],
+        4,
+        Device::Cpu,
+    );
+    let labels = [0, 1, 0, 2];
+    let run = |precision| {
+        let model = ClipModel::new(&cfg, Device::Cpu);
+        model.load(&state, "train_checkpoint.pt").unwrap();
+        let mut t = Trainer::new(
+            model,
+            AdamWConfig::default(),
+            TrainOptions {
+                precision,
+                ..TrainOptions::default()
+            },
+        );
+        let s = t.step(&images, &ids, &labels, 1e-3);
+        (t, s)
+    };
+    let (_, fp32) = run(TrainPrecision::Fp32);
+    for p in [TrainPrecision::AmpBf16, TrainPrecision::Amp] {
+        let (t, s) = run(p);
+        assert_eq!(t.autocast_kind(), Some(tch::Kind::BFloat16));
+        assert!(t.scaler.is_none(), "no gradient scaler for bf16");
+        println!("{p:?}: {s:?}\nfp32: {fp32:?}");
+        let rel = (s.contrastive - fp32.contrastive).abs() / fp32.contrastive;
+        assert!(
+            rel < 2e-2,
+            "contrastive {} vs {}",
+            s.contrastive,
+            fp32.contrastive
+        );
+        assert!(rel > 0.0, "really ran in bf16");
+        assert!((s.grad_norm - fp32.grad_norm).abs() / fp32.grad_norm < 0.1);
+        for p in &t.optimizer.params {
+            assert_eq!(p.param.kind(), tch::Kind::Float, "{}", p.name);
+            assert_eq!(p.exp_avg.kind(), tch::Kind::Float);
+        }
+        let sd = t.model.state_dict();
+        let moved = sd.get("visual.conv1.weight").unwrap().to_f32_vec();
+        let before = state.get("visual.conv1.weight").unwrap().to_f32_vec();
+        assert_ne!(moved, before, "step taken");
+    }
+}
+
+#[test]
+fn grad_scaler_skips_overflowing_steps_and_grows_after_good_ones() {
+    use pirclip_train::optim::ParamState;
+    let p = tch::Tensor::ones([3], (tch::Kind::Float, Device::Cpu)).set_requires_grad(true);
+    (&p * 4.0).sum(tch::Kind::Float).backward();
+    let params = vec![ParamState {
+        name: "w".into(),
+        param: p.shallow_clone(),
+        exp_avg: p.zeros_like(),
+        exp_avg_sq: p.zeros_like(),
+        decay: true,
+    }];
+    let mut s = GradScaler {
+        growth_interval: 2,
+        ..GradScaler::default()
+    };
+    // Gradients are divided by the scale.
+    assert!(s.unscale(&params));
+    assert_eq!(
+        p.grad().to_kind(tch::Kind::Double).double_value(&[0]),
+        4.0 / 65536.0
+    );
+    s.update(true);
+    assert_eq!(s.scale, 65536.0);
+    s.update(true);
+    assert_eq!(s.scale, 131072.0, "grows after growth_interval good steps");
+    let _ = p.grad().shallow_clone().fill_(f64::INFINITY);
+    assert!(!s.unscale(&params), "overflow detected");
+    s.update(false);
+    assert_eq!((s.scale, s.growth_tracker), (65536.0, 0), "backs off");
 }

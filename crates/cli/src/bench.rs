@@ -1,0 +1,168 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use pirclip_data::karpathy::{Dataset, RetrievalSet};
+use pirclip_data::metrics::Retrieval;
+use pirclip_model::clip::images_tensor;
+use pirclip_model::ClipModel;
+
+use crate::common::{ModelArgs, PrecisionArg};
+use crate::pipeline::{encode_images, encode_texts, similarity};
+
+/// Measure a model on the first N test images of a Karpathy JSON and print one JSON line: image encode
+/// images/s (model compute on already decoded batches, as open_clip's loop measures it), text encode
+/// captions/s (real captions), end-to-end eval time (decode + encode + metrics, as `pirclip eval`), load
+/// time and peak RSS. With --model and no --checkpoint the model is randomly initialised (seed 0): speed
+/// does not depend on the weights. bench/compare.sh runs this next to open_clip.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Karpathy-style dataset JSON; its test split is used.
+    #[arg(long)]
+    json: PathBuf,
+    /// Folder holding the images named in the JSON.
+    #[arg(long)]
+    images_dir: PathBuf,
+    /// Test images to use (sorted file names, first N), with all their captions.
+    #[arg(long, default_value_t = 256)]
+    images: usize,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Timed repetitions of the image and text encodes (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn load(a: &ModelArgs) -> Result<(ClipModel, String)> {
+    match (&a.model, &a.checkpoint) {
+        (Some(name), None) => {
+            if let Some(t) = a.threads {
+                tch::set_num_threads(t);
+            }
+            let config = pirclip_model::ModelConfig::from_name_or_path(name)?;
+            let mut model = ClipModel::new(&config, crate::common::parse_device(&a.device)?);
+            pirclip_model::init::initialize(model.registry(), 0);
+            model.set_precision(a.precision.into())?;
+            Ok((model, "random init, seed 0".into()))
+        }
+        _ => {
+            let (model, path) = a.load_resolved()?;
+            Ok((model, path.display().to_string()))
+        }
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let t_start = Instant::now();
+    let (model, weights) = load(&a.model)?;
+    let load_s = t_start.elapsed().as_secs_f64();
+
+    let ds = Dataset::load(&a.json)?;
+    let mut set = RetrievalSet::build(&ds, &["test"]);
+    let missing = set.retain_present(&a.images_dir);
+    if !missing.is_empty() {
+        bail!(
+            "{} test images missing from {} (first: {})",
+            missing.len(),
+            a.images_dir.display(),
+            missing[0]
+        );
+    }
+    let n = a.images.min(set.images.len());
+    set.images.truncate(n);
+    let keep: Vec<bool> = set.text_to_image.iter().map(|&i| i < n).collect();
+    let mut k = keep.iter();
+    set.texts.retain(|_| *k.next().unwrap());
+    set.text_to_image.retain(|&i| i < n);
+    let paths = set.image_paths(&a.images_dir);
+    let opts = a.model.options();
+
+    // End to end, as `pirclip eval` runs it (decoding on worker threads overlapping the model).
+    let t_eval = Instant::now();
+    let img = encode_images(&model, &paths, opts, a.batch_size, true, false)?;
+    let txt = encode_texts(&model, &set.texts, 256, true, false)?;
+    let scores = similarity(&img, &txt);
+    let metrics = Retrieval {
+        scores: &scores,
+        n_texts: txt.rows,
+        n_images: img.rows,
+        text_to_image: &set.text_to_image,
+    }
+    .metrics(&[1, 5, 10]);
+    let eval_s = t_eval.elapsed().as_secs_f64();
+
+    // Model compute alone on decoded batches.
+    let size = model.config.image_size;
+    let batches: Vec<_> =
+        pirclip_data::loader::eval_batches(paths.clone(), size, a.batch_size, 2, 2)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+    let mut image_s = Vec::new();
+    let mut text_s = Vec::new();
+    for _ in 0..a.reps.max(1) {
+        let t = Instant::now();
+        for b in &batches {
+            let x = images_tensor(&b.pixels, b.len, size, model.device());
+            let f = tch::no_grad(|| model.encode_image(&x, opts));
+            let _ = f.double_value(&[0, 0]); // wait for the device
+        }
+        image_s.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        encode_texts(&model, &set.texts, 256, true, false)?;
+        text_s.push(t.elapsed().as_secs_f64());
+    }
+    let (image_s, text_s) = (median(image_s), median(text_s));
+    let report = serde_json::json!({
+        "tool": "pirclip",
+        "model": model.config.name,
+        "weights": weights,
+        "precision": format!("{:?}", a.model.precision).to_lowercase(),
+        "device": a.model.device,
+        "threads": tch::get_num_threads(),
+        "images": n,
+        "captions": set.texts.len(),
+        "reps": a.reps.max(1),
+        "load_s": load_s,
+        "eval_s": eval_s,
+        "eval_wall_s": t_start.elapsed().as_secs_f64() - (image_s + text_s) * a.reps.max(1) as f64,
+        "image_encode_s": image_s,
+        "text_encode_s": text_s,
+        "images_per_s": n as f64 / image_s,
+        "captions_per_s": set.texts.len() as f64 / text_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "mean_recall": metrics.mean_recall,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+impl From<PrecisionArg> for pirclip_model::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => Self::Fp32,
+            PrecisionArg::Fp16 => Self::Fp16,
+            PrecisionArg::Bf16 => Self::Bf16,
+            PrecisionArg::Int8 => Self::Int8,
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Safe wrappers over `csrc/shim.cpp`: autocast with a chosen dtype on CPU or CUDA, and fbgemm's dynamic
+//! int8 linear layer.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use tch::{Device, Kind, Tensor};
+
+extern "C" {
+    fn pirclip_free_message(m: *mut c_char);
+    fn pirclip_autocast_set(device: c_int, enabled: c_int, dtype: c_int) -> c_int;
+    fn pirclip_autocast_enter();
+    fn pirclip_autocast_exit();
+    fn pirclip_qlinear_prepack(
+        weight: *const c_void,
+        bias: *const c_void,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn pirclip_qlinear_free(packed: *mut c_void);
+    fn pirclip_qlinear_dynamic(
+        x: *const c_void,
+        packed: *mut c_void,
+        reduce_range: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+}
+
+fn take_message(err: *mut c_char) -> String {
+    if err.is_null() {
+        return "unknown libtorch error".into();
+    }
+    // SAFETY: the shim returns a NUL-terminated strdup'ed string that we own.
+    let s = unsafe { CStr::from_ptr(err) }.to_string_lossy().to_string();
+    unsafe { pirclip_free_message(err) };
+    s.lines().next().unwrap_or_default().to_string()
+}
+
+/// Runs `f` with autocast on `device`'s type in `kind` (Half or BFloat16), restoring the previous state.
+pub fn autocast<T>(device: Device, kind: Kind, f: impl FnOnce() -> T) -> T {
+    let dev = if device.is_cuda() { 1 } else { 0 };
+    let dtype = if kind == Kind::BFloat16 { 1 } else { 0 };
+    // SAFETY: plain calls into libtorch's thread-local autocast state.
+    let before = unsafe {
+        pirclip_autocast_enter();
+        pirclip_autocast_set(dev, 1, dtype)
+    };
+    let out = f();
+    unsafe {
+        pirclip_autocast_set(dev, before, dtype);
+        pirclip_autocast_exit();
+    }
+    out
+}
+
+/// A linear layer with int8 weights (per output channel, symmetric) packed for fbgemm; activations are
+/// quantized per call from their own range (dynamic quantization, as `torch.ao.quantization.quantize_dynamic`
+/// with per-channel weights).
+pub struct QuantizedLinear {
+    packed: *mut c_void,
+    pub in_features: i64,
+    pub out_features: i64,
+}
+
+// SAFETY: the packed weights are immutable after packing; fbgemm reads them concurrently.
+unsafe impl Send for QuantizedLinear {}
+unsafe impl Sync for QuantizedLinear {}
+
+impl QuantizedLinear {
+    /// `weight` `[out, in]` fp32 (CPU), `bias` `[out]`.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self, String> {
+        let w = weight.to_kind(Kind::Float).contiguous();
+        let (out_features, in_features) = w.size2().map_err(|e| e.to_string())?;
+        let scales = (w.abs().amax([1].as_slice(), false) / 127.0)
+            .clamp_min(1e-12)
+            .to_kind(Kind::Double);
+        let zero = Tensor::zeros([out_features], (Kind::Int64, Device::Cpu));
+        let q = w.quantize_per_channel(&scales, &zero, 0, Kind::QInt8);
+        let bias = bias.map(|b| b.to_kind(Kind::Float).contiguous());
+        let mut err = std::ptr::null_mut();
+        // SAFETY: tch tensors are `at::Tensor*`; the shim copies what it keeps.
+        let packed = unsafe {
+            pirclip_qlinear_prepack(
+                q.as_ptr() as *const c_void,
+                bias.as_ref()
+                    .map(|b| b.as_ptr() as *const c_void)
+                    .unwrap_or(std::ptr::null()),
+                &mut err,
+            )
+        };
+        if packed.is_null() {
+            return Err(format!("int8 packing failed: {}", take_message(err)));
+        }
+        Ok(QuantizedLinear {
+            packed,
+            in_features,
+            out_features,
+        })
+    }
+
+    /// `x` `[..., in]` fp32 → `[..., out]` fp32.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x.to_kind(Kind::Float).contiguous();
+        let mut err = std::ptr::null_mut();
+        // SAFETY: as in `new`; the result is a new heap `at::Tensor` whose ownership passes to tch.
+        let y = unsafe {
+            pirclip_qlinear_dynamic(x.as_ptr() as *const c_void, self.packed, 1, &mut err)
+        };
+        if y.is_null() {
+            panic!("int8 linear failed: {}", take_message(err));
+        }
+        unsafe { Tensor::from_ptr(y as *mut _) }
+    }
+}
+
+impl Drop for QuantizedLinear {
+    fn drop(&mut self) {
+        // SAFETY: `packed` came from pirclip_qlinear_prepack and is freed once.
+        unsafe { pirclip_qlinear_free(self.packed) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_linear_is_close_to_fp32() {
+        tch::manual_seed(0);
+        let w = Tensor::randn([96, 64], (Kind::Float, Device::Cpu)) * 0.05;
+        let b = Tensor::randn([96], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([3, 10, 64], (Kind::Float, Device::Cpu));
+        let q = QuantizedLinear::new(&w, Some(&b)).unwrap();
+        let y = q.forward(&x);
+        assert_eq!(y.size(), vec![3, 10, 96]);
+        let want = x.linear(&w, Some(&b));
+        let err = (&y - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        println!("int8 linear max |Δ| {err:.4} of max |y| {scale:.3}");
+        assert!(err < 0.03 * scale, "{err} vs {scale}");
+        assert!(err > 0.0, "really quantized");
+    }
+
+    #[test]
+    fn cpu_autocast_bf16_runs_matmul_in_bf16_and_restores() {
+        let a = Tensor::randn([8, 8], (Kind::Float, Device::Cpu));
+        let y = autocast(Device::Cpu, Kind::BFloat16, || a.matmul(&a));
+        assert_eq!(y.kind(), Kind::BFloat16);
+        assert_eq!(
+            a.matmul(&a).kind(),
+            Kind::Float,
+            "autocast switched off again"
+        );
+    }
+}
