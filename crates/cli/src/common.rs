@@ -164,6 +164,7 @@ impl ModelArgs {
             tch::set_num_threads(t);
         }
         let mut model = load_model(&config, &checkpoint, &self.device)?;
+        model.prepare_for_inference();
         model
             .set_precision(self.precision.into())
             .context("--precision")?;

@@ -871,10 +871,9 @@ fn debug_path_constant_lr_in_order_and_reproducible() {
 fn int8_embeddings_stay_close_and_bench_reports_json() {
     let out = tmpdir("int8");
     let m = mini();
-    let ds: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(m.join("dataset_rsicd_mini.json")).unwrap(),
-    )
-    .unwrap();
+    let ds: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("dataset_rsicd_mini.json")).unwrap())
+            .unwrap();
     let captions: Vec<String> = ds["images"]
         .as_array()
         .unwrap()
@@ -935,7 +934,13 @@ fn int8_embeddings_stay_close_and_bench_reports_json() {
     assert_eq!(r["images"], 16);
     assert_eq!(r["precision"], "int8");
     assert_eq!(r["captions"], 80);
-    for k in ["images_per_s", "captions_per_s", "eval_s", "peak_rss_mb", "load_s"] {
+    for k in [
+        "images_per_s",
+        "captions_per_s",
+        "eval_s",
+        "peak_rss_mb",
+        "load_s",
+    ] {
         assert!(r[k].as_f64().unwrap() > 0.0, "{k}");
     }
 }

@@ -145,6 +145,18 @@ impl ClipModel {
         }
     }
 
+    /// For a model that only runs inference from now on: folds the ResNets' BatchNorm (running
+    /// statistics) into their convolutions, laid out channels-last. `BnMode::Batch` / `Train` still use
+    /// the unfolded layers.
+    pub fn prepare_for_inference(&self) {
+        if let Visual::ResNet(r) = &self.visual {
+            r.fold_batchnorm();
+        }
+        if let Some(i) = &self.instruction {
+            i.res_visual.fold_batchnorm();
+        }
+    }
+
     /// Inference precision of `encode_image` / `encode_text`; outputs stay fp32 tensors.
     pub fn set_precision(&mut self, precision: Precision) -> Result<(), Error> {
         self.autocast = match precision {

@@ -295,6 +295,13 @@ impl BatchNorm {
         }
     }
 
+    /// Per-channel `(scale, shift)` with `bn(x) = x·scale + shift` under the running statistics.
+    pub fn affine_of_running_stats(&self) -> (Tensor, Tensor) {
+        let scale = &self.weight * (&self.running_var + 1e-5).rsqrt();
+        let shift = &self.bias - &self.running_mean * &scale;
+        (scale, shift)
+    }
+
     pub fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
         // Running: normalise with the stored statistics. Batch: batch statistics, stored ones untouched
         // (passing none). Train: batch statistics, stored ones updated in place by the kernel.

@@ -15,26 +15,67 @@ fn conv(r: &Registry, name: &str, inp: i64, out: i64, k: i64) -> Tensor {
     )
 }
 
-/// Bias-free convolution (stride, padding symmetric) followed by BatchNorm.
-fn conv_bn(
-    x: &Tensor,
-    weight: &Tensor,
-    bn: &BatchNorm,
+/// Bias-free convolution (stride, padding symmetric) followed by BatchNorm. For inference with running
+/// statistics the BatchNorm can be folded into the convolution (`fold_batchnorm`): one pass over the
+/// activations instead of two, equal up to float rounding.
+struct ConvBn {
+    weight: Tensor,
+    bn: BatchNorm,
     stride: i64,
     padding: i64,
-    mode: BnMode,
-) -> Tensor {
-    bn.forward(
-        &x.conv2d(
-            weight,
-            None::<Tensor>,
-            [stride, stride],
-            [padding, padding],
-            [1, 1],
-            1,
-        ),
-        mode,
-    )
+    /// Folded weight and bias, in channels-last layout (oneDNN's fast path on CPU).
+    folded: std::sync::OnceLock<(Tensor, Tensor)>,
+}
+
+impl ConvBn {
+    fn new(
+        r: &Registry,
+        conv_name: &str,
+        bn_name: &str,
+        inp: i64,
+        out: i64,
+        k: i64,
+        stride: i64,
+        bn_init: Init,
+    ) -> Self {
+        ConvBn {
+            weight: conv(r, conv_name, inp, out, k),
+            bn: BatchNorm::new(&r.sub(bn_name), out, bn_init),
+            stride,
+            padding: k / 2,
+            folded: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
+        let conv = |w: &Tensor, b: Option<&Tensor>| {
+            x.conv2d(
+                w,
+                b,
+                [self.stride, self.stride],
+                [self.padding, self.padding],
+                [1, 1],
+                1,
+            )
+        };
+        match (mode, self.folded.get()) {
+            (BnMode::Running, Some((w, b))) => conv(w, Some(b)),
+            _ => self.bn.forward(&conv(&self.weight, None), mode),
+        }
+    }
+
+    fn fold(&self) {
+        let _guard = tch::no_grad_guard();
+        let (scale, shift) = self.bn.affine_of_running_stats();
+        let w = &self.weight * scale.view([-1, 1, 1, 1]);
+        let _ = self.folded.set((channels_last(&w), shift));
+    }
+}
+
+/// The same tensor laid out NHWC in memory (PyTorch's channels_last), which oneDNN convolutions prefer;
+/// convolutions keep the layout of their input, so one conversion at the stem carries through.
+fn channels_last(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 /// `nn.AvgPool2d(k)`: kernel = stride = k, no padding.
@@ -43,60 +84,64 @@ fn avg_pool(x: &Tensor, k: i64) -> Tensor {
 }
 
 struct Bottleneck {
-    conv1: Tensor,
-    bn1: BatchNorm,
-    conv2: Tensor,
-    bn2: BatchNorm,
-    conv3: Tensor,
-    bn3: BatchNorm,
-    downsample: Option<(Tensor, BatchNorm)>,
+    conv1: ConvBn,
+    conv2: ConvBn,
+    conv3: ConvBn,
+    downsample: Option<ConvBn>,
     stride: i64,
 }
 
 impl Bottleneck {
     fn new(r: &Registry, inplanes: i64, planes: i64, stride: i64) -> Self {
-        let conv1 = conv(r, "conv1.weight", inplanes, planes, 1);
-        let bn1 = BatchNorm::new(&r.sub("bn1"), planes, Init::Ones);
-        let conv2 = conv(r, "conv2.weight", planes, planes, 3);
-        let bn2 = BatchNorm::new(&r.sub("bn2"), planes, Init::Ones);
-        let conv3 = conv(r, "conv3.weight", planes, planes * 4, 1);
+        // Registration order = open_clip's state-dict order: conv1, bn1, conv2, bn2, conv3, bn3, downsample.
+        let conv1 = ConvBn::new(r, "conv1.weight", "bn1", inplanes, planes, 1, 1, Init::Ones);
+        let conv2 = ConvBn::new(r, "conv2.weight", "bn2", planes, planes, 3, 1, Init::Ones);
         // open_clip zero-initialises the last BN of every block so each block starts as identity.
-        let bn3 = BatchNorm::new(&r.sub("bn3"), planes * 4, Init::Zeros);
+        let conv3 = ConvBn::new(
+            r,
+            "conv3.weight",
+            "bn3",
+            planes,
+            planes * 4,
+            1,
+            1,
+            Init::Zeros,
+        );
         let downsample = (stride > 1 || inplanes != planes * 4).then(|| {
             let d = r.sub("downsample");
-            (
-                conv(&d, "0.weight", inplanes, planes * 4, 1),
-                BatchNorm::new(&d.sub("1"), planes * 4, Init::Ones),
-            )
+            ConvBn::new(&d, "0.weight", "1", inplanes, planes * 4, 1, 1, Init::Ones)
         });
         Bottleneck {
             conv1,
-            bn1,
             conv2,
-            bn2,
             conv3,
-            bn3,
             downsample,
             stride,
         }
     }
 
+    fn conv_bns(&self) -> impl Iterator<Item = &ConvBn> {
+        [&self.conv1, &self.conv2, &self.conv3]
+            .into_iter()
+            .chain(self.downsample.as_ref())
+    }
+
     fn forward(&self, x: &Tensor, bn: BnMode) -> Tensor {
-        let o = conv_bn(x, &self.conv1, &self.bn1, 1, 0, bn).relu();
-        let mut o = conv_bn(&o, &self.conv2, &self.bn2, 1, 1, bn).relu();
+        let o = self.conv1.forward(x, bn).relu();
+        let mut o = self.conv2.forward(&o, bn).relu();
         if self.stride > 1 {
             o = avg_pool(&o, self.stride);
         }
-        let o = conv_bn(&o, &self.conv3, &self.bn3, 1, 0, bn);
+        let o = self.conv3.forward(&o, bn);
         let identity = match &self.downsample {
             None => x.shallow_clone(),
-            Some((w, dbn)) => {
+            Some(d) => {
                 let pooled = if self.stride > 1 {
                     avg_pool(x, self.stride)
                 } else {
                     x.shallow_clone()
                 };
-                conv_bn(&pooled, w, dbn, 1, 0, bn)
+                d.forward(&pooled, bn)
             }
         };
         (o + identity).relu()
@@ -154,12 +199,7 @@ impl AttentionPool {
 }
 
 pub struct ModifiedResNet {
-    conv1: Tensor,
-    bn1: BatchNorm,
-    conv2: Tensor,
-    bn2: BatchNorm,
-    conv3: Tensor,
-    bn3: BatchNorm,
+    stem: [ConvBn; 3],
     layers: Vec<Vec<Bottleneck>>,
     attnpool: AttentionPool,
 }
@@ -174,12 +214,20 @@ impl ModifiedResNet {
         output_dim: i64,
         image_size: i64,
     ) -> Self {
-        let conv1 = conv(r, "conv1.weight", 3, width / 2, 3);
-        let bn1 = BatchNorm::new(&r.sub("bn1"), width / 2, Init::Ones);
-        let conv2 = conv(r, "conv2.weight", width / 2, width / 2, 3);
-        let bn2 = BatchNorm::new(&r.sub("bn2"), width / 2, Init::Ones);
-        let conv3 = conv(r, "conv3.weight", width / 2, width, 3);
-        let bn3 = BatchNorm::new(&r.sub("bn3"), width, Init::Ones);
+        let stem = [
+            ConvBn::new(r, "conv1.weight", "bn1", 3, width / 2, 3, 2, Init::Ones),
+            ConvBn::new(
+                r,
+                "conv2.weight",
+                "bn2",
+                width / 2,
+                width / 2,
+                3,
+                1,
+                Init::Ones,
+            ),
+            ConvBn::new(r, "conv3.weight", "bn3", width / 2, width, 3, 1, Init::Ones),
+        ];
         let mut inplanes = width;
         let mut stages = Vec::new();
         for (i, &blocks) in layers.iter().enumerate() {
@@ -201,12 +249,7 @@ impl ModifiedResNet {
             output_dim,
         );
         ModifiedResNet {
-            conv1,
-            bn1,
-            conv2,
-            bn2,
-            conv3,
-            bn3,
+            stem,
             layers: stages,
             attnpool,
         }
@@ -217,10 +260,30 @@ impl ModifiedResNet {
         self.attnpool.linears().to_vec()
     }
 
+    /// Inference with running statistics: folds every BatchNorm into its convolution and switches the
+    /// convolutions to channels-last. Call after loading weights and only on a model that is not trained
+    /// afterwards (the folded copies do not follow later weight changes; other BN modes are unaffected).
+    pub fn fold_batchnorm(&self) {
+        for c in self
+            .stem
+            .iter()
+            .chain(self.layers.iter().flatten().flat_map(|b| b.conv_bns()))
+        {
+            c.fold();
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, bn: BnMode) -> Tensor {
-        let x = conv_bn(x, &self.conv1, &self.bn1, 2, 1, bn).relu();
-        let x = conv_bn(&x, &self.conv2, &self.bn2, 1, 1, bn).relu();
-        let x = conv_bn(&x, &self.conv3, &self.bn3, 1, 1, bn).relu();
+        let folded = bn == BnMode::Running && self.stem[0].folded.get().is_some();
+        let x = if folded {
+            channels_last(x)
+        } else {
+            x.shallow_clone()
+        };
+        let mut x = x;
+        for c in &self.stem {
+            x = c.forward(&x, bn).relu();
+        }
         let mut x = avg_pool(&x, 2);
         for stage in &self.layers {
             for block in stage {
