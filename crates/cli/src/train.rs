@@ -473,6 +473,9 @@ pub fn run(a: Args) -> Result<()> {
             end_lr: a.lr_cooldown_end,
         },
     };
+    if trainer.autocast_kind().is_some() {
+        crate::common::warn_slow_half_precision(device, "bf16 autocast");
+    }
     let header = format!(
         "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}{}, {} epochs, steps {}..{}, precision {}",
         config.name,
