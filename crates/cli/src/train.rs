@@ -281,7 +281,10 @@ pub fn run(a: Args) -> Result<()> {
             a.lr,
             a.batch_size,
             a.workers,
-            format!("{:?}", a.precision).to_lowercase()
+            a.precision
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
         )
     });
     let run_dir = a.logs.join(&name);
