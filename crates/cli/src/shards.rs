@@ -50,7 +50,8 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect();
     if !a.no_shuffle {
-        pirclip_data::train::Rng::keyed(a.seed, 5, 0).shuffle(&mut inputs);
+        use pirclip_data::train::{stream, Rng};
+        Rng::keyed(a.seed, stream::SHARD_WRITE, 0).shuffle(&mut inputs);
     }
     if inputs.is_empty() {
         bail!("{}: no samples in split(s) {:?}", a.json.display(), splits);

@@ -223,24 +223,16 @@ pub fn write_shards(
     let mut sizes = serde_json::Map::new();
     let mut paths = Vec::new();
     let mut unreadable = Vec::new();
-    let mut cache: Option<(PathBuf, Arc<Vec<u8>>)> = None;
     for (s, chunk) in inputs.chunks(shard_size.max(1)).enumerate() {
         let mut builder = tar::Builder::new(Vec::new());
         let mut count = 0;
         for (i, input) in chunk.iter().enumerate() {
-            let bytes = match &cache {
-                Some((p, b)) if *p == input.image_path => b.clone(),
-                _ => match std::fs::read(&input.image_path) {
-                    Ok(b) => {
-                        let b = Arc::new(b);
-                        cache = Some((input.image_path.clone(), b.clone()));
-                        b
-                    }
-                    Err(e) => {
-                        unreadable.push(format!("{}: {e}", input.image_path.display()));
-                        continue;
-                    }
-                },
+            let bytes = match std::fs::read(&input.image_path) {
+                Ok(b) => b,
+                Err(e) => {
+                    unreadable.push(format!("{}: {e}", input.image_path.display()));
+                    continue;
+                }
             };
             let key = format!("{:06}{:06}", s, i);
             tar_member(&mut builder, &format!("{key}.img_content"), &bytes)?;

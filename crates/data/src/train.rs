@@ -14,7 +14,6 @@ use pirclip_image::{
 #[derive(Debug, Clone)]
 pub enum ImageSource {
     File(PathBuf),
-    Bytes(Arc<Vec<u8>>),
     /// `len` bytes at `offset` of a webdataset tar: read when the sample is loaded.
     TarMember {
         path: Arc<PathBuf>,
@@ -61,11 +60,17 @@ pub fn samples_from_karpathy(
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
+/// The independent random streams of a run (`Rng::keyed`'s `stream`). Augmentation takes one stream per
+/// epoch, `AUGMENT + epoch`, so the fixed streams sit at the top of the range where no epoch reaches.
+pub mod stream {
+    pub const SAMPLE_SHUFFLE: u64 = 1;
+    pub const AUGMENT: u64 = 2;
+    pub const SHARD_ORDER: u64 = u64::MAX;
+    pub const SHUFFLE_BUFFER: u64 = u64::MAX - 1;
+    pub const SHARD_WRITE: u64 = u64::MAX - 2;
+}
 
+impl Rng {
     /// A generator for one (seed, stream, index) triple.
     pub fn keyed(seed: u64, stream: u64, index: u64) -> Self {
         let mut r = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
@@ -201,7 +206,6 @@ pub struct ShardOrder {
 fn load_image(s: &ImageSource) -> Result<RgbImage, String> {
     match s {
         ImageSource::File(p) => pirclip_image::decode_file(p).map_err(|e| e.to_string()),
-        ImageSource::Bytes(b) => decode(b, "shard member").map_err(|e| e.to_string()),
         ImageSource::TarMember { path, offset, len } => {
             use std::io::{Read, Seek, SeekFrom};
             let mut bytes = vec![0u8; *len as usize];
@@ -255,7 +259,7 @@ impl TrainLoader {
         }
         let mut order: Vec<usize> = (0..self.samples.len()).collect();
         if self.config.shuffle {
-            Rng::keyed(self.config.seed, 1, epoch as u64).shuffle(&mut order);
+            Rng::keyed(self.config.seed, stream::SAMPLE_SHUFFLE, epoch as u64).shuffle(&mut order);
         }
         order
     }
@@ -291,7 +295,8 @@ impl TrainLoader {
                         |&i| -> Result<RgbImage, String> {
                             let img = load_image(&samples[i].image)?;
                             Ok(if cfg.augment {
-                                let mut rng = Rng::keyed(cfg.seed, 2 + epoch as u64, i as u64);
+                                let mut rng =
+                                    Rng::keyed(cfg.seed, stream::AUGMENT + epoch as u64, i as u64);
                                 random_resized_crop(
                                     &img,
                                     cfg.image_size,
@@ -361,20 +366,17 @@ mod tests {
             assert_eq!((out.width, out.height), (64, 64));
         }
         // Deterministic per key.
-        let a = random_resized_crop(
-            &img,
-            32,
-            (0.9, 1.0),
-            (0.75, 4.0 / 3.0),
-            &mut Rng::keyed(1, 2, 3),
-        );
-        let b = random_resized_crop(
-            &img,
-            32,
-            (0.9, 1.0),
-            (0.75, 4.0 / 3.0),
-            &mut Rng::keyed(1, 2, 3),
-        );
+        let crop = |key| {
+            random_resized_crop(
+                &img,
+                32,
+                (0.9, 1.0),
+                (0.75, 4.0 / 3.0),
+                &mut Rng::keyed(1, 2, key),
+            )
+        };
+        let (a, b) = (crop(3), crop(3));
+        assert_ne!(a, crop(4));
         assert_eq!(a, b);
     }
 
@@ -544,7 +546,7 @@ pub fn shard_epoch_order(plan: &ShardOrder, shuffle: bool, seed: u64, epoch: usi
     for (i, &s) in plan.shard_of.iter().enumerate() {
         by_shard[s].push(i);
     }
-    let mut rng = Rng::keyed(seed, 3, epoch as u64);
+    let mut rng = Rng::keyed(seed, stream::SHARD_ORDER, epoch as u64);
     let shards: Vec<usize> = match plan.resampled {
         Some(count) => {
             let mut drawn = Vec::new();
@@ -567,7 +569,7 @@ pub fn shard_epoch_order(plan: &ShardOrder, shuffle: bool, seed: u64, epoch: usi
     let stream = shards.iter().flat_map(|&s| by_shard[s].iter().copied());
     let mut out = Vec::with_capacity(plan.resampled.unwrap_or(plan.shard_of.len()));
     if (shuffle || plan.resampled.is_some()) && plan.buffer > 1 {
-        let mut rng = Rng::keyed(seed, 4, epoch as u64);
+        let mut rng = Rng::keyed(seed, stream::SHUFFLE_BUFFER, epoch as u64);
         let mut buffer = Vec::with_capacity(plan.buffer);
         for i in stream {
             buffer.push(i);
