@@ -3,12 +3,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
-use pirclip_data::metrics::Retrieval;
 use pirclip_model::clip::images_tensor;
 use pirclip_model::ClipModel;
 
-use crate::common::{ModelArgs, PrecisionArg};
-use crate::pipeline::{encode_images, encode_texts, similarity};
+use crate::common::ModelArgs;
+use crate::pipeline::{encode_set, encode_texts};
 
 /// Measure a model on the first N test images of a Karpathy JSON and print one JSON line: image encode
 /// images/s (model compute on already decoded batches, as open_clip's loop measures it), text encode
@@ -56,15 +55,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn load(a: &ModelArgs) -> Result<(ClipModel, String)> {
     match (&a.model, &a.checkpoint) {
         (Some(name), None) => {
-            if let Some(t) = a.threads {
-                tch::set_num_threads(t);
-            }
             let config = pirclip_model::ModelConfig::from_name_or_path(name)?;
-            let mut model = ClipModel::new(&config, crate::common::parse_device(&a.device)?);
+            let model = ClipModel::new(&config, crate::common::parse_device(&a.device)?);
             pirclip_model::init::initialize(model.registry(), 0);
-            model.prepare_for_inference();
-            model.set_precision(a.precision.into())?;
-            Ok((model, "random init, seed 0".into()))
+            Ok((a.ready_for_inference(model)?, "random init, seed 0".into()))
         }
         _ => {
             let (model, path) = a.load_resolved()?;
@@ -90,26 +84,13 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let n = a.images.min(set.images.len());
-    set.images.truncate(n);
-    let keep: Vec<bool> = set.text_to_image.iter().map(|&i| i < n).collect();
-    let mut k = keep.iter();
-    set.texts.retain(|_| *k.next().unwrap());
-    set.text_to_image.retain(|&i| i < n);
-    let paths = set.image_paths(&a.images_dir);
+    set.retain_images(|i, _| i < n);
     let opts = a.model.options();
 
     // End to end, as `pirclip eval` runs it (decoding on worker threads overlapping the model).
     let t_eval = Instant::now();
-    let img = encode_images(&model, &paths, opts, a.batch_size, true, false)?;
-    let txt = encode_texts(&model, &set.texts, 256, true, false)?;
-    let scores = similarity(&img, &txt);
-    let metrics = Retrieval {
-        scores: &scores,
-        n_texts: txt.rows,
-        n_images: img.rows,
-        text_to_image: &set.text_to_image,
-    }
-    .metrics(&[1, 5, 10]);
+    let metrics = encode_set(&model, &set, &a.images_dir, opts, a.batch_size, false)?
+        .metrics(&set, &[1, 5, 10]);
     let eval_s = t_eval.elapsed().as_secs_f64();
     // What `pirclip eval` would have taken and held: start to metrics, peak before the timing runs below.
     let eval_wall_s = t_start.elapsed().as_secs_f64();
@@ -117,10 +98,15 @@ pub fn run(a: Args) -> Result<()> {
 
     // Model compute alone on decoded batches.
     let size = model.config.image_size;
-    let batches: Vec<_> =
-        pirclip_data::loader::eval_batches(paths.clone(), size, a.batch_size, 2, 2)
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
+    let batches: Vec<_> = pirclip_data::loader::eval_batches(
+        set.image_paths(&a.images_dir),
+        size,
+        a.batch_size,
+        2,
+        2,
+    )
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
     let mut image_s = Vec::new();
     let mut text_s = Vec::new();
     for _ in 0..a.reps.max(1) {
@@ -140,7 +126,7 @@ pub fn run(a: Args) -> Result<()> {
         "tool": "pirclip",
         "model": model.config.name,
         "weights": weights,
-        "precision": format!("{:?}", a.model.precision).to_lowercase(),
+        "precision": a.model.precision.name(),
         "device": a.model.device,
         "threads": tch::get_num_threads(),
         "images": n,
@@ -158,15 +144,4 @@ pub fn run(a: Args) -> Result<()> {
     });
     println!("{report}");
     Ok(())
-}
-
-impl From<PrecisionArg> for pirclip_model::Precision {
-    fn from(p: PrecisionArg) -> Self {
-        match p {
-            PrecisionArg::Fp32 => Self::Fp32,
-            PrecisionArg::Fp16 => Self::Fp16,
-            PrecisionArg::Bf16 => Self::Bf16,
-            PrecisionArg::Int8 => Self::Int8,
-        }
-    }
 }

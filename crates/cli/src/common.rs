@@ -39,6 +39,26 @@ pub enum PrecisionArg {
     Int8,
 }
 
+impl PrecisionArg {
+    /// The flag's spelling (`fp32`, `int8`, ...).
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl From<PrecisionArg> for pirclip_model::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => Self::Fp32,
+            PrecisionArg::Fp16 => Self::Fp16,
+            PrecisionArg::Bf16 => Self::Bf16,
+            PrecisionArg::Int8 => Self::Int8,
+        }
+    }
+}
+
 /// The model pirclip trained itself and ships (models/README.md): the default when no --checkpoint is given.
 pub const BUNDLED_MODEL: &str = "pir-small-aid150";
 
@@ -160,33 +180,39 @@ impl ModelArgs {
     pub fn load_resolved(&self) -> Result<(ClipModel, PathBuf)> {
         let (config, checkpoint) =
             resolve_model(self.model.as_deref(), self.checkpoint.as_deref())?;
+        let model = load_model(&config, &checkpoint, &self.device)?;
+        Ok((self.ready_for_inference(model)?, checkpoint))
+    }
+
+    /// Applies --threads and --precision to a loaded model and prepares it for inference.
+    pub fn ready_for_inference(&self, mut model: ClipModel) -> Result<ClipModel> {
         if let Some(t) = self.threads {
             tch::set_num_threads(t);
         }
-        let mut model = load_model(&config, &checkpoint, &self.device)?;
-        if matches!(self.precision, PrecisionArg::Fp16 | PrecisionArg::Bf16) {
-            warn_slow_half_precision(model.device(), "--precision fp16/bf16");
+        match self.precision {
+            PrecisionArg::Fp16 => warn_slow_half_precision(model.device(), tch::Kind::Half),
+            PrecisionArg::Bf16 => warn_slow_half_precision(model.device(), tch::Kind::BFloat16),
+            _ => {}
         }
-        model.prepare_for_inference();
         model
-            .set_precision(self.precision.into())
+            .prepare_for_inference(self.precision.into())
             .context("--precision")?;
-        Ok((model, checkpoint))
+        Ok(model)
     }
 }
 
-/// Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX); without it bf16 autocast on the CPU is
-/// emulated and much slower than fp32 (19× for a training step on a Zen 3).
-pub fn cpu_has_fast_bf16() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| s.contains("avx512_bf16") || s.contains("amx_bf16"))
-        .unwrap_or(false)
-}
-
-/// Warns when a half-precision mode would run slower than fp32 on this machine.
-pub fn warn_slow_half_precision(device: Device, what: &str) {
-    if device == Device::Cpu && !cpu_has_fast_bf16() {
-        eprintln!("warning: {what} on this CPU (no AVX-512 BF16 / AMX) is emulated and much slower than fp32; it is meant for CUDA or bf16-capable CPUs");
+/// Warns when autocast to `kind` would run on a CPU without native arithmetic for it (AVX-512 BF16/FP16 or
+/// AMX): PyTorch then emulates it, much slower than fp32 (19× for a training step on a Zen 3).
+pub fn warn_slow_half_precision(device: Device, kind: tch::Kind) {
+    let (name, flags) = match kind {
+        tch::Kind::Half => ("fp16", ["avx512_fp16", "amx_fp16"]),
+        _ => ("bf16", ["avx512_bf16", "amx_bf16"]),
+    };
+    let native = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| flags.iter().any(|f| s.contains(f)))
+        .unwrap_or(false);
+    if device == Device::Cpu && !native {
+        eprintln!("warning: {name} on this CPU (no {} / {}) is emulated and much slower than fp32; it is meant for CUDA or CPUs that have it", flags[0], flags[1]);
     }
 }
 

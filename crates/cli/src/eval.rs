@@ -3,12 +3,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
-use pirclip_data::metrics::{round2, Retrieval};
+use pirclip_data::metrics::round2;
 use pirclip_model::ClipModel;
 use serde_json::json;
 
 use crate::common::{BeliefModeArg, ModelArgs};
-use crate::pipeline::{encode_images, encode_texts};
+use crate::pipeline::encode_set;
 
 /// Retrieval evaluation exactly as the official retrieval.py (spec §7): test images sorted by file name,
 /// all captions of each, cosine similarity, R@k image→text and text→image, mean recall.
@@ -125,29 +125,19 @@ pub fn evaluate(a: &Args, p: Prepared, model: &ClipModel, checkpoint_path: &Path
         missing,
     } = p;
     let margs = &a.model;
-    let t_enc = Instant::now();
-    let img = encode_images(
+    let enc = encode_set(
         model,
-        &set.image_paths(&a.images_dir),
+        &set,
+        &a.images_dir,
         margs.options(),
         a.batch_size,
         true,
-        true,
     )?;
-    let img_s = t_enc.elapsed().as_secs_f64();
-    let t_txt = Instant::now();
-    let txt = encode_texts(model, &set.texts, 256, true, true)?;
-    let txt_s = t_txt.elapsed().as_secs_f64();
-    let enc_s = t_enc.elapsed().as_secs_f64();
+    let m = enc.metrics(&set, &a.recall_k);
+    let (img, txt) = (&enc.img, &enc.txt);
     let (ni, nt) = (img.rows, txt.rows);
-    let scores = crate::pipeline::similarity(&img, &txt);
-    let m = Retrieval {
-        scores: &scores,
-        n_texts: nt,
-        n_images: ni,
-        text_to_image: &set.text_to_image,
-    }
-    .metrics(&a.recall_k);
+    let (img_s, txt_s) = (enc.image_seconds, enc.text_seconds);
+    let enc_s = img_s + txt_s;
     let seconds = t0.elapsed().as_secs_f64();
 
     println!(
@@ -221,6 +211,7 @@ pub fn evaluate(a: &Args, p: Prepared, model: &ClipModel, checkpoint_path: &Path
                 "belief_mode": match margs.belief_mode { BeliefModeArg::BeliefPlusIndex => "belief_plus_index", BeliefModeArg::BeliefOnly => "belief_only" },
                 "batch_size": a.batch_size,
                 "device": margs.device,
+                "precision": margs.precision.name(),
                 "recall_k": a.recall_k,
                 "seconds": seconds,
                 "pirclip_version": env!("CARGO_PKG_VERSION"),

@@ -1,9 +1,12 @@
 //! Encoding pipelines shared by `embed` and `eval`: images decoded on worker threads while the model
 //! runs; captions tokenised and batched by length so short captions run short sequences.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
+use pirclip_data::karpathy::RetrievalSet;
+use pirclip_data::metrics::{Metrics, Retrieval};
 use pirclip_model::clip::{ids_tensor, images_tensor};
 use pirclip_model::{l2_normalize, ClipModel, EncodeOptions};
 use tch::{Kind, Tensor};
@@ -133,4 +136,55 @@ pub fn similarity(img: &Embeddings, txt: &Embeddings) -> Vec<f32> {
     let it = Tensor::from_slice(&img.values).view([img.rows as i64, img.dim as i64]);
     let tt = Tensor::from_slice(&txt.values).view([txt.rows as i64, txt.dim as i64]);
     to_vec(&tt.matmul(&it.tr()))
+}
+
+/// A retrieval set encoded (normalised rows), with the seconds each side took.
+pub struct EncodedSet {
+    pub img: Embeddings,
+    pub txt: Embeddings,
+    pub image_seconds: f64,
+    pub text_seconds: f64,
+}
+
+/// Encodes the images and captions of `set` as `pirclip eval` does.
+pub fn encode_set(
+    model: &ClipModel,
+    set: &RetrievalSet,
+    images_dir: &Path,
+    opts: EncodeOptions,
+    batch_size: usize,
+    progress: bool,
+) -> Result<EncodedSet> {
+    let t = Instant::now();
+    let img = encode_images(
+        model,
+        &set.image_paths(images_dir),
+        opts,
+        batch_size,
+        true,
+        progress,
+    )?;
+    let image_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let txt = encode_texts(model, &set.texts, 256, true, progress)?;
+    Ok(EncodedSet {
+        img,
+        txt,
+        image_seconds,
+        text_seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+impl EncodedSet {
+    /// The official retrieval metrics at the recall cut-offs `ks`.
+    pub fn metrics(&self, set: &RetrievalSet, ks: &[usize]) -> Metrics {
+        let scores = similarity(&self.img, &self.txt);
+        Retrieval {
+            scores: &scores,
+            n_texts: self.txt.rows,
+            n_images: self.img.rows,
+            text_to_image: &set.text_to_image,
+        }
+        .metrics(ks)
+    }
 }

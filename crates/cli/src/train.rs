@@ -5,7 +5,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
-use pirclip_data::metrics::Retrieval;
 use pirclip_data::train::{samples_from_karpathy, LoaderConfig, Sample, ShardOrder, TrainLoader};
 use pirclip_model::clip::{ids_tensor, images_tensor};
 use pirclip_model::{ClipModel, EncodeOptions, ModelConfig};
@@ -232,38 +231,6 @@ fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
     }
 }
 
-fn validate(
-    model: &ClipModel,
-    json: &Path,
-    images: &Path,
-    split: &str,
-    belief: EncodeOptions,
-) -> Result<pirclip_data::metrics::Metrics> {
-    let ds = Dataset::load(json)?;
-    let set = RetrievalSet::build(&ds, &[split]);
-    let img = crate::pipeline::encode_images(
-        model,
-        &set.image_paths(images),
-        EncodeOptions {
-            bn_mode: pirclip_model::BnMode::Running,
-            ..belief
-        },
-        64,
-        true,
-        false,
-    )?;
-    let txt = crate::pipeline::encode_texts(model, &set.texts, 256, true, false)?;
-    let (ni, nt) = (img.rows, txt.rows);
-    let scores = crate::pipeline::similarity(&img, &txt);
-    Ok(Retrieval {
-        scores: &scores,
-        n_texts: nt,
-        n_images: ni,
-        text_to_image: &set.text_to_image,
-    }
-    .metrics(&[1, 5, 10]))
-}
-
 pub fn run(a: Args) -> Result<()> {
     let device = parse_device(&a.device)?;
     if let Some(t) = a.threads {
@@ -393,6 +360,14 @@ pub fn run(a: Args) -> Result<()> {
         log.line(&msg);
     }
 
+    let validation = match (&a.val_data, &a.val_images_dir) {
+        (Some(json), Some(images)) => Some((
+            RetrievalSet::build(&Dataset::load(json)?, &[a.val_split.as_str()]),
+            images.clone(),
+        )),
+        (None, None) => None,
+        _ => bail!("--val-data and --val-images-dir go together"),
+    };
     let (mut samples, shard_of) = load_samples(&a)?;
     let mut shard_order = match (a.dataset_resampled, shard_of) {
         (true, None) => bail!("--dataset-resampled needs webdataset shards as --train-data"),
@@ -476,8 +451,8 @@ pub fn run(a: Args) -> Result<()> {
             end_lr: a.lr_cooldown_end,
         },
     };
-    if trainer.autocast_kind().is_some() {
-        crate::common::warn_slow_half_precision(device, "bf16 autocast");
+    if let Some(kind) = trainer.autocast_kind() {
+        crate::common::warn_slow_half_precision(device, kind);
     }
     let header = format!(
         "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}{}, {} epochs, steps {}..{}, precision {}",
@@ -640,23 +615,21 @@ pub fn run(a: Args) -> Result<()> {
         if a.save_most_recent || step == stop_at {
             checkpoint::save(&ckpt_dir.join("epoch_latest.pt"), &trainer, &name, p, lr)?;
         }
-        if let (Some(vj), Some(vi)) = (&a.val_data, &a.val_images_dir) {
+        if let Some((set, images)) = &validation {
             if completed % a.val_frequency == 0 || completed == a.epochs {
-                let m = validate(
+                let official = crate::pipeline::encode_set(
                     &trainer.model,
-                    vj,
-                    vi,
-                    &a.val_split,
+                    set,
+                    images,
                     EncodeOptions {
                         bn_mode: pirclip_model::BnMode::Running,
                         belief_mode: options.belief_mode,
                     },
-                )?;
-                let mut scalars = Vec::new();
-                let official = m.official();
-                for (k, v) in &official {
-                    scalars.push((k.as_str(), *v));
-                }
+                    64,
+                    false,
+                )?
+                .metrics(set, &[1, 5, 10])
+                .official();
                 let tags: Vec<(String, f64)> = official
                     .iter()
                     .map(|(k, v)| (format!("val/{k}"), *v))

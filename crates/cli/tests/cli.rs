@@ -293,6 +293,7 @@ fn eval_reproduces_official_retrieval_metrics_in_both_bn_modes() {
     assert_eq!(got["settings"]["images"], 4);
     assert_eq!(got["settings"]["texts"], 20);
     assert_eq!(got["settings"]["bn_mode"], "running");
+    assert_eq!(got["settings"]["precision"], "fp32");
     assert!(
         max_diff(
             &emb.join("img_emb.npy"),

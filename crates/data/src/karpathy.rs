@@ -140,24 +140,25 @@ impl RetrievalSet {
 
     /// Drops images whose file is absent under `dir` (and their texts); returns the dropped names.
     pub fn retain_present(&mut self, dir: &Path) -> Vec<String> {
-        let present: Vec<bool> = self.images.iter().map(|f| dir.join(f).is_file()).collect();
-        let missing: Vec<String> = self
-            .images
-            .iter()
-            .zip(&present)
-            .filter(|(_, p)| !**p)
-            .map(|(f, _)| f.clone())
-            .collect();
-        if missing.is_empty() {
-            return missing;
-        }
+        self.retain_images(|_, f| dir.join(f).is_file())
+    }
+
+    /// Keeps the images for which `keep(index, name)` holds, with their texts; returns the dropped names.
+    pub fn retain_images(&mut self, keep: impl Fn(usize, &str) -> bool) -> Vec<String> {
         let mut remap = vec![usize::MAX; self.images.len()];
         let mut kept = Vec::new();
-        for (i, f) in self.images.iter().enumerate() {
-            if present[i] {
+        let mut dropped = Vec::new();
+        for (i, f) in std::mem::take(&mut self.images).into_iter().enumerate() {
+            if keep(i, &f) {
                 remap[i] = kept.len();
-                kept.push(f.clone());
+                kept.push(f);
+            } else {
+                dropped.push(f);
             }
+        }
+        self.images = kept;
+        if dropped.is_empty() {
+            return dropped;
         }
         let mut texts = Vec::new();
         let mut t2i = Vec::new();
@@ -167,10 +168,9 @@ impl RetrievalSet {
                 t2i.push(remap[i]);
             }
         }
-        self.images = kept;
         self.texts = texts;
         self.text_to_image = t2i;
-        missing
+        dropped
     }
 
     pub fn image_paths(&self, dir: &Path) -> Vec<PathBuf> {
@@ -213,5 +213,11 @@ mod tests {
         assert_eq!(s.images, ["a_10.jpg", "a_2.jpg", "b_2.jpg"]);
         assert_eq!(s.texts, ["A", "A2", "B one", "B two"]);
         assert_eq!(s.text_to_image, [0, 1, 2, 2]);
+        // Dropping the middle image drops its text and renumbers the rest.
+        let mut r = s.clone();
+        assert_eq!(r.retain_images(|i, _| i != 1), ["a_2.jpg"]);
+        assert_eq!(r.images, ["a_10.jpg", "b_2.jpg"]);
+        assert_eq!(r.texts, ["A", "B one", "B two"]);
+        assert_eq!(r.text_to_image, [0, 1, 1]);
     }
 }

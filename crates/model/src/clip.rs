@@ -146,19 +146,16 @@ impl ClipModel {
     }
 
     /// For a model that only runs inference from now on: folds the ResNets' BatchNorm (running
-    /// statistics) into their convolutions, laid out channels-last. `BnMode::Batch` / `Train` still use
-    /// the unfolded layers.
-    pub fn prepare_for_inference(&self) {
+    /// statistics) into their convolutions, laid out channels-last (`BnMode::Batch` / `Train` still use
+    /// the unfolded layers), and sets the arithmetic of `encode_image` / `encode_text`, whose outputs stay
+    /// fp32 tensors.
+    pub fn prepare_for_inference(&mut self, precision: Precision) -> Result<(), Error> {
         if let Visual::ResNet(r) = &self.visual {
             r.fold_batchnorm();
         }
         if let Some(i) = &self.instruction {
             i.res_visual.fold_batchnorm();
         }
-    }
-
-    /// Inference precision of `encode_image` / `encode_text`; outputs stay fp32 tensors.
-    pub fn set_precision(&mut self, precision: Precision) -> Result<(), Error> {
         self.autocast = match precision {
             Precision::Fp32 | Precision::Int8 => None,
             Precision::Fp16 => Some(Kind::Half),
@@ -245,18 +242,17 @@ impl ClipModel {
 
     /// `--precision int8`: dynamic int8 quantization of every linear layer (weights per output channel,
     /// activations per tensor at run time, fbgemm). Convolutions, attention products, LayerNorm and the
-    /// final projections stay fp32. Inference on CPU only; returns how many layers were quantized.
-    pub fn quantize_int8(&self) -> Result<usize, Error> {
+    /// final projections stay fp32. Inference on CPU only.
+    pub fn quantize_int8(&self) -> Result<(), Error> {
         if self.device() != Device::Cpu {
             return Err(Error::Config(
                 "int8 runs on the CPU (fbgemm); use fp16/bf16 on CUDA".into(),
             ));
         }
-        let linears = self.linears();
-        for l in &linears {
+        for l in self.linears() {
             l.quantize_int8().map_err(Error::Config)?;
         }
-        Ok(linears.len())
+        Ok(())
     }
 
     pub fn parameter_count(&self) -> usize {
