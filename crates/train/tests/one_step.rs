@@ -9,7 +9,7 @@ use pirclip_model::{ClipModel, ModelConfig};
 use pirclip_train::{
     labels_from_names, AdamWConfig, GradScaler, TrainOptions, TrainPrecision, Trainer,
 };
-use tch::Device;
+use tch::{Device, Tensor};
 
 fn fx(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -28,39 +28,67 @@ fn key_bias_range(name: &str, len: usize) -> Option<std::ops::Range<usize>> {
     }
 }
 
+/// Fixture A's model before the step, and its batch of 4 (names airport, bareland, airport, beach).
+struct Fixture {
+    config: ModelConfig,
+    before: pirclip_checkpoint::StateDict,
+    pixels: Vec<f32>,
+    tokens: Vec<i64>,
+}
+
+const NAMES: [&str; 4] = [
+    "airport_348.jpg",
+    "bareland_43.jpg",
+    "airport_349.jpg",
+    "beach_388.jpg",
+];
+
+impl Fixture {
+    fn load() -> Self {
+        Fixture {
+            config: ModelConfig::from_name_or_path(fx("config.json").to_str().unwrap()).unwrap(),
+            before: pirclip_checkpoint::load(fx("train_checkpoint.pt"))
+                .unwrap()
+                .state_dict,
+            pixels: npy::read(fx("pixels_eval.npy")).unwrap().to_f32_vec(),
+            tokens: npy::read(fx("tokens.npy")).unwrap().to_i64_vec(),
+        }
+    }
+
+    /// A trainer from `train_checkpoint.pt` with the official AdamW settings (β 0.9/0.999, eps 1e-8, wd 0.2).
+    fn trainer(&self, options: TrainOptions) -> Trainer {
+        let model = ClipModel::new(&self.config, Device::Cpu);
+        model.load(&self.before, "train_checkpoint.pt").unwrap();
+        Trainer::new(model, AdamWConfig::default(), options)
+    }
+
+    /// Samples `from..from + n` of the batch as (images, token ids).
+    fn batch(&self, from: usize, n: usize) -> (Tensor, Tensor) {
+        let per_image = 3 * 64 * 64;
+        (
+            images_tensor(
+                &self.pixels[from * per_image..(from + n) * per_image],
+                n,
+                64,
+                Device::Cpu,
+            ),
+            ids_tensor(&self.tokens[from * 77..(from + n) * 77], n, Device::Cpu),
+        )
+    }
+}
+
 #[test]
 fn one_training_step_matches_the_official_step() {
-    let cfg = ModelConfig::from_name_or_path(fx("config.json").to_str().unwrap()).unwrap();
-    let model = ClipModel::new(&cfg, Device::Cpu);
-    let before = pirclip_checkpoint::load(fx("train_checkpoint.pt"))
-        .unwrap()
-        .state_dict;
-    model.load(&before, "train_checkpoint.pt").unwrap();
-    let adamw = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.2,
-    };
-    let mut trainer = Trainer::new(model, adamw, TrainOptions::default());
-    let images = images_tensor(
-        &npy::read(fx("pixels_eval.npy")).unwrap().to_f32_vec(),
-        4,
-        64,
-        Device::Cpu,
+    let f = Fixture::load();
+    let adamw = AdamWConfig::default();
+    assert_eq!(
+        (adamw.beta1, adamw.beta2, adamw.eps, adamw.weight_decay),
+        (0.9, 0.999, 1e-8, 0.2)
     );
-    let ids = ids_tensor(
-        &npy::read(fx("tokens.npy")).unwrap().to_i64_vec()[..4 * 77],
-        4,
-        Device::Cpu,
-    );
-    let names = [
-        "airport_348.jpg",
-        "bareland_43.jpg",
-        "airport_349.jpg",
-        "beach_388.jpg",
-    ];
-    let labels = labels_from_names(&names);
+    let mut trainer = f.trainer(TrainOptions::default());
+    let before = &f.before;
+    let (images, ids) = f.batch(0, 4);
+    let labels = labels_from_names(&NAMES);
     assert_eq!(labels, vec![0, 1, 0, 2]);
     let stats = trainer.step(&images, &ids, &labels, 1e-3);
 
@@ -175,45 +203,13 @@ fn one_training_step_matches_the_official_step() {
 /// ResNet locked so BatchNorm does not depend on the batch split), and the same losses.
 #[test]
 fn accumulated_micro_batches_give_the_full_batch_gradient() {
-    let cfg = ModelConfig::from_name_or_path(fx("config.json").to_str().unwrap()).unwrap();
-    let state = pirclip_checkpoint::load(fx("train_checkpoint.pt"))
-        .unwrap()
-        .state_dict;
-    let pixels = npy::read(fx("pixels_eval.npy")).unwrap().to_f32_vec();
-    let tokens = npy::read(fx("tokens.npy")).unwrap().to_i64_vec();
-    let per_image = 3 * 64 * 64;
-    let labels = labels_from_names(&[
-        "airport_348.jpg",
-        "bareland_43.jpg",
-        "airport_349.jpg",
-        "beach_388.jpg",
-    ]);
-    let options = TrainOptions {
+    let f = Fixture::load();
+    let labels = labels_from_names(&NAMES);
+    let locked = TrainOptions {
         lock_instruction: true,
         ..TrainOptions::default()
     };
-    let adamw = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.2,
-    };
-    let trainer = || {
-        let model = ClipModel::new(&cfg, Device::Cpu);
-        model.load(&state, "train_checkpoint.pt").unwrap();
-        Trainer::new(model, adamw, options)
-    };
-    let batch = |from: usize, n: usize| {
-        (
-            images_tensor(
-                &pixels[from * per_image..(from + n) * per_image],
-                n,
-                64,
-                Device::Cpu,
-            ),
-            ids_tensor(&tokens[from * 77..(from + n) * 77], n, Device::Cpu),
-        )
-    };
+    let (trainer, batch) = (|| f.trainer(locked), |from, n| f.batch(from, n));
     let mut full = trainer();
     let whole = batch(0, 4);
     let a = full.step(&whole.0, &whole.1, &labels, 1e-3);
@@ -249,11 +245,7 @@ fn accumulated_micro_batches_give_the_full_batch_gradient() {
     println!("worst per-parameter relative gradient difference {worst:.2e}");
     assert!(worst <= 1e-4, "{worst}");
     // A different split really changes something when BatchNorm is in train mode: the test can fail.
-    let mut bn_train = {
-        let model = ClipModel::new(&cfg, Device::Cpu);
-        model.load(&state, "train_checkpoint.pt").unwrap();
-        Trainer::new(model, adamw, TrainOptions::default())
-    };
+    let mut bn_train = f.trainer(TrainOptions::default());
     let c = bn_train.step_accumulated(&[batch(0, 2), batch(2, 2)], &labels, 1e-3);
     assert!((c.contrastive - a.contrastive).abs() > 1e-6);
 }
@@ -262,33 +254,14 @@ fn accumulated_micro_batches_give_the_full_batch_gradient() {
 /// within bf16 error of fp32, parameters and optimizer state stay fp32, and the step is taken.
 #[test]
 fn bf16_autocast_step_is_close_to_fp32_and_keeps_fp32_weights() {
-    let cfg = ModelConfig::from_name_or_path(fx("config.json").to_str().unwrap()).unwrap();
-    let state = pirclip_checkpoint::load(fx("train_checkpoint.pt"))
-        .unwrap()
-        .state_dict;
-    let images = images_tensor(
-        &npy::read(fx("pixels_eval.npy")).unwrap().to_f32_vec(),
-        4,
-        64,
-        Device::Cpu,
-    );
-    let ids = ids_tensor(
-        &npy::read(fx("tokens.npy")).unwrap().to_i64_vec()[..4 * 77],
-        4,
-        Device::Cpu,
-    );
-    let labels = [0, 1, 0, 2];
+    let f = Fixture::load();
+    let (images, ids) = f.batch(0, 4);
+    let labels = labels_from_names(&NAMES);
     let run = |precision| {
-        let model = ClipModel::new(&cfg, Device::Cpu);
-        model.load(&state, "train_checkpoint.pt").unwrap();
-        let mut t = Trainer::new(
-            model,
-            AdamWConfig::default(),
-            TrainOptions {
-                precision,
-                ..TrainOptions::default()
-            },
-        );
+        let mut t = f.trainer(TrainOptions {
+            precision,
+            ..TrainOptions::default()
+        });
         let s = t.step(&images, &ids, &labels, 1e-3);
         (t, s)
     };
@@ -313,7 +286,7 @@ fn bf16_autocast_step_is_close_to_fp32_and_keeps_fp32_weights() {
         }
         let sd = t.model.state_dict();
         let moved = sd.get("visual.conv1.weight").unwrap().to_f32_vec();
-        let before = state.get("visual.conv1.weight").unwrap().to_f32_vec();
+        let before = f.before.get("visual.conv1.weight").unwrap().to_f32_vec();
         assert_ne!(moved, before, "step taken");
     }
 }
