@@ -20,6 +20,13 @@ fn pirclip(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs pirclip and fails the test with its stderr unless it succeeded.
+fn pirclip_ok(args: &[&str]) -> std::process::Output {
+    let o = pirclip(args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pirclip-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -76,8 +83,7 @@ fn embed_jpegs_and_captions_matches_official_features() {
             "--images",
         ]);
         args.extend(imgs.iter().map(|s| s.as_str()));
-        let o = pirclip(&args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        pirclip_ok(&args);
         let d = max_diff(&out.join("img_emb.npy"), &fx(want));
         println!("{layout} --bn-mode {bn}: image max |Δ| {d:.2e}");
         assert!(d <= 1e-4, "{d}");
@@ -94,7 +100,7 @@ fn embed_jpegs_and_captions_matches_official_features() {
         );
     }
     // Normalised rows by default; a directory is read in sorted order.
-    let o = pirclip(&[
+    pirclip_ok(&[
         "embed",
         "--model",
         fx("config.json").to_str().unwrap(),
@@ -105,7 +111,6 @@ fn embed_jpegs_and_captions_matches_official_features() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success());
     let e = npy::read(out.join("img_emb.npy")).unwrap().to_f32_vec();
     for row in e.chunks(64) {
         let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
@@ -191,7 +196,7 @@ fn tokenize_prints_open_clip_ids() {
 fn init_then_inspect_reports_the_model() {
     let dir = tmpdir("init");
     let f = dir.join("tiny.safetensors");
-    let o = pirclip(&[
+    pirclip_ok(&[
         "init",
         "--model",
         fx("config.json").to_str().unwrap(),
@@ -200,7 +205,6 @@ fn init_then_inspect_reports_the_model() {
         "--seed",
         "3",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = pirclip(&["inspect", f.to_str().unwrap()]);
     let s = String::from_utf8(o.stdout).unwrap();
     assert!(
@@ -265,11 +269,7 @@ fn eval_json(extra: &[&str], out: &Path) -> serde_json::Value {
         ]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    pirclip_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
 }
 
@@ -333,7 +333,7 @@ fn eval_reproduces_official_retrieval_metrics_in_both_bn_modes() {
 /// Existing official commands work by changing only the program name.
 #[test]
 fn eval_accepts_the_official_flag_names() {
-    let o = pirclip(&[
+    let o = pirclip_ok(&[
         "eval",
         "--model-name",
         fx("config.json").to_str().unwrap(),
@@ -350,7 +350,6 @@ fn eval_accepts_the_official_flag_names() {
         "--batch-size",
         "2",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8(o.stdout).unwrap();
     assert!(
         s.lines()
@@ -437,8 +436,7 @@ fn train(dir: &Path, name: &str, max_steps: &str, extra: &[&str]) {
         "1",
     ];
     args.extend(extra);
-    let o = pirclip(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    pirclip_ok(&args);
 }
 
 /// N steps straight vs N/2, stop, resume, N/2: identical weights and optimizer moments (CPU).
@@ -446,7 +444,7 @@ fn train(dir: &Path, name: &str, max_steps: &str, extra: &[&str]) {
 fn resume_continues_exactly() {
     let dir = tmpdir("resume");
     let m = mini();
-    let o = pirclip(&[
+    pirclip_ok(&[
         "shards",
         "--json",
         m.join("dataset_rsicd_mini.json").to_str().unwrap(),
@@ -459,7 +457,6 @@ fn resume_continues_exactly() {
         "--shard-size",
         "100",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // 6 steps cross no epoch boundary; 40 steps cross one (37 batches per epoch). With --accum-freq 2,
     // an epoch is 18 steps (the 37th micro-batch is dropped): 24 steps cross it.
     let accum: &[&str] = &["--accum-freq", "2"];
@@ -539,7 +536,7 @@ fn resume_continues_exactly() {
 fn export_fp16_keeps_bn_statistics_fp32_and_embeddings_close() {
     let dir = tmpdir("export");
     let half = dir.join("half.safetensors");
-    let o = pirclip(&[
+    pirclip_ok(&[
         "export",
         "--checkpoint",
         fx("train_checkpoint.pt").to_str().unwrap(),
@@ -548,7 +545,6 @@ fn export_fp16_keeps_bn_statistics_fp32_and_embeddings_close() {
         "--dtype",
         "fp16",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let sd = pirclip_checkpoint::load(&half).unwrap().state_dict;
     assert_eq!(sd.len(), 187);
     assert_eq!(
@@ -563,7 +559,7 @@ fn export_fp16_keeps_bn_statistics_fp32_and_embeddings_close() {
         sd.get("res_visual.bn1.num_batches_tracked").unwrap().dtype,
         pirclip_checkpoint::DType::I64
     );
-    let o = pirclip(&[
+    pirclip_ok(&[
         "embed",
         "--model",
         fx("config.json").to_str().unwrap(),
@@ -576,8 +572,7 @@ fn export_fp16_keeps_bn_statistics_fp32_and_embeddings_close() {
         "--out",
         dir.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = pirclip(&[
+    pirclip_ok(&[
         "embed",
         "--model",
         fx("config.json").to_str().unwrap(),
@@ -588,7 +583,6 @@ fn export_fp16_keeps_bn_statistics_fp32_and_embeddings_close() {
         "--out",
         dir.join("f32").to_str().unwrap(),
     ]);
-    assert!(o.status.success());
     let d = max_diff(&dir.join("img_emb.npy"), &dir.join("f32/img_emb.npy"));
     assert!(
         d < 0.05 && d > 0.0,
@@ -598,7 +592,7 @@ fn export_fp16_keeps_bn_statistics_fp32_and_embeddings_close() {
 
 #[test]
 fn search_ranks_images_for_queries() {
-    let o = pirclip(&[
+    let o = pirclip_ok(&[
         "search",
         "--model",
         fx("config.json").to_str().unwrap(),
@@ -611,7 +605,6 @@ fn search_ranks_images_for_queries() {
         "an airport",
         "a beach",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8(o.stdout).unwrap();
     assert!(
         s.contains("\u{201c}an airport\u{201d}") && s.contains("\u{201c}a beach\u{201d}"),
@@ -636,8 +629,7 @@ fn search_ranks_images_for_queries() {
 /// The README's main job: bundled model + bundled images, offline.
 #[test]
 fn demo_runs_offline_with_the_bundled_model() {
-    let o = pirclip(&["demo"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = pirclip_ok(&["demo"]);
     let s = String::from_utf8(o.stdout).unwrap();
     assert!(s.contains("60 images, 300 texts"), "{s}");
     assert!(s.contains("mean recall"), "{s}");
@@ -666,7 +658,7 @@ fn demo_runs_offline_with_the_bundled_model() {
     let dir = tmpdir("bundled");
     let m = mini();
     let out = dir.join("m.json");
-    let o = pirclip(&[
+    pirclip_ok(&[
         "eval",
         "--json",
         m.join("dataset_rsicd_mini.json").to_str().unwrap(),
@@ -675,7 +667,6 @@ fn demo_runs_offline_with_the_bundled_model() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
     assert_eq!(v["settings"]["model"], "pir-small-aid150");
@@ -695,7 +686,7 @@ fn fine_tuning_switches_do_what_they_say() {
     let json = m.join("dataset_rsicd_mini.json");
     let images = m.join("images");
     let logs = dir.join("logs");
-    let o = pirclip(&[
+    pirclip_ok(&[
         "train",
         "--model",
         fx("config.json").to_str().unwrap(),
@@ -739,7 +730,6 @@ fn fine_tuning_switches_do_what_they_say() {
         "--log-every-n-steps",
         "1",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let log = std::fs::read_to_string(logs.join("ft/out.log")).unwrap();
     assert!(
         log.contains("loaded 187 tensors; randomly initialised: none"),
@@ -810,7 +800,7 @@ fn debug_path_constant_lr_in_order_and_reproducible() {
     let dir = tmpdir("debugpath");
     let m = mini();
     let run = |name: &str| {
-        let o = pirclip(&[
+        pirclip_ok(&[
             "train",
             "--model",
             fx("config.json").to_str().unwrap(),
@@ -841,7 +831,6 @@ fn debug_path_constant_lr_in_order_and_reproducible() {
             "--log-every-n-steps",
             "1",
         ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         dir.join(format!("logs/{name}"))
     };
     let (a, b) = (run("a"), run("b"));
@@ -886,7 +875,7 @@ fn int8_embeddings_stay_close_and_bench_reports_json() {
     let mut embs = Vec::new();
     for p in ["fp32", "int8"] {
         let dir = out.join(p);
-        let o = pirclip(&[
+        pirclip_ok(&[
             "embed",
             "--precision",
             p,
@@ -897,7 +886,6 @@ fn int8_embeddings_stay_close_and_bench_reports_json() {
             "--out",
             dir.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         embs.push([
             npy::read(dir.join("img_emb.npy")).unwrap(),
             npy::read(dir.join("text_emb.npy")).unwrap(),
@@ -918,7 +906,7 @@ fn int8_embeddings_stay_close_and_bench_reports_json() {
         assert!(worst > 0.98, "{what}: {worst}");
         assert!(!identical, "{what}: int8 really changes the arithmetic");
     }
-    let o = pirclip(&[
+    let o = pirclip_ok(&[
         "bench",
         "--precision",
         "int8",
@@ -929,7 +917,6 @@ fn int8_embeddings_stay_close_and_bench_reports_json() {
         "--images",
         "16",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     println!("{r}");
     assert_eq!(r["images"], 16);
