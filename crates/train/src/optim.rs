@@ -218,18 +218,18 @@ impl Default for GradScaler {
 }
 
 impl GradScaler {
-    /// Divides the gradients by the scale; true when all of them are finite.
+    /// Divides the gradients by the scale; true when all of them are finite (one device sync in all).
     pub fn unscale(&self, params: &[ParamState]) -> bool {
         let _guard = tch::no_grad_guard();
-        let mut finite = true;
+        let mut finite = Vec::with_capacity(params.len());
         for p in params {
             let g = p.param.grad();
             if g.defined() {
                 let _ = g.shallow_clone().g_mul_scalar_(1.0 / self.scale);
-                finite &= g.isfinite().all().int64_value(&[]) != 0;
+                finite.push(g.isfinite().all());
             }
         }
-        finite
+        finite.is_empty() || Tensor::stack(&finite, 0).all().int64_value(&[]) != 0
     }
 
     /// After a step: back off (the step was skipped) or count towards growth.
