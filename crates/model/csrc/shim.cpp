@@ -7,12 +7,20 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace {
 char *message(const std::exception &e) { return strdup(e.what()); }
 at::DeviceType device_of(int device) { return device == 0 ? at::kCPU : at::kCUDA; }
+std::vector<at::Tensor> list(at::Tensor *const *ts, int n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (int i = 0; i < n; i++) v.push_back(*ts[i]);  // shares the TensorImpl: in-place ops reach the caller's
+  return v;
+}
 }  // namespace
 
 extern "C" {
@@ -73,6 +81,56 @@ at::Tensor *pirclip_qlinear_dynamic(const at::Tensor *x, void *packed, int reduc
   } catch (const std::exception &e) {
     *err = message(e);
     return nullptr;
+  }
+}
+
+// One AdamW update of n tensors as torch.optim.AdamW(foreach=True) does it (`_multi_tensor_adamw`, not
+// capturable; PyTorch's default when the parameters are on CUDA): one kernel per operation over all
+// tensors instead of one per tensor. Returns 0, or -1 and *err.
+int pirclip_adamw_foreach(at::Tensor *const *params, at::Tensor *const *grads,
+                          at::Tensor *const *exp_avgs, at::Tensor *const *exp_avg_sqs, int n,
+                          double lr, double beta1, double beta2, double weight_decay, double eps,
+                          double bias_correction1, double bias_correction2, char **err) {
+  try {
+    auto p = list(params, n), g = list(grads, n), m = list(exp_avgs, n), v = list(exp_avg_sqs, n);
+    if (weight_decay != 0) at::_foreach_mul_(p, 1 - lr * weight_decay);
+    at::_foreach_lerp_(m, g, 1 - beta1);
+    at::_foreach_mul_(v, beta2);
+    at::_foreach_addcmul_(v, g, g, 1 - beta2);
+    auto denom = at::_foreach_sqrt(v);
+    at::_foreach_div_(denom, std::sqrt(bias_correction2));
+    at::_foreach_add_(denom, eps);
+    at::_foreach_addcdiv_(p, m, denom, -(lr / bias_correction1));
+    return 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return -1;
+  }
+}
+
+// L2 norm of each of n tensors (`torch._foreach_norm`), stacked into one 1-D tensor on their device.
+at::Tensor *pirclip_norms_foreach(at::Tensor *const *ts, int n, char **err) {
+  try {
+    return new at::Tensor(at::stack(at::_foreach_norm(list(ts, n), 2)));
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return nullptr;
+  }
+}
+
+// GradScaler's unscale (`torch._amp_foreach_non_finite_check_and_unscale_`): multiplies n gradients by
+// inv_scale and returns 1 when all were finite, 0 when one held inf/NaN, -1 and *err on failure. One
+// device sync in all.
+int pirclip_unscale_foreach(at::Tensor *const *grads, int n, double inv_scale, char **err) {
+  try {
+    auto g = list(grads, n);
+    auto opts = g.at(0).options().dtype(at::kFloat);
+    auto found_inf = at::zeros({1}, opts);
+    at::_amp_foreach_non_finite_check_and_unscale_(g, found_inf, at::full({1}, inv_scale, opts));
+    return found_inf.item<float>() == 0 ? 1 : 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return -1;
   }
 }
 

@@ -1,5 +1,6 @@
-//! Safe wrappers over `csrc/shim.cpp`: autocast with a chosen dtype on CPU or CUDA, and fbgemm's dynamic
-//! int8 linear layer.
+//! Safe wrappers over `csrc/shim.cpp`: autocast with a chosen dtype on CPU or CUDA, fbgemm's dynamic
+//! int8 linear layer, and the multi-tensor (`_foreach_`) kernels PyTorch's optimizer and GradScaler use
+//! on CUDA.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -22,6 +23,32 @@ extern "C" {
         reduce_range: c_int,
         err: *mut *mut c_char,
     ) -> *mut c_void;
+    fn pirclip_adamw_foreach(
+        params: *const *const c_void,
+        grads: *const *const c_void,
+        exp_avgs: *const *const c_void,
+        exp_avg_sqs: *const *const c_void,
+        n: c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        bias_correction1: f64,
+        bias_correction2: f64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn pirclip_norms_foreach(
+        ts: *const *const c_void,
+        n: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn pirclip_unscale_foreach(
+        grads: *const *const c_void,
+        n: c_int,
+        inv_scale: f64,
+        err: *mut *mut c_char,
+    ) -> c_int;
 }
 
 fn take_message(err: *mut c_char) -> String {
@@ -115,6 +142,103 @@ impl Drop for QuantizedLinear {
     fn drop(&mut self) {
         // SAFETY: `packed` came from pirclip_qlinear_prepack and is freed once.
         unsafe { pirclip_qlinear_free(self.packed) }
+    }
+}
+
+/// Multi-tensor kernels over lists of same-device float tensors: one launch per operation for all of
+/// them, which is what keeps an optimizer step of ~500 tensors cheap on a GPU.
+pub mod foreach {
+    use super::*;
+
+    fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
+        ts.iter().map(|t| t.as_ptr() as *const c_void).collect()
+    }
+
+    /// Parameters of one AdamW group, as `_multi_tensor_adamw` takes them.
+    #[derive(Debug, Clone, Copy)]
+    pub struct AdamWStep {
+        pub lr: f64,
+        pub beta1: f64,
+        pub beta2: f64,
+        pub weight_decay: f64,
+        pub eps: f64,
+        pub bias_correction1: f64,
+        pub bias_correction2: f64,
+    }
+
+    /// torch.optim.AdamW(foreach=True)'s update of one parameter group, in place.
+    pub fn adamw(
+        params: &[&Tensor],
+        grads: &[&Tensor],
+        exp_avgs: &[&Tensor],
+        exp_avg_sqs: &[&Tensor],
+        s: AdamWStep,
+    ) -> Result<(), String> {
+        let n = params.len();
+        if grads.len() != n || exp_avgs.len() != n || exp_avg_sqs.len() != n {
+            return Err("adamw foreach: lists of different lengths".into());
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (p, g, m, v) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
+        let mut err = std::ptr::null_mut();
+        // SAFETY: arrays of n live `at::Tensor*` borrowed for the call; the shim keeps no pointer.
+        let rc = unsafe {
+            pirclip_adamw_foreach(
+                p.as_ptr(),
+                g.as_ptr(),
+                m.as_ptr(),
+                v.as_ptr(),
+                n as c_int,
+                s.lr,
+                s.beta1,
+                s.beta2,
+                s.weight_decay,
+                s.eps,
+                s.bias_correction1,
+                s.bias_correction2,
+                &mut err,
+            )
+        };
+        if rc != 0 {
+            return Err(format!("adamw foreach: {}", take_message(err)));
+        }
+        Ok(())
+    }
+
+    /// The L2 norm of each tensor, as one 1-D tensor on their device (`torch._foreach_norm`).
+    pub fn norms(ts: &[&Tensor]) -> Result<Tensor, String> {
+        if ts.is_empty() {
+            return Err("norms foreach: no tensors".into());
+        }
+        let p = ptrs(ts);
+        let mut err = std::ptr::null_mut();
+        // SAFETY: as in `adamw`; the result is a new heap `at::Tensor` whose ownership passes to tch.
+        let t = unsafe { pirclip_norms_foreach(p.as_ptr(), ts.len() as c_int, &mut err) };
+        if t.is_null() {
+            return Err(format!("norms foreach: {}", take_message(err)));
+        }
+        Ok(unsafe { Tensor::from_ptr(t as *mut _) })
+    }
+
+    /// Multiplies every gradient by `inv_scale` in place; true when all of them were finite
+    /// (`torch._amp_foreach_non_finite_check_and_unscale_`, one device sync).
+    pub fn unscale(grads: &[&Tensor], inv_scale: f64) -> Result<bool, String> {
+        if grads.is_empty() {
+            return Ok(true);
+        }
+        let p = ptrs(grads);
+        let mut err = std::ptr::null_mut();
+        // SAFETY: as in `adamw`.
+        let rc = unsafe {
+            pirclip_unscale_foreach(p.as_ptr(), grads.len() as c_int, inv_scale, &mut err)
+        };
+        match rc {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(format!("unscale foreach: {}", take_message(err))),
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! AdamW with PyTorch's exact update (single-tensor path, amsgrad off) and open_clip's two parameter
 //! groups (spec §6.4), LR schedules (§6.5), global-norm clipping and the logit-scale clamp.
 
-use tch::Tensor;
+use pirclip_model::native::foreach;
+use tch::{Kind, Tensor};
 
 /// open_clip's rule: no weight decay for tensors with < 2 dims or whose name contains bn, ln, bias or
 /// logit_scale (in effect: decay iff ndim ≥ 2).
@@ -41,11 +42,25 @@ pub struct ParamState {
     pub decay: bool,
 }
 
+/// Which implementation runs the optimizer, gradient-norm and unscale arithmetic (PyTorch's `foreach`
+/// argument). Both compute the same update; they differ in kernel launches, which matter on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Foreach {
+    /// PyTorch's default: multi-tensor kernels when the parameters are on CUDA, per tensor on the CPU.
+    #[default]
+    Auto,
+    /// One kernel per operation over all tensors (`_foreach_*`).
+    On,
+    /// One kernel per tensor and operation (`_single_tensor_adamw`).
+    Off,
+}
+
 pub struct AdamW {
     pub config: AdamWConfig,
     /// Group 0 (no decay) first, then group 1, each in parameter order: PyTorch's optimizer indices.
     pub params: Vec<ParamState>,
     pub step: i64,
+    pub foreach: Foreach,
 }
 
 impl AdamW {
@@ -73,6 +88,19 @@ impl AdamW {
             config,
             params: no_decay,
             step: 0,
+            foreach: Foreach::Auto,
+        }
+    }
+
+    /// Whether the multi-tensor path runs (resolving `Auto` by the parameters' device).
+    pub fn uses_foreach(&self) -> bool {
+        match self.foreach {
+            Foreach::On => true,
+            Foreach::Off => false,
+            Foreach::Auto => self
+                .params
+                .first()
+                .is_some_and(|p| p.param.device().is_cuda()),
         }
     }
 
@@ -85,13 +113,42 @@ impl AdamW {
         }
     }
 
-    /// One update with learning rate `lr` (PyTorch `_single_tensor_adamw`).
+    /// One update with learning rate `lr`: PyTorch's `_multi_tensor_adamw` or `_single_tensor_adamw`
+    /// (see [`Foreach`]).
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
         self.step += 1;
         let c = self.config;
         let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
+        if self.uses_foreach() {
+            // Per parameter group, as PyTorch groups tensors by device, dtype and group.
+            for decay in [false, true] {
+                let group: Vec<(&ParamState, Tensor)> = self
+                    .params
+                    .iter()
+                    .filter(|p| p.decay == decay)
+                    .map(|p| (p, p.param.grad()))
+                    .filter(|(_, g)| g.defined())
+                    .collect();
+                let params: Vec<&Tensor> = group.iter().map(|(p, _)| &p.param).collect();
+                let grads: Vec<&Tensor> = group.iter().map(|(_, g)| g).collect();
+                let exp_avgs: Vec<&Tensor> = group.iter().map(|(p, _)| &p.exp_avg).collect();
+                let exp_avg_sqs: Vec<&Tensor> = group.iter().map(|(p, _)| &p.exp_avg_sq).collect();
+                let step = foreach::AdamWStep {
+                    lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    weight_decay: if decay { c.weight_decay } else { 0.0 },
+                    eps: c.eps,
+                    bias_correction1,
+                    bias_correction2,
+                };
+                foreach::adamw(&params, &grads, &exp_avgs, &exp_avg_sqs, step)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            return;
+        }
         let step_size = lr / bias_correction1;
         let bc2_sqrt = bias_correction2.sqrt();
         for p in &mut self.params {
@@ -116,9 +173,32 @@ impl AdamW {
     }
 }
 
-/// √Σ g² over all parameters (per-tensor L2 norms, combined in float64).
-pub fn global_grad_norm(params: &[ParamState]) -> f64 {
+fn defined_grads(params: &[ParamState]) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(|p| p.param.grad())
+        .filter(|g| g.defined())
+        .collect()
+}
+
+/// √Σ g² over all parameters (per-tensor L2 norms, combined in float64). With `foreach` the norms are
+/// computed and combined on the device, one sync instead of one per tensor.
+pub fn global_grad_norm(params: &[ParamState], foreach: bool) -> f64 {
     let _guard = tch::no_grad_guard();
+    if foreach {
+        let grads = defined_grads(params);
+        if grads.is_empty() {
+            return 0.0;
+        }
+        let grads: Vec<&Tensor> = grads.iter().collect();
+        let norms = foreach::norms(&grads).unwrap_or_else(|e| panic!("{e}"));
+        return norms
+            .to_kind(Kind::Double)
+            .square()
+            .sum(Kind::Double)
+            .sqrt()
+            .double_value(&[]);
+    }
     let mut total = 0f64;
     for p in params {
         let g = p.param.grad();
@@ -131,8 +211,8 @@ pub fn global_grad_norm(params: &[ParamState]) -> f64 {
 }
 
 /// `clip_grad_norm_`: scales all gradients by max_norm / (norm + 1e-6) when the norm exceeds max_norm.
-pub fn clip_grad_norm(params: &[ParamState], max_norm: f64) -> f64 {
-    let norm = global_grad_norm(params);
+pub fn clip_grad_norm(params: &[ParamState], max_norm: f64, foreach: bool) -> f64 {
+    let norm = global_grad_norm(params, foreach);
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         let _guard = tch::no_grad_guard();
@@ -219,8 +299,14 @@ impl Default for GradScaler {
 
 impl GradScaler {
     /// Divides the gradients by the scale; true when all of them are finite (one device sync in all).
-    pub fn unscale(&self, params: &[ParamState]) -> bool {
+    /// `foreach` runs PyTorch's fused check-and-unscale kernel instead of three kernels per tensor.
+    pub fn unscale(&self, params: &[ParamState], foreach: bool) -> bool {
         let _guard = tch::no_grad_guard();
+        if foreach {
+            let grads = defined_grads(params);
+            let grads: Vec<&Tensor> = grads.iter().collect();
+            return foreach::unscale(&grads, 1.0 / self.scale).unwrap_or_else(|e| panic!("{e}"));
+        }
         let mut finite = Vec::with_capacity(params.len());
         for p in params {
             let g = p.param.grad();

@@ -7,7 +7,8 @@ use pirclip_checkpoint::npy;
 use pirclip_model::clip::{ids_tensor, images_tensor};
 use pirclip_model::{ClipModel, ModelConfig};
 use pirclip_train::{
-    labels_from_names, AdamWConfig, GradScaler, TrainOptions, TrainPrecision, Trainer,
+    labels_from_names, optim::Foreach, AdamWConfig, GradScaler, TrainOptions, TrainPrecision,
+    Trainer,
 };
 use tch::{Device, Tensor};
 
@@ -294,31 +295,76 @@ fn bf16_autocast_step_is_close_to_fp32_and_keeps_fp32_weights() {
 #[test]
 fn grad_scaler_skips_overflowing_steps_and_grows_after_good_ones() {
     use pirclip_train::optim::ParamState;
-    let p = tch::Tensor::ones([3], (tch::Kind::Float, Device::Cpu)).set_requires_grad(true);
-    (&p * 4.0).sum(tch::Kind::Float).backward();
-    let params = vec![ParamState {
-        name: "w".into(),
-        param: p.shallow_clone(),
-        exp_avg: p.zeros_like(),
-        exp_avg_sq: p.zeros_like(),
-        decay: true,
-    }];
-    let mut s = GradScaler {
-        growth_interval: 2,
-        ..GradScaler::default()
+    // Per tensor and through PyTorch's fused check-and-unscale kernel: same behaviour.
+    for foreach in [false, true] {
+        let p = tch::Tensor::ones([3], (tch::Kind::Float, Device::Cpu)).set_requires_grad(true);
+        (&p * 4.0).sum(tch::Kind::Float).backward();
+        let params = vec![ParamState {
+            name: "w".into(),
+            param: p.shallow_clone(),
+            exp_avg: p.zeros_like(),
+            exp_avg_sq: p.zeros_like(),
+            decay: true,
+        }];
+        let mut s = GradScaler {
+            growth_interval: 2,
+            ..GradScaler::default()
+        };
+        // Gradients are divided by the scale.
+        assert!(s.unscale(&params, foreach));
+        assert_eq!(
+            p.grad().to_kind(tch::Kind::Double).double_value(&[0]),
+            4.0 / 65536.0
+        );
+        s.update(true);
+        assert_eq!(s.scale, 65536.0);
+        s.update(true);
+        assert_eq!(s.scale, 131072.0, "grows after growth_interval good steps");
+        let _ = p.grad().shallow_clone().fill_(f64::INFINITY);
+        assert!(
+            !s.unscale(&params, foreach),
+            "overflow detected (foreach {foreach})"
+        );
+        s.update(false);
+        assert_eq!((s.scale, s.growth_tracker), (65536.0, 0), "backs off");
+    }
+}
+
+/// The multi-tensor AdamW (PyTorch's default on CUDA) gives the per-tensor update (its default on the
+/// CPU, checked against the official step above): weights, both moments and the gradient norm, over two
+/// steps so that the bias corrections and the weight-decay groups all take part.
+#[test]
+fn foreach_adamw_step_equals_the_per_tensor_step() {
+    let f = Fixture::load();
+    let (images, ids) = f.batch(0, 4);
+    let labels = labels_from_names(&NAMES);
+    let run = |foreach: Foreach| {
+        let mut t = f.trainer(TrainOptions::default());
+        t.optimizer.foreach = foreach;
+        let norms: Vec<f64> = (0..2)
+            .map(|_| t.step(&images, &ids, &labels, 1e-3).grad_norm)
+            .collect();
+        (t, norms)
     };
-    // Gradients are divided by the scale.
-    assert!(s.unscale(&params));
-    assert_eq!(
-        p.grad().to_kind(tch::Kind::Double).double_value(&[0]),
-        4.0 / 65536.0
-    );
-    s.update(true);
-    assert_eq!(s.scale, 65536.0);
-    s.update(true);
-    assert_eq!(s.scale, 131072.0, "grows after growth_interval good steps");
-    let _ = p.grad().shallow_clone().fill_(f64::INFINITY);
-    assert!(!s.unscale(&params), "overflow detected");
-    s.update(false);
-    assert_eq!((s.scale, s.growth_tracker), (65536.0, 0), "backs off");
+    let (single, single_norms) = run(Foreach::Off);
+    let (multi, multi_norms) = run(Foreach::On);
+    assert!(!single.optimizer.uses_foreach() && multi.optimizer.uses_foreach());
+    for (a, b) in single_norms.iter().zip(&multi_norms) {
+        assert!((a - b).abs() <= 1e-9 * a.abs(), "grad norm {a} vs {b}");
+    }
+    let mut worst = 0f64;
+    for (a, b) in single.optimizer.params.iter().zip(&multi.optimizer.params) {
+        assert_eq!(a.name, b.name);
+        for (x, y) in [
+            (&a.param, &b.param),
+            (&a.exp_avg, &b.exp_avg),
+            (&a.exp_avg_sq, &b.exp_avg_sq),
+        ] {
+            let scale = x.abs().max().double_value(&[]).max(1e-12);
+            let d = (x - y).abs().max().double_value(&[]) / scale;
+            worst = worst.max(d);
+        }
+    }
+    println!("foreach vs per-tensor AdamW, 2 steps: worst relative difference {worst:.2e}");
+    assert!(worst <= 1e-6, "{worst}");
 }
