@@ -15,7 +15,7 @@
 #   Environment (defaults): PIRCLIP (target/release/pirclip), PY (.venv/bin/python, else python3),
 #   JSON + IMAGES (RSICD-AID150 in ../shared), REF (bench/gpu-ref), W (a new temporary folder),
 #   N=1027 images, B=256 per batch, REPS=5, TRAIN_B=128, STEPS=10, PRECISIONS (inference: fp32 fp16 bf16),
-#   TRAIN_RUNS (model:precision:foreach, default below).
+#   TRAIN_RUNS (model:precision:foreach, default below), SECTIONS (default: correctness encode train).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 P=${PIRCLIP:-target/release/pirclip}
@@ -25,6 +25,7 @@ JSON=${JSON:-$A/dataset_rsicd_aid150.json}; IMAGES=${IMAGES:-$A/images}
 REF=${REF:-bench/gpu-ref}; W=${W:-$(mktemp -d)}
 N=${N:-1027}; B=${B:-256}; REPS=${REPS:-5}; TRAIN_B=${TRAIN_B:-128}; STEPS=${STEPS:-10}
 PRECISIONS=${PRECISIONS:-fp32 fp16 bf16}
+SECTIONS=${SECTIONS:-correctness encode train}
 TRAIN_RUNS=${TRAIN_RUNS:-PIR:fp32:auto PIR:amp:auto ViT-B-32:fp32:auto ViT-B-32:amp:auto PIR:amp:off}
 BUNDLED="--model models/pir-small-aid150.json --checkpoint models/pir-small-aid150.safetensors"
 mkdir -p "$W"
@@ -56,25 +57,35 @@ fi
 
 DEV=${DEVICE:-cuda}
 echo "== $(nvidia-smi -L 2>/dev/null | head -n 1) | $($P --version) | torch $($PY -c 'import torch; print(torch.__version__)')"
+has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # 1. correctness
+if has correctness; then
 for bn in running batch; do
   step "eval-$bn" $P eval $BUNDLED --device $DEV --bn-mode $bn --batch-size 64 --json "$JSON" --images-dir "$IMAGES" \
     --out "$W/eval-$bn.json" --embeddings-out "$W/emb-$bn"
 done
+step eval-exact $P eval $BUNDLED --device $DEV --exact-fp32 --batch-size 64 --json "$JSON" --images-dir "$IMAGES" \
+  --out "$W/eval-exact.json" --embeddings-out "$W/emb-exact"
 for p in $PRECISIONS; do
   [ "$p" = fp32 ] && continue
   step "eval-$p" $P eval $BUNDLED --device $DEV --precision $p --batch-size 64 --json "$JSON" --images-dir "$IMAGES" --out "$W/eval-$p.json"
 done
 step train-fp32 train_small $DEV fp32 gpu-fp32
 step train-amp train_small $DEV amp gpu-amp
+fi
 # 2. encode speed, pirclip then open_clip
+if has encode; then
 for m in ViT-B-32 PIR; do
   for p in $PRECISIONS; do
     step "bench-$m-$p" sh -c "$P bench --model $m --device $DEV --precision $p --json '$JSON' --images-dir '$IMAGES' \
       --images $N --batch-size $B --reps $REPS > '$W/bench-$m-$p.json'"
   done
 done
-step openclip sh -c "$PY bench/openclip_gpu.py '$JSON' '$IMAGES' $N $B $REPS ${PRECISIONS// /,} $TRAIN_B $STEPS $DEV > '$W/openclip.jsonl'"
+fi
+has train || TRAIN_B=0 TRAIN_RUNS=
+if has encode || has train; then
+  step openclip sh -c "$PY bench/openclip_gpu.py '$JSON' '$IMAGES' $(has encode && echo $N || echo 0) $B $REPS ${PRECISIONS// /,} $TRAIN_B $STEPS $DEV > '$W/openclip.jsonl'"
+fi
 # 3. training speed (steps after the first two, real images, 12 decoding threads); the last run repeats
 #    PIR amp with the per-tensor optimizer (--foreach off) to show what the multi-tensor kernels save
 for run in $TRAIN_RUNS; do
@@ -93,13 +104,15 @@ def js(f):
     except Exception: return None
 def mr(j): return (j or {}).get("raw", {}).get("retrieval-mean-recall")
 print("\n== 1. correctness (bundled model, RSICD-AID150 test split)")
-for bn in ["running", "batch"]:
-    g, c = js(f"{w}/eval-{bn}.json"), js(f"{ref}/eval-{bn}.json")
-    line = f"fp32 BN {bn:8} mR gpu {mr(g)} cpu {mr(c)}"
+for bn, label in [("running", "fp32 BN running"), ("batch", "fp32 BN batch"), ("exact", "--exact-fp32 (running)")]:
+    rbn = "running" if bn == "exact" else bn
+    g, c = js(f"{w}/eval-{bn}.json"), js(f"{ref}/eval-{rbn}.json")
+    if g is None: continue
+    line = f"{label:24} mR gpu {mr(g)} cpu {mr(c)}"
     for e in ["img_emb", "text_emb"]:
-        if not os.path.exists(f"{ref}/emb-{bn}/{e}.npy"): continue
+        if not os.path.exists(f"{ref}/emb-{rbn}/{e}.npy"): continue
         try:
-            a, b = np.load(f"{w}/emb-{bn}/{e}.npy"), np.load(f"{ref}/emb-{bn}/{e}.npy")
+            a, b = np.load(f"{w}/emb-{bn}/{e}.npy"), np.load(f"{ref}/emb-{rbn}/{e}.npy")
             cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
             line += f" | {e} {a.shape} max|d| {np.abs(a - b).max():.2e} min cos {cos.min():.6f}"
         except Exception as ex: line += f" | {e}: {ex}"

@@ -45,7 +45,7 @@ tokenizer = open_clip.get_tokenizer("ViT-B-32")
 
 d = json.load(open(ds_json))
 test = sorted((im for im in d["images"] if im["split"] == "test"), key=lambda im: im["filename"])[:n]
-x = torch.stack([preprocess(Image.open(os.path.join(images_dir, im["filename"]))) for im in test])
+x = torch.stack([preprocess(Image.open(os.path.join(images_dir, im["filename"]))) for im in test]) if test else torch.empty(0)
 captions = [s["raw"].capitalize() for im in test for s in im["sentences"]]
 batches = list(x.split(batch))
 
@@ -63,7 +63,7 @@ def time_passes(run_pass):
 
 
 with torch.no_grad():
-    for p in precisions:
+    for p in precisions if n > 0 else []:
         for name, towers in [("ViT-B-32", [vit.encode_image]), ("PIR reference: ViT-B-32 + RN50 image towers", [vit.encode_image, rn50.visual])]:
             def image_pass():
                 with autocast(p):

@@ -147,6 +147,10 @@ pub struct ModelArgs {
     /// Threads of the tensor engine (default: libtorch's choice, one per core).
     #[arg(long)]
     pub threads: Option<i32>,
+    /// CUDA: convolutions in full fp32 instead of TF32 (PyTorch's default, kept by pirclip): slower,
+    /// and GPU embeddings then match the CPU's to rounding.
+    #[arg(long)]
+    pub exact_fp32: bool,
 }
 
 impl ModelArgs {
@@ -188,6 +192,9 @@ impl ModelArgs {
     pub fn ready_for_inference(&self, mut model: ClipModel) -> Result<ClipModel> {
         if let Some(t) = self.threads {
             tch::set_num_threads(t);
+        }
+        if self.exact_fp32 {
+            pirclip_model::native::set_cudnn_tf32(false);
         }
         match self.precision {
             PrecisionArg::Fp16 => warn_slow_half_precision(model.device(), tch::Kind::Half),

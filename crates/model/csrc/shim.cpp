@@ -37,6 +37,9 @@ int pirclip_autocast_set(int device, int enabled, int dtype) {
   return before ? 1 : 0;
 }
 
+// cuDNN convolutions in TF32 (PyTorch's default, `torch.backends.cudnn.allow_tf32`) or full fp32.
+void pirclip_set_cudnn_tf32(int allow) { at::globalContext().setAllowTF32CuDNN(allow != 0); }
+
 void pirclip_autocast_enter() { at::autocast::increment_nesting(); }
 
 void pirclip_autocast_exit() {

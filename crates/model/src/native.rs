@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 extern "C" {
     fn pirclip_free_message(m: *mut c_char);
     fn pirclip_autocast_set(device: c_int, enabled: c_int, dtype: c_int) -> c_int;
+    fn pirclip_set_cudnn_tf32(allow: c_int);
     fn pirclip_autocast_enter();
     fn pirclip_autocast_exit();
     fn pirclip_qlinear_prepack(
@@ -76,6 +77,13 @@ pub fn autocast<T>(device: Device, kind: Kind, f: impl FnOnce() -> T) -> T {
         pirclip_autocast_exit();
     }
     out
+}
+
+/// Whether cuDNN may run fp32 convolutions in TF32 (10-bit mantissa products), process-wide. PyTorch's
+/// default is yes (`torch.backends.cudnn.allow_tf32`); off gives full-precision convolutions on CUDA.
+pub fn set_cudnn_tf32(allow: bool) {
+    // SAFETY: sets a flag in libtorch's global context.
+    unsafe { pirclip_set_cudnn_tf32(allow as c_int) }
 }
 
 /// A linear layer with int8 weights (per output channel, symmetric) packed for fbgemm; activations are
