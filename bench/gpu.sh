@@ -6,8 +6,8 @@
 #   bench/gpu.sh refs   on the CPU machine: writes $REF (bundled model's eval, fp32, in both BatchNorm modes,
 #                       with embeddings; the first training steps of a small model)
 #   bench/gpu.sh        on the GPU machine:
-#     1. bundled model `eval` on the test split: fp32 in both BN modes (mR and every embedding against $REF),
-#        fp16 and bf16 autocast (mR)
+#     1. bundled model `eval` on the test split: fp32 in both BN modes and with --exact-fp32 (mR and every
+#        embedding against $REF), fp16 and bf16 autocast (mR)
 #     2. the same 4 training steps as $REF (fp32: losses against the CPU's), and with --precision amp
 #     3. `pirclip bench` ViT-B-32 and PIR at fp32/fp16/bf16 next to bench/openclip_gpu.py on the same images
 #     4. training s/step: pirclip PIR and ViT-B-32, fp32 and amp, next to open_clip ViT-B-32 (and PIR amp

@@ -212,6 +212,7 @@ pub fn evaluate(a: &Args, p: Prepared, model: &ClipModel, checkpoint_path: &Path
                 "batch_size": a.batch_size,
                 "device": margs.device,
                 "precision": margs.precision.name(),
+                "exact_fp32": margs.exact_fp32,
                 "recall_k": a.recall_k,
                 "seconds": seconds,
                 "pirclip_version": env!("CARGO_PKG_VERSION"),

@@ -2,7 +2,7 @@
 //! belief over the patch tokens re-weights them before the transformer, and the image embedding is read
 //! from the instruction token's slot.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::layers::{LayerNorm, Transformer, TransformerInit};
 use crate::params::{Init, Registry};
@@ -138,7 +138,17 @@ pub fn vir(x: &Tensor, y: &Tensor, mode: BeliefMode) -> Tensor {
     let factor = match mode {
         BeliefMode::BeliefPlusIndex => {
             // π[n, j] is the index of the token ranked j-th; the weight at position j uses π[n, j] itself.
-            let order = belief.argsort(1, true);
+            // The logits are unscaled and often span > 100, so beliefs underflow to exactly 0 and tie
+            // (bundled model: 79 of 256 test images). The spec gives no tie rule and PyTorch's unstable
+            // sort orders ties differently on CPU and CUDA, so π is always sorted on the CPU: every device
+            // then reproduces the CPU (reference) embeddings. [N, L] is tiny; the copy costs one sync.
+            let order = match belief.device() {
+                Device::Cpu => belief.argsort(1, true),
+                device => belief
+                    .to_device(Device::Cpu)
+                    .argsort(1, true)
+                    .to_device(device),
+            };
             belief + (order + 1).to_kind(x.kind()).rsqrt()
         }
         BeliefMode::BeliefOnly => belief,
