@@ -9,13 +9,18 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    let is_model_crate = std::env::var("CARGO_PKG_NAME").as_deref() == Ok("pirclip-model");
+    if is_model_crate {
+        // Only the model crate has the shim; naming a missing file would rerun the others every build.
+        println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    } else {
+        println!("cargo:rerun-if-changed=../model/build.rs"); // train and cli share this script
+    }
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
     println!("cargo:rustc-env=PIRCLIP_TORCH_LIB={dir}");
-    let is_model_crate = std::env::var("CARGO_PKG_NAME").as_deref() == Ok("pirclip-model");
     if is_model_crate {
         let include = PathBuf::from(&dir).join("../include");
         cc::Build::new()
