@@ -1,5 +1,6 @@
-//! AdamW with PyTorch's exact update (single-tensor path, amsgrad off) and open_clip's two parameter
-//! groups (spec §6.4), LR schedules (§6.5), global-norm clipping and the logit-scale clamp.
+//! AdamW with PyTorch's exact update (amsgrad off; its single-tensor path on the CPU and multi-tensor
+//! `foreach` path on CUDA, as PyTorch picks by default) and open_clip's two parameter groups (spec §6.4),
+//! LR schedules (§6.5), global-norm clipping, the gradient scaler and the logit-scale clamp.
 
 use pirclip_model::native::foreach;
 use tch::{Kind, Tensor};
