@@ -121,8 +121,8 @@ pub struct Args {
     /// Clip the global gradient norm.
     #[arg(long)]
     grad_clip_norm: Option<f64>,
-    /// AdamW, gradient-norm and unscale arithmetic as one kernel per operation over all tensors (on)
-    /// or one per tensor (off); PyTorch's `foreach`. Same update either way, far fewer GPU launches with on.
+    /// AdamW's arithmetic as one kernel per operation over all tensors (on) or one per tensor (off);
+    /// PyTorch's `foreach`. Same update either way, far fewer GPU launches with on.
     #[arg(long, value_enum, default_value_t = ForeachArg::Auto)]
     foreach: ForeachArg,
     /// Add the cluster-wise affiliation loss (PIR-CLIP's --is_aff_loss).

@@ -209,14 +209,13 @@ impl Trainer {
             last = Some((losses, total));
         }
         let (losses, total) = last.expect("at least one micro-batch");
-        let foreach = self.optimizer.uses_foreach();
         let finite = match &self.scaler {
-            Some(s) => s.unscale(&self.optimizer.params, foreach),
+            Some(s) => s.unscale(&self.optimizer.params),
             None => true,
         };
         let grad_norm = match self.options.grad_clip_norm {
-            Some(max) if finite => optim::clip_grad_norm(&self.optimizer.params, max, foreach),
-            _ => optim::global_grad_norm(&self.optimizer.params, foreach),
+            Some(max) if finite => optim::clip_grad_norm(&self.optimizer.params, max),
+            _ => optim::global_grad_norm(&self.optimizer.params),
         };
         // An fp16 overflow skips the update, as GradScaler.step does.
         if finite {

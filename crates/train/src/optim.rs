@@ -43,8 +43,8 @@ pub struct ParamState {
     pub decay: bool,
 }
 
-/// Which implementation runs the optimizer, gradient-norm and unscale arithmetic (PyTorch's `foreach`
-/// argument). Both compute the same update; they differ in kernel launches, which matter on a GPU.
+/// Which implementation runs AdamW's arithmetic (PyTorch's `foreach` argument). Both compute the same
+/// update; they differ in kernel launches, which matter on a GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Foreach {
     /// PyTorch's default: multi-tensor kernels when the parameters are on CUDA, per tensor on the CPU.
@@ -182,38 +182,27 @@ fn defined_grads(params: &[ParamState]) -> Vec<Tensor> {
         .collect()
 }
 
-/// √Σ g² over all parameters (per-tensor L2 norms, combined in float64). With `foreach` the norms are
-/// computed and combined on the device, one sync instead of one per tensor.
-pub fn global_grad_norm(params: &[ParamState], foreach: bool) -> f64 {
+/// √Σ g² over all parameters: per-tensor L2 norms in one multi-tensor kernel (`torch._foreach_norm`, as
+/// `clip_grad_norm_`), combined in float64 on the device, one sync.
+pub fn global_grad_norm(params: &[ParamState]) -> f64 {
     let _guard = tch::no_grad_guard();
-    if foreach {
-        let grads = defined_grads(params);
-        if grads.is_empty() {
-            return 0.0;
-        }
-        let grads: Vec<&Tensor> = grads.iter().collect();
-        let norms = foreach::norms(&grads).unwrap_or_else(|e| panic!("{e}"));
-        return norms
-            .to_kind(Kind::Double)
-            .square()
-            .sum(Kind::Double)
-            .sqrt()
-            .double_value(&[]);
+    let grads = defined_grads(params);
+    if grads.is_empty() {
+        return 0.0;
     }
-    let mut total = 0f64;
-    for p in params {
-        let g = p.param.grad();
-        if g.defined() {
-            // Per-tensor norms in the gradient's own dtype (one read, no copy), combined in f64.
-            total += g.norm().double_value(&[]).powi(2);
-        }
-    }
-    total.sqrt()
+    let grads: Vec<&Tensor> = grads.iter().collect();
+    foreach::norms(&grads)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_kind(Kind::Double)
+        .square()
+        .sum(Kind::Double)
+        .sqrt()
+        .double_value(&[])
 }
 
 /// `clip_grad_norm_`: scales all gradients by max_norm / (norm + 1e-6) when the norm exceeds max_norm.
-pub fn clip_grad_norm(params: &[ParamState], max_norm: f64, foreach: bool) -> f64 {
-    let norm = global_grad_norm(params, foreach);
+pub fn clip_grad_norm(params: &[ParamState], max_norm: f64) -> f64 {
+    let norm = global_grad_norm(params);
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         let _guard = tch::no_grad_guard();
@@ -299,24 +288,13 @@ impl Default for GradScaler {
 }
 
 impl GradScaler {
-    /// Divides the gradients by the scale; true when all of them are finite (one device sync in all).
-    /// `foreach` runs PyTorch's fused check-and-unscale kernel instead of three kernels per tensor.
-    pub fn unscale(&self, params: &[ParamState], foreach: bool) -> bool {
+    /// Divides the gradients by the scale; true when all of them are finite. PyTorch's
+    /// `_amp_foreach_non_finite_check_and_unscale_`, as `GradScaler.unscale_`: one kernel, one sync.
+    pub fn unscale(&self, params: &[ParamState]) -> bool {
         let _guard = tch::no_grad_guard();
-        if foreach {
-            let grads = defined_grads(params);
-            let grads: Vec<&Tensor> = grads.iter().collect();
-            return foreach::unscale(&grads, 1.0 / self.scale).unwrap_or_else(|e| panic!("{e}"));
-        }
-        let mut finite = Vec::with_capacity(params.len());
-        for p in params {
-            let g = p.param.grad();
-            if g.defined() {
-                let _ = g.shallow_clone().g_mul_scalar_(1.0 / self.scale);
-                finite.push(g.isfinite().all());
-            }
-        }
-        finite.is_empty() || Tensor::stack(&finite, 0).all().int64_value(&[]) != 0
+        let grads = defined_grads(params);
+        let grads: Vec<&Tensor> = grads.iter().collect();
+        foreach::unscale(&grads, 1.0 / self.scale).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// After a step: back off (the step was skipped) or count towards growth.

@@ -295,44 +295,38 @@ fn bf16_autocast_step_is_close_to_fp32_and_keeps_fp32_weights() {
 #[test]
 fn grad_scaler_skips_overflowing_steps_and_grows_after_good_ones() {
     use pirclip_train::optim::ParamState;
-    // Per tensor and through PyTorch's fused check-and-unscale kernel: same behaviour.
-    for foreach in [false, true] {
-        let p = tch::Tensor::ones([3], (tch::Kind::Float, Device::Cpu)).set_requires_grad(true);
-        (&p * 4.0).sum(tch::Kind::Float).backward();
-        let params = vec![ParamState {
-            name: "w".into(),
-            param: p.shallow_clone(),
-            exp_avg: p.zeros_like(),
-            exp_avg_sq: p.zeros_like(),
-            decay: true,
-        }];
-        let mut s = GradScaler {
-            growth_interval: 2,
-            ..GradScaler::default()
-        };
-        // Gradients are divided by the scale.
-        assert!(s.unscale(&params, foreach));
-        assert_eq!(
-            p.grad().to_kind(tch::Kind::Double).double_value(&[0]),
-            4.0 / 65536.0
-        );
-        s.update(true);
-        assert_eq!(s.scale, 65536.0);
-        s.update(true);
-        assert_eq!(s.scale, 131072.0, "grows after growth_interval good steps");
-        let _ = p.grad().shallow_clone().fill_(f64::INFINITY);
-        assert!(
-            !s.unscale(&params, foreach),
-            "overflow detected (foreach {foreach})"
-        );
-        s.update(false);
-        assert_eq!((s.scale, s.growth_tracker), (65536.0, 0), "backs off");
-    }
+    let p = tch::Tensor::ones([3], (tch::Kind::Float, Device::Cpu)).set_requires_grad(true);
+    (&p * 4.0).sum(tch::Kind::Float).backward();
+    let params = vec![ParamState {
+        name: "w".into(),
+        param: p.shallow_clone(),
+        exp_avg: p.zeros_like(),
+        exp_avg_sq: p.zeros_like(),
+        decay: true,
+    }];
+    let mut s = GradScaler {
+        growth_interval: 2,
+        ..GradScaler::default()
+    };
+    // Gradients are divided by the scale.
+    assert!(s.unscale(&params));
+    assert_eq!(
+        p.grad().to_kind(tch::Kind::Double).double_value(&[0]),
+        4.0 / 65536.0
+    );
+    s.update(true);
+    assert_eq!(s.scale, 65536.0);
+    s.update(true);
+    assert_eq!(s.scale, 131072.0, "grows after growth_interval good steps");
+    let _ = p.grad().shallow_clone().fill_(f64::INFINITY);
+    assert!(!s.unscale(&params), "overflow detected");
+    s.update(false);
+    assert_eq!((s.scale, s.growth_tracker), (65536.0, 0), "backs off");
 }
 
 /// The multi-tensor AdamW (PyTorch's default on CUDA) gives the per-tensor update (its default on the
-/// CPU, checked against the official step above): weights, both moments and the gradient norm, over two
-/// steps so that the bias corrections and the weight-decay groups all take part.
+/// CPU, checked against the official step above): weights and both moments, over two steps so that the
+/// bias corrections and the weight-decay groups all take part.
 #[test]
 fn foreach_adamw_step_equals_the_per_tensor_step() {
     let f = Fixture::load();
@@ -341,17 +335,13 @@ fn foreach_adamw_step_equals_the_per_tensor_step() {
     let run = |foreach: Foreach| {
         let mut t = f.trainer(TrainOptions::default());
         t.optimizer.foreach = foreach;
-        let norms: Vec<f64> = (0..2)
-            .map(|_| t.step(&images, &ids, &labels, 1e-3).grad_norm)
-            .collect();
-        (t, norms)
+        for _ in 0..2 {
+            t.step(&images, &ids, &labels, 1e-3);
+        }
+        t
     };
-    let (single, single_norms) = run(Foreach::Off);
-    let (multi, multi_norms) = run(Foreach::On);
+    let (single, multi) = (run(Foreach::Off), run(Foreach::On));
     assert!(!single.optimizer.uses_foreach() && multi.optimizer.uses_foreach());
-    for (a, b) in single_norms.iter().zip(&multi_norms) {
-        assert!((a - b).abs() <= 1e-9 * a.abs(), "grad norm {a} vs {b}");
-    }
     let mut worst = 0f64;
     for (a, b) in single.optimizer.params.iter().zip(&multi.optimizer.params) {
         assert_eq!(a.name, b.name);
