@@ -1,7 +1,8 @@
 // libtorch entry points that tch does not bind: autocast with a chosen dtype and device (tch only
-// toggles CUDA autocast in its default fp16), and fbgemm's dynamic int8 linear (`quantized::` ops are
-// registered with the dispatcher, not in ATen's generated API). Errors never cross the C boundary as
-// exceptions: they come back as a malloc'ed message.
+// toggles CUDA autocast in its default fp16), cuDNN's TF32 switch, fbgemm's dynamic int8 linear
+// (`quantized::` ops are registered with the dispatcher, not in ATen's generated API), and the
+// multi-tensor `_foreach_` kernels of PyTorch's optimizer and GradScaler (tch binds no tensor-list
+// in-place ops). Errors never cross the C boundary as exceptions: they come back as a malloc'ed message.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>

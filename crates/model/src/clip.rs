@@ -50,7 +50,7 @@ pub struct ClipModel {
     pub instruction: Option<InstructionEncoder>,
     pub text: TextTower,
     pub logit_scale: Tensor,
-    /// Autocast dtype of `encode_image` / `encode_text` (set by `set_precision`).
+    /// Autocast dtype of `encode_image` / `encode_text` (set by `prepare_for_inference`).
     autocast: Option<Kind>,
 }
 

@@ -56,13 +56,13 @@ impl TextTower {
         }
     }
 
-    /// Text features of `ids` `[N, context]`. With `truncate`, only positions up to the batch's last EOT are
-    /// computed: the causal mask and EOT pooling make later positions irrelevant (spec §3.6), so the result
-    /// is the same while short captions cost a fraction of 77 positions.
     pub fn linears(&self) -> Vec<&crate::layers::Linear> {
         self.transformer.linears()
     }
 
+    /// Text features of `ids` `[N, context]`. With `truncate`, only positions up to the batch's last EOT are
+    /// computed: the causal mask and EOT pooling make later positions irrelevant (spec §3.6), so the result
+    /// is the same while short captions cost a fraction of 77 positions.
     pub fn forward(&self, ids: &Tensor, truncate: bool) -> Tensor {
         let eot = ids.argmax(-1, false);
         let ids = if truncate {
