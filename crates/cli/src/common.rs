@@ -39,12 +39,16 @@ pub enum PrecisionArg {
     Int8,
 }
 
+/// A value-enum flag as the user spells it (`fp32`, `amp_bf16`, ...), for logs and run settings.
+pub fn flag_name(v: &impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 impl PrecisionArg {
-    /// The flag's spelling (`fp32`, `int8`, ...).
     pub fn name(self) -> String {
-        self.to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default()
+        flag_name(&self)
     }
 }
 
@@ -216,10 +220,13 @@ pub fn warn_slow_half_precision(device: Device, kind: tch::Kind) {
         tch::Kind::Half => ("fp16", ["avx512_fp16", "amx_fp16"]),
         _ => ("bf16", ["avx512_bf16", "amx_bf16"]),
     };
+    if device != Device::Cpu {
+        return;
+    }
     let native = std::fs::read_to_string("/proc/cpuinfo")
         .map(|s| flags.iter().any(|f| s.contains(f)))
         .unwrap_or(false);
-    if device == Device::Cpu && !native {
+    if !native {
         eprintln!("warning: {name} on this CPU (no {} / {}) is emulated and much slower than fp32; it is meant for CUDA or CPUs that have it", flags[0], flags[1]);
     }
 }

@@ -260,10 +260,7 @@ pub fn run(a: Args) -> Result<()> {
             a.lr,
             a.batch_size,
             a.workers,
-            a.precision
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default()
+            crate::common::flag_name(&a.precision)
         )
     });
     let run_dir = a.logs.join(&name);
