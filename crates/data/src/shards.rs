@@ -69,10 +69,6 @@ enum Member {
     Located { offset: u64, len: u64 },
 }
 
-fn is_image_member(ext: &str) -> bool {
-    IMAGE_MEMBERS.contains(&ext)
-}
-
 /// Like `read_shards`, also returning the shard index of every sample.
 pub fn read_shards_indexed(paths: &[PathBuf]) -> Result<(Vec<Sample>, Vec<usize>, usize), Error> {
     let mut samples = Vec::new();
@@ -107,7 +103,7 @@ pub fn read_shards_indexed(paths: &[PathBuf]) -> Result<(Vec<Sample>, Vec<usize>
                 ),
                 None => continue,
             };
-            let member = if is_image_member(&ext) {
+            let member = if IMAGE_MEMBERS.contains(&ext.as_str()) {
                 let (offset, len) = (entry.raw_file_position(), entry.size());
                 if offset + len > file_len {
                     return Err(Error::Spec(format!(
