@@ -439,6 +439,43 @@ fn train(dir: &Path, name: &str, max_steps: &str, extra: &[&str]) {
     pirclip_ok(&args);
 }
 
+/// `pirclip train` of the fixture model on the 60 bundled images (their test split as training data),
+/// logging every step into `<logs>/<name>`, plus `extra`; returns the run folder.
+fn train_on_mini(logs: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let m = mini();
+    let mut args = vec![
+        "train".to_string(),
+        "--model".into(),
+        fx("config.json").to_str().unwrap().into(),
+        "--train-data".into(),
+        m.join("dataset_rsicd_mini.json").to_str().unwrap().into(),
+        "--images-dir".into(),
+        m.join("images").to_str().unwrap().into(),
+        "--train-split".into(),
+        "test".into(),
+        "--logs".into(),
+        logs.to_str().unwrap().into(),
+        "--name".into(),
+        name.into(),
+        "--log-every-n-steps".into(),
+        "1".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    pirclip_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    logs.join(name)
+}
+
+/// The (step, tag, value) scalars of a run folder's TensorBoard event file.
+fn scalars(run: &Path) -> Vec<(i64, String, f32)> {
+    let events = std::fs::read_dir(run.join("tensorboard"))
+        .unwrap()
+        .next()
+        .expect("an event file")
+        .unwrap()
+        .path();
+    pirclip_train::tensorboard::read_scalars(&events).unwrap()
+}
+
 /// N steps straight vs N/2, stop, resume, N/2: identical weights and optimizer moments (CPU).
 #[test]
 fn resume_continues_exactly() {
@@ -513,13 +550,7 @@ fn resume_continues_exactly() {
     );
     assert!(log.contains("Train Epoch: 1 [6/18] step 24"), "{log}");
     // The event file holds the official tags.
-    let tb = std::fs::read_dir(dir.join("logs/straight6/tensorboard"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let scalars = pirclip_train::tensorboard::read_scalars(&tb).unwrap();
+    let scalars = scalars(&dir.join("logs/straight6"));
     for tag in [
         "train/total_loss",
         "train/contrastive_loss",
@@ -686,51 +717,40 @@ fn fine_tuning_switches_do_what_they_say() {
     let json = m.join("dataset_rsicd_mini.json");
     let images = m.join("images");
     let logs = dir.join("logs");
-    pirclip_ok(&[
-        "train",
-        "--model",
-        fx("config.json").to_str().unwrap(),
-        "--pretrained",
-        fx("model.safetensors").to_str().unwrap(),
-        "--train-data",
-        json.to_str().unwrap(),
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--train-split",
-        "test",
-        "--train-num-samples",
-        "60",
-        "--batch-size",
-        "30",
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "0",
-        "--lr-scheduler",
-        "const-cooldown",
-        "--epochs-cooldown",
-        "1",
-        "--lr-cooldown-end",
-        "0",
-        "--aff-loss",
-        "--label-source",
-        "json",
-        "--lock-instruction",
-        "--lock-text",
-        "--val-data",
-        json.to_str().unwrap(),
-        "--val-images-dir",
-        images.to_str().unwrap(),
-        "--logs",
-        logs.to_str().unwrap(),
-        "--name",
+    let run = train_on_mini(
+        &logs,
         "ft",
-        "--log-every-n-steps",
-        "1",
-    ]);
-    let log = std::fs::read_to_string(logs.join("ft/out.log")).unwrap();
+        &[
+            "--pretrained",
+            fx("model.safetensors").to_str().unwrap(),
+            "--train-num-samples",
+            "60",
+            "--batch-size",
+            "30",
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "0",
+            "--lr-scheduler",
+            "const-cooldown",
+            "--epochs-cooldown",
+            "1",
+            "--lr-cooldown-end",
+            "0",
+            "--aff-loss",
+            "--label-source",
+            "json",
+            "--lock-instruction",
+            "--lock-text",
+            "--val-data",
+            json.to_str().unwrap(),
+            "--val-images-dir",
+            images.to_str().unwrap(),
+        ],
+    );
+    let log = std::fs::read_to_string(run.join("out.log")).unwrap();
     assert!(
         log.contains("loaded 187 tensors; randomly initialised: none"),
         "{log}"
@@ -742,7 +762,7 @@ fn fine_tuning_switches_do_what_they_say() {
     let before = pirclip_checkpoint::load(fx("model.safetensors"))
         .unwrap()
         .state_dict;
-    let after = pirclip_checkpoint::load(logs.join("ft/checkpoints/epoch_1.safetensors"))
+    let after = pirclip_checkpoint::load(run.join("checkpoints/epoch_1.safetensors"))
         .unwrap()
         .state_dict;
     let frozen = |k: &str| {
@@ -776,13 +796,7 @@ fn fine_tuning_switches_do_what_they_say() {
         "BN in eval mode"
     );
     // const-cooldown over the whole run (2 steps): base LR, then half of it.
-    let tb = std::fs::read_dir(logs.join("ft/tensorboard"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let scalars = pirclip_train::tensorboard::read_scalars(&tb).unwrap();
+    let scalars = scalars(&run);
     let lr: Vec<(i64, f32)> = scalars
         .iter()
         .filter(|(_, t, _)| t == "train/lr")
@@ -798,50 +812,30 @@ fn fine_tuning_switches_do_what_they_say() {
 #[test]
 fn debug_path_constant_lr_in_order_and_reproducible() {
     let dir = tmpdir("debugpath");
-    let m = mini();
     let run = |name: &str| {
-        pirclip_ok(&[
-            "train",
-            "--model",
-            fx("config.json").to_str().unwrap(),
-            "--train-data",
-            m.join("dataset_rsicd_mini.json").to_str().unwrap(),
-            "--images-dir",
-            m.join("images").to_str().unwrap(),
-            "--train-split",
-            "test",
-            "--batch-size",
-            "10",
-            "--epochs",
-            "1",
-            "--max-steps",
-            "3",
-            "--lr",
-            "2e-4",
-            "--warmup",
-            "0",
-            "--lr-scheduler",
-            "const",
-            "--no-augment",
-            "--no-shuffle",
-            "--logs",
-            dir.join("logs").to_str().unwrap(),
-            "--name",
+        train_on_mini(
+            &dir.join("logs"),
             name,
-            "--log-every-n-steps",
-            "1",
-        ]);
-        dir.join(format!("logs/{name}"))
+            &[
+                "--batch-size",
+                "10",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "3",
+                "--lr",
+                "2e-4",
+                "--warmup",
+                "0",
+                "--lr-scheduler",
+                "const",
+                "--no-augment",
+                "--no-shuffle",
+            ],
+        )
     };
     let (a, b) = (run("a"), run("b"));
-    let tb = std::fs::read_dir(a.join("tensorboard"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let lr: Vec<f32> = pirclip_train::tensorboard::read_scalars(&tb)
-        .unwrap()
+    let lr: Vec<f32> = scalars(&a)
         .into_iter()
         .filter(|(_, t, _)| t == "train/lr")
         .map(|(_, _, v)| v)
