@@ -20,15 +20,20 @@ pub enum Error {
     Format(String),
     #[error("unsafe content: {0}")]
     Unsafe(String),
-    #[error("{path}: {source}")]
-    InFile { path: String, source: Box<Error> },
+    /// `error` is deliberately not a `source`: its text is already part of this message, and error
+    /// reporters that print the chain would show it twice.
+    #[error("{path}: {error}")]
+    InFile { path: String, error: Box<Error> },
 }
 
 impl Error {
     pub fn in_file(self, path: &Path) -> Error {
-        Error::InFile {
-            path: path.display().to_string(),
-            source: Box::new(self),
+        match self {
+            already @ Error::InFile { .. } => already,
+            error => Error::InFile {
+                path: path.display().to_string(),
+                error: Box::new(error),
+            },
         }
     }
 }
@@ -138,33 +143,59 @@ pub struct Checkpoint {
     pub state_dict: StateDict,
 }
 
-/// Reads a checkpoint, choosing the format from the file's first bytes (not its extension).
+/// Reads a checkpoint, choosing the format from the file's first bytes (not its extension). Tensors are
+/// read from the file one by one; the file is never held in memory whole.
 pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint, Error> {
+    use std::io::Read;
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::Io(e).in_file(path))?;
-    load_bytes(&bytes).map_err(|e| e.in_file(path))
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .map_err(|e| Error::Io(e).in_file(path))?;
+    match sniff(&head) {
+        Kind::Pt => pt::read_checkpoint(pt::PtArchive::open_file(path)?).map_err(|e| e.in_file(path)),
+        Kind::Safetensors => Ok(Checkpoint {
+            layout: Layout::Safetensors,
+            state_dict: safetensors::read_file(path)?,
+        }),
+        Kind::Unknown(e) => Err(e.in_file(path)),
+    }
 }
 
-pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, Error> {
-    if bytes.starts_with(b"PK") {
-        pt::read_checkpoint(bytes)
-    } else if bytes.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
-        Err(Error::Format(
+enum Kind {
+    Pt,
+    Safetensors,
+    Unknown(Error),
+}
+
+fn sniff(head: &[u8]) -> Kind {
+    if head.starts_with(b"PK") {
+        Kind::Pt
+    } else if head.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
+        Kind::Unknown(Error::Format(
             "this is the legacy (pre-1.6, non-zip) torch.save format, which pirclip does not read; \
              re-save it with `torch.save(torch.load(f), f2)` in any recent PyTorch"
                 .into(),
         ))
-    } else if safetensors::looks_like(bytes) {
-        Ok(Checkpoint {
-            layout: Layout::Safetensors,
-            state_dict: safetensors::read(bytes)?,
-        })
+    } else if safetensors::looks_like(head) {
+        Kind::Safetensors
     } else {
-        Err(Error::Format(
+        Kind::Unknown(Error::Format(
             "not a PyTorch zip checkpoint (no `PK` signature) nor a safetensors file (no valid JSON header); \
              the file may be truncated or of another kind"
                 .into(),
         ))
+    }
+}
+
+pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, Error> {
+    match sniff(bytes) {
+        Kind::Pt => pt::read_checkpoint(pt::PtArchive::open(bytes)?),
+        Kind::Safetensors => Ok(Checkpoint {
+            layout: Layout::Safetensors,
+            state_dict: safetensors::read(bytes)?,
+        }),
+        Kind::Unknown(e) => Err(e),
     }
 }
 

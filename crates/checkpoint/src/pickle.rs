@@ -140,8 +140,11 @@ fn persistent_load(pid: Value) -> Result<Value, Error> {
             if kind == "storage" =>
         {
             let key = match key {
-                Value::Str(s) => s.clone(),
+                Value::Str(s) if s.len() <= 256 => s.clone(),
                 Value::Int(i) => i.to_string(),
+                Value::Str(s) => {
+                    return Err(Error::Format(format!("storage key of {} bytes", s.len())))
+                }
                 other => {
                     return Err(Error::Format(format!(
                         "storage key is a {}",
@@ -152,6 +155,12 @@ fn persistent_load(pid: Value) -> Result<Value, Error> {
             let numel = numel.as_int().filter(|n| *n >= 0).ok_or_else(|| {
                 Error::Format("storage element count is not a non-negative int".into())
             })?;
+            if (numel as u64).checked_mul(dtype.size() as u64).is_none_or(|b| b > isize::MAX as u64) {
+                return Err(Error::Format(format!(
+                    "storage `{}` declares {numel} {dtype} elements, more than any file holds",
+                    preview(&key, 64)
+                )));
+            }
             Ok(Value::Storage(StorageRef {
                 key,
                 dtype: *dtype,
@@ -160,7 +169,8 @@ fn persistent_load(pid: Value) -> Result<Value, Error> {
             }))
         }
         _ => Err(Error::Format(format!(
-            "unsupported persistent id {items:?}"
+            "unsupported persistent id {}",
+            preview(&items, 200)
         ))),
     }
 }
@@ -184,6 +194,46 @@ fn usize_tuple(v: &Value, what: &str) -> Result<Vec<usize>, Error> {
                 .ok_or_else(|| Error::Format(format!("tensor {what} holds a non-integer")))
         })
         .collect()
+}
+
+/// The view must lie inside its storage, with every size and index computed without overflow, and may
+/// not expand a storage into a much larger tensor (a zero-stride `[40000, 40000]` view of 4 floats would be
+/// materialised as 6.4 GB): beyond its storage's element count a view may hold at most 16 Mi elements.
+fn check_view(storage: &StorageRef, offset: usize, shape: &[usize], stride: &[usize]) -> Result<(), Error> {
+    let describe = || {
+        format!(
+            "tensor view (offset {offset}, size {}, stride {}) of a storage of {} elements",
+            preview(&shape, 100),
+            preview(&stride, 100),
+            storage.numel
+        )
+    };
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::Format(format!("{}: element count overflows", describe())))?;
+    if numel == 0 {
+        return Ok(());
+    }
+    let last = shape
+        .iter()
+        .zip(stride)
+        .try_fold(offset, |at, (&n, &s)| at.checked_add((n - 1).checked_mul(s)?))
+        .ok_or_else(|| Error::Format(format!("{}: index overflows", describe())))?;
+    if last >= storage.numel {
+        return Err(Error::Format(format!(
+            "{}: reaches element {last}, outside the storage",
+            describe()
+        )));
+    }
+    const EXPANSION_ALLOWANCE: usize = 16 << 20;
+    if numel > storage.numel && numel > EXPANSION_ALLOWANCE {
+        return Err(Error::Format(format!(
+            "{}: would expand to {numel} elements; refusing views that repeat storage beyond {EXPANSION_ALLOWANCE} elements",
+            describe()
+        )));
+    }
+    Ok(())
 }
 
 fn call(func: Global, args: Value) -> Result<Value, Error> {
@@ -251,9 +301,12 @@ fn call(func: Global, args: Value) -> Result<Value, Error> {
             let stride = usize_tuple(&args[3], "stride")?;
             if shape.len() != stride.len() {
                 return Err(Error::Format(format!(
-                    "tensor size {shape:?} and stride {stride:?} differ in rank"
+                    "tensor size {} and stride {} differ in rank",
+                    preview(&shape, 100),
+                    preview(&stride, 100)
                 )));
             }
+            check_view(&storage, offset, &shape, &stride)?;
             Ok(Value::Tensor(TensorRef {
                 storage,
                 offset,
@@ -297,11 +350,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], Error> {
-        if self.pos + n > self.data.len() {
+        let left = self.data.len() - self.pos;
+        if n > left {
             return Err(Error::Format(format!(
-                "pickle truncated: needed {n} bytes at offset {}, only {} left",
-                self.pos,
-                self.data.len() - self.pos
+                "pickle truncated: needed {n} bytes at offset {}, only {left} left",
+                self.pos
             )));
         }
         let s = &self.data[self.pos..self.pos + n];
@@ -319,6 +372,13 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Result<u64, Error> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    /// A 64-bit length field; one beyond the address space is as truncated as one beyond the data.
+    fn len64(&mut self) -> Result<usize, Error> {
+        let n = self.u64()?;
+        usize::try_from(n).map_err(|_| {
+            Error::Format(format!("pickle length {n} at offset {} exceeds the data", self.pos - 8))
+        })
     }
     fn line(&mut self) -> Result<&'a str, Error> {
         let start = self.pos;
@@ -356,50 +416,223 @@ fn long_from_le(bytes: &[u8]) -> Result<i64, Error> {
     Ok(i64::from_le_bytes(buf))
 }
 
+/// Deepest nesting of containers accepted. `torch.save` output nests about 6 deep (training checkpoint →
+/// optimizer → state → param → tensor → size); the limit keeps every recursive walk over a value (drop,
+/// clone, comparison) far from the thread's stack size.
+pub const MAX_DEPTH: u32 = 256;
+
+/// Bytes that memo GETs and DUPs may copy in total: a fixed allowance plus 64 bytes per input byte.
+/// Copies are the only way a pickle grows faster than its own length (a 70-byte pickle that doubles a
+/// list through the memo 24 times would otherwise build 10 GB).
+fn copy_budget(input_len: usize) -> usize {
+    (64 << 20) + input_len.saturating_mul(64)
+}
+
+/// A value on the stack or in the memo, with the facts the limits need (kept so no check walks a value).
+#[derive(Clone)]
+struct Slot {
+    value: Value,
+    depth: u32,
+    /// Approximate heap + inline bytes of the value.
+    bytes: usize,
+}
+
+const NODE_BYTES: usize = std::mem::size_of::<Value>();
+
+impl Slot {
+    fn leaf(value: Value) -> Slot {
+        let heap = match &value {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            _ => 0,
+        };
+        Slot { value, depth: 0, bytes: NODE_BYTES + heap }
+    }
+
+    /// A container built from `items` (already popped off the stack).
+    fn container(items: Vec<Slot>, build: impl FnOnce(Vec<Value>) -> Value) -> Result<Slot, Error> {
+        let depth = 1 + items.iter().map(|s| s.depth).max().unwrap_or(0);
+        check_depth(depth)?;
+        let bytes = NODE_BYTES + items.iter().map(|s| s.bytes).sum::<usize>();
+        Ok(Slot { value: build(items.into_iter().map(|s| s.value).collect()), depth, bytes })
+    }
+
+    /// Records that `item` now lives inside this (container) value.
+    fn absorb(&mut self, depth: u32, bytes: usize) -> Result<(), Error> {
+        self.depth = self.depth.max(depth + 1);
+        check_depth(self.depth)?;
+        self.bytes = self.bytes.saturating_add(bytes);
+        Ok(())
+    }
+}
+
+fn check_depth(depth: u32) -> Result<(), Error> {
+    if depth > MAX_DEPTH {
+        return Err(Error::Format(format!(
+            "pickle nests containers more than {MAX_DEPTH} deep; no checkpoint does, refusing it"
+        )));
+    }
+    Ok(())
+}
+
+/// Python's dict-key identity for the keys a checkpoint can hold (`True == 1 == 1.0` as keys).
+#[derive(PartialEq, Eq, Hash)]
+enum HashKey {
+    None,
+    Int(i64),
+    Float(u64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Tuple(Vec<HashKey>),
+    /// Objects hashed by identity in Python (tensors, storages, globals): never equal to another key.
+    Identity(usize),
+}
+
+fn hash_key(v: &Value, identity: &mut usize) -> Result<HashKey, Error> {
+    Ok(match v {
+        Value::None => HashKey::None,
+        Value::Bool(b) => HashKey::Int(*b as i64),
+        Value::Int(i) => HashKey::Int(*i),
+        Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.2e18 => HashKey::Int(*f as i64),
+        Value::Float(f) => HashKey::Float(f.to_bits()),
+        Value::Str(s) => HashKey::Str(s.clone()),
+        Value::Bytes(b) => HashKey::Bytes(b.clone()),
+        Value::Tuple(items) => HashKey::Tuple(
+            items.iter().map(|x| hash_key(x, identity)).collect::<Result<_, _>>()?,
+        ),
+        Value::Global(_) | Value::Storage(_) | Value::Tensor(_) => {
+            *identity += 1;
+            HashKey::Identity(*identity)
+        }
+        Value::List(_) | Value::Dict(_) | Value::Mark => {
+            return Err(Error::Format(format!("unhashable dict key of type {}", v.type_name())))
+        }
+    })
+}
+
+/// Applies Python's `d[k] = v` semantics to every dict of the finished value: a repeated key keeps its
+/// first position and its last value. Dicts are appended to while unpickling (no per-key search, which made
+/// a 200k-key dict quadratic) and resolved here in one hashed pass each.
+fn resolve_dict_keys(value: &mut Value) -> Result<(), Error> {
+    let mut pending: Vec<&mut Value> = vec![value];
+    let mut identity = 0usize;
+    while let Some(v) = pending.pop() {
+        match v {
+            Value::Dict(items) => {
+                let mut first: std::collections::HashMap<HashKey, usize> =
+                    std::collections::HashMap::with_capacity(items.len());
+                let mut keep = vec![true; items.len()];
+                let mut moves: Vec<(usize, usize)> = Vec::new();
+                for (i, (k, _)) in items.iter().enumerate() {
+                    match first.entry(hash_key(k, &mut identity)?) {
+                        std::collections::hash_map::Entry::Occupied(e) => {
+                            keep[i] = false;
+                            moves.push((i, *e.get()));
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(i);
+                        }
+                    }
+                }
+                if !moves.is_empty() {
+                    for (from, to) in moves {
+                        let value = std::mem::replace(&mut items[from].1, Value::None);
+                        items[to].1 = value;
+                    }
+                    let mut i = 0;
+                    items.retain(|_| {
+                        i += 1;
+                        keep[i - 1]
+                    });
+                }
+                for (_, v) in items.iter_mut() {
+                    pending.push(v);
+                }
+            }
+            Value::List(items) | Value::Tuple(items) => pending.extend(items.iter_mut()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// At most `max` characters of a value's debug form, for error messages about hostile input.
+fn preview(v: &impl std::fmt::Debug, max: usize) -> String {
+    let s = format!("{v:?}");
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}… ({} characters)", &s[..i], s.len()),
+        None => s,
+    }
+}
+
 /// Unpickles `data` with the restricted rules described in the module docs.
 pub fn unpickle(data: &[u8]) -> Result<Value, Error> {
     let mut r = Reader { data, pos: 0 };
-    let mut stack: Vec<Value> = Vec::new();
-    let mut memo: std::collections::HashMap<u32, Value> = std::collections::HashMap::new();
+    let mut stack: Vec<Slot> = Vec::new();
+    let mut memo: std::collections::HashMap<u32, Slot> = std::collections::HashMap::new();
+    let mut copy_left = copy_budget(data.len());
 
-    fn pop(stack: &mut Vec<Value>) -> Result<Value, Error> {
+    fn pop(stack: &mut Vec<Slot>) -> Result<Slot, Error> {
         stack
             .pop()
             .ok_or_else(|| Error::Format("pickle stack underflow".into()))
     }
-    fn pop_mark(stack: &mut Vec<Value>) -> Result<Vec<Value>, Error> {
+    fn pop_mark(stack: &mut Vec<Slot>) -> Result<Vec<Slot>, Error> {
         let at = stack
             .iter()
-            .rposition(|v| matches!(v, Value::Mark))
+            .rposition(|s| matches!(s.value, Value::Mark))
             .ok_or_else(|| Error::Format("pickle MARK missing".into()))?;
         let items = stack.split_off(at + 1);
         stack.pop();
         Ok(items)
     }
-    fn top_mut(stack: &mut [Value]) -> Result<&mut Value, Error> {
+    fn top_mut(stack: &mut [Slot]) -> Result<&mut Slot, Error> {
         stack
             .last_mut()
             .ok_or_else(|| Error::Format("pickle stack underflow".into()))
     }
-    fn set_items(target: &mut Value, items: Vec<Value>) -> Result<(), Error> {
-        match target {
+    /// A copy of `slot`, charged to the copy budget.
+    fn copy(slot: &Slot, left: &mut usize) -> Result<Slot, Error> {
+        if slot.bytes > *left {
+            return Err(Error::Format(
+                "pickle copies values through its memo/DUP far beyond its own size (64 MB plus 64 bytes \
+                 per pickle byte); no checkpoint does, refusing it"
+                    .into(),
+            ));
+        }
+        *left -= slot.bytes;
+        Ok(slot.clone())
+    }
+    fn set_items(target: &mut Slot, items: Vec<Slot>) -> Result<(), Error> {
+        if items.len() % 2 != 0 {
+            return Err(Error::Format("SETITEMS with an odd number of items".into()));
+        }
+        let depth = items.iter().map(|s| s.depth).max().unwrap_or(0);
+        let bytes = items.iter().map(|s| s.bytes).sum();
+        match &mut target.value {
             Value::Dict(d) => {
-                if items.len() % 2 != 0 {
-                    return Err(Error::Format("SETITEMS with an odd number of items".into()));
-                }
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    if let Some(slot) = d.iter_mut().find(|(ek, _)| *ek == k) {
-                        slot.1 = v;
-                    } else {
-                        d.push((k, v));
-                    }
+                    d.push((k.value, v.value));
                 }
-                Ok(())
             }
-            other => Err(Error::Format(format!("SETITEM on a {}", other.type_name()))),
+            other => return Err(Error::Format(format!("SETITEM on a {}", other.type_name()))),
         }
+        target.absorb(depth, bytes)
     }
+    fn extend_list(target: &mut Slot, items: Vec<Slot>, op: &str) -> Result<(), Error> {
+        let depth = items.iter().map(|s| s.depth).max().unwrap_or(0);
+        let bytes = items.iter().map(|s| s.bytes).sum();
+        match &mut target.value {
+            Value::List(l) => l.extend(items.into_iter().map(|s| s.value)),
+            other => return Err(Error::Format(format!("{op} on a {}", other.type_name()))),
+        }
+        if depth > 0 || bytes > 0 {
+            target.absorb(depth, bytes)?;
+        }
+        Ok(())
+    }
+    let leaf = |v: Value| Slot::leaf(v);
 
     loop {
         let op = r.u8()?;
@@ -413,149 +646,126 @@ pub fn unpickle(data: &[u8]) -> Result<Value, Error> {
             0x95 => {
                 r.u64()?; // FRAME: framing is only a read-ahead hint
             }
-            b'.' => return pop(&mut stack),
-            b'}' => stack.push(Value::Dict(Vec::new())),
-            b']' => stack.push(Value::List(Vec::new())),
-            b')' => stack.push(Value::Tuple(Vec::new())),
-            b'(' => stack.push(Value::Mark),
-            b'N' => stack.push(Value::None),
-            0x88 => stack.push(Value::Bool(true)),
-            0x89 => stack.push(Value::Bool(false)),
-            b'J' => stack.push(Value::Int(r.u32()? as i32 as i64)),
-            b'K' => stack.push(Value::Int(r.u8()? as i64)),
-            b'M' => stack.push(Value::Int(r.u16()? as i64)),
+            b'.' => {
+                let mut v = pop(&mut stack)?.value;
+                resolve_dict_keys(&mut v)?;
+                return Ok(v);
+            }
+            b'}' => stack.push(leaf(Value::Dict(Vec::new()))),
+            b']' | 0x8f => stack.push(leaf(Value::List(Vec::new()))), // EMPTY_LIST, EMPTY_SET
+            b')' => stack.push(leaf(Value::Tuple(Vec::new()))),
+            b'(' => stack.push(leaf(Value::Mark)),
+            b'N' => stack.push(leaf(Value::None)),
+            0x88 => stack.push(leaf(Value::Bool(true))),
+            0x89 => stack.push(leaf(Value::Bool(false))),
+            b'J' => stack.push(leaf(Value::Int(r.u32()? as i32 as i64))),
+            b'K' => stack.push(leaf(Value::Int(r.u8()? as i64))),
+            b'M' => stack.push(leaf(Value::Int(r.u16()? as i64))),
             0x8a => {
                 let n = r.u8()? as usize;
-                stack.push(Value::Int(long_from_le(r.take(n)?)?));
+                stack.push(leaf(Value::Int(long_from_le(r.take(n)?)?)));
             }
             0x8b => {
                 let n = r.u32()? as usize;
-                stack.push(Value::Int(long_from_le(r.take(n)?)?));
+                stack.push(leaf(Value::Int(long_from_le(r.take(n)?)?)));
             }
             b'I' => {
                 let line = r.line()?;
-                stack.push(match line {
+                stack.push(leaf(match line {
                     "00" => Value::Bool(false),
                     "01" => Value::Bool(true),
-                    s => Value::Int(s.parse().map_err(|_| Error::Format(format!("bad INT {s:?}")))?),
-                });
+                    s => Value::Int(s.parse().map_err(|_| Error::Format(format!("bad INT {}", preview(&s, 40))))?),
+                }));
             }
             b'L' => {
                 let line = r.line()?.trim_end_matches('L');
-                stack.push(Value::Int(line.parse().map_err(|_| Error::Format(format!("bad LONG {line:?}")))?));
+                stack.push(leaf(Value::Int(line.parse().map_err(|_| Error::Format(format!("bad LONG {}", preview(&line, 40))))?)));
             }
-            b'G' => stack.push(Value::Float(f64::from_be_bytes(r.take(8)?.try_into().unwrap()))),
+            b'G' => stack.push(leaf(Value::Float(f64::from_be_bytes(r.take(8)?.try_into().unwrap())))),
             b'F' => {
                 let line = r.line()?;
-                stack.push(Value::Float(line.parse().map_err(|_| Error::Format(format!("bad FLOAT {line:?}")))?));
+                stack.push(leaf(Value::Float(line.parse().map_err(|_| Error::Format(format!("bad FLOAT {}", preview(&line, 40))))?)));
             }
             b'X' => {
                 let n = r.u32()? as usize;
-                stack.push(Value::Str(r.string(n)?));
+                stack.push(leaf(Value::Str(r.string(n)?)));
             }
             0x8c => {
                 let n = r.u8()? as usize;
-                stack.push(Value::Str(r.string(n)?));
+                stack.push(leaf(Value::Str(r.string(n)?)));
             }
             0x8d => {
-                let n = r.u64()? as usize;
-                stack.push(Value::Str(r.string(n)?));
+                let n = r.len64()?;
+                stack.push(leaf(Value::Str(r.string(n)?)));
             }
-            b'T' => {
+            b'T' | b'B' => {
                 let n = r.u32()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+                stack.push(leaf(Value::Bytes(r.take(n)?.to_vec())));
             }
-            b'U' => {
+            b'U' | b'C' => {
                 let n = r.u8()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
-            }
-            b'B' => {
-                let n = r.u32()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
-            }
-            b'C' => {
-                let n = r.u8()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+                stack.push(leaf(Value::Bytes(r.take(n)?.to_vec())));
             }
             0x8e => {
-                let n = r.u64()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+                let n = r.len64()?;
+                stack.push(leaf(Value::Bytes(r.take(n)?.to_vec())));
             }
-            b'q' => {
-                let i = r.u8()? as u32;
-                memo.insert(i, top_mut(&mut stack)?.clone());
+            b'q' | b'r' | 0x94 => {
+                let i = match op {
+                    b'q' => r.u8()? as u32,
+                    b'r' => r.u32()?,
+                    _ => memo.len() as u32,
+                };
+                let v = copy(top_mut(&mut stack)?, &mut copy_left)?;
+                memo.insert(i, v);
             }
-            b'r' => {
-                let i = r.u32()?;
-                memo.insert(i, top_mut(&mut stack)?.clone());
-            }
-            0x94 => {
-                let i = memo.len() as u32;
-                memo.insert(i, top_mut(&mut stack)?.clone());
-            }
-            b'h' => {
-                let i = r.u8()? as u32;
-                stack.push(memo.get(&i).cloned().ok_or_else(|| Error::Format(format!("memo {i} missing")))?);
-            }
-            b'j' => {
-                let i = r.u32()?;
-                stack.push(memo.get(&i).cloned().ok_or_else(|| Error::Format(format!("memo {i} missing")))?);
+            b'h' | b'j' => {
+                let i = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
+                let slot = memo.get(&i).ok_or_else(|| Error::Format(format!("memo {i} missing")))?;
+                stack.push(copy(slot, &mut copy_left)?);
             }
             b'c' => {
                 let module = r.line()?.to_string();
                 let name = r.line()?.to_string();
-                stack.push(Value::Global(resolve_global(&module, &name)?));
+                stack.push(leaf(Value::Global(resolve_global(&module, &name)?)));
             }
             0x93 => {
-                let name = pop(&mut stack)?;
-                let module = pop(&mut stack)?;
+                let name = pop(&mut stack)?.value;
+                let module = pop(&mut stack)?.value;
                 match (module, name) {
-                    (Value::Str(m), Value::Str(n)) => stack.push(Value::Global(resolve_global(&m, &n)?)),
+                    (Value::Str(m), Value::Str(n)) => stack.push(leaf(Value::Global(resolve_global(&m, &n)?))),
                     _ => return Err(Error::Format("STACK_GLOBAL needs two strings".into())),
                 }
             }
             b't' => {
                 let items = pop_mark(&mut stack)?;
-                stack.push(Value::Tuple(items));
+                stack.push(Slot::container(items, Value::Tuple)?);
             }
-            0x85 => {
-                let a = pop(&mut stack)?;
-                stack.push(Value::Tuple(vec![a]));
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if stack.len() < n {
+                    return Err(Error::Format("pickle stack underflow".into()));
+                }
+                let items = stack.split_off(stack.len() - n);
+                stack.push(Slot::container(items, Value::Tuple)?);
             }
-            0x86 => {
-                let b = pop(&mut stack)?;
-                let a = pop(&mut stack)?;
-                stack.push(Value::Tuple(vec![a, b]));
-            }
-            0x87 => {
-                let c = pop(&mut stack)?;
-                let b = pop(&mut stack)?;
-                let a = pop(&mut stack)?;
-                stack.push(Value::Tuple(vec![a, b, c]));
-            }
-            b'l' => {
+            b'l' | 0x91 => {
                 let items = pop_mark(&mut stack)?;
-                stack.push(Value::List(items));
+                stack.push(Slot::container(items, Value::List)?);
             }
             b'd' => {
                 let items = pop_mark(&mut stack)?;
-                let mut d = Value::Dict(Vec::new());
+                let mut d = leaf(Value::Dict(Vec::new()));
                 set_items(&mut d, items)?;
                 stack.push(d);
             }
             b'a' => {
                 let v = pop(&mut stack)?;
-                match top_mut(&mut stack)? {
-                    Value::List(l) => l.push(v),
-                    other => return Err(Error::Format(format!("APPEND on a {}", other.type_name()))),
-                }
+                extend_list(top_mut(&mut stack)?, vec![v], "APPEND")?;
             }
-            b'e' => {
+            b'e' | 0x90 => {
                 let items = pop_mark(&mut stack)?;
-                match top_mut(&mut stack)? {
-                    Value::List(l) => l.extend(items),
-                    other => return Err(Error::Format(format!("APPENDS on a {}", other.type_name()))),
-                }
+                extend_list(top_mut(&mut stack)?, items, "APPENDS")?;
             }
             b's' => {
                 let v = pop(&mut stack)?;
@@ -566,44 +776,29 @@ pub fn unpickle(data: &[u8]) -> Result<Value, Error> {
                 let items = pop_mark(&mut stack)?;
                 set_items(top_mut(&mut stack)?, items)?;
             }
-            0x8f => stack.push(Value::List(Vec::new())), // EMPTY_SET
-            0x90 => {
-                let items = pop_mark(&mut stack)?;
-                match top_mut(&mut stack)? {
-                    Value::List(l) => l.extend(items),
-                    other => return Err(Error::Format(format!("ADDITEMS on a {}", other.type_name()))),
-                }
-            }
-            0x91 => {
-                let items = pop_mark(&mut stack)?;
-                stack.push(Value::List(items));
-            }
             b'Q' => {
                 let pid = pop(&mut stack)?;
-                stack.push(persistent_load(pid)?);
+                stack.push(leaf(persistent_load(pid.value)?));
             }
             b'P' => return Err(Error::Format("text persistent ids are not used by torch.save".into())),
-            b'R' => {
+            b'R' | 0x81 => {
                 let args = pop(&mut stack)?;
                 let func = pop(&mut stack)?;
-                match func {
-                    Value::Global(g) => stack.push(call(g, args)?),
+                let g = match func.value {
+                    // NEWOBJ cls(*args): only the allowed containers.
+                    Value::Global(g @ (Global::OrderedDict | Global::Set | Global::FrozenSet)) if op == 0x81 => g,
+                    _ if op == 0x81 => return Err(Error::Unsafe("NEWOBJ of a class that is not plain data".into())),
+                    Value::Global(g) => g,
                     other => return Err(Error::Unsafe(format!("REDUCE on a {}, not an allowed global", other.type_name()))),
-                }
-            }
-            0x81 => {
-                // NEWOBJ cls(*args): only the allowed containers.
-                let args = pop(&mut stack)?;
-                let cls = pop(&mut stack)?;
-                match cls {
-                    Value::Global(g @ (Global::OrderedDict | Global::Set | Global::FrozenSet)) => stack.push(call(g, args)?),
-                    _ => return Err(Error::Unsafe("NEWOBJ of a class that is not plain data".into())),
-                }
+                };
+                let (depth, bytes) = (args.depth + 1, args.bytes + NODE_BYTES);
+                check_depth(depth)?;
+                stack.push(Slot { value: call(g, args.value)?, depth, bytes });
             }
             b'b' => {
                 // BUILD: state for the object below. OrderedDicts carry `_metadata`; plain data ignores it.
                 let _state = pop(&mut stack)?;
-                match top_mut(&mut stack)? {
+                match &top_mut(&mut stack)?.value {
                     Value::Dict(_) | Value::Tensor(_) | Value::List(_) => {}
                     other => return Err(Error::Unsafe(format!("BUILD on a {}", other.type_name()))),
                 }
@@ -612,7 +807,7 @@ pub fn unpickle(data: &[u8]) -> Result<Value, Error> {
                 pop(&mut stack)?;
             }
             b'2' => {
-                let v = top_mut(&mut stack)?.clone();
+                let v = copy(top_mut(&mut stack)?, &mut copy_left)?;
                 stack.push(v);
             }
             b'1' => {

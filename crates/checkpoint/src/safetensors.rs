@@ -1,5 +1,6 @@
 //! safetensors: `u64` little-endian header length, a JSON header, then raw tensor bytes.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use crate::{DType, Error, StateDict, TensorData};
@@ -10,66 +11,113 @@ pub fn looks_like(bytes: &[u8]) -> bool {
         return false;
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-    n >= 2 && n < 100_000_000 && bytes[8] == b'{'
+    (2..MAX_HEADER).contains(&n) && bytes[8] == b'{'
 }
 
+/// The safetensors library's own limit on the JSON header.
+const MAX_HEADER: u64 = 100_000_000;
+
 pub fn read(bytes: &[u8]) -> Result<StateDict, Error> {
-    if bytes.len() < 8 {
+    read_from(std::io::Cursor::new(bytes))
+}
+
+/// Reads a file tensor by tensor: each tensor's bytes go straight from the file into its buffer.
+pub fn read_file(path: &Path) -> Result<StateDict, Error> {
+    let file = std::fs::File::open(path).map_err(|e| Error::Io(e).in_file(path))?;
+    read_from(std::io::BufReader::new(file)).map_err(|e| e.in_file(path))
+}
+
+pub fn read_from<R: Read + Seek>(mut r: R) -> Result<StateDict, Error> {
+    let file_len = r.seek(SeekFrom::End(0))?;
+    r.seek(SeekFrom::Start(0))?;
+    if file_len < 8 {
         return Err(Error::Format(
             "safetensors file shorter than its 8-byte header length".into(),
         ));
     }
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    if 8 + n > bytes.len() {
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER || n > file_len - 8 {
         return Err(Error::Format(format!(
-            "safetensors header claims {n} bytes but the file has {} (truncated?)",
-            bytes.len()
+            "safetensors header claims {n} bytes but the file has {file_len} (truncated, or not safetensors)"
         )));
     }
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
+    let mut header = vec![0u8; n as usize];
+    r.read_exact(&mut header)?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
         .map_err(|e| Error::Format(format!("safetensors header is not valid JSON: {e}")))?;
     let obj = header
         .as_object()
         .ok_or_else(|| Error::Format("safetensors header is not an object".into()))?;
-    let data = &bytes[8 + n..];
-    let mut entries = Vec::new();
+    let data_start = 8 + n;
+    let data_len = file_len - data_start;
+    let mut planned = Vec::new();
     for (name, info) in obj {
         if name == "__metadata__" {
             continue;
         }
-        let bad = |what: &str| Error::Format(format!("safetensors entry `{name}`: {what}"));
+        let shown: String = name.chars().take(200).collect();
+        let bad = |what: &str| Error::Format(format!("safetensors entry `{shown}`: {what}"));
         let dtype_name = info["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
         let dtype = DType::from_safetensors_name(dtype_name)
-            .ok_or_else(|| bad(&format!("unsupported dtype {dtype_name}")))?;
+            .ok_or_else(|| bad(&format!("unsupported dtype {}", dtype_name.chars().take(20).collect::<String>())))?;
         let shape: Vec<usize> = info["shape"]
             .as_array()
             .ok_or_else(|| bad("no shape"))?
             .iter()
             .map(|d| {
                 d.as_u64()
-                    .map(|d| d as usize)
+                    .and_then(|d| usize::try_from(d).ok())
                     .ok_or_else(|| bad("shape is not a list of integers"))
             })
             .collect::<Result<_, _>>()?;
+        let need = crate::tensor::byte_size(dtype, &shape).map_err(|e| bad(&e.to_string()))?;
         let offs = info["data_offsets"]
             .as_array()
             .ok_or_else(|| bad("no data_offsets"))?;
         let (start, end) = match offs.as_slice() {
             [a, b] => (
-                a.as_u64().ok_or_else(|| bad("bad data_offsets"))? as usize,
-                b.as_u64().ok_or_else(|| bad("bad data_offsets"))? as usize,
+                a.as_u64().ok_or_else(|| bad("bad data_offsets"))?,
+                b.as_u64().ok_or_else(|| bad("bad data_offsets"))?,
             ),
             _ => return Err(bad("data_offsets must hold two integers")),
         };
-        if start > end || end > data.len() {
+        if start > end || end > data_len {
             return Err(bad(&format!(
-                "data_offsets [{start}, {end}] outside the {} data bytes (truncated?)",
-                data.len()
+                "data_offsets [{start}, {end}] outside the {data_len} data bytes (truncated?)"
             )));
         }
-        let tensor = TensorData::new(dtype, shape, data[start..end].to_vec())
-            .map_err(|e| bad(&e.to_string()))?;
-        entries.push((name.clone(), tensor));
+        if (end - start) as usize != need {
+            return Err(bad(&format!(
+                "{dtype} shape {shape:?} needs {need} bytes, data_offsets [{start}, {end}] hold {}",
+                end - start
+            )));
+        }
+        planned.push((name.clone(), dtype, shape, start, end));
+    }
+    // Each byte belongs to one tensor at most (as the safetensors library validates).
+    let mut spans: Vec<(u64, u64, &str)> = planned
+        .iter()
+        .filter(|p| p.4 > p.3)
+        .map(|p| (p.3, p.4, p.0.as_str()))
+        .collect();
+    spans.sort_unstable();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            let short = |s: &str| s.chars().take(200).collect::<String>();
+            return Err(Error::Format(format!(
+                "safetensors entries `{}` [{}, {}] and `{}` [{}, {}] overlap",
+                short(w[0].2), w[0].0, w[0].1, short(w[1].2), w[1].0, w[1].1
+            )));
+        }
+    }
+    let mut entries = Vec::with_capacity(planned.len());
+    for (name, dtype, shape, start, end) in planned {
+        let mut bytes = vec![0u8; (end - start) as usize];
+        r.seek(SeekFrom::Start(data_start + start))?;
+        r.read_exact(&mut bytes)?;
+        entries.push((name, TensorData::new(dtype, shape, bytes)?));
     }
     let mut sd = StateDict { entries };
     crate::strip_module_prefix(&mut sd.entries);

@@ -145,7 +145,7 @@ impl std::fmt::Debug for TensorData {
 
 impl TensorData {
     pub fn new(dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self, Error> {
-        let expected = shape.iter().product::<usize>() * dtype.size();
+        let expected = byte_size(dtype, &shape)?;
         if bytes.len() != expected {
             return Err(Error::Format(format!(
                 "tensor of dtype {dtype} and shape {shape:?} needs {expected} bytes, got {}",
@@ -260,6 +260,18 @@ impl TensorData {
     }
 }
 
+/// Bytes of a dense tensor of this dtype and shape; an error when the product overflows.
+pub fn byte_size(dtype: DType, shape: &[usize]) -> Result<usize, Error> {
+    shape
+        .iter()
+        .try_fold(dtype.size(), |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            Error::Format(format!(
+                "a {dtype} tensor of shape {shape:?} would exceed the address space"
+            ))
+        })
+}
+
 /// Gathers a strided view of `storage` (element offset, sizes, strides in elements) into a contiguous tensor.
 pub(crate) fn gather_strided(
     storage: &[u8],
@@ -269,17 +281,17 @@ pub(crate) fn gather_strided(
     stride: &[usize],
 ) -> Result<Vec<u8>, Error> {
     let es = dtype.size();
-    let numel: usize = shape.iter().product();
+    let overflow = || Error::Format(format!("tensor view (offset {offset}, shape {shape:?}, stride {stride:?}) overflows"));
+    let numel = byte_size(dtype, shape)? / es;
     if numel == 0 {
         return Ok(Vec::new());
     }
-    let last = offset
-        + shape
-            .iter()
-            .zip(stride)
-            .map(|(&n, &s)| (n - 1) * s)
-            .sum::<usize>();
-    if (last + 1) * es > storage.len() {
+    let last = shape
+        .iter()
+        .zip(stride)
+        .try_fold(offset, |at, (&n, &s)| at.checked_add((n - 1).checked_mul(s)?))
+        .ok_or_else(overflow)?;
+    if last >= storage.len() / es {
         return Err(Error::Format(format!(
             "tensor view (offset {offset}, shape {shape:?}, stride {stride:?}) reaches element {last} \
              but its storage holds only {} elements",
