@@ -17,6 +17,40 @@ pub enum Error {
     Decode { path: String, message: String },
 }
 
+/// Pillow's decompression-bomb error threshold (`2 * Image.MAX_IMAGE_PIXELS`, 178,956,970 pixels): Pillow
+/// warns above half of it and refuses above it; pirclip refuses above it.
+pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+
+/// The pixel limit in force for every decoder, process-wide like Pillow's `Image.MAX_IMAGE_PIXELS`
+/// (a policy of the run, set once from `--max-image-pixels`, not a property of one call).
+static MAX_PIXELS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_MAX_PIXELS);
+
+/// Sets the largest image (width × height) any decode accepts.
+pub fn set_max_pixels(pixels: u64) {
+    MAX_PIXELS.store(pixels, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn max_pixels() -> u64 {
+    MAX_PIXELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Refuses an image by its header's size, before anything of its size is allocated.
+fn check_size(width: u64, height: u64, name: &str) -> Result<(), Error> {
+    let limit = max_pixels();
+    let pixels = width.saturating_mul(height);
+    if pixels > limit {
+        return Err(Error::Decode {
+            path: name.to_string(),
+            message: format!(
+                "{width}×{height} = {pixels} pixels is over the limit of {limit} (Pillow's decompression-bomb \
+                 limit); if the file is trusted, raise it with --max-image-pixels"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RgbImage {
@@ -46,30 +80,52 @@ impl RgbImage {
 /// expanded, alpha is dropped (as PIL's `convert("RGB")`), 16-bit samples are rounded to 8 bits.
 pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, Error> {
     if bytes.starts_with(&[0xff, 0xd8]) {
-        if let Some(img) = decode_jpeg_libjpeg(bytes) {
+        if let Some(img) = decode_jpeg_libjpeg(bytes, name)? {
             return Ok(img);
         }
         // CMYK or otherwise unusual JPEGs fall through to the pure-Rust decoder.
     }
-    let img = image::load_from_memory(bytes).map_err(|e| Error::Decode {
+    let fail = |message: String| Error::Decode {
         path: name.to_string(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| fail(e.to_string()))
+    };
+    let (w, h) = reader()?.into_dimensions().map_err(|e| fail(e.to_string()))?;
+    check_size(w as u64, h as u64, name)?;
+    let mut reader = reader()?;
+    // A backstop for what the header does not tell (frames, planes): 16-bit RGBA of the limit's pixels.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels().saturating_mul(8).max(64 << 20));
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| fail(e.to_string()))?;
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
     if w == 0 || h == 0 {
-        return Err(Error::Decode {
-            path: name.to_string(),
-            message: "image has no pixels".into(),
-        });
+        return Err(fail("image has no pixels".into()));
     }
     Ok(RgbImage::new(w as usize, h as usize, rgb.into_raw()))
 }
 
-/// libjpeg-turbo's default decode (ISLOW IDCT, fancy upsampling), as Pillow does it. `None` when the
+/// libjpeg-turbo's default decode (ISLOW IDCT, fancy upsampling), as Pillow does it. `Ok(None)` when the
 /// stream is not something it turns into RGB; libjpeg errors surface as panics in the binding, caught here.
-fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<RgbImage> {
-    std::panic::catch_unwind(|| -> Option<RgbImage> {
+/// The header's size is checked against the pixel limit before libjpeg allocates anything of that size.
+fn decode_jpeg_libjpeg(bytes: &[u8], name: &str) -> Result<Option<RgbImage>, Error> {
+    let header = std::panic::catch_unwind(|| {
+        mozjpeg::Decompress::new_mem(bytes)
+            .ok()
+            .map(|d| (d.width() as u64, d.height() as u64))
+    })
+    .ok()
+    .flatten();
+    let Some((w, h)) = header else {
+        return Ok(None);
+    };
+    check_size(w, h, name)?;
+    Ok(std::panic::catch_unwind(|| -> Option<RgbImage> {
         let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
         if !matches!(
             d.color_space(),
@@ -81,13 +137,13 @@ fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<RgbImage> {
         }
         let mut rgb = d.rgb().ok()?;
         let (w, h) = (rgb.width(), rgb.height());
-        let px: Vec<[u8; 3]> = rgb.read_scanlines().ok()?;
+        let mut pixels = vec![0u8; w.checked_mul(h)?.checked_mul(3)?];
+        rgb.read_scanlines_into(&mut pixels).ok()?;
         rgb.finish().ok()?;
-        (w > 0 && h > 0 && px.len() == w * h)
-            .then(|| RgbImage::new(w, h, px.into_iter().flatten().collect()))
+        (w > 0 && h > 0).then(|| RgbImage::new(w, h, pixels))
     })
     .ok()
-    .flatten()
+    .flatten())
 }
 
 pub fn decode_file(path: &Path) -> Result<RgbImage, Error> {
