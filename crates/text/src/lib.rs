@@ -119,53 +119,97 @@ impl Tokenizer {
     }
 
     /// Token ids of one pre-tokenised piece (already byte-encoded), by lowest-rank-first merging.
+    ///
+    /// open_clip repeats: find the lowest-ranked adjacent pair, merge all its non-overlapping occurrences
+    /// left to right. That is quadratic in the word's length (minutes for a 1 MB word). This does the same
+    /// passes with a heap of (rank, position): a pass pops every occurrence of one rank in position order,
+    /// skips those a merge in the same pass consumed, and queues the pairs its merges create only after the
+    /// pass, so the result is identical for every word, in O(n log n).
     fn bpe(&self, token: &str) -> Vec<i64> {
+        const CACHED_WORD_BYTES: usize = 64;
+        const CACHE_ENTRIES: usize = 100_000;
         if let Some(ids) = self.cache.lock().unwrap().get(token) {
             return ids.clone();
         }
-        let chars: Vec<char> = token.chars().collect();
-        let mut word: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+        let mut word: Vec<String> = token.chars().map(|c| c.to_string()).collect();
         if let Some(last) = word.last_mut() {
             last.push_str("</w>");
         }
-        while word.len() > 1 {
-            let best = word
-                .windows(2)
-                .filter_map(|w| {
-                    self.ranks
-                        .get(&(w[0].clone(), w[1].clone()))
-                        .map(|&r| (r, w[0].clone(), w[1].clone()))
-                })
-                .min_by_key(|(r, _, _)| *r);
-            let Some((_, first, second)) = best else {
-                break;
-            };
-            let mut merged = Vec::with_capacity(word.len());
-            let mut i = 0;
-            while i < word.len() {
-                if i + 1 < word.len() && word[i] == first && word[i + 1] == second {
-                    merged.push(format!("{first}{second}"));
-                    i += 2;
-                } else {
-                    merged.push(std::mem::take(&mut word[i]));
-                    i += 1;
+        let n = word.len();
+        let mut next: Vec<usize> = (1..=n).collect(); // n = none
+        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect(); // usize::MAX = none
+        let mut alive = vec![true; n];
+        let rank = |a: &str, b: &str| self.ranks.get(&(a.to_string(), b.to_string())).copied();
+        let mut heap = std::collections::BinaryHeap::new();
+        for i in 0..n.saturating_sub(1) {
+            if let Some(r) = rank(&word[i], &word[i + 1]) {
+                heap.push(std::cmp::Reverse((r, i)));
+            }
+        }
+        while let Some(&std::cmp::Reverse((r, _))) = heap.peek() {
+            let mut created = Vec::new();
+            while let Some(&std::cmp::Reverse((r2, i))) = heap.peek() {
+                if r2 != r {
+                    break;
+                }
+                heap.pop();
+                let j = next[i];
+                if !alive[i] || j >= n || rank(&word[i], &word[j]) != Some(r) {
+                    continue; // consumed or changed by an earlier merge
+                }
+                let right = std::mem::take(&mut word[j]);
+                word[i].push_str(&right);
+                alive[j] = false;
+                next[i] = next[j];
+                if next[j] < n {
+                    prev[next[j]] = i;
+                }
+                created.push(i);
+            }
+            for i in created {
+                if !alive[i] {
+                    continue;
+                }
+                if prev[i] != usize::MAX {
+                    if let Some(r) = rank(&word[prev[i]], &word[i]) {
+                        heap.push(std::cmp::Reverse((r, prev[i])));
+                    }
+                }
+                if next[i] < n {
+                    if let Some(r) = rank(&word[i], &word[next[i]]) {
+                        heap.push(std::cmp::Reverse((r, i)));
+                    }
                 }
             }
-            word = merged;
         }
-        let ids: Vec<i64> = word.iter().map(|w| self.encoder[w.as_str()]).collect();
-        self.cache
-            .lock()
-            .unwrap()
-            .insert(token.to_string(), ids.clone());
+        let ids: Vec<i64> = (0..n)
+            .filter(|&i| alive[i])
+            .map(|i| self.encoder[word[i].as_str()])
+            .collect();
+        if token.len() <= CACHED_WORD_BYTES {
+            let mut cache = self.cache.lock().unwrap();
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear(); // bounded: a server tokenising endless new words must not grow forever
+            }
+            cache.insert(token.to_string(), ids.clone());
+        }
         ids
     }
 
     /// Token ids of the cleaned text, without SOT/EOT.
     pub fn encode(&self, text: &str) -> Vec<i64> {
+        self.encode_up_to(text, usize::MAX)
+    }
+
+    /// The first ids of `encode(text)`: at least `limit` of them when there are that many (the pieces after
+    /// the limit is reached are not encoded).
+    fn encode_up_to(&self, text: &str, limit: usize) -> Vec<i64> {
         let text = clean_text(text);
         let mut ids = Vec::new();
         for m in self.pattern.find_iter(&text) {
+            if ids.len() >= limit {
+                break;
+            }
             let piece = m.as_str();
             match piece {
                 "<start_of_text>" => ids.push(SOT),
@@ -186,7 +230,8 @@ impl Tokenizer {
     pub fn tokenize(&self, text: &str, context_length: usize) -> Vec<i64> {
         let mut seq = Vec::with_capacity(context_length);
         seq.push(SOT);
-        seq.extend(self.encode(text));
+        // Only the first context_length - 2 ids can survive the truncation below.
+        seq.extend(self.encode_up_to(text, context_length.saturating_sub(2)));
         seq.push(EOT);
         if seq.len() > context_length {
             seq.truncate(context_length);
@@ -237,6 +282,74 @@ mod tests {
             &t.tokenize("It's 3 storage-tanks &amp; a   pond", 77)[..11],
             &[49406, 585, 568, 274, 6824, 268, 14223, 261, 320, 10750, 49407]
         );
+    }
+
+    /// open_clip's algorithm, pass by pass (quadratic): the reference for the heap version.
+    fn bpe_reference(t: &Tokenizer, token: &str) -> Vec<i64> {
+        let mut word: Vec<String> = token.chars().map(|c| c.to_string()).collect();
+        if let Some(last) = word.last_mut() {
+            last.push_str("</w>");
+        }
+        while word.len() > 1 {
+            let best = word
+                .windows(2)
+                .filter_map(|w| t.ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, w[0].clone(), w[1].clone())))
+                .min_by_key(|(r, _, _)| *r);
+            let Some((_, first, second)) = best else { break };
+            let mut merged = Vec::new();
+            let mut i = 0;
+            while i < word.len() {
+                if i + 1 < word.len() && word[i] == first && word[i + 1] == second {
+                    merged.push(format!("{first}{second}"));
+                    i += 2;
+                } else {
+                    merged.push(word[i].clone());
+                    i += 1;
+                }
+            }
+            word = merged;
+        }
+        word.iter().map(|w| t.encoder[w.as_str()]).collect()
+    }
+
+    #[test]
+    fn heap_bpe_equals_the_pass_by_pass_algorithm() {
+        let t = Tokenizer::new();
+        let mut words: Vec<String> = ["a", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "abababababababababab", "storagetanks",
+            "mississippi", "hellohellohello", "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz", "ééééééé", "12341234"]
+            .iter().map(|s| s.to_string()).collect();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let letters: Vec<char> = "aeiourstlnmbcdpk".chars().collect();
+        for len in 1..400 {
+            let w: String = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    letters[(x % letters.len() as u64) as usize]
+                })
+                .collect();
+            words.push(w);
+        }
+        for w in words {
+            let encoded: String = w.bytes().map(|b| t.byte_encoder[b as usize]).collect();
+            assert_eq!(t.bpe(&encoded), bpe_reference(&t, &encoded), "{w}");
+        }
+    }
+
+    #[test]
+    fn a_one_megabyte_word_is_tokenised_in_bounded_time() {
+        let t = Tokenizer::new();
+        for word in ["ab".repeat(1 << 19), "x".repeat(1 << 20), "storagetank".repeat(95_000)] {
+            let started = std::time::Instant::now();
+            let ids = t.tokenize(&word, 77);
+            // A bound on complexity, not a speed goal: the pass-by-pass algorithm takes minutes here.
+            assert!(started.elapsed().as_secs() < 30, "{:?}", started.elapsed());
+            assert_eq!((ids.len(), ids[0], ids[76]), (77, SOT, EOT));
+        }
+        // Many words: only the pieces that can reach the 77 tokens are encoded.
+        let many = "a storage tank ".repeat(70_000);
+        assert_eq!(t.tokenize(&many, 77)[..4], t.tokenize("a storage tank", 77)[..4]);
     }
 
     #[test]
