@@ -24,6 +24,10 @@ pub struct Args {
     /// Folder holding the images named in the JSON.
     #[arg(long)]
     images_dir: PathBuf,
+    /// Accept absolute image paths in the dataset file (by default names must stay inside the images
+    /// folder: absolute names and `..` are refused).
+    #[arg(long)]
+    allow_absolute_paths: bool,
     /// Test images to use (sorted file names, first N), with all their captions.
     #[arg(long, default_value_t = 256)]
     images: usize,
@@ -72,7 +76,7 @@ pub fn run(a: Args) -> Result<()> {
     let (model, weights) = load(&a.model)?;
     let load_s = t_start.elapsed().as_secs_f64();
 
-    let ds = Dataset::load(&a.json)?;
+    let ds = Dataset::load_with(&a.json, a.allow_absolute_paths)?;
     let mut set = RetrievalSet::build(&ds, &["test"]);
     let missing = set.retain_present(&a.images_dir);
     if !missing.is_empty() {

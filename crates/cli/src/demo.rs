@@ -30,6 +30,7 @@ pub fn run(a: Args) -> Result<()> {
         out: None,
         embeddings_out: None,
         skip_missing: false,
+        allow_absolute_paths: false,
     };
     let prepared = crate::eval::prepare(&eval_args)?;
     let (model, weights) = model_args.load_resolved()?;

@@ -44,6 +44,10 @@ pub struct Args {
     /// Evaluate on the images present in --images-dir, skipping the missing ones (and their captions).
     #[arg(long)]
     pub skip_missing: bool,
+    /// Accept absolute image paths in the dataset file (by default names must stay inside the images
+    /// folder: absolute names and `..` are refused).
+    #[arg(long)]
+    pub allow_absolute_paths: bool,
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -81,7 +85,7 @@ pub fn prepare(a: &Args) -> Result<Prepared> {
     if a.recall_k.is_empty() || a.recall_k.contains(&0) {
         bail!("--recall-k needs positive integers, e.g. 1,5,10");
     }
-    let ds = Dataset::load(&a.json)?;
+    let ds = Dataset::load_with(&a.json, a.allow_absolute_paths)?;
     let splits: Vec<&str> = a.split.split(',').map(str::trim).collect();
     let mut set = RetrievalSet::build(&ds, &splits);
     if set.images.is_empty() {

@@ -13,20 +13,25 @@ pub struct Args {
     checkpoint: PathBuf,
 }
 
+/// Blocks `prefix0.`, `prefix1.`, … present without a gap, in one pass over the keys.
 fn count_blocks(sd: &StateDict, prefix: &str) -> usize {
-    let mut n = 0;
-    while sd
+    let present: std::collections::HashSet<usize> = sd
         .entries
         .iter()
-        .any(|(k, _)| k.starts_with(&format!("{prefix}{n}.")))
-    {
-        n += 1;
-    }
-    n
+        .filter_map(|(k, _)| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
+        .collect();
+    (0..).take_while(|n| present.contains(n)).count()
 }
 
-fn shape(sd: &StateDict, key: &str) -> Option<Vec<usize>> {
-    sd.get(key).map(|t| t.shape.clone())
+/// Size `i` of an entry's shape; `None` when the entry is absent or has fewer dimensions (a crafted
+/// checkpoint may hold a scalar where a matrix belongs).
+fn dim(sd: &StateDict, key: &str, i: usize) -> Option<usize> {
+    sd.get(key)?.shape.get(i).copied()
+}
+
+/// Side of the square patch grid that `tokens` positions (class token included) imply.
+fn grid_side(tokens: usize) -> usize {
+    (tokens.saturating_sub(1) as f64).sqrt() as usize
 }
 
 /// The architecture numbers the shapes imply, in a form comparable with a config.
@@ -44,40 +49,39 @@ fn resnet_layers(sd: &StateDict, prefix: &str) -> [usize; 4] {
 }
 
 fn arch_of(sd: &StateDict) -> Option<Arch> {
-    let embed_dim = shape(sd, "text_projection")?.get(1).copied()?;
+    let embed_dim = dim(sd, "text_projection", 1)?;
     let text = (
-        shape(sd, "positional_embedding")?[0],
-        shape(sd, "token_embedding.weight")?[0],
-        shape(sd, "ln_final.weight")?[0],
+        dim(sd, "positional_embedding", 0)?,
+        dim(sd, "token_embedding.weight", 0)?,
+        dim(sd, "ln_final.weight", 0)?,
         count_blocks(sd, "transformer.resblocks."),
     );
-    let (vision, image_size) =
-        if let Some(c) = shape(sd, "visual.conv1.weight").filter(|s| s[1] == 3 && s[2] > 3) {
-            let tokens = shape(sd, "visual.positional_embedding")?[0];
-            let grid = ((tokens - 1) as f64).sqrt() as usize;
+    let conv1 = sd.get("visual.conv1.weight").map(|t| t.shape.as_slice());
+    let (vision, image_size) = match conv1 {
+        Some(&[width, 3, patch, _]) if patch > 3 => {
+            let tokens = dim(sd, "visual.positional_embedding", 0)?;
             (
                 format!(
-                    "ViT width {} layers {} patch {}",
-                    c[0],
+                    "ViT width {width} layers {} patch {patch}",
                     count_blocks(sd, "visual.transformer.resblocks."),
-                    c[2]
                 ),
-                grid * c[2],
+                grid_side(tokens).checked_mul(patch)?,
             )
-        } else {
-            let width = shape(sd, "visual.conv3.weight")?[0];
-            let tokens = shape(sd, "visual.attnpool.positional_embedding")?[0];
-            let grid = ((tokens - 1) as f64).sqrt() as usize;
+        }
+        _ => {
+            let width = dim(sd, "visual.conv3.weight", 0)?;
+            let tokens = dim(sd, "visual.attnpool.positional_embedding", 0)?;
             (
                 format!(
                     "ModifiedResNet layers {:?} width {width}",
                     resnet_layers(sd, "visual.")
                 ),
-                grid * 32,
+                grid_side(tokens).checked_mul(32)?,
             )
-        };
+        }
+    };
     let instruction =
-        shape(sd, "res_visual.conv3.weight").map(|w| (resnet_layers(sd, "res_visual."), w[0]));
+        dim(sd, "res_visual.conv3.weight", 0).map(|w| (resnet_layers(sd, "res_visual."), w));
     Some(Arch {
         embed_dim,
         image_size,

@@ -21,6 +21,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Largest image (width × height) any command decodes; larger ones are refused as decompression bombs
+    /// (default: Pillow's limit, 178956970).
+    #[arg(long, global = true, value_name = "PIXELS")]
+    max_image_pixels: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +55,9 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(p) = cli.max_image_pixels {
+        pirclip_image::set_max_pixels(p);
+    }
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Search(a) => search::run(a),

@@ -28,13 +28,18 @@ pub struct Args {
     /// representative stream.
     #[arg(long)]
     no_shuffle: bool,
+    /// Accept absolute image paths in the dataset file (by default names must stay inside the images
+    /// folder: absolute names and `..` are refused).
+    #[arg(long)]
+    allow_absolute_paths: bool,
+
     /// Seed of the write-time shuffle.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let ds = Dataset::load(&a.json)?;
+    let ds = Dataset::load_with(&a.json, a.allow_absolute_paths)?;
     let splits: Vec<&str> = a.split.split(',').map(str::trim).collect();
     let mut inputs: Vec<ShardInput> = ds
         .entries

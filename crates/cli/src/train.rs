@@ -66,6 +66,11 @@ pub struct Args {
     /// Images folder for a JSON --train-data.
     #[arg(long)]
     images_dir: Option<PathBuf>,
+    /// Accept absolute image paths in the dataset file (by default names must stay inside the images
+    /// folder: absolute names and `..` are refused).
+    #[arg(long)]
+    allow_absolute_paths: bool,
+
     /// Splits of a JSON --train-data, comma separated.
     #[arg(long, default_value = "train")]
     train_split: String,
@@ -218,6 +223,7 @@ fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
             &a.csv_caption_key,
             sep,
             &base,
+            a.allow_absolute_paths,
         )
         .map_err(anyhow::Error::msg)?;
         return Ok((samples, None));
@@ -227,7 +233,7 @@ fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
             .images_dir
             .as_ref()
             .context("--images-dir is needed with a JSON --train-data")?;
-        let ds = Dataset::load(Path::new(&a.train_data))?;
+        let ds = Dataset::load_with(Path::new(&a.train_data), a.allow_absolute_paths)?;
         let splits: Vec<&str> = a.train_split.split(',').map(str::trim).collect();
         Ok((samples_from_karpathy(&ds, &splits, images), None))
     } else {
@@ -376,7 +382,7 @@ pub fn run(a: Args) -> Result<()> {
 
     let validation = match (&a.val_data, &a.val_images_dir) {
         (Some(json), Some(images)) => Some((
-            RetrievalSet::build(&Dataset::load(json)?, &[a.val_split.as_str()]),
+            RetrievalSet::build(&Dataset::load_with(json, a.allow_absolute_paths)?, &[a.val_split.as_str()]),
             images.clone(),
         )),
         (None, None) => None,
@@ -512,6 +518,11 @@ pub fn run(a: Args) -> Result<()> {
         let mut t_data = Instant::now();
         let mut pending = Vec::with_capacity(accum);
         for batch in loader.stream(epoch, start) {
+            let batch = batch.map_err(|e| {
+                let msg = format!("training data: {e}; {skipped_total} samples skipped before this");
+                log.line(&msg);
+                anyhow::anyhow!(msg)
+            })?;
             if step >= stop_at {
                 break 'epochs;
             }

@@ -406,7 +406,31 @@ fn mini() -> PathBuf {
     root().join("data/rsicd-mini")
 }
 
+/// The bundled mini set as 3 webdataset shards in `dir/shards` (300 samples).
+fn mini_shards(dir: &Path) {
+    let m = mini();
+    pirclip_ok(&[
+        "shards",
+        "--json",
+        m.join("dataset_rsicd_mini.json").to_str().unwrap(),
+        "--images-dir",
+        m.join("images").to_str().unwrap(),
+        "--split",
+        "train,val,test",
+        "--out",
+        dir.join("shards").to_str().unwrap(),
+        "--shard-size",
+        "100",
+    ]);
+}
+
 fn train(dir: &Path, name: &str, max_steps: &str, extra: &[&str]) {
+    pirclip_ok(&train_args(dir, name, max_steps, extra));
+}
+
+fn train_args(dir: &Path, name: &str, max_steps: &str, extra: &[&str]) -> Vec<&'static str> {
+    let name: &'static str = name.to_string().leak();
+    let max_steps: &'static str = max_steps.to_string().leak();
     let mut args = vec![
         "train",
         "--model",
@@ -435,8 +459,123 @@ fn train(dir: &Path, name: &str, max_steps: &str, extra: &[&str]) {
         "--log-every-n-steps",
         "1",
     ];
-    args.extend(extra);
-    pirclip_ok(&args);
+    if let Some(i) = extra.iter().position(|a| *a == "--epochs") {
+        let at = args.iter().position(|a| *a == "--epochs").unwrap();
+        args[at + 1] = extra[i + 1].to_string().leak();
+    }
+    let mut skip = false;
+    for (i, a) in extra.iter().enumerate() {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if *a == "--epochs" && i + 1 < extra.len() {
+            skip = true;
+            continue;
+        }
+        args.push(a.to_string().leak());
+    }
+    args
+}
+
+/// Weights and AdamW moments of a training checkpoint.
+fn weights_and_moments(path: &Path) -> (pirclip_checkpoint::StateDict, Vec<pirclip_checkpoint::TensorData>) {
+    use pirclip_checkpoint::pickle::Value;
+    let weights = pirclip_checkpoint::load(path).unwrap().state_dict;
+    let mut p = pirclip_checkpoint::pt::PtArchive::open_file(path).unwrap();
+    let obj = std::mem::replace(&mut p.object, Value::None);
+    let Some(Value::Dict(state)) = obj.dict_get("optimizer").and_then(|o| o.dict_get("state")).cloned()
+    else {
+        panic!("no optimizer state in {}", path.display())
+    };
+    let moments = state
+        .iter()
+        .flat_map(|(_, v)| ["exp_avg", "exp_avg_sq"].map(|f| v.dict_get(f).cloned()))
+        .map(|t| match t {
+            Some(Value::Tensor(t)) => p.tensor(&t).unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    (weights, moments)
+}
+
+/// kill -9 at random moments (mid-step, mid-checkpoint-write), each time followed by `--resume latest`
+/// (or a fresh start while no checkpoint exists), ends with exactly the weights and optimizer state of an
+/// uninterrupted run; leftover temporary files are ignored. Then a save that fails for lack of space
+/// (a file-size limit: the write fails part-way, as on a full disk) is a clear error and the previous
+/// checkpoint stays intact.
+#[test]
+fn kill_9_and_resume_latest_equal_an_uninterrupted_run_and_a_failed_save_keeps_the_last_checkpoint() {
+    let dir = tmpdir("kill9");
+    mini_shards(&dir);
+    let extra = ["--epochs", "3", "--save-most-recent"];
+    let started = std::time::Instant::now();
+    train(&dir, "straight", "1000", &extra);
+    let straight_time = started.elapsed().as_secs_f64();
+    let run = dir.join("logs/killed");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut kills = 0;
+    loop {
+        let has_checkpoint = std::fs::read_dir(run.join("checkpoints"))
+            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("epoch_")))
+            .unwrap_or(false);
+        let mut args = train_args(&dir, "killed", "1000", &extra);
+        if has_checkpoint {
+            // Debris a crash could leave beside real checkpoints: never taken for one.
+            std::fs::write(run.join("checkpoints/.epoch_latest.pt.tmp4242"), b"half a checkpoint").unwrap();
+            std::fs::write(run.join("checkpoints/epoch_99.pt.tmp"), b"junk").unwrap();
+            args.extend(["--resume", "latest"]);
+        } else {
+            let _ = std::fs::remove_dir_all(&run);
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pirclip"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        if kills == 5 {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            break;
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let at = (0.15 + 0.85 * (seed % 1000) as f64 / 1000.0) * straight_time;
+        std::thread::sleep(std::time::Duration::from_secs_f64(at));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let (w_straight, m_straight) = weights_and_moments(&dir.join("logs/straight/checkpoints/epoch_3.pt"));
+    let (w_killed, m_killed) = weights_and_moments(&run.join("checkpoints/epoch_3.pt"));
+    assert_eq!(w_straight, w_killed, "weights after {kills} kills");
+    assert_eq!(m_straight, m_killed, "optimizer moments after {kills} kills");
+
+    // A save that fails part-way: `ulimit -f` makes writes beyond 64 KiB fail (SIGXFSZ ignored, so the
+    // write returns EFBIG as it would return ENOSPC on a full disk).
+    let latest = run.join("checkpoints/epoch_latest.pt");
+    let before = std::fs::read(&latest).unwrap();
+    assert!(before.len() > 64 << 10);
+    let args = train_args(&dir, "killed", "1000", &["--epochs", "4", "--save-most-recent", "--resume", "latest"]);
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f 64; exec {} {}", env!("CARGO_BIN_EXE_pirclip"), quoted.join(" ")))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a failed save must fail the run: {stderr}");
+    assert!(stderr.contains("epoch_4.pt") && stderr.contains("too large"), "{stderr}");
+    assert_eq!(std::fs::read(&latest).unwrap(), before, "the previous checkpoint is intact");
+    pirclip_checkpoint::load(&latest).unwrap();
+    let debris: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".tmp") && n != ".epoch_latest.pt.tmp4242" && n != "epoch_99.pt.tmp")
+        .collect();
+    assert!(debris.is_empty(), "the failed save left {debris:?}");
 }
 
 /// `pirclip train` of the fixture model on the 60 bundled images (their test split as training data),
@@ -480,20 +619,7 @@ fn scalars(run: &Path) -> Vec<(i64, String, f32)> {
 #[test]
 fn resume_continues_exactly() {
     let dir = tmpdir("resume");
-    let m = mini();
-    pirclip_ok(&[
-        "shards",
-        "--json",
-        m.join("dataset_rsicd_mini.json").to_str().unwrap(),
-        "--images-dir",
-        m.join("images").to_str().unwrap(),
-        "--split",
-        "train,val,test",
-        "--out",
-        dir.join("shards").to_str().unwrap(),
-        "--shard-size",
-        "100",
-    ]);
+    mini_shards(&dir);
     // 6 steps cross no epoch boundary; 40 steps cross one (37 batches per epoch). With --accum-freq 2,
     // an epoch is 18 steps (the 37th micro-batch is dropped): 24 steps cross it.
     let accum: &[&str] = &["--accum-freq", "2"];
@@ -516,7 +642,7 @@ fn resume_continues_exactly() {
             pirclip_checkpoint::pt::PtArchive::open(&b).unwrap(),
         );
         let moments =
-            |p: &mut pirclip_checkpoint::pt::PtArchive| -> Vec<pirclip_checkpoint::TensorData> {
+            |p: &mut pirclip_checkpoint::pt::PtArchive<std::io::Cursor<&[u8]>>| -> Vec<pirclip_checkpoint::TensorData> {
                 let obj = std::mem::replace(&mut p.object, pirclip_checkpoint::pickle::Value::None);
                 let Some(pirclip_checkpoint::pickle::Value::Dict(state)) = obj
                     .dict_get("optimizer")

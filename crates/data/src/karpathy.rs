@@ -25,7 +25,13 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Loads a dataset whose file names must be relative names inside the images folder.
     pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::load_with(path, false)
+    }
+
+    /// As `load`; `allow_absolute` also accepts absolute file names (see `check_dataset_name`).
+    pub fn load_with(path: &Path, allow_absolute: bool) -> Result<Self, Error> {
         let err = |m: String| Error::Json {
             path: path.display().to_string(),
             message: m,
@@ -43,6 +49,8 @@ impl Dataset {
                 .get("filename")
                 .and_then(Value::as_str)
                 .ok_or_else(|| err(format!("images[{i}] has no filename")))?;
+            crate::check_dataset_name(filename, allow_absolute)
+                .map_err(|m| err(format!("images[{i}]: {m}")))?;
             let split = im
                 .get("split")
                 .and_then(Value::as_str)
@@ -181,6 +189,26 @@ impl RetrievalSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_names_must_stay_inside_the_images_folder() {
+        let dir = std::env::temp_dir().join(format!("pirclip-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = |name: &str| {
+            let p = dir.join("d.json");
+            let doc = serde_json::json!({"images": [{"filename": name, "split": "test", "sentences": [{"raw": "x"}]}]});
+            std::fs::write(&p, doc.to_string()).unwrap();
+            p
+        };
+        for bad in ["../../etc/passwd", "a/../../b.jpg", "/etc/passwd", ""] {
+            let msg = Dataset::load(&json(bad)).err().unwrap().to_string();
+            assert!(msg.contains("images[0]") && msg.contains("images folder") || bad.is_empty(), "{bad}: {msg}");
+        }
+        assert!(Dataset::load(&json("sub/airport_1.jpg")).is_ok());
+        // The explicit opt-in takes absolute names, never `..`.
+        assert!(Dataset::load_with(&json("/data/airport_1.jpg"), true).is_ok());
+        assert!(Dataset::load_with(&json("../airport_1.jpg"), true).is_err());
+    }
 
     #[test]
     fn capitalize_like_python() {

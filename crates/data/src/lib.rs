@@ -17,6 +17,37 @@ pub fn is_image_path(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Checks a file name read from a dataset (JSON, CSV) before it is joined onto the images folder: it
+/// must stay inside that folder, so absolute names and `..` components are refused (a hostile
+/// `../../etc/passwd` would otherwise be opened, and copied into shards). `allow_absolute` lets the
+/// absolute paths through, for datasets that list them (open_clip CSVs often do); `..` stays refused.
+/// The check is on the name, not the file system: links the user made inside the folder are followed.
+pub fn check_dataset_name(name: &str, allow_absolute: bool) -> Result<(), String> {
+    use std::path::Component;
+    let shown: String = name.chars().take(200).collect();
+    if name.is_empty() {
+        return Err("an image file name is empty".into());
+    }
+    let path = Path::new(name);
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                return Err(format!(
+                    "image file name {shown:?} contains `..`: dataset names must stay inside the images folder"
+                ))
+            }
+            Component::RootDir | Component::Prefix(_) if !allow_absolute => {
+                return Err(format!(
+                    "image file name {shown:?} is absolute: dataset names must stay inside the images folder \
+                     (pass --allow-absolute-paths if this dataset lists absolute paths on purpose)"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Expands files and directories into a list of image files; a directory contributes its image files
 /// (non-recursive, hidden files skipped) in sorted file-name order.
 pub fn collect_images(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {

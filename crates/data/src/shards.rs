@@ -208,7 +208,8 @@ pub struct ShardInput {
 }
 
 /// Writes `shard-000000.tar`, … with `shard_size` samples each, plus `sizes.json`. Each shard is written
-/// atomically. Returns the shard paths and the number of samples whose image could not be read.
+/// atomically. Returns the shard paths and, for each sample left out, why: its image could not be read or
+/// does not decode as an image.
 pub fn write_shards(
     inputs: &[ShardInput],
     out: &Path,
@@ -230,6 +231,11 @@ pub fn write_shards(
                     continue;
                 }
             };
+            // Only bytes that decode as an image go into a shard as `img_content`.
+            if let Err(e) = pirclip_image::decode(&bytes, &input.image_path.display().to_string()) {
+                unreadable.push(e.to_string());
+                continue;
+            }
             let key = format!("{:06}{:06}", s, i);
             tar_member(&mut builder, &format!("{key}.img_content"), &bytes)?;
             tar_member(
@@ -292,7 +298,13 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let img = dir.join("airport_1.jpg");
-        std::fs::write(&img, b"fake image bytes").unwrap();
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/airport_224.jpg"),
+            &img,
+        )
+        .unwrap();
+        let not_an_image = dir.join("passwd.jpg");
+        std::fs::write(&not_an_image, b"root:x:0:0:root:/root:/bin/bash\n").unwrap();
         let inputs: Vec<ShardInput> = (0..5)
             .map(|i| ShardInput {
                 image_path: img.clone(),
@@ -300,20 +312,22 @@ mod tests {
                 name: "airport_1.jpg".into(),
                 label: Some("airport".into()),
             })
-            .chain(std::iter::once(ShardInput {
-                image_path: dir.join("missing.jpg"),
+            .chain(["missing.jpg", "passwd.jpg"].map(|name| ShardInput {
+                image_path: dir.join(name),
                 caption: "x".into(),
-                name: "missing.jpg".into(),
+                name: name.into(),
                 label: None,
             }))
             .collect();
         let (paths, bad) = write_shards(&inputs, &dir.join("out"), 2, |_| {}).unwrap();
-        assert_eq!(paths.len(), 3);
-        assert_eq!(bad.len(), 1);
+        assert_eq!(paths.len(), 4);
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(bad[1].contains("passwd.jpg") && bad[1].contains("cannot read image"), "{bad:?}");
         let sizes: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("out/sizes.json")).unwrap())
                 .unwrap();
         assert_eq!(sizes["shard-000002.tar"], 1);
+        assert_eq!(sizes["shard-000003.tar"], 0);
         // A shard with a caption-less sample.
         let mut b = tar::Builder::new(Vec::new());
         tar_member(&mut b, "k1.jpg", b"img").unwrap();

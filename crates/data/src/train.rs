@@ -265,7 +265,10 @@ impl TrainLoader {
     }
 
     /// Streams the batches of `epoch` starting at batch `start`, prefetching two batches ahead.
-    pub fn stream(&self, epoch: usize, start: usize) -> mpsc::Receiver<TrainBatch> {
+    /// An error item ends the stream when a batch cannot be filled because every sample left to try
+    /// failed to load (it says how many and why): a run over unreadable data must fail, not save an
+    /// untrained model.
+    pub fn stream(&self, epoch: usize, start: usize) -> mpsc::Receiver<Result<TrainBatch, String>> {
         let (tx, rx) = mpsc::sync_channel(2);
         let samples = self.samples.clone();
         let cfg = self.config.clone();
@@ -287,7 +290,16 @@ impl TrainLoader {
                     let want = b - chosen.len();
                     let group: Vec<usize> = candidates.by_ref().take(want).collect();
                     if group.is_empty() {
-                        return; // every sample failed
+                        let examples: Vec<&str> = skipped.iter().take(3).map(String::as_str).collect();
+                        let _ = tx.send(Err(format!(
+                            "epoch {epoch}, batch {index}: only {} of the {} samples could be loaded, fewer \
+                             than a batch of {b} ({} failed here; first: {})",
+                            chosen.len(),
+                            order.len(),
+                            skipped.len(),
+                            examples.join("; ")
+                        )));
+                        return;
                     }
                     let imgs = crate::parallel_map(
                         &group,
@@ -330,7 +342,7 @@ impl TrainLoader {
                     labels.push(samples[*i].label.clone());
                 }
                 if tx
-                    .send(TrainBatch {
+                    .send(Ok(TrainBatch {
                         epoch,
                         index,
                         pixels,
@@ -338,7 +350,7 @@ impl TrainLoader {
                         names,
                         labels,
                         skipped,
-                    })
+                    }))
                     .is_err()
                 {
                     return;
@@ -449,14 +461,17 @@ mod tests {
             "filepath\ttitle\nimgs/airport_1.jpg\ta caption\n/abs/beach_2.jpg\tanother one\n",
         )
         .unwrap();
-        let s = samples_from_csv(&f, "filepath", "title", '\t', &dir).unwrap();
+        // An absolute name needs the explicit opt-in.
+        let err = samples_from_csv(&f, "filepath", "title", '\t', &dir, false).unwrap_err();
+        assert!(err.contains("line 3") && err.contains("/abs/beach_2.jpg") && err.contains("absolute"), "{err}");
+        let s = samples_from_csv(&f, "filepath", "title", '\t', &dir, true).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].name, "airport_1.jpg");
         assert_eq!(s[1].caption, "another one");
         assert!(
             matches!(&s[1].image, ImageSource::File(p) if p == std::path::Path::new("/abs/beach_2.jpg"))
         );
-        assert!(samples_from_csv(&f, "image", "title", '\t', &dir)
+        assert!(samples_from_csv(&f, "image", "title", '\t', &dir, true)
             .unwrap_err()
             .contains("no column \"image\""));
     }
@@ -475,14 +490,15 @@ mod tests {
     }
 }
 
-/// open_clip's CSV dataset: one row per sample; image paths are taken as written (relative ones against
-/// `base`). The label file name is the image's base name.
+/// open_clip's CSV dataset: one row per sample; image paths are relative to `base` (absolute ones only
+/// with `allow_absolute`; `..` never: see `check_dataset_name`). The label file name is the image's base name.
 pub fn samples_from_csv(
     path: &Path,
     img_key: &str,
     caption_key: &str,
     separator: char,
     base: &Path,
+    allow_absolute: bool,
 ) -> Result<Vec<Sample>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut lines = text.lines();
@@ -515,6 +531,8 @@ pub fn samples_from_csv(
                 f.len()
             ));
         };
+        crate::check_dataset_name(img.trim(), allow_absolute)
+            .map_err(|m| format!("{}: line {}: {m}", path.display(), n + 2))?;
         let p = base.join(img.trim());
         let name = p
             .file_name()

@@ -140,14 +140,14 @@ pub fn save(
 /// Restores weights, optimizer moments and the position from a training checkpoint (ours or open_clip's;
 /// a bare state dict restores weights only and starts at step 0).
 pub fn resume(path: &Path, trainer: &mut Trainer) -> Result<Position, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let ck =
-        pirclip_checkpoint::load_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let ck = pirclip_checkpoint::load(path).map_err(|e| e.to_string())?;
     trainer
         .model
         .load(&ck.state_dict, &path.display().to_string())
         .map_err(|e| e.to_string())?;
-    let mut archive = pirclip_checkpoint::pt::PtArchive::open(&bytes).map_err(|e| e.to_string())?;
+    drop(ck);
+    let mut archive =
+        pirclip_checkpoint::pt::PtArchive::open_file(path).map_err(|e| e.to_string())?;
     let obj = std::mem::replace(&mut archive.object, Value::None);
     let epoch = obj.dict_get("epoch").and_then(Value::as_int).unwrap_or(0) as usize;
     let mut pos = Position {
@@ -189,20 +189,28 @@ pub fn resume(path: &Path, trainer: &mut Trainer) -> Result<Position, String> {
             let Some(Value::Tensor(t)) = v.dict_get(field) else {
                 return Err(format!("optimizer state {i} lacks {field}"));
             };
-            let data = archive.tensor(t).map_err(|e| e.to_string())?;
-            let src = to_tch(&data);
-            if src.size() != dst.size() {
+            // Checked on the description, before anything of that size is read or handed to libtorch.
+            let want: Vec<usize> = dst.size().iter().map(|&d| d as usize).collect();
+            if t.shape != want {
                 return Err(format!(
-                    "optimizer state {i} ({}) has shape {:?}, parameter has {:?}",
+                    "{}: optimizer state {i} ({}) {field} has shape {:?}, the parameter has {want:?}",
+                    path.display(),
                     p.name,
-                    src.size(),
-                    dst.size()
+                    t.shape
                 ));
             }
+            let data = archive.tensor(t).map_err(|e| e.to_string())?;
+            let src = to_tch(&data);
             dst.copy_(&src.to_device(dst.device()));
         }
         if let Some(Value::Tensor(t)) = v.dict_get("step") {
-            let s = archive.tensor(t).map_err(|e| e.to_string())?.to_f32_vec()[0] as i64;
+            let s = *archive
+                .tensor(t)
+                .map_err(|e| e.to_string())?
+                .to_f32_vec()
+                .first()
+                .ok_or_else(|| format!("{}: optimizer state {i} has an empty `step` tensor", path.display()))?
+                as i64;
             trainer.optimizer.step = s;
             if pos.step == 0 {
                 pos.step = s;
