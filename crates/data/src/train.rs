@@ -203,7 +203,8 @@ pub struct ShardOrder {
     pub buffer: usize,
 }
 
-fn load_image(s: &ImageSource) -> Result<RgbImage, String> {
+/// Reads and decodes one sample's image (a file, or a member of a tar at its recorded offset).
+pub fn load_image(s: &ImageSource) -> Result<RgbImage, String> {
     match s {
         ImageSource::File(p) => pirclip_image::decode_file(p).map_err(|e| e.to_string()),
         ImageSource::TarMember { path, offset, len } => {

@@ -1,0 +1,391 @@
+//! Mutation fuzzing of every parser a user's file reaches, on stable Rust: `.pt` (zip + pickle), the
+//! pickle alone, safetensors, npy, webdataset tar, Karpathy JSON, CSV, JPEG and PNG decode, and the
+//! tokenizer. Valid files are mutated (bit flips, interesting bytes, truncation, insertion, deletion,
+//! duplicated chunks, length fields set to extreme values), seeded, for a time box per format. Every input
+//! must return (Ok or Err) without a panic, within a time bound, and allocating within a bound (a counting
+//! global allocator, per thread).
+//!
+//! CI runs a few seconds per format. The long run: `PIRCLIP_FUZZ_SECONDS=300 cargo test --release -p
+//! pirclip-data --test fuzz -- --nocapture` (or `PIRCLIP_FUZZ_LONG=1 scripts/test.sh`, 120 s per format).
+//! A failing input is written to `target/fuzz-failures/` and named in the failure.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+struct Counting;
+
+thread_local! {
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+    static PEAK: Cell<usize> = const { Cell::new(0) };
+}
+
+fn add(n: usize) {
+    let _ = CURRENT.try_with(|c| {
+        let v = c.get().saturating_add(n);
+        c.set(v);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(v)));
+    });
+}
+
+fn sub(n: usize) {
+    let _ = CURRENT.try_with(|c| c.set(c.get().saturating_sub(n)));
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            add(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        sub(layout.size());
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            add(layout.size());
+        }
+        p
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            sub(layout.size());
+            add(new_size);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Most a single input may allocate beyond what was live before it (Rust allocations of this thread).
+const ALLOCATION_BOUND: usize = 256 << 20;
+/// Longest a single input may take: a hang, not a slow path.
+const TIME_BOUND: Duration = Duration::from_secs(5);
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// One to four random mutations of `seed`.
+fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
+    const INTERESTING: [u64; 10] = [0, 1, 0x7f, 0x80, 0xff, 0xffff, 0x7fff_ffff, 0xffff_ffff, 1 << 63, u64::MAX];
+    let mut m = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let len = m.len();
+        match rng.below(8) {
+            0 if len > 0 => {
+                for _ in 0..1 + rng.below(8) {
+                    let i = rng.below(len);
+                    m[i] ^= 1 << rng.below(8);
+                }
+            }
+            1 if len > 0 => {
+                let i = rng.below(len);
+                m[i] = INTERESTING[rng.below(5)] as u8;
+            }
+            2 => m.truncate(rng.below(len + 1)),
+            3 => {
+                let at = rng.below(len + 1);
+                let n = 1 + rng.below(64);
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                m.splice(at..at, bytes);
+            }
+            4 if len > 0 => {
+                let at = rng.below(len);
+                let n = 1 + rng.below((len - at).min(256));
+                m.drain(at..at + n);
+            }
+            5 if len > 0 => {
+                let at = rng.below(len);
+                let n = 1 + rng.below((len - at).min(512));
+                let chunk = m[at..at + n].to_vec();
+                let to = rng.below(len + 1);
+                m.splice(to..to, chunk);
+            }
+            6 | 7 if len >= 8 => {
+                // A length/offset/size field: 2, 4 or 8 bytes, either endianness, set to an extreme.
+                let width = [2, 4, 8][rng.below(3)];
+                let at = rng.below(len - width + 1);
+                let v = match rng.below(3) {
+                    0 => INTERESTING[rng.below(INTERESTING.len())],
+                    1 => len as u64 + rng.below(3) as u64 - 1,
+                    _ => rng.next(),
+                };
+                let bytes = if rng.below(2) == 0 { v.to_le_bytes() } else { v.to_be_bytes() };
+                let take = if bytes[0] == 0 && width < 8 { &bytes[8 - width..] } else { &bytes[..width] };
+                m[at..at + width].copy_from_slice(take);
+            }
+            _ => {}
+        }
+    }
+    m
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn seconds_per_format() -> f64 {
+    if let Some(s) = std::env::var("PIRCLIP_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()) {
+        return s;
+    }
+    if std::env::var_os("PIRCLIP_FUZZ_LONG").is_some() {
+        120.0
+    } else {
+        3.0
+    }
+}
+
+/// Runs `parse` on mutations of the seeds until the time box closes; returns the executions.
+fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
+    assert!(!seeds.is_empty());
+    let budget = Duration::from_secs_f64(seconds_per_format());
+    let mut rng = Rng(0x5eed_0000 ^ format.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)) | 1);
+    let started = Instant::now();
+    let mut executions = 0;
+    // The seeds themselves first, then mutations.
+    let inputs = seeds.iter().cloned().chain(std::iter::repeat_with(|| {
+        let seed = &seeds[rng.below(seeds.len())];
+        mutate(seed, &mut rng)
+    }));
+    for input in inputs {
+        if executions >= seeds.len() && started.elapsed() > budget {
+            break;
+        }
+        let live = CURRENT.with(Cell::get);
+        PEAK.with(|p| p.set(live));
+        let t = Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse(&input)));
+        let took = t.elapsed();
+        let peak = PEAK.with(Cell::get) - live;
+        let failure = match outcome {
+            Err(payload) => Some(format!(
+                "panicked: {}",
+                payload
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| payload.downcast_ref::<&str>().copied())
+                    .unwrap_or("?")
+            )),
+            Ok(()) if took > TIME_BOUND => Some(format!("took {took:?}")),
+            Ok(()) if peak > ALLOCATION_BOUND => Some(format!("allocated {} MB", peak >> 20)),
+            Ok(()) => None,
+        };
+        if let Some(why) = failure {
+            let dir = root().join("target/fuzz-failures");
+            let _ = std::fs::create_dir_all(&dir);
+            let path = dir.join(format!("{format}-{executions}.bin"));
+            let _ = std::fs::write(&path, &input);
+            panic!("{format}: input {executions} {why}; saved as {}", path.display());
+        }
+        executions += 1;
+    }
+    println!(
+        "fuzz {format}: {executions} executions in {:.1} s, no panic, none over {:?} or {} MB",
+        started.elapsed().as_secs_f64(),
+        TIME_BOUND,
+        ALLOCATION_BOUND >> 20
+    );
+    executions
+}
+
+/// The bytes of a stored zip entry whose name ends with `suffix` (local header scan; fixtures only).
+fn stored_entry(zip: &[u8], suffix: &str) -> Vec<u8> {
+    let mut at = 0;
+    while at + 30 <= zip.len() && zip[at..at + 4] == [0x50, 0x4b, 3, 4] {
+        let u16_at = |i: usize| u16::from_le_bytes([zip[at + i], zip[at + i + 1]]) as usize;
+        let size = u32::from_le_bytes(zip[at + 18..at + 22].try_into().unwrap()) as usize;
+        let (name_len, extra_len) = (u16_at(26), u16_at(28));
+        let name = &zip[at + 30..at + 30 + name_len];
+        let data = at + 30 + name_len + extra_len;
+        if name.ends_with(suffix.as_bytes()) {
+            return zip[data..data + size].to_vec();
+        }
+        at = data + size;
+    }
+    panic!("no entry {suffix}")
+}
+
+fn read(p: &str) -> Vec<u8> {
+    std::fs::read(root().join(p)).unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pirclip-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+/// Writes the input where a path-taking parser reads it.
+fn via_file(name: &str, input: &[u8], parse: impl Fn(&Path)) {
+    let path = scratch(name);
+    std::fs::write(&path, input).unwrap();
+    parse(&path);
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// A valid 8×6 RGB PNG with stored (uncompressed) deflate blocks.
+fn small_png() -> Vec<u8> {
+    let (w, h) = (8u32, 6u32);
+    let mut raw = Vec::new();
+    for y in 0..h {
+        raw.push(0); // filter: none
+        for x in 0..w {
+            raw.extend_from_slice(&[(x * 30) as u8, (y * 40) as u8, 128]);
+        }
+    }
+    let mut z = vec![0x78, 0x01, 1];
+    z.extend_from_slice(&(raw.len() as u16).to_le_bytes());
+    z.extend_from_slice(&(!(raw.len() as u16)).to_le_bytes());
+    z.extend_from_slice(&raw);
+    let adler = {
+        let (mut a, mut b) = (1u32, 0u32);
+        for &x in &raw {
+            a = (a + x as u32) % 65521;
+            b = (b + a) % 65521;
+        }
+        (b << 16) | a
+    };
+    z.extend_from_slice(&adler.to_be_bytes());
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &z);
+    chunk(b"IEND", &[]);
+    png
+}
+
+#[test]
+fn fuzz_every_parser_a_users_file_reaches() {
+    // Caught panics are reported by the harness with their input; the default hook would print each one.
+    std::panic::set_hook(Box::new(|_| {}));
+    // Bound what a mutated image header may legitimately claim, so the allocation bound applies.
+    pirclip_image::set_max_pixels(4 << 20);
+    let mut total = 0;
+
+    let pts: Vec<Vec<u8>> = ["tests/fixtures/checkpoints/dtypes_strides.pt", "tests/fixtures/checkpoints/weird stem name.pt", "tests/fixtures/checkpoints/malicious.pt"]
+        .iter()
+        .map(|p| read(p))
+        .collect();
+    total += fuzz("pt", &pts, |b| {
+        let _ = pirclip_checkpoint::load_bytes(b);
+    });
+    let pickles: Vec<Vec<u8>> = pts.iter().map(|z| stored_entry(z, "data.pkl")).collect();
+    total += fuzz("pickle", &pickles, |b| {
+        let _ = pirclip_checkpoint::pickle::unpickle(b);
+    });
+
+    let mut sd = pirclip_checkpoint::StateDict::default();
+    sd.insert("a.weight", pirclip_checkpoint::TensorData::from_f32(vec![2, 3], &[1., 2., 3., 4., 5., 6.]));
+    sd.insert("b", pirclip_checkpoint::TensorData::from_i64(vec![2], &[7, 8]));
+    let st = pirclip_checkpoint::safetensors::write_bytes(&sd, &[("format", "pt")]);
+    total += fuzz("safetensors", &[st], |b| {
+        let _ = pirclip_checkpoint::load_bytes(b);
+    });
+
+    let npys: Vec<Vec<u8>> = ["tests/fixtures/parity/belief.npy", "tests/fixtures/parity/tokens.npy"].iter().map(|p| read(p)).collect();
+    total += fuzz("npy", &npys, |b| {
+        let _ = pirclip_checkpoint::npy::read_bytes(b);
+    });
+
+    let jpeg = read("tests/fixtures/airport_224.jpg");
+    let shard_dir = scratch("shard-seed");
+    std::fs::create_dir_all(&shard_dir).unwrap();
+    std::fs::write(shard_dir.join("a_1.jpg"), &jpeg).unwrap();
+    let inputs: Vec<pirclip_data::shards::ShardInput> = (0..2)
+        .map(|i| pirclip_data::shards::ShardInput {
+            image_path: shard_dir.join("a_1.jpg"),
+            caption: format!("caption {i}"),
+            name: "a_1.jpg".into(),
+            label: Some("a".into()),
+        })
+        .collect();
+    let (shards, _) = pirclip_data::shards::write_shards(&inputs, &shard_dir.join("out"), 10, |_| {}).unwrap();
+    total += fuzz("tar", &[std::fs::read(&shards[0]).unwrap()], |b| {
+        via_file("shard.tar", b, |p| {
+            if let Ok((samples, _, _)) = pirclip_data::shards::read_shards_indexed(&[p.to_path_buf()]) {
+                for s in samples.iter().take(2) {
+                    let _ = pirclip_data::train::load_image(&s.image);
+                }
+            }
+        })
+    });
+
+    total += fuzz("karpathy-json", &[read("data/rsicd-mini/dataset_rsicd_mini.json")], |b| {
+        via_file("d.json", b, |p| {
+            if let Ok(ds) = pirclip_data::karpathy::Dataset::load(p) {
+                let set = pirclip_data::karpathy::RetrievalSet::build(&ds, &["test", "train"]);
+                let _ = set.image_paths(Path::new("/nonexistent"));
+            }
+        })
+    });
+
+    let csv = b"filepath\ttitle\nimgs/airport_1.jpg\ta caption\nb/beach_2.jpg\tanother one\n".to_vec();
+    total += fuzz("csv", &[csv], |b| {
+        via_file("t.csv", b, |p| {
+            let _ = pirclip_data::train::samples_from_csv(p, "filepath", "title", '\t', Path::new("/x"), false);
+        })
+    });
+
+    total += fuzz("jpeg", &[jpeg.clone(), read("tests/fixtures/franz-kafka.jpg")], |b| {
+        if let Ok(img) = pirclip_image::decode(b, "fuzz.jpg") {
+            let _ = pirclip_image::preprocess_eval(&img, 32);
+        }
+    });
+    total += fuzz("png", &[small_png()], |b| {
+        if let Ok(img) = pirclip_image::decode(b, "fuzz.png") {
+            let _ = pirclip_image::preprocess_eval(&img, 32);
+        }
+    });
+
+    let tok = pirclip_text::Tokenizer::new();
+    let captions: Vec<Vec<u8>> = [
+        "Many planes are parked next to a long building in an airport.",
+        "It's 3 storage-tanks &amp; a   pond",
+        "Ünïcödé — “quotes” and emoji 🛩️ near the runway",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    total += fuzz("tokenizer", &captions, |b| {
+        let _ = tok.tokenize(&String::from_utf8_lossy(b), 77);
+    });
+    println!("fuzz: {total} executions over 10 formats");
+}
