@@ -1052,3 +1052,121 @@ fn int8_embeddings_stay_close_and_bench_reports_json() {
         assert!(r[k].as_f64().unwrap() > 0.0, "{k}");
     }
 }
+
+/// `pirclip train` arguments on the bundled mini set (fixture model), for runs expected to fail.
+fn mini_train_args(logs: &Path, name: &str, images: &Path, extra: &[&str]) -> Vec<String> {
+    let m = mini();
+    let mut args: Vec<String> = [
+        "train",
+        "--model",
+        fx("config.json").to_str().unwrap(),
+        "--train-data",
+        m.join("dataset_rsicd_mini.json").to_str().unwrap(),
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--train-split",
+        "test",
+        "--batch-size",
+        "8",
+        "--logs",
+        logs.to_str().unwrap(),
+        "--name",
+        name,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn training_on_data_that_cannot_be_loaded_fails_and_says_why() {
+    let dir = tmpdir("bad-data");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for e in std::fs::read_dir(mini().join("images")).unwrap() {
+        let name = e.unwrap().file_name();
+        std::fs::write(images.join(name), b"not an image").unwrap();
+    }
+    let args = mini_train_args(&dir.join("logs"), "bad", &images, &[]);
+    let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("only 0 of the 300 samples could be loaded"), "{stderr}");
+    assert!(stderr.contains("cannot read image"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let saved = std::fs::read_dir(dir.join("logs/bad/checkpoints")).unwrap().count();
+    assert_eq!(saved, 0, "no checkpoint of an untrained model");
+}
+
+#[test]
+fn resume_refuses_a_crafted_optimizer_state_with_a_clear_error() {
+    use pirclip_checkpoint::pt_write::{self, PyValue};
+    use pirclip_checkpoint::TensorData;
+    let dir = tmpdir("bad-resume");
+    let weights = pirclip_checkpoint::load(fx("model.safetensors")).unwrap().state_dict;
+    let scalar = |v: f32| PyValue::Tensor(TensorData::from_f32(vec![], &[v]));
+    let cases = [
+        ("empty-step", vec![(PyValue::str("step"), PyValue::Tensor(TensorData::from_f32(vec![0], &[])))], "empty `step`"),
+        (
+            "wrong-shape",
+            vec![
+                (PyValue::str("step"), scalar(3.0)),
+                (PyValue::str("exp_avg"), PyValue::Tensor(TensorData::from_f32(vec![3], &[0.0; 3]))),
+                (PyValue::str("exp_avg_sq"), PyValue::Tensor(TensorData::from_f32(vec![3], &[0.0; 3]))),
+            ],
+            "exp_avg has shape [3]",
+        ),
+    ];
+    for (name, param_state, want) in cases {
+        let checkpoint = PyValue::Dict(vec![
+            (PyValue::str("epoch"), PyValue::Int(1)),
+            (PyValue::str("state_dict"), PyValue::state_dict(&weights)),
+            (
+                PyValue::str("optimizer"),
+                PyValue::Dict(vec![(
+                    PyValue::str("state"),
+                    PyValue::Dict(vec![(PyValue::Int(0), PyValue::Dict(param_state))]),
+                )]),
+            ),
+        ]);
+        let ckpt_dir = dir.join("logs").join(name).join("checkpoints");
+        std::fs::create_dir_all(&ckpt_dir).unwrap();
+        pt_write::write(&ckpt_dir.join("epoch_1.pt"), &checkpoint).unwrap();
+        let args = mini_train_args(&dir.join("logs"), name, &mini().join("images"), &["--resume", "latest"]);
+        let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: {stderr}");
+        assert!(stderr.contains(want) && stderr.contains("epoch_1.pt"), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    }
+}
+
+/// Shapes that do not fit the family they name, and a flood of block keys: described, never a panic.
+#[test]
+fn inspect_describes_crafted_checkpoints_without_panicking() {
+    use pirclip_checkpoint::{StateDict, TensorData};
+    let dir = tmpdir("inspect-crafted");
+    let one = |shape: Vec<usize>| TensorData::from_f32(shape.clone(), &vec![0.0; shape.iter().product()]);
+    let mut scalar_pos = StateDict::default();
+    scalar_pos.insert("text_projection", one(vec![4, 4]));
+    scalar_pos.insert("positional_embedding", one(vec![]));
+    let mut rank1_conv = StateDict::default();
+    for (k, s) in [("text_projection", vec![4, 4]), ("positional_embedding", vec![7, 4]), ("token_embedding.weight", vec![9, 4]), ("ln_final.weight", vec![4]), ("visual.conv1.weight", vec![3]), ("visual.positional_embedding", vec![0, 4])] {
+        rank1_conv.insert(k, one(s));
+    }
+    let mut many_blocks = StateDict::default();
+    for i in 0..100_000 {
+        many_blocks.entries.push((format!("transformer.resblocks.{i}.ln_1.weight"), one(vec![1])));
+    }
+    for (name, sd) in [("scalar_pos", scalar_pos), ("rank1_conv", rank1_conv), ("many_blocks", many_blocks)] {
+        let path = dir.join(format!("{name}.safetensors"));
+        pirclip_checkpoint::safetensors::write(&path, &sd, &[]).unwrap();
+        let started = std::time::Instant::now();
+        let out = pirclip_ok(&["inspect", path.to_str().unwrap()]);
+        // A complexity bound (block counting was quadratic: minutes for 100k keys), not a speed goal.
+        assert!(started.elapsed().as_secs() < 30, "{name}: {:?}", started.elapsed());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("family:"), "{name}");
+    }
+}

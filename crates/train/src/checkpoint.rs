@@ -181,6 +181,19 @@ pub fn resume(path: &Path, trainer: &mut Trainer) -> Result<Position, String> {
         if i >= n {
             return Err(format!("optimizer state has index {i} but the model trains {n} tensors (different freeze switches?)"));
         }
+        if let Some(Value::Tensor(t)) = v.dict_get("step") {
+            let s = *archive
+                .tensor(t)
+                .map_err(|e| e.to_string())?
+                .to_f32_vec()
+                .first()
+                .ok_or_else(|| format!("{}: optimizer state {i} has an empty `step` tensor", path.display()))?
+                as i64;
+            trainer.optimizer.step = s;
+            if pos.step == 0 {
+                pos.step = s;
+            }
+        }
         let p = &mut trainer.optimizer.params[i];
         for (field, dst) in [
             ("exp_avg", &mut p.exp_avg),
@@ -202,19 +215,6 @@ pub fn resume(path: &Path, trainer: &mut Trainer) -> Result<Position, String> {
             let data = archive.tensor(t).map_err(|e| e.to_string())?;
             let src = to_tch(&data);
             dst.copy_(&src.to_device(dst.device()));
-        }
-        if let Some(Value::Tensor(t)) = v.dict_get("step") {
-            let s = *archive
-                .tensor(t)
-                .map_err(|e| e.to_string())?
-                .to_f32_vec()
-                .first()
-                .ok_or_else(|| format!("{}: optimizer state {i} has an empty `step` tensor", path.display()))?
-                as i64;
-            trainer.optimizer.step = s;
-            if pos.step == 0 {
-                pos.step = s;
-            }
         }
     }
     Ok(pos)
