@@ -54,6 +54,12 @@ enum Command {
 }
 
 fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`| head`) would panic; a command-line tool
+    // should end quietly there, as other Unix tools do.
+    // SAFETY: called first thing, before any thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Some(p) = cli.max_image_pixels {
         pirclip_image::set_max_pixels(p);

@@ -1170,3 +1170,22 @@ fn inspect_describes_crafted_checkpoints_without_panicking() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("family:"), "{name}");
     }
 }
+
+/// Output into a pipe that closed early (`pirclip … | head`) ends the process quietly, never a panic.
+#[test]
+fn a_closed_stdout_pipe_ends_quietly() {
+    let dir = tmpdir("pipe");
+    let texts = dir.join("texts.txt");
+    let lines: Vec<String> = (0..20_000).map(|i| format!("storage tank number {i}")).collect();
+    std::fs::write(&texts, lines.join("\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pirclip"))
+        .args(["tokenize", "--texts", texts.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
