@@ -78,7 +78,7 @@ impl<R: Read + Seek> PtArchive<R> {
                 "not a readable zip archive ({e}); the checkpoint is corrupt or truncated"
             ))
         })?;
-        let dir_start = zip.central_directory_start() + zip.offset();
+        let dir_start = zip.central_directory_start(); // absolute, prepended bytes included
         let mut reader = zip.into_inner();
         let names = central_directory_names(&mut reader, dir_start, archive_len)?;
         let mut seen = std::collections::HashSet::with_capacity(names.len());
