@@ -60,6 +60,13 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some("train") {
+        if let Err(e) = train::reject_unsupported_open_clip_flags(&raw[2..]) {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
     let cli = Cli::parse();
     if let Some(p) = cli.max_image_pixels {
         pirclip_image::set_max_pixels(p);

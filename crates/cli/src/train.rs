@@ -46,7 +46,88 @@ enum ForeachArg {
 enum Precision {
     Fp32,
     Amp,
+    #[value(alias = "amp_bfloat16")]
     AmpBf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum DatasetType {
+    /// By the --train-data name: .csv/.tsv is CSV, .json a Karpathy JSON, anything else shards.
+    Auto,
+    Webdataset,
+    Csv,
+}
+
+/// open_clip `training.main` flags that pirclip does not implement, with what to do instead. Named in the
+/// error rather than left to the argument parser's "unexpected argument".
+const UNSUPPORTED_OPEN_CLIP_FLAGS: &[(&str, &str)] = &[
+    ("--imagenet-val", "pirclip has no ImageNet zero-shot evaluation; PIR-CLIP validates retrieval with --val-data"),
+    ("--imagenet-v2", "pirclip has no ImageNet zero-shot evaluation; PIR-CLIP validates retrieval with --val-data"),
+    ("--train-data-upsampling-factors", "per-source shard upsampling is not implemented"),
+    ("--val-num-samples", "validation uses the whole --val-data set"),
+    ("--grad-checkpointing", "activation checkpointing is not implemented; lower --batch-size and raise --accum-freq to save memory"),
+    ("--horovod", "launch with torchrun or srun instead"),
+    ("--no-set-device-rank", "each rank uses cuda:LOCAL_RANK"),
+    ("--torchscript", "pirclip runs its own engine; there is nothing to script"),
+    ("--trace", "pirclip runs its own engine; there is nothing to trace"),
+    ("--force-quick-gelu", "use a -quickgelu preset (e.g. ViT-B-32-quickgelu) or a JSON config"),
+    ("--force-custom-text", "pass a JSON config with --model"),
+    ("--force-patch-dropout", "patch dropout is not implemented"),
+    ("--force-image-size", "pass a JSON config with --model"),
+    ("--pretrained-image", "pass full weights with --pretrained"),
+    ("--lock-image", "only --lock-text and --lock-instruction are implemented"),
+    ("--lock-image-unlocked-groups", "only --lock-text and --lock-instruction are implemented"),
+    ("--lock-image-freeze-bn-stats", "only --lock-text and --lock-instruction are implemented"),
+    ("--lock-text-unlocked-layers", "--lock-text freezes the whole text tower"),
+    ("--lock-text-freeze-layer-norm", "--lock-text freezes the whole text tower"),
+    ("--image-mean", "the CLIP normalisation is fixed"),
+    ("--image-std", "the CLIP normalisation is fixed"),
+    ("--image-interpolation", "resizing is Pillow-exact bicubic"),
+    ("--image-resize-mode", "resizing is the shortest side then a centre crop, as open_clip's default"),
+    ("--aug-cfg", "augmentation is RandomResizedCrop(scale 0.9–1), as PIR-CLIP's"),
+    ("--skip-scheduler", "use --lr-scheduler const"),
+    ("--lr-cooldown-power", "the cool-down is linear (power 1)"),
+    ("--delete-previous-checkpoint", "checkpoints are kept"),
+    ("--remote-sync", "copy the run folder with your own tools"),
+    ("--remote-sync-frequency", "copy the run folder with your own tools"),
+    ("--remote-sync-protocol", "copy the run folder with your own tools"),
+    ("--copy-codebase", "there is no Python code base to copy"),
+    ("--wandb-notes", "only TensorBoard is written (--report-to tensorboard)"),
+    ("--wandb-project-name", "only TensorBoard is written (--report-to tensorboard)"),
+    ("--distill", "distillation is not adapted to PIR-CLIP (nor in the official code)"),
+    ("--distill-model", "distillation is not adapted to PIR-CLIP (nor in the official code)"),
+    ("--distill-pretrained", "distillation is not adapted to PIR-CLIP (nor in the official code)"),
+    ("--siglip", "the SigLIP loss is not adapted to PIR-CLIP (nor in the official code)"),
+    ("--coca-contrastive-loss-weight", "CoCa models are not supported"),
+    ("--coca-caption-loss-weight", "CoCa models are not supported"),
+    ("--use-bnb-linear", "bitsandbytes layers are not supported"),
+    ("--debug", "there is no debug mode"),
+];
+
+/// open_clip precision values pirclip does not implement (pure half-precision weights).
+const UNSUPPORTED_PRECISIONS: &[&str] = &["fp16", "bf16", "pure_fp16", "pure_bf16"];
+
+/// Fails with a message naming an open_clip flag (or precision) that pirclip does not implement. Runs on
+/// the raw arguments of `pirclip train`, before the parser, so the user reads why instead of clap's
+/// generic "unexpected argument".
+pub fn reject_unsupported_open_clip_flags(args: &[String]) -> Result<()> {
+    for (i, arg) in args.iter().enumerate() {
+        let flag = arg.split('=').next().unwrap_or(arg);
+        let flag_dashes = flag.replace('_', "-");
+        if let Some((name, why)) = UNSUPPORTED_OPEN_CLIP_FLAGS.iter().find(|(n, _)| *n == flag_dashes) {
+            bail!("open_clip's {name} is not implemented by pirclip: {why}");
+        }
+        if flag == "--precision" {
+            let value = arg.split_once('=').map(|(_, v)| v).or(args.get(i + 1).map(String::as_str));
+            if let Some(v) = value.filter(|v| UNSUPPORTED_PRECISIONS.contains(v)) {
+                bail!(
+                    "open_clip's --precision {v} (half-precision weights) is not implemented by pirclip: \
+                     use amp or amp_bf16 (half-precision compute, fp32 weights)"
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Train or fine-tune with open_clip's recipe plus PIR-CLIP's affiliation loss. Run folder:
@@ -193,6 +274,39 @@ pub struct Args {
     /// Validate every N epochs.
     #[arg(long, default_value_t = 1)]
     val_frequency: usize,
+
+    /// open_clip's data switch: webdataset shards, a CSV, or auto (by the --train-data name).
+    #[arg(long, value_enum, default_value_t = DatasetType::Auto)]
+    dataset_type: DatasetType,
+    /// Where training scalars go. TensorBoard event files are always written (`tensorboard/`); the flag
+    /// is accepted so open_clip command lines run, and anything but `tensorboard` is refused.
+    #[arg(long, default_value = "tensorboard")]
+    report_to: String,
+    /// open_clip's ImageNet zero-shot cadence; PIR-CLIP has no ImageNet evaluation, so it has nothing to
+    /// schedule (retrieval validation follows --val-frequency).
+    #[arg(long, default_value_t = 2)]
+    zeroshot_frequency: usize,
+    /// Distributed runs: each rank's loss over its own rows against all ranks' features (open_clip).
+    #[arg(long)]
+    local_loss: bool,
+    /// Distributed runs: gather features with their gradients (open_clip).
+    #[arg(long)]
+    gather_with_grad: bool,
+    /// Distributed runs: BatchNorm statistics synchronised across ranks (SyncBatchNorm).
+    #[arg(long)]
+    use_bn_sync: bool,
+    /// Distributed runs: rendezvous (`env://`: MASTER_ADDR / MASTER_PORT, as torchrun sets them).
+    #[arg(long, default_value = "env://")]
+    dist_url: String,
+    /// Distributed runs: nccl (CUDA) or gloo (CPU); default as open_clip: nccl on CUDA, gloo on CPU.
+    #[arg(long)]
+    dist_backend: Option<String>,
+    /// Distributed runs: a performance hint for PyTorch's DDP; nothing to do here.
+    #[arg(long)]
+    ddp_static_graph: bool,
+    /// Passed by `torch.distributed.launch`; the rank is read from the environment as open_clip does.
+    #[arg(long, alias = "local_rank", hide = true)]
+    local_rank: Option<usize>,
 }
 
 struct Log(std::fs::File);
@@ -205,18 +319,32 @@ impl Log {
 }
 
 /// Samples, and the shard of each sample when the data are shards.
+fn is_csv_name(name: &str) -> bool {
+    name.ends_with(".csv") || name.ends_with(".tsv")
+}
+
+fn csv_separator(flag: &str) -> Result<char> {
+    match flag {
+        "\\t" | "\t" => Ok('\t'),
+        s if s.chars().count() == 1 => Ok(s.chars().next().unwrap()),
+        s => bail!("--csv-separator must be one character, got {s:?}"),
+    }
+}
+
 fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
-    if a.train_data.ends_with(".csv") || a.train_data.ends_with(".tsv") {
+    let by_name_csv = is_csv_name(&a.train_data);
+    let is_csv = match a.dataset_type {
+        DatasetType::Csv => true,
+        DatasetType::Webdataset => false,
+        DatasetType::Auto => by_name_csv,
+    };
+    if is_csv {
         let path = Path::new(&a.train_data);
         let base = a
             .images_dir
             .clone()
             .unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf());
-        let sep = match a.csv_separator.as_str() {
-            "\\t" | "\t" => '\t',
-            s if s.chars().count() == 1 => s.chars().next().unwrap(),
-            s => bail!("--csv-separator must be one character, got {s:?}"),
-        };
+        let sep = csv_separator(&a.csv_separator)?;
         let samples = pirclip_data::train::samples_from_csv(
             path,
             &a.csv_img_key,
@@ -228,7 +356,7 @@ fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
         .map_err(anyhow::Error::msg)?;
         return Ok((samples, None));
     }
-    if a.train_data.ends_with(".json") {
+    if a.train_data.ends_with(".json") && a.dataset_type != DatasetType::Webdataset {
         let images = a
             .images_dir
             .as_ref()
@@ -249,7 +377,30 @@ fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
     }
 }
 
+/// The world size the launcher's environment describes, read as open_clip's `world_info_from_env`.
+fn launcher_world_size() -> usize {
+    ["WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse().ok())
+        .unwrap_or(1)
+}
+
 pub fn run(a: Args) -> Result<()> {
+    for target in a.report_to.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if target != "tensorboard" {
+            bail!("--report-to {target} is not supported by pirclip (it works offline): TensorBoard event files are written to <logs>/<name>/tensorboard");
+        }
+    }
+    if let Some(b) = a.dist_backend.as_deref().filter(|b| !["nccl", "gloo"].contains(b)) {
+        bail!("--dist-backend {b}: pirclip speaks nccl (CUDA) and gloo (CPU)");
+    }
+    let world = launcher_world_size();
+    if world > 1 {
+        bail!(
+            "the launcher describes {world} processes, but distributed training is not implemented yet: \
+             run one process (for now `--accum-freq` gives a larger effective batch on one device)"
+        );
+    }
     let device = parse_device(&a.device)?;
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
@@ -385,11 +536,34 @@ pub fn run(a: Args) -> Result<()> {
             RetrievalSet::build(&Dataset::load_with(json, a.allow_absolute_paths)?, &[a.val_split.as_str()]),
             images.clone(),
         )),
+        // open_clip's CSV validation: the CSV's own image paths (relative to its folder) and captions.
+        (Some(csv), None) if is_csv_name(&csv.to_string_lossy()) => {
+            let base = csv.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let samples = pirclip_data::train::samples_from_csv(
+                csv,
+                &a.csv_img_key,
+                &a.csv_caption_key,
+                csv_separator(&a.csv_separator)?,
+                &base,
+                a.allow_absolute_paths,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let paths: Vec<String> = samples
+                .iter()
+                .map(|s| match &s.image {
+                    pirclip_data::train::ImageSource::File(p) => p.display().to_string(),
+                    pirclip_data::train::ImageSource::TarMember { .. } => unreachable!("CSV samples are files"),
+                })
+                .collect();
+            let pairs: Vec<(&str, String)> =
+                paths.iter().zip(&samples).map(|(p, s)| (p.as_str(), s.caption.clone())).collect();
+            Some((RetrievalSet::from_pairs(&pairs), PathBuf::new()))
+        }
         (None, None) => None,
-        _ => bail!("--val-data and --val-images-dir go together"),
+        _ => bail!("--val-data needs --val-images-dir, unless it is a CSV (open_clip's --val-data=...csv)"),
     };
-    let (mut samples, shard_of) = load_samples(&a)?;
-    let mut shard_order = match (a.dataset_resampled, shard_of) {
+    let (samples, shard_of) = load_samples(&a)?;
+    let shard_order = match (a.dataset_resampled, shard_of) {
         (true, None) => bail!("--dataset-resampled needs webdataset shards as --train-data"),
         (_, None) => None,
         (resampled, Some(shard_of)) => {
@@ -413,25 +587,6 @@ pub fn run(a: Args) -> Result<()> {
             })
         }
     };
-    if let Some(n) = a.train_num_samples {
-        match &mut shard_order {
-            Some(ShardOrder {
-                resampled: Some(_), ..
-            }) => {}
-            Some(order) => {
-                samples.truncate(n);
-                order.shard_of.truncate(n);
-            }
-            None => samples.truncate(n),
-        }
-    }
-    if samples.len() < a.batch_size {
-        bail!(
-            "{} training samples, fewer than one batch of {}",
-            samples.len(),
-            a.batch_size
-        );
-    }
     let mut loader = TrainLoader::new(
         samples,
         LoaderConfig {
@@ -444,9 +599,35 @@ pub fn run(a: Args) -> Result<()> {
             context_length: config.text.context_length,
         },
     );
+    let resampled = matches!(&shard_order, Some(ShardOrder { resampled: Some(_), .. }));
     if let Some(order) = shard_order {
         loader = loader.with_shards(order);
     }
+    if let (Some(n), false) = (a.train_num_samples, resampled) {
+        // open_clip: the epoch length, not a cut of the data. Every sample stays in the pool.
+        loader = loader.with_epoch_samples(n);
+    }
+    if loader.samples_per_epoch() < a.batch_size {
+        bail!(
+            "an epoch of {} samples is less than one batch of {}",
+            loader.samples_per_epoch(),
+            a.batch_size
+        );
+    }
+    let pool = loader.len();
+    let per_pass = loader.samples_per_epoch();
+    let coverage = if resampled {
+        format!("an epoch draws {per_pass} samples from shards chosen with replacement (pool of {pool})")
+    } else if per_pass == pool {
+        format!("an epoch is one pass over all {pool} samples")
+    } else {
+        format!(
+            "an epoch is {per_pass} samples ({:.2} passes) of a stream of reshuffled passes over all {pool}; no sample is left out",
+            per_pass as f64 / pool as f64
+        )
+    };
+    eprintln!("data: {coverage}");
+    log.line(&format!("data: {coverage}"));
     let accum = a.accum_freq as usize;
     // Optimizer steps per epoch; micro-batches that cannot fill a last step are dropped, as in open_clip.
     let per_epoch = loader.batches_per_epoch() / accum;

@@ -1189,3 +1189,98 @@ fn a_closed_stdout_pipe_ends_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The seed's training command lines, scaled down (fixture model, mini set, few samples), run through the
+/// real argument parser: PIR-CLIP's README recipe (with and without --dataset-resampled) and open_clip's
+/// README CSV example; open_clip flags pirclip lacks are refused by name.
+#[test]
+fn the_seeds_training_command_lines_run_as_written() {
+    let dir = tmpdir("seed-commands");
+    mini_shards(&dir);
+    let shards = dir.join("shards/shard-{000000..000002}.tar");
+    let (shards, logs, config) = (
+        shards.to_str().unwrap().to_string(),
+        dir.join("logs").to_str().unwrap().to_string(),
+        fx("config.json").to_str().unwrap().to_string(),
+    );
+    // PIR-CLIP: --dataset-type webdataset --dataset-resampled --train-num-samples <N> --warmup 10000
+    // --batch-size 512 --precision amp --lr 1e-5 --wd 0.5 --epochs 20 --workers 4 --model PIR --is_aff_loss
+    // --save-frequency 1 --report-to tensorboard
+    for (name, resampled) in [("readme-resampled", true), ("readme-epoch-length", false)] {
+        let mut args = vec!["train", "--train-data", &shards, "--dataset-type", "webdataset"];
+        if resampled {
+            args.push("--dataset-resampled");
+        }
+        args.extend([
+            "--train-num-samples", "32", "--warmup", "10000", "--batch-size", "8", "--precision", "amp",
+            "--lr", "1e-5", "--wd", "0.5", "--epochs", "2", "--workers", "4", "--model", &config,
+            "--is_aff_loss", "--save-frequency", "1", "--report-to", "tensorboard", "--logs", &logs,
+            "--name", name,
+            // open_clip's distributed switches are accepted (a single process has nothing to gather).
+            "--local-loss", "--gather-with-grad", "--use-bn-sync", "--dist-url", "env://",
+            "--dist-backend", "gloo", "--ddp-static-graph",
+        ]);
+        let out = pirclip_ok(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let run = dir.join("logs").join(name);
+        assert!(run.join("checkpoints/epoch_2.pt").is_file(), "{name}");
+        let log = std::fs::read_to_string(run.join("out.log")).unwrap();
+        assert!(log.contains("4 batches/epoch of 8"), "{name}: {log}");
+        let coverage = if resampled { "an epoch draws 32 samples" } else { "an epoch is 32 samples (0.11 passes)" };
+        assert!(stderr.contains(coverage) && log.contains(coverage), "{name}: {stderr}");
+    }
+
+    // open_clip's README: --save-frequency 1 --zeroshot-frequency 1 --report-to tensorboard
+    // --train-data="….csv" --val-data="….csv" --csv-img-key filepath --csv-caption-key title
+    // [--imagenet-val=…] --warmup 10000 --batch-size=128 --lr=1e-3 --wd=0.1 --epochs=30 --workers=8 --model RN50
+    let csv_dir = dir.join("csv");
+    std::fs::create_dir_all(&csv_dir).unwrap();
+    std::os::unix::fs::symlink(mini().join("images"), csv_dir.join("images")).unwrap();
+    let ds = pirclip_data::karpathy::Dataset::load(&mini().join("dataset_rsicd_mini.json")).unwrap();
+    let mut rows = String::from("filepath\ttitle\n");
+    for e in ds.entries.iter().take(8) {
+        for c in &e.captions {
+            rows.push_str(&format!("images/{}\t{c}\n", e.filename));
+        }
+    }
+    std::fs::write(csv_dir.join("train.csv"), rows).unwrap();
+    let csv = csv_dir.join("train.csv").to_str().unwrap().to_string();
+    let readme = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "train", "--save-frequency", "1", "--zeroshot-frequency", "1", "--report-to", "tensorboard",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(format!("--train-data={csv}"));
+        args.push(format!("--val-data={csv}"));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        for a in ["--csv-img-key", "filepath", "--csv-caption-key", "title", "--warmup", "10000",
+            "--batch-size=8", "--lr=1e-3", "--wd=0.1", "--epochs=1", "--workers=2", "--model", &config,
+            "--logs", &logs, "--name", "openclip-readme"] {
+            args.push(a.to_string());
+        }
+        args
+    };
+    let args = readme(&[]);
+    pirclip_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let log = std::fs::read_to_string(dir.join("logs/openclip-readme/out.log")).unwrap();
+    assert!(log.contains("5 batches/epoch of 8"), "{log}");
+    // Validated on the CSV's 8 images and 40 captions.
+    assert!(log.contains("Eval Epoch: 1 retrieval-image2text-R@1"), "{log}");
+
+    // What pirclip does not implement is refused by name, before anything runs.
+    for (extra, named) in [
+        (vec!["--imagenet-val=/data/imagenet/val"], "open_clip's --imagenet-val is not implemented"),
+        (vec!["--grad-checkpointing"], "open_clip's --grad-checkpointing is not implemented"),
+        (vec!["--precision", "pure_bf16"], "--precision pure_bf16"),
+    ] {
+        let args = readme(&extra);
+        let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(named), "{extra:?}: {stderr}");
+    }
+    let out = pirclip(&["train", "--train-data", &csv, "--report-to", "wandb", "--logs", &logs]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--report-to wandb is not supported"), "{stderr}");
+}

@@ -123,6 +123,12 @@ impl RetrievalSet {
                 pairs.push((&e.filename, py_capitalize(c)));
             }
         }
+        Self::from_pairs(&pairs)
+    }
+
+    /// The set of (image, caption) pairs as given (open_clip's CSV validation): images unique and sorted,
+    /// each with its captions in input order.
+    pub fn from_pairs(pairs: &[(&str, String)]) -> Self {
         let mut images: Vec<String> = pairs.iter().map(|(f, _)| f.to_string()).collect();
         images.sort();
         images.dedup();
@@ -130,7 +136,7 @@ impl RetrievalSet {
         let mut text_to_image = Vec::with_capacity(pairs.len());
         let mut by_image: std::collections::HashMap<&str, Vec<&String>> =
             std::collections::HashMap::new();
-        for (f, c) in &pairs {
+        for (f, c) in pairs {
             by_image.entry(f).or_default().push(c);
         }
         for (i, name) in images.iter().enumerate() {

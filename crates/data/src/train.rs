@@ -188,6 +188,8 @@ pub struct TrainLoader {
     config: LoaderConfig,
     /// Set when the samples come from webdataset shards.
     shards: Option<ShardOrder>,
+    /// Samples per epoch when it is not one pass over the data (`--train-num-samples`).
+    epoch_samples: Option<usize>,
 }
 
 /// How the samples of webdataset shards are ordered into an epoch, as open_clip's webdataset pipeline does:
@@ -227,7 +229,38 @@ impl TrainLoader {
             samples: Arc::new(samples),
             config,
             shards: None,
+            epoch_samples: None,
         }
+    }
+
+    /// open_clip's `--train-num-samples` without resampling: an epoch is `n` samples of an endless stream
+    /// of passes over the data, each pass a new permutation (webdataset's `with_epoch`). Epochs shorter
+    /// than a pass continue where the previous one stopped; longer ones run into the next pass. No sample
+    /// leaves the pool.
+    pub fn with_epoch_samples(mut self, n: usize) -> Self {
+        self.epoch_samples = Some(n);
+        self
+    }
+
+    /// Samples one epoch draws.
+    pub fn samples_per_epoch(&self) -> usize {
+        match (&self.shards, self.epoch_samples) {
+            (Some(ShardOrder { resampled: Some(n), .. }), _) => *n,
+            (_, Some(n)) => n,
+            _ => self.samples.len(),
+        }
+    }
+
+    /// The order of the `pass`-th pass over all samples.
+    fn pass_order(&self, pass: usize) -> Vec<usize> {
+        if let Some(plan) = &self.shards {
+            return shard_epoch_order(plan, self.config.shuffle, self.config.seed, pass);
+        }
+        let mut order: Vec<usize> = (0..self.samples.len()).collect();
+        if self.config.shuffle {
+            Rng::keyed(self.config.seed, stream::SAMPLE_SHUFFLE, pass as u64).shuffle(&mut order);
+        }
+        order
     }
 
     /// The samples come from webdataset shards: order them the webdataset way.
@@ -246,23 +279,29 @@ impl TrainLoader {
 
     /// Full batches per epoch (the last partial batch is dropped, as in training).
     pub fn batches_per_epoch(&self) -> usize {
-        self.shards
-            .as_ref()
-            .and_then(|s| s.resampled)
-            .unwrap_or(self.samples.len())
-            / self.config.batch_size
+        self.samples_per_epoch() / self.config.batch_size
     }
 
-    /// The sample order of `epoch`.
+    /// The sample order of `epoch`: with the default epoch (one pass) the `epoch`-th pass; with
+    /// `with_epoch_samples(n)` stream positions `epoch·n .. (epoch+1)·n` of the passes laid end to end;
+    /// with resampled shards the epoch's own draw. Computed from indices alone, so resume is exact.
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        if let Some(plan) = &self.shards {
-            return shard_epoch_order(plan, self.config.shuffle, self.config.seed, epoch);
+        let resampled = matches!(&self.shards, Some(ShardOrder { resampled: Some(_), .. }));
+        let pass_len = self.samples.len();
+        let n = match self.epoch_samples {
+            Some(n) if !resampled && pass_len > 0 => n,
+            _ => return self.pass_order(epoch),
+        };
+        let mut out = Vec::with_capacity(n);
+        let mut at = epoch.saturating_mul(n);
+        let end = at.saturating_add(n);
+        while at < end {
+            let (pass, from) = (at / pass_len, at % pass_len);
+            let take = (pass_len - from).min(end - at);
+            out.extend_from_slice(&self.pass_order(pass)[from..from + take]);
+            at += take;
         }
-        let mut order: Vec<usize> = (0..self.samples.len()).collect();
-        if self.config.shuffle {
-            Rng::keyed(self.config.seed, stream::SAMPLE_SHUFFLE, epoch as u64).shuffle(&mut order);
-        }
-        order
+        out
     }
 
     /// Streams the batches of `epoch` starting at batch `start`, prefetching two batches ahead.
@@ -475,6 +514,48 @@ mod tests {
         assert!(samples_from_csv(&f, "image", "title", '\t', &dir, true)
             .unwrap_err()
             .contains("no column \"image\""));
+    }
+
+    #[test]
+    fn train_num_samples_sets_the_epoch_length_and_keeps_every_sample_in_the_pool() {
+        let samples: Vec<Sample> = (0..10)
+            .map(|i| Sample {
+                image: ImageSource::File(format!("{i}.jpg").into()),
+                caption: String::new(),
+                name: format!("c{i}_{i}.jpg"),
+                label: None,
+            })
+            .collect();
+        let config = LoaderConfig {
+            image_size: 8,
+            batch_size: 2,
+            seed: 3,
+            shuffle: true,
+            augment: false,
+            workers: 1,
+            context_length: 77,
+        };
+        let full = TrainLoader::new(samples.clone(), config.clone());
+        // Epochs of 4 from a pool of 10: five epochs are two whole passes, each a permutation.
+        let short = TrainLoader::new(samples.clone(), config.clone()).with_epoch_samples(4);
+        assert_eq!((short.samples_per_epoch(), short.batches_per_epoch()), (4, 2));
+        let stream: Vec<usize> = (0..5).flat_map(|e| short.epoch_order(e)).collect();
+        for pass in stream.chunks(10) {
+            let mut p = pass.to_vec();
+            p.sort();
+            assert_eq!(p, (0..10).collect::<Vec<_>>(), "each pass holds every sample once");
+        }
+        assert_eq!(&stream[..10], &full.epoch_order(0)[..], "the passes are the default epochs' orders");
+        assert_eq!(&stream[10..], &full.epoch_order(1)[..]);
+        // An epoch longer than the pool runs into the next pass.
+        let long = TrainLoader::new(samples.clone(), config.clone()).with_epoch_samples(25);
+        let e0 = long.epoch_order(0);
+        assert_eq!(e0.len(), 25);
+        assert_eq!(&e0[..10], &full.epoch_order(0)[..]);
+        assert_eq!(&e0[20..], &full.epoch_order(2)[..5]);
+        assert_eq!(&long.epoch_order(1)[..5], &full.epoch_order(2)[5..]);
+        // Without the setting, an epoch is one pass.
+        assert_eq!(full.samples_per_epoch(), 10);
     }
 
     #[test]
