@@ -21,6 +21,15 @@ if [ "${1:-}" = "--dev" ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check -c .venv/constraints.txt open_clip_torch==2.24.0 ftfy regex pillow numpy tensorboard webdataset
   fi
 fi
+# gloo's headers for distributed training (torch.distributed's CPU backend; the wheel ships none). Without
+# them pirclip still builds, single-process only.
+if [ ! -f /usr/include/gloo/algorithm.h ] && [ -z "${GLOO_INCLUDE_DIR:-}" ] && command -v apt-get >/dev/null \
+   && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing libgloo-dev (headers for distributed training)"
+  (apt-get install -y -qq libgloo-dev >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgloo-dev >/dev/null 2>&1; }) \
+    || echo "setup: libgloo-dev could not be installed; building without distributed training"
+fi
 source scripts/env.sh
 echo "setup: cargo build --release"
 cargo build --release --quiet -p pirclip

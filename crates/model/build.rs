@@ -13,6 +13,8 @@ fn main() {
     if is_model_crate {
         // Only the model crate has the shim; naming a missing file would rerun the others every build.
         println!("cargo:rerun-if-changed=csrc/shim.cpp");
+        println!("cargo:rerun-if-changed=csrc/dist.cpp");
+        println!("cargo::rustc-check-cfg=cfg(pirclip_dist)");
     } else {
         println!("cargo:rerun-if-changed=../model/build.rs"); // train and cli share this script
     }
@@ -34,6 +36,31 @@ fn main() {
             .flag("-DGLOG_USE_GLOG_EXPORT")
             .file("csrc/shim.cpp")
             .compile("pirclip_shim");
+        // torch.distributed (gloo): only where gloo's headers are installed (Debian's libgloo-dev, which
+        // scripts/setup.sh installs); without them pirclip builds and runs single-process.
+        let gloo = std::env::var("GLOO_INCLUDE_DIR").unwrap_or_else(|_| "/usr/include".into());
+        println!("cargo:rerun-if-env-changed=GLOO_INCLUDE_DIR");
+        if PathBuf::from(&gloo).join("gloo/algorithm.h").is_file() {
+            cc::Build::new()
+                .cpp(true)
+                .pic(true)
+                .warnings(false)
+                .include(&include)
+                .include(include.join("torch/csrc/api/include"))
+                .include(&gloo)
+                .flag("-std=c++17")
+                .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+                .flag("-DGLOG_USE_GLOG_EXPORT")
+                .flag("-DUSE_C10D_GLOO")
+                .file("csrc/dist.cpp")
+                .compile("pirclip_dist");
+            println!("cargo:rustc-cfg=pirclip_dist");
+        } else {
+            println!(
+                "cargo:warning=gloo headers not found under {gloo}: pirclip is built without distributed \
+                 training (install libgloo-dev, or set GLOO_INCLUDE_DIR, and rebuild)"
+            );
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod dist;
 pub mod init;
 pub mod layers;
 pub mod native;

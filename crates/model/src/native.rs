@@ -52,7 +52,7 @@ extern "C" {
     ) -> c_int;
 }
 
-fn take_message(err: *mut c_char) -> String {
+pub(crate) fn take_message(err: *mut c_char) -> String {
     if err.is_null() {
         return "unknown libtorch error".into();
     }

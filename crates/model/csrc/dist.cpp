@@ -1,0 +1,116 @@
+// torch.distributed from C++: a TCPStore rendezvous and a ProcessGroupGloo (CPU collectives) from the
+// libtorch that pirclip links, exposed as a small C API. Compiled only when gloo's headers are present
+// (build.rs): the wheel ships none, and Debian's libgloo-dev suffices because ProcessGroupGloo.hpp holds
+// gloo types only behind pointers (their layout cannot disagree with torch's pinned gloo). Errors come
+// back as a malloc'ed message, never as a C++ exception across the boundary.
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+char *message(const std::exception &e) { return strdup(e.what()); }
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+};
+
+bool is_loopback(const std::string &host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+}  // namespace
+
+extern "C" {
+
+// Joins the group. `is_server`: this process hosts the store (rank 0, unless a launcher's agent does).
+// The gloo device binds to the loopback address for a single-machine rendezvous, and otherwise to the
+// interface named by GLOO_SOCKET_IFNAME or the one the host name resolves to (as PyTorch's default).
+void *pirclip_dist_new_gloo(const char *host, int port, int rank, int world, int is_server,
+                            int timeout_s, char **err) {
+  try {
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = is_server != 0;
+    opts.numWorkers = world;
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::seconds(timeout_s);
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("pirclip", store);
+    auto options = c10d::ProcessGroupGloo::Options::create();
+    options->timeout = std::chrono::seconds(timeout_s);
+    const char *ifname = std::getenv("GLOO_SOCKET_IFNAME");
+    if (ifname != nullptr && *ifname != '\0') {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    } else if (is_loopback(host)) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, options);
+    return new Group{store, pg};
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return nullptr;
+  }
+}
+
+void pirclip_dist_free(void *group) { delete static_cast<Group *>(group); }
+
+// In-place sum over ranks.
+int pirclip_dist_all_reduce_sum(void *group, at::Tensor *t, char **err) {
+  try {
+    std::vector<at::Tensor> ts{*t};
+    static_cast<Group *>(group)->pg->allreduce(ts)->wait();
+    return 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return 1;
+  }
+}
+
+// `output` ([world * n, ...], contiguous) receives every rank's `input` ([n, ...]) in rank order.
+int pirclip_dist_all_gather(void *group, at::Tensor *input, at::Tensor *output, char **err) {
+  try {
+    auto *g = static_cast<Group *>(group);
+    std::vector<at::Tensor> parts = output->chunk(g->pg->getSize(), 0);
+    std::vector<std::vector<at::Tensor>> outputs{parts};
+    std::vector<at::Tensor> inputs{input->contiguous()};
+    g->pg->allgather(outputs, inputs)->wait();
+    return 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return 1;
+  }
+}
+
+int pirclip_dist_broadcast(void *group, at::Tensor *t, int root, char **err) {
+  try {
+    std::vector<at::Tensor> ts{*t};
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    static_cast<Group *>(group)->pg->broadcast(ts, opts)->wait();
+    return 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return 1;
+  }
+}
+
+int pirclip_dist_barrier(void *group, char **err) {
+  try {
+    static_cast<Group *>(group)->pg->barrier()->wait();
+    return 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return 1;
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,193 @@
+//! torch.distributed for pirclip: the launcher's environment read as open_clip's `world_info_from_env`,
+//! and a process group (TCPStore rendezvous + ProcessGroupGloo) from libtorch's c10d through
+//! `csrc/dist.cpp`. Without gloo's headers at build time the group cannot be created and says why;
+//! everything single-process works as before.
+
+use std::ffi::{c_char, c_int, c_void, CString};
+
+use tch::Tensor;
+
+use crate::native::take_message;
+
+/// Where this process sits in a launch (`torchrun`, `srun`, `mpirun`), as open_clip reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorldInfo {
+    pub local_rank: usize,
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+fn first_env(keys: &[&str]) -> Option<usize> {
+    keys.iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// open_clip's `world_info_from_env`: LOCAL_RANK / RANK / WORLD_SIZE with the MPI, Slurm and Open MPI
+/// fallbacks, in its order; (0, 0, 1) when nothing is set.
+pub fn world_info_from_env() -> WorldInfo {
+    WorldInfo {
+        local_rank: first_env(&["LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"])
+            .unwrap_or(0),
+        rank: first_env(&["RANK", "PMI_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"]).unwrap_or(0),
+        world_size: first_env(&["WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"])
+            .unwrap_or(1),
+    }
+}
+
+/// `env://` rendezvous: MASTER_ADDR and MASTER_PORT, and whether this process hosts the store (rank 0,
+/// unless torchrun's agent already does: TORCHELASTIC_USE_AGENT_STORE=True).
+pub fn rendezvous_from_env(rank: usize) -> Result<(String, u16, bool), String> {
+    let addr = std::env::var("MASTER_ADDR").map_err(|_| {
+        "distributed run without MASTER_ADDR: launch with torchrun or srun, or set MASTER_ADDR and MASTER_PORT".to_string()
+    })?;
+    let port = std::env::var("MASTER_PORT")
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or("distributed run without a valid MASTER_PORT")?;
+    let agent = std::env::var("TORCHELASTIC_USE_AGENT_STORE").is_ok_and(|v| v == "True");
+    Ok((addr, port, rank == 0 && !agent))
+}
+
+#[cfg(pirclip_dist)]
+extern "C" {
+    fn pirclip_dist_new_gloo(
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        is_server: c_int,
+        timeout_s: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn pirclip_dist_free(group: *mut c_void);
+    fn pirclip_dist_all_reduce_sum(group: *mut c_void, t: *const c_void, err: *mut *mut c_char) -> c_int;
+    fn pirclip_dist_all_gather(
+        group: *mut c_void,
+        input: *const c_void,
+        output: *const c_void,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn pirclip_dist_broadcast(group: *mut c_void, t: *const c_void, root: c_int, err: *mut *mut c_char) -> c_int;
+    fn pirclip_dist_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
+}
+
+/// A c10d process group (gloo). Collectives block until every rank took part, or fail after the
+/// group's timeout (a rank that died never hangs the others forever).
+pub struct ProcessGroup {
+    #[cfg_attr(not(pirclip_dist), allow(dead_code))]
+    group: *mut c_void,
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl ProcessGroup {
+    /// Joins a gloo group over a TCPStore at `host:port`.
+    #[cfg(pirclip_dist)]
+    pub fn gloo(host: &str, port: u16, rank: usize, world_size: usize, is_server: bool, timeout_s: u64) -> Result<Self, String> {
+        let host_c = CString::new(host).map_err(|_| "MASTER_ADDR holds a NUL byte".to_string())?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: plain values and a NUL-terminated string borrowed for the call.
+        let group = unsafe {
+            pirclip_dist_new_gloo(
+                host_c.as_ptr(),
+                port as c_int,
+                rank as c_int,
+                world_size as c_int,
+                is_server as c_int,
+                timeout_s.min(i32::MAX as u64) as c_int,
+                &mut err,
+            )
+        };
+        if group.is_null() {
+            return Err(format!("joining the gloo process group at {host}:{port} as rank {rank} of {world_size}: {}", take_message(err)));
+        }
+        Ok(ProcessGroup { group, rank, world_size })
+    }
+
+    #[cfg(not(pirclip_dist))]
+    pub fn gloo(_: &str, _: u16, _: usize, _: usize, _: bool, _: u64) -> Result<Self, String> {
+        let _ = CString::new("");
+        Err("this pirclip was built without distributed training (gloo's headers were missing): install \
+             libgloo-dev (scripts/setup.sh does) and rebuild"
+            .into())
+    }
+
+    #[cfg(pirclip_dist)]
+    fn check(&self, what: &str, rc: c_int, err: *mut c_char) -> Result<(), String> {
+        if rc != 0 {
+            return Err(format!("{what} (rank {} of {}): {}", self.rank, self.world_size, take_message(err)));
+        }
+        Ok(())
+    }
+
+    /// Sums `t` over the ranks, in place (`t` contiguous).
+    pub fn all_reduce_sum(&self, t: &Tensor) -> Result<(), String> {
+        #[cfg(pirclip_dist)]
+        {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: a live tensor borrowed for the call.
+            let rc = unsafe { pirclip_dist_all_reduce_sum(self.group, t.as_ptr() as *const c_void, &mut err) };
+            self.check("all_reduce", rc, err)
+        }
+        #[cfg(not(pirclip_dist))]
+        {
+            let _ = t;
+            unreachable!("no group exists without distributed support")
+        }
+    }
+
+    /// Every rank's `t` (`[n, ...]`, same shape on all ranks) stacked in rank order: `[world·n, ...]`.
+    pub fn all_gather(&self, t: &Tensor) -> Result<Tensor, String> {
+        let t = t.contiguous();
+        let mut size = t.size();
+        size[0] *= self.world_size as i64;
+        let out = Tensor::empty(&size, (t.kind(), t.device()));
+        #[cfg(pirclip_dist)]
+        {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: two live tensors borrowed for the call; `out` is contiguous.
+            let rc = unsafe {
+                pirclip_dist_all_gather(self.group, t.as_ptr() as *const c_void, out.as_ptr() as *const c_void, &mut err)
+            };
+            self.check("all_gather", rc, err)?;
+        }
+        Ok(out)
+    }
+
+    /// Overwrites `t` on every rank with rank `root`'s values.
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<(), String> {
+        #[cfg(pirclip_dist)]
+        {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: a live tensor borrowed for the call.
+            let rc = unsafe { pirclip_dist_broadcast(self.group, t.as_ptr() as *const c_void, root as c_int, &mut err) };
+            self.check("broadcast", rc, err)
+        }
+        #[cfg(not(pirclip_dist))]
+        {
+            let _ = (t, root);
+            unreachable!("no group exists without distributed support")
+        }
+    }
+
+    pub fn barrier(&self) -> Result<(), String> {
+        #[cfg(pirclip_dist)]
+        {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: the group is live.
+            let rc = unsafe { pirclip_dist_barrier(self.group, &mut err) };
+            self.check("barrier", rc, err)
+        }
+        #[cfg(not(pirclip_dist))]
+        unreachable!("no group exists without distributed support")
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        #[cfg(pirclip_dist)]
+        // SAFETY: created by pirclip_dist_new_gloo, freed once.
+        unsafe {
+            pirclip_dist_free(self.group)
+        };
+    }
+}

@@ -1,0 +1,36 @@
+//! c10d from Rust: two ranks (threads) over a TCPStore on loopback: all-reduce, all-gather, broadcast.
+
+use pirclip_model::dist::ProcessGroup;
+use tch::{Kind, Tensor};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn two_gloo_ranks_reduce_gather_and_broadcast() {
+    let port = free_port();
+    let ranks: Vec<_> = (0..2usize)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let pg = match ProcessGroup::gloo("127.0.0.1", port, rank, 2, rank == 0, 30) {
+                    Ok(pg) => pg,
+                    Err(e) => panic!("{e}"),
+                };
+                let t = Tensor::from_slice(&[1.0f32 + rank as f32, 10.0]).view([1, 2]);
+                pg.all_reduce_sum(&t).unwrap();
+                let gathered = pg.all_gather(&Tensor::from_slice(&[rank as f32, rank as f32 * 2.0]).view([1, 2])).unwrap();
+                let b = Tensor::full([3], rank as f64 + 5.0, (Kind::Float, tch::Device::Cpu));
+                pg.broadcast(&b, 1).unwrap();
+                pg.barrier().unwrap();
+                (Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(gathered.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(b).unwrap())
+            })
+        })
+        .collect();
+    for h in ranks {
+        let (sum, gathered, b) = h.join().unwrap();
+        assert_eq!(sum, [3.0, 20.0]);
+        assert_eq!(gathered, [0.0, 0.0, 1.0, 2.0]);
+        assert_eq!(b, [6.0, 6.0, 6.0]);
+    }
+}
