@@ -10,6 +10,8 @@ use pirclip_model::clip::{ids_tensor, images_tensor};
 use pirclip_model::{ClipModel, EncodeOptions, ModelConfig};
 use pirclip_train::checkpoint::{self, Position};
 use pirclip_train::tensorboard::EventWriter;
+use pirclip_model::dist::ProcessGroup;
+use pirclip_train::distributed::Distributed;
 use pirclip_train::{
     labels_from_names, labels_from_strings, learning_rate, optim::Foreach, AdamWConfig, Schedule,
     TrainOptions, TrainPrecision, Trainer,
@@ -304,17 +306,24 @@ pub struct Args {
     /// Distributed runs: a performance hint for PyTorch's DDP; nothing to do here.
     #[arg(long)]
     ddp_static_graph: bool,
+    /// Distributed runs: seconds a collective may wait for the other ranks before the run stops with an
+    /// error (a rank that died never hangs the others forever; PyTorch's default, 30 min).
+    #[arg(long, default_value_t = 1800)]
+    dist_timeout: u64,
     /// Passed by `torch.distributed.launch`; the rank is read from the environment as open_clip does.
     #[arg(long, alias = "local_rank", hide = true)]
     local_rank: Option<usize>,
 }
 
-struct Log(std::fs::File);
+/// `out.log`; other ranks than 0 of a distributed run have none (open_clip logs on the master only).
+struct Log(Option<std::fs::File>);
 
 impl Log {
     fn line(&mut self, s: &str) {
-        let _ = writeln!(self.0, "{s}");
-        let _ = self.0.flush();
+        if let Some(f) = &mut self.0 {
+            let _ = writeln!(f, "{s}");
+            let _ = f.flush();
+        }
     }
 }
 
@@ -377,12 +386,33 @@ fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
     }
 }
 
-/// The world size the launcher's environment describes, read as open_clip's `world_info_from_env`.
-fn launcher_world_size() -> usize {
-    ["WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok()?.parse().ok())
-        .unwrap_or(1)
+/// Joins the launch's process group when it has several ranks (torchrun, srun, mpirun: open_clip's
+/// `world_info_from_env`, `env://` rendezvous).
+fn join_group(a: &Args, world: pirclip_model::dist::WorldInfo, device: tch::Device) -> Result<Option<Distributed>> {
+    if world.world_size <= 1 {
+        return Ok(None);
+    }
+    if device.is_cuda() || a.dist_backend.as_deref() == Some("nccl") {
+        bail!("distributed training on CUDA needs the NCCL backend, which this pirclip does not have yet: train on CPU ranks with gloo, or on one GPU");
+    }
+    if a.accum_freq > 1 {
+        bail!("--accum-freq with several ranks is not implemented yet: raise the number of ranks or the batch size instead");
+    }
+    if a.use_bn_sync && !a.lock_instruction {
+        bail!("--use-bn-sync (SyncBatchNorm) is not implemented yet: keep per-rank BatchNorm statistics (drop the flag, DDP's default) or freeze them with --lock-instruction");
+    }
+    if a.dist_url != "env://" {
+        bail!("--dist-url {}: pirclip rendezvous through env:// (MASTER_ADDR, MASTER_PORT), as torchrun and open_clip's srun setup provide", a.dist_url);
+    }
+    let (addr, port, is_server) =
+        pirclip_model::dist::rendezvous_from_env(world.rank).map_err(anyhow::Error::msg)?;
+    let group = ProcessGroup::gloo(&addr, port, world.rank, world.world_size, is_server, a.dist_timeout)
+        .map_err(anyhow::Error::msg)?;
+    Ok(Some(Distributed {
+        group,
+        local_loss: a.local_loss,
+        gather_with_grad: a.gather_with_grad,
+    }))
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -394,13 +424,8 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(b) = a.dist_backend.as_deref().filter(|b| !["nccl", "gloo"].contains(b)) {
         bail!("--dist-backend {b}: pirclip speaks nccl (CUDA) and gloo (CPU)");
     }
-    let world = launcher_world_size();
-    if world > 1 {
-        bail!(
-            "the launcher describes {world} processes, but distributed training is not implemented yet: \
-             run one process (for now `--accum-freq` gives a larger effective batch on one device)"
-        );
-    }
+    let world = pirclip_model::dist::world_info_from_env();
+    let is_master = world.rank == 0;
     let device = parse_device(&a.device)?;
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
@@ -462,12 +487,19 @@ pub fn run(a: Args) -> Result<()> {
         }
         Some(f) => Some(PathBuf::from(f)),
     };
-    std::fs::create_dir_all(&ckpt_dir)?;
-    let mut log = Log(std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.join("out.log"))?);
-    std::fs::write(run_dir.join("params.txt"), format!("{a:#?}\n"))?;
+    // Every rank checked the run folder above; only now, once all have joined, does rank 0 create it.
+    let dist = join_group(&a, world, device)?;
+    let mut log = Log(None);
+    if is_master {
+        std::fs::create_dir_all(&ckpt_dir)?;
+        log = Log(Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(run_dir.join("out.log"))?,
+        ));
+        std::fs::write(run_dir.join("params.txt"), format!("{a:#?}\n"))?;
+    }
 
     let model = ClipModel::new(&config, device);
     pirclip_model::init::initialize(model.registry(), a.seed as i64);
@@ -484,7 +516,7 @@ pub fn run(a: Args) -> Result<()> {
                 report.describe()
             }
         );
-        eprintln!("{msg}");
+        say(is_master, &msg);
         log.line(&msg);
     }
     let options = TrainOptions {
@@ -527,8 +559,14 @@ pub fn run(a: Args) -> Result<()> {
             pos.batch_in_epoch,
             pos.step
         );
-        eprintln!("{msg}");
+        say(is_master, &msg);
         log.line(&msg);
+    }
+
+    if let Some(d) = dist {
+        // DDP's start: every rank holds rank 0's weights and buffers.
+        d.broadcast_model(&trainer.model).map_err(anyhow::Error::msg)?;
+        trainer.dist = Some(d);
     }
 
     let validation = match (&a.val_data, &a.val_images_dir) {
@@ -597,6 +635,8 @@ pub fn run(a: Args) -> Result<()> {
             augment: !a.no_augment,
             workers: a.workers,
             context_length: config.text.context_length,
+            rank: world.rank,
+            world: world.world_size,
         },
     );
     let resampled = matches!(&shard_order, Some(ShardOrder { resampled: Some(_), .. }));
@@ -626,7 +666,7 @@ pub fn run(a: Args) -> Result<()> {
             per_pass as f64 / pool as f64
         )
     };
-    eprintln!("data: {coverage}");
+    say(is_master, &format!("data: {coverage}"));
     log.line(&format!("data: {coverage}"));
     let accum = a.accum_freq as usize;
     // Optimizer steps per epoch; micro-batches that cannot fill a last step are dropped, as in open_clip.
@@ -663,7 +703,12 @@ pub fn run(a: Args) -> Result<()> {
         loader.len(),
         per_epoch,
         a.batch_size,
-        if accum > 1 { format!(" × {accum} accumulated") } else { String::new() },
+        if accum > 1 { format!(" × {accum} accumulated") } else { String::new() }
+            + &if world.world_size > 1 {
+                format!(" on each of {} ranks (global batch {})", world.world_size, a.batch_size * world.world_size)
+            } else {
+                String::new()
+            },
         a.epochs,
         pos.step,
         stop_at,
@@ -675,10 +720,18 @@ pub fn run(a: Args) -> Result<()> {
             ),
         }
     );
-    eprintln!("{header}");
+    say(is_master, &header);
     log.line(&header);
-    let mut tb = EventWriter::create(&run_dir.join("tensorboard"))?;
-    let pb = crate::common::progress(stop_at as u64, "steps");
+    let mut tb = if is_master {
+        Some(EventWriter::create(&run_dir.join("tensorboard"))?)
+    } else {
+        None
+    };
+    let pb = if is_master {
+        crate::common::progress(stop_at as u64, "steps")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     pb.set_style(
         indicatif::ProgressStyle::with_template(
             "{prefix:>6} [{bar:25}] {pos}/{len} {msg} eta {eta}",
@@ -749,7 +802,14 @@ pub fn run(a: Args) -> Result<()> {
                 .collect();
             let batch_index = batches.last().map(|b| b.index).unwrap_or(0);
             lr = learning_rate(schedule, a.lr, a.warmup, total_steps, step);
-            let s = trainer.step_accumulated(&micro, &labels, lr);
+            let s = if trainer.dist.is_some() {
+                let (images, ids) = &micro[0];
+                trainer
+                    .try_step_distributed(images, ids, &labels, lr)
+                    .map_err(|e| anyhow::anyhow!("step {}: {e}", step + 1))?
+            } else {
+                trainer.step_accumulated(&micro, &labels, lr)
+            };
             step += 1;
             let batch_time = t_batch.elapsed().as_secs_f64() + data_time;
             let sps = n as f64 / batch_time;
@@ -781,7 +841,9 @@ pub fn run(a: Args) -> Result<()> {
                 if let Some(aff) = s.affiliation {
                     scalars.push(("train/affiliation_loss", aff));
                 }
-                tb.scalars(step, &scalars)?;
+                if let Some(tb) = &mut tb {
+                    tb.scalars(step, &scalars)?;
+                }
                 log.line(&format!(
                     "Train Epoch: {epoch} [{done_in_epoch}/{per_epoch}] step {step} Data (t): {data_time:.3} Batch (t): {batch_time:.3}, {sps:.2}/s LR: {lr:.6} Logit Scale: {:.3} Contrastive_loss: {:.5}{} Loss: {:.5}",
                     s.logit_scale.exp(),
@@ -796,7 +858,9 @@ pub fn run(a: Args) -> Result<()> {
                     batch_in_epoch: done_in_epoch * accum,
                     step,
                 };
-                checkpoint::save(&ckpt_dir.join("epoch_latest.pt"), &trainer, &name, p, lr)?;
+                if is_master {
+                    checkpoint::save(&ckpt_dir.join("epoch_latest.pt"), &trainer, &name, p, lr)?;
+                }
                 log.line(&format!("stopped at step {step} (--max-steps); checkpoints/epoch_latest.pt resumes here"));
                 break 'epochs;
             }
@@ -808,7 +872,7 @@ pub fn run(a: Args) -> Result<()> {
             batch_in_epoch: 0,
             step,
         };
-        if completed == a.epochs || completed % a.save_frequency == 0 {
+        if is_master && (completed == a.epochs || completed % a.save_frequency == 0) {
             let path = ckpt_dir.join(format!("epoch_{completed}.pt"));
             checkpoint::save(&path, &trainer, &name, p, lr)?;
             pirclip_checkpoint::safetensors::write(
@@ -818,10 +882,10 @@ pub fn run(a: Args) -> Result<()> {
             )?;
             log.line(&format!("saved {}", path.display()));
         }
-        if a.save_most_recent || step == stop_at {
+        if is_master && (a.save_most_recent || step == stop_at) {
             checkpoint::save(&ckpt_dir.join("epoch_latest.pt"), &trainer, &name, p, lr)?;
         }
-        if let Some((set, images)) = &validation {
+        if let (true, Some((set, images))) = (is_master, &validation) {
             if completed % a.val_frequency == 0 || completed == a.epochs {
                 let official = crate::pipeline::encode_set(
                     &trainer.model,
@@ -840,7 +904,7 @@ pub fn run(a: Args) -> Result<()> {
                     .iter()
                     .map(|(k, v)| (format!("val/{k}"), *v))
                     .collect();
-                tb.scalars(
+                tb.as_mut().expect("rank 0 writes TensorBoard").scalars(
                     step,
                     &tags
                         .iter()
@@ -864,8 +928,19 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     pb.finish();
+    if let Some(d) = &trainer.dist {
+        // Rank 0 writes the last checkpoint before any rank reports success.
+        d.group.barrier().map_err(anyhow::Error::msg)?;
+    }
     let msg = format!("done at step {step}; run folder {}", run_dir.display());
-    eprintln!("{msg}");
+    say(is_master, &msg);
     log.line(&msg);
     Ok(())
+}
+
+/// Progress and information lines: from rank 0 only, as open_clip logs on the master.
+fn say(is_master: bool, msg: &str) {
+    if is_master {
+        eprintln!("{msg}");
+    }
 }

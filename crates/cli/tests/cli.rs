@@ -1066,8 +1066,6 @@ fn mini_train_args(logs: &Path, name: &str, images: &Path, extra: &[&str]) -> Ve
         images.to_str().unwrap(),
         "--train-split",
         "test",
-        "--batch-size",
-        "8",
         "--logs",
         logs.to_str().unwrap(),
         "--name",
@@ -1089,7 +1087,7 @@ fn training_on_data_that_cannot_be_loaded_fails_and_says_why() {
         let name = e.unwrap().file_name();
         std::fs::write(images.join(name), b"not an image").unwrap();
     }
-    let args = mini_train_args(&dir.join("logs"), "bad", &images, &[]);
+    let args = mini_train_args(&dir.join("logs"), "bad", &images, &["--batch-size", "8"]);
     let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
@@ -1134,7 +1132,7 @@ fn resume_refuses_a_crafted_optimizer_state_with_a_clear_error() {
         let ckpt_dir = dir.join("logs").join(name).join("checkpoints");
         std::fs::create_dir_all(&ckpt_dir).unwrap();
         pt_write::write(&ckpt_dir.join("epoch_1.pt"), &checkpoint).unwrap();
-        let args = mini_train_args(&dir.join("logs"), name, &mini().join("images"), &["--resume", "latest"]);
+        let args = mini_train_args(&dir.join("logs"), name, &mini().join("images"), &["--batch-size", "8", "--resume", "latest"]);
         let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: {stderr}");
@@ -1283,4 +1281,121 @@ fn the_seeds_training_command_lines_run_as_written() {
     let out = pirclip(&["train", "--train-data", &csv, "--report-to", "wandb", "--logs", &logs]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--report-to wandb is not supported"), "{stderr}");
+}
+
+/// Weights and AdamW second moments of a run's `epoch_latest.pt`.
+fn latest_state(run: &Path) -> (pirclip_checkpoint::StateDict, Vec<pirclip_checkpoint::TensorData>) {
+    weights_and_moments(&run.join("checkpoints/epoch_latest.pt"))
+}
+
+/// Two CPU ranks (gloo, launched as torchrun would: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) with batch
+/// 2 end with the weights of one process with batch 4, after 1 and after 3 steps, with the contrastive loss
+/// and the instruction encoder locked (BatchNorm statistics frozen). With --gather-with-grad the gradients
+/// are the single process's exactly; without it (open_clip's default) each rank back-propagates only its
+/// own rows' share, i.e. the gradient / 2, which AdamW's normalisation cancels except where eps dominates.
+/// Elements whose gradient is at float-noise level (attention key biases: mathematically zero) update by
+/// eps-dominated noise in either run; the comparison leaves out elements whose first gradient is below 3e-4.
+#[test]
+fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
+    let dir = tmpdir("ddp");
+    let logs = dir.join("logs");
+    let base = |name: &str, batch: &str, steps: &str, extra: &[&str]| {
+        mini_train_args(&logs, name, &mini().join("images"), &[
+            &["--batch-size", batch, "--max-steps", steps, "--lr", "1e-3", "--warmup", "2", "--lock-instruction",
+              "--threads", "1", "--workers", "1", "--log-every-n-steps", "1"][..],
+            extra,
+        ].concat())
+    };
+    let run_ranks = |name: &str, steps: &str, extra: &[&str]| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let children: Vec<_> = (0..2)
+            .map(|rank| {
+                let mut args = base(name, "2", steps, extra);
+                args.extend(["--dist-timeout".into(), "60".into()]);
+                Command::new(env!("CARGO_BIN_EXE_pirclip"))
+                    .args(&args)
+                    .env("RANK", rank.to_string())
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("WORLD_SIZE", "2")
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        for (rank, o) in outs.iter().enumerate() {
+            assert!(o.status.success(), "rank {rank}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        // Rank 1 is silent; rank 0 logs for the run.
+        assert!(String::from_utf8_lossy(&outs[1].stderr).trim().is_empty(), "{}", String::from_utf8_lossy(&outs[1].stderr));
+        let log = std::fs::read_to_string(logs.join(name).join("out.log")).unwrap();
+        assert_eq!(log.matches(&format!("run {name}:")).count(), 1, "{log}");
+        assert!(log.contains("on each of 2 ranks (global batch 4)"), "{log}");
+    };
+    // Elements whose first gradient is well above noise (|g| > 3e-4: sqrt of the stored second moment
+    // 0.001·g² above 1e-5). Their updates are never eps-dominated afterwards, since the second moment keeps
+    // their history; elements that started at noise level may already differ by about the learning rate.
+    let mut not_eps: Vec<Vec<bool>> = Vec::new();
+    for steps in ["1", "3"] {
+        let single = format!("single-{steps}");
+        let args = base(&single, "4", steps, &[]);
+        pirclip_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let (w1, v1) = latest_state(&logs.join(&single));
+        if not_eps.is_empty() {
+            not_eps = v1.iter().map(|v| v.to_f32_vec().iter().map(|x| x.sqrt() > 1e-5).collect()).collect();
+        }
+        for (mode, extra) in [("ddp", &[][..]), ("ddp-gwg", &["--gather-with-grad"][..])] {
+            let name = format!("{mode}-{steps}");
+            run_ranks(&name, steps, extra);
+            let (w2, v2) = latest_state(&logs.join(&name));
+            let mut worst = 0f32;
+            let mut compared = 0usize;
+            let mut worst_masked = 0f32;
+            let mut worst_name = String::new();
+            for ((n, a), (_, b)) in w1.entries.iter().zip(&w2.entries) {
+                let (a, b) = (a.to_f32_vec(), b.to_f32_vec());
+                let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                // Weights the optimizer touched are compared through the moments' mask below; the rest
+                // (frozen instruction encoder, buffers) must be identical.
+                if d > 0.0 && n.starts_with("res_visual.") {
+                    panic!("{name}: frozen {n} moved by {d}");
+                }
+            }
+            // Optimizer states follow open_clip's parameter groups: the no-decay group, then the rest.
+            let mut trainable: Vec<&String> = w1
+                .entries
+                .iter()
+                .map(|(n, _)| n)
+                .filter(|n| !n.starts_with("res_visual.") && !n.starts_with("vision_proj_res.") && !pirclip_checkpoint::is_buffer_name(n))
+                .collect();
+            trainable.sort_by_key(|n| !pirclip_train::optim::excluded_from_decay(n, w1.get(n).unwrap().shape.len()));
+            assert_eq!(trainable.len() * 2, v1.len(), "one exp_avg and one exp_avg_sq per trainable tensor");
+            for (i, n) in trainable.iter().enumerate() {
+                let a = w1.get(n).unwrap().to_f32_vec();
+                let b = w2.get(n).unwrap().to_f32_vec();
+                let mask = &not_eps[2 * i + 1];
+                for k in 0..a.len() {
+                    let d = (a[k] - b[k]).abs();
+                    if mask[k] {
+                        worst_masked = worst_masked.max(d);
+                    }
+                    if d > worst {
+                        worst_name = format!("{n}[{k}] {} vs {}", a[k], b[k]);
+                    }
+                    worst = worst.max(d);
+                    compared += mask[k] as usize;
+                }
+            }
+            assert_eq!(v1.len(), v2.len());
+            println!(
+                "{name}: max |Δ| {worst_masked:.3e} over the {compared} weights whose update eps does not dominate \
+                 (over all weights {worst:.3e}, at {worst_name}: gradients at float-noise level)"
+            );
+            assert!(compared > 100_000, "{name}: only {compared} weights compared");
+            assert!(worst_masked <= 1e-5, "{name}: weights differ by {worst_masked} after {steps} steps");
+        }
+    }
 }

@@ -169,6 +169,11 @@ pub struct LoaderConfig {
     pub augment: bool,
     pub workers: usize,
     pub context_length: usize,
+    /// Distributed training: this process's rank and the number of ranks. Every global batch of
+    /// `batch_size × world` consecutive samples of the epoch order is cut into `world` slices; rank r takes
+    /// slice r, so W ranks see exactly the batches one process with W times the batch would.
+    pub rank: usize,
+    pub world: usize,
 }
 
 pub struct TrainBatch {
@@ -278,8 +283,9 @@ impl TrainLoader {
     }
 
     /// Full batches per epoch (the last partial batch is dropped, as in training).
+    /// Batches of this rank per epoch (global batches: every rank has the same count).
     pub fn batches_per_epoch(&self) -> usize {
-        self.samples_per_epoch() / self.config.batch_size
+        self.samples_per_epoch() / (self.config.batch_size * self.config.world.max(1))
     }
 
     /// The sample order of `epoch`: with the default epoch (one pass) the `epoch`-th pass; with
@@ -318,11 +324,14 @@ impl TrainLoader {
             let tok = pirclip_text::Tokenizer::new();
             let b = cfg.batch_size;
             let per = 3 * cfg.image_size * cfg.image_size;
+            let (rank, world) = (cfg.rank, cfg.world.max(1));
             for index in start..nb {
-                // Replacements for undecodable samples come from the samples after this batch's slice, in
-                // order, wrapping around: deterministic whatever the thread timing.
-                let mut candidates = (index * b..order.len())
-                    .chain(0..index * b)
+                // This rank's slice of global batch `index`. Replacements for undecodable samples come
+                // from the samples after the slice, in order, wrapping around: deterministic whatever the
+                // thread timing.
+                let first = (index * world + rank) * b;
+                let mut candidates = (first..order.len())
+                    .chain(0..first)
                     .map(|i| order[i]);
                 let mut chosen: Vec<(usize, RgbImage)> = Vec::with_capacity(b);
                 let mut skipped = Vec::new();
@@ -534,6 +543,8 @@ mod tests {
             augment: false,
             workers: 1,
             context_length: 77,
+            rank: 0,
+            world: 1,
         };
         let full = TrainLoader::new(samples.clone(), config.clone());
         // Epochs of 4 from a pool of 10: five epochs are two whole passes, each a permutation.

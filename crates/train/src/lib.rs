@@ -2,6 +2,7 @@
 //! (spec §6.6) with PIR-CLIP's affiliation loss. Data loading, run management and the CLI live above.
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod loss;
 pub mod optim;
 pub mod tensorboard;
@@ -78,6 +79,8 @@ pub struct Trainer {
     pub options: TrainOptions,
     /// fp16 autocast only (`amp` on CUDA).
     pub scaler: Option<GradScaler>,
+    /// Set for data-parallel training over several ranks (`distributed`).
+    pub dist: Option<distributed::Distributed>,
 }
 
 impl Trainer {
@@ -102,6 +105,7 @@ impl Trainer {
             model,
             options,
             scaler,
+            dist: None,
         }
     }
 
@@ -161,6 +165,10 @@ impl Trainer {
         lr: f64,
     ) -> StepStats {
         assert!(!micro.is_empty(), "no micro-batch");
+        if self.dist.as_ref().is_some_and(|d| d.world() > 1) {
+            assert_eq!(micro.len(), 1, "distributed steps take one micro-batch");
+            return self.step_distributed(&micro[0].0, &micro[0].1, labels, lr);
+        }
         self.optimizer.zero_grad();
         let cached: Vec<(Tensor, Tensor)> = if micro.len() > 1 {
             tch::no_grad(|| {
@@ -209,6 +217,71 @@ impl Trainer {
             last = Some((losses, total));
         }
         let (losses, total) = last.expect("at least one micro-batch");
+        self.finish_step(losses, total, lr)
+    }
+
+    /// One data-parallel step (see `distributed`): the loss over every rank's features, gradients
+    /// through this rank's towers, averaged over ranks. Fails when a collective fails (a rank died, or
+    /// the group's timeout passed).
+    fn step_distributed(&mut self, images: &Tensor, ids: &Tensor, labels: &[i64], lr: f64) -> StepStats {
+        self.try_step_distributed(images, ids, labels, lr)
+            .unwrap_or_else(|e| panic!("distributed step failed: {e}"))
+    }
+
+    pub fn try_step_distributed(
+        &mut self,
+        images: &Tensor,
+        ids: &Tensor,
+        labels: &[i64],
+        lr: f64,
+    ) -> Result<StepStats, String> {
+        self.optimizer.zero_grad();
+        let d = self.dist.as_ref().expect("a process group");
+        let local_batch = images.size()[0] as usize;
+        let labels_t = Tensor::from_slice(labels)
+            .to_kind(Kind::Int64)
+            .to_device(images.device());
+        let (features, centres, leaves, losses, total) = self.autocast(|| -> Result<_, String> {
+            let (image, text) = self.encode_normalized(images, ids);
+            let centres = self
+                .options
+                .affiliation_loss
+                .then(|| loss::class_centres(&image, &text, &labels_t));
+            let (gi, gt) = (d.gather_leaf(&image)?, d.gather_leaf(&text)?);
+            let gc = match &centres {
+                Some((ci, ct)) => Some((d.gather_leaf(ci)?, d.gather_leaf(ct)?)),
+                None => None,
+            };
+            let gathered = loss::Gathered {
+                image: &gi,
+                text: &gt,
+                centres: gc.as_ref().map(|(a, b)| (a, b)),
+                rank: d.rank(),
+                local_batch,
+            };
+            let losses = loss::gathered_losses(&gathered, &self.model.logit_scale, d.local_loss);
+            let total = losses.total();
+            Ok(((image, text), centres, (gi, gt, gc), losses, total))
+        })?;
+        match &self.scaler {
+            Some(s) => (&total * s.scale).backward(),
+            None => total.backward(),
+        }
+        let (gi, gt, gc) = leaves;
+        let mut surrogate = (&features.0 * d.own_gradient(&gi, local_batch)?).sum(Kind::Float)
+            + (&features.1 * d.own_gradient(&gt, local_batch)?).sum(Kind::Float);
+        if let (Some((ci, ct)), Some((gci, gct))) = (&centres, &gc) {
+            surrogate = surrogate
+                + (ci * d.own_gradient(gci, local_batch)?).sum(Kind::Float)
+                + (ct * d.own_gradient(gct, local_batch)?).sum(Kind::Float);
+        }
+        surrogate.backward();
+        d.average_gradients(&self.optimizer.params)?;
+        Ok(self.finish_step(losses, total, lr))
+    }
+
+    /// Unscale, clip or measure the gradient norm, update, clamp the logit scale, update the scaler.
+    fn finish_step(&mut self, losses: loss::Losses, total: Tensor, lr: f64) -> StepStats {
         let finite = match &self.scaler {
             Some(s) => s.unscale(&self.optimizer.params),
             None => true,

@@ -46,19 +46,73 @@ pub fn contrastive(image: &Tensor, text: &Tensor, scale: &Tensor) -> Tensor {
     symmetric_ce(&logits_per_image, &logits_per_text)
 }
 
-/// Cluster-wise affiliation: class centres (mean of same-class features, neither re-normalised nor
-/// detached) replace the other modality's features; targets stay "own column" (the loss has a floor).
-pub fn affiliation(image: &Tensor, text: &Tensor, scale: &Tensor, labels: &Tensor) -> Tensor {
+/// Class centres of a batch: for every sample, the mean of the features of its class (neither
+/// re-normalised nor detached), `[B, E]` for each modality.
+pub fn class_centres(image: &Tensor, text: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
     let m = labels
         .unsqueeze(1)
         .eq_tensor(&labels.unsqueeze(0))
         .to_kind(image.kind());
     let counts = m.sum_dim_intlist(1, true, image.kind());
-    let image_centres = m.matmul(image) / &counts;
-    let text_centres = m.matmul(text) / &counts;
+    (m.matmul(image) / &counts, m.matmul(text) / &counts)
+}
+
+/// Cluster-wise affiliation: class centres (mean of same-class features, neither re-normalised nor
+/// detached) replace the other modality's features; targets stay "own column" (the loss has a floor).
+pub fn affiliation(image: &Tensor, text: &Tensor, scale: &Tensor, labels: &Tensor) -> Tensor {
+    let (image_centres, text_centres) = class_centres(image, text, labels);
     let i2t = scale * image.matmul(&text_centres.tr());
     let t2i = scale * text.matmul(&image_centres.tr());
     symmetric_ce(&i2t, &t2i)
+}
+
+/// What one rank holds of a distributed batch: every rank's features (and class centres, each rank's
+/// from its own batch, as the official `get_aff_logits`) stacked in rank order, `[W·B, E]`.
+pub struct Gathered<'a> {
+    pub image: &'a Tensor,
+    pub text: &'a Tensor,
+    /// (image centres, text centres).
+    pub centres: Option<(&'a Tensor, &'a Tensor)>,
+    pub rank: usize,
+    pub local_batch: usize,
+}
+
+fn ce_rows(logits: &Tensor, targets: &Tensor) -> Tensor {
+    logits.cross_entropy_loss::<Tensor>(targets, None, Reduction::Mean, -100, 0.0)
+}
+
+/// open_clip's `ClipLoss` over gathered features plus PIR-CLIP's affiliation term.
+///
+/// Global (default): logits `[W·B, W·B]`, targets `arange(W·B)`, the same loss on every rank.
+/// `local_loss`: this rank's rows only, logits `[B, W·B]`, targets `arange(B) + B·rank`. The official code
+/// cannot combine it with the affiliation loss (its `[W·B, W·B]` logits meet `[B]` targets); here the
+/// affiliation term is generalised the same way as the contrastive one: own rows against every rank's
+/// centres, targets `arange(B) + B·rank`. With one rank both modes are exactly `clip_losses`.
+pub fn gathered_losses(g: &Gathered, logit_scale_param: &Tensor, local_loss: bool) -> Losses {
+    let scale = logit_scale_param.exp();
+    if !local_loss {
+        return Losses {
+            contrastive: contrastive(g.image, g.text, &scale),
+            affiliation: g.centres.map(|(ci, ct)| {
+                let i2t = &scale * g.image.matmul(&ct.tr());
+                let t2i = &scale * g.text.matmul(&ci.tr());
+                symmetric_ce(&i2t, &t2i)
+            }),
+        };
+    }
+    let (b, at) = (g.local_batch as i64, (g.rank * g.local_batch) as i64);
+    let targets = Tensor::arange(b, (Kind::Int64, g.image.device())) + at;
+    let own_image = g.image.narrow(0, at, b);
+    let own_text = g.text.narrow(0, at, b);
+    let pair = |rows_i: &Tensor, cols_t: &Tensor, rows_t: &Tensor, cols_i: &Tensor| {
+        (ce_rows(&(&scale * rows_i.matmul(&cols_t.tr())), &targets)
+            + ce_rows(&(&scale * rows_t.matmul(&cols_i.tr())), &targets))
+            / 2.0
+    };
+    Losses {
+        contrastive: pair(&own_image, g.text, &own_text, g.image),
+        affiliation: g.centres.map(|(ci, ct)| pair(&own_image, ct, &own_text, ci)),
+    }
 }
 
 pub struct Losses {
@@ -91,6 +145,29 @@ pub fn clip_losses(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gathered_losses_with_one_rank_are_the_plain_losses() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(7);
+        let norm = |t: Tensor| &t / t.norm_scalaropt_dim(2, [1], true);
+        let (i, t) = (norm(Tensor::randn([6, 5], tch::kind::FLOAT_CPU)), norm(Tensor::randn([6, 5], tch::kind::FLOAT_CPU)));
+        let labels = Tensor::from_slice(&[0i64, 1, 0, 2, 1, 0]);
+        let scale = Tensor::from(2.3f32);
+        let plain = clip_losses(&i, &t, &scale, Some(&labels));
+        let (ci, ct) = class_centres(&i, &t, &labels);
+        for local in [false, true] {
+            let g = Gathered { image: &i, text: &t, centres: Some((&ci, &ct)), rank: 0, local_batch: 6 };
+            let l = gathered_losses(&g, &scale, local);
+            assert!((l.contrastive.double_value(&[]) - plain.contrastive.double_value(&[])).abs() < 1e-6);
+            let (a, b) = (l.affiliation.unwrap().double_value(&[]), plain.affiliation.as_ref().unwrap().double_value(&[]));
+            assert!((a - b).abs() < 1e-6, "{local}: {a} vs {b}");
+        }
+        // Two ranks, local loss: the mean of the two ranks' losses is the global loss.
+        let g = |rank| Gathered { image: &i, text: &t, centres: None, rank, local_batch: 3 };
+        let mean = (gathered_losses(&g(0), &scale, true).contrastive + gathered_losses(&g(1), &scale, true).contrastive) / 2.0;
+        assert!((mean.double_value(&[]) - plain.contrastive.double_value(&[])).abs() < 1e-6);
+    }
 
     #[test]
     fn labels_rule_of_the_spec() {
