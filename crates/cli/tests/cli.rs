@@ -1399,3 +1399,61 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
         }
     }
 }
+
+/// `torchrun --nproc_per_node 2 --no-python -- pirclip train …` from the project's venv trains the mini
+/// set on two CPU ranks (torchrun's agent hosts the store; both ranks connect as clients). The `--`
+/// keeps torch 2.11's torchrun from reading pirclip's `--logs` as its own `--logs-specs`.
+#[test]
+fn torchrun_launches_two_cpu_ranks() {
+    let torchrun = root().join(".venv/bin/torchrun");
+    assert!(torchrun.is_file(), "{} missing: scripts/setup.sh installs torch into .venv", torchrun.display());
+    let dir = tmpdir("torchrun");
+    let logs = dir.join("logs");
+    let mut args: Vec<String> = ["--nproc_per_node", "2", "--no-python", "--", env!("CARGO_BIN_EXE_pirclip")]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(mini_train_args(&logs, "mini", &mini().join("images"), &[
+        "--batch-size", "4", "--max-steps", "5", "--aff-loss", "--threads", "1", "--workers", "1", "--log-every-n-steps", "1",
+    ]));
+    let out = Command::new(&torchrun).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let log = std::fs::read_to_string(logs.join("mini/out.log")).unwrap();
+    assert!(log.contains("on each of 2 ranks (global batch 8)") && log.contains("Affiliation_loss"), "{log}");
+    assert!(logs.join("mini/checkpoints/epoch_latest.pt").is_file());
+}
+
+/// A rank that dies makes the others stop with an error naming the collective, well within
+/// --dist-timeout, instead of hanging.
+#[test]
+fn a_dead_rank_stops_the_others_with_an_error() {
+    let dir = tmpdir("dead-rank");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let spawn = |rank: usize| {
+        let args = mini_train_args(&dir.join("logs"), "dead", &mini().join("images"), &[
+            "--batch-size", "2", "--epochs", "50", "--threads", "1", "--workers", "1", "--dist-timeout", "20",
+        ]);
+        Command::new(env!("CARGO_BIN_EXE_pirclip"))
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let survivor = spawn(0);
+    let mut victim = spawn(1);
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let started = std::time::Instant::now();
+    let out = survivor.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 0 of 2") && !stderr.contains("panicked"), "{stderr}");
+    assert!(started.elapsed().as_secs() < 40, "took {:?}: {stderr}", started.elapsed());
+}
