@@ -7,6 +7,15 @@ use std::path::Path;
 
 use crate::{Error, StateDict, TensorData};
 
+/// A tensor whose bytes are produced while the file is written (e.g. straight from a tensor engine's
+/// memory): a checkpoint of a large model is then written without a copy of its weights in memory.
+pub trait TensorSource: std::fmt::Debug {
+    fn dtype(&self) -> crate::DType;
+    fn shape(&self) -> Vec<usize>;
+    /// Writes the tensor's contiguous little-endian bytes (`numel × dtype size` of them).
+    fn write_to(&self, out: &mut dyn Write) -> std::io::Result<()>;
+}
+
 /// A value to pickle.
 #[derive(Debug, Clone)]
 pub enum PyValue {
@@ -21,6 +30,8 @@ pub enum PyValue {
     /// `collections.OrderedDict` with string keys (what `state_dict()` returns).
     OrderedDict(Vec<(String, PyValue)>),
     Tensor(TensorData),
+    /// A tensor read from its source as the archive is written.
+    Lazy(std::rc::Rc<dyn TensorSource>),
 }
 
 impl PyValue {
@@ -38,12 +49,18 @@ impl PyValue {
     }
 }
 
-struct Pickler {
-    out: Vec<u8>,
-    storages: Vec<TensorData>,
+/// A storage to write after the pickle, borrowed from the value being written.
+enum Storage<'a> {
+    Bytes(&'a TensorData),
+    Lazy(&'a dyn TensorSource),
 }
 
-impl Pickler {
+struct Pickler<'a> {
+    out: Vec<u8>,
+    storages: Vec<Storage<'a>>,
+}
+
+impl<'a> Pickler<'a> {
     fn global(&mut self, module: &str, name: &str) {
         self.out.push(b'c');
         self.out.extend_from_slice(module.as_bytes());
@@ -78,7 +95,7 @@ impl Pickler {
         self.out.push(b'R');
     }
 
-    fn value(&mut self, v: &PyValue) {
+    fn value(&mut self, v: &'a PyValue) {
         match v {
             PyValue::None => self.out.push(b'N'),
             PyValue::Bool(b) => self.out.push(if *b { 0x88 } else { 0x89 }),
@@ -107,92 +124,124 @@ impl Pickler {
             }
             PyValue::Dict(items) => {
                 self.out.push(b'}');
-                self.set_items(items.iter().map(|(k, v)| (k.clone(), v)));
+                for chunk in items.chunks(1000) {
+                    self.out.push(b'(');
+                    for (k, v) in chunk {
+                        self.value(k);
+                        self.value(v);
+                    }
+                    self.out.push(b'u');
+                }
             }
             PyValue::OrderedDict(items) => {
                 self.empty_ordered_dict();
-                self.set_items(items.iter().map(|(k, v)| (PyValue::Str(k.clone()), v)));
+                for chunk in items.chunks(1000) {
+                    self.out.push(b'(');
+                    for (k, v) in chunk {
+                        self.string(k);
+                        self.value(v);
+                    }
+                    self.out.push(b'u');
+                }
             }
-            PyValue::Tensor(t) => self.tensor(t),
+            PyValue::Tensor(t) => {
+                self.storages.push(Storage::Bytes(t));
+                self.tensor(t.dtype, &t.shape);
+            }
+            PyValue::Lazy(source) => {
+                self.storages.push(Storage::Lazy(source.as_ref()));
+                self.tensor(source.dtype(), &source.shape());
+            }
         }
     }
 
-    fn set_items<'a>(&mut self, items: impl Iterator<Item = (PyValue, &'a PyValue)>) {
-        let items: Vec<_> = items.collect();
-        for chunk in items.chunks(1000) {
-            self.out.push(b'(');
-            for (k, v) in chunk {
-                self.value(k);
-                self.value(v);
-            }
-            self.out.push(b'u');
-        }
-    }
-
-    fn tensor(&mut self, t: &TensorData) {
-        let key = self.storages.len();
-        self.storages.push(t.clone());
+    /// The rebuild call of the storage pushed last.
+    fn tensor(&mut self, dtype: crate::DType, shape: &[usize]) {
+        let key = self.storages.len() - 1;
+        let numel: usize = shape.iter().product();
         self.global("torch._utils", "_rebuild_tensor_v2");
         self.out.push(b'(');
         // Persistent id: ("storage", torch.<Type>Storage, key, "cpu", numel)
         self.out.push(b'(');
         self.string("storage");
-        self.global("torch", t.dtype.torch_storage_name());
+        self.global("torch", dtype.torch_storage_name());
         self.string(&key.to_string());
         self.string("cpu");
-        self.int(t.numel() as i64);
+        self.int(numel as i64);
         self.out.push(b't');
         self.out.push(b'Q');
         self.int(0);
-        self.value(&PyValue::Tuple(
-            t.shape.iter().map(|&d| PyValue::Int(d as i64)).collect(),
-        ));
-        let mut stride = vec![1i64; t.shape.len()];
-        for d in (0..t.shape.len().saturating_sub(1)).rev() {
-            stride[d] = stride[d + 1] * t.shape[d + 1] as i64;
+        self.int_tuple(shape.iter().map(|&d| d as i64));
+        let mut stride = vec![1i64; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            stride[d] = stride[d + 1] * shape[d + 1] as i64;
         }
-        self.value(&PyValue::Tuple(
-            stride.into_iter().map(PyValue::Int).collect(),
-        ));
+        self.int_tuple(stride.into_iter());
         self.out.push(0x89); // requires_grad = False
         self.empty_ordered_dict(); // backward hooks
         self.out.push(b't');
         self.out.push(b'R');
     }
+
+    fn int_tuple(&mut self, values: impl Iterator<Item = i64>) {
+        self.out.push(b'(');
+        for v in values {
+            self.int(v);
+        }
+        self.out.push(b't');
+    }
 }
 
-/// Serialises `value` in torch.save's zip format under the top folder `stem`.
-pub fn to_bytes(value: &PyValue, stem: &str) -> Result<Vec<u8>, Error> {
+/// Writes `value` in torch.save's zip format under the top folder `stem`, storage by storage: nothing
+/// but the pickle itself is buffered.
+pub fn write_zip<W: Write + std::io::Seek>(out: W, value: &PyValue, stem: &str) -> Result<W, Error> {
     let mut p = Pickler {
         out: vec![0x80, 2],
         storages: Vec::new(),
     };
     p.value(value);
     p.out.push(b'.');
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut zip = zip::ZipWriter::new(out);
+    // torch aligns record data to 64 bytes (it mmaps them); the reader accepts either. Large storages
+    // need zip64 sizes.
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .with_alignment(64)
+        .large_file(true);
+    let small = opts.large_file(false);
     let zerr = |e: zip::result::ZipError| Error::Format(format!("writing zip: {e}"));
-    let put = |zip: &mut zip::ZipWriter<std::io::Cursor<Vec<u8>>>,
-               name: String,
-               data: &[u8]|
-     -> Result<(), Error> {
-        // torch aligns record data to 64 bytes (it mmaps them); the reader accepts either.
-        zip.start_file(name, opts.with_alignment(64))
+    zip.start_file(format!("{stem}/data.pkl"), small).map_err(zerr)?;
+    zip.write_all(&p.out)?;
+    zip.start_file(format!("{stem}/byteorder"), small).map_err(zerr)?;
+    zip.write_all(b"little")?;
+    for (i, s) in p.storages.iter().enumerate() {
+        let (bytes, large) = match s {
+            Storage::Bytes(t) => (t.bytes.len(), t.bytes.len() as u64 >= u32::MAX as u64),
+            Storage::Lazy(src) => {
+                let n = crate::tensor::byte_size(src.dtype(), &src.shape())?;
+                (n, n as u64 >= u32::MAX as u64)
+            }
+        };
+        let _ = bytes;
+        zip.start_file(format!("{stem}/data/{i}"), if large { opts } else { small })
             .map_err(zerr)?;
-        zip.write_all(data)?;
-        Ok(())
-    };
-    put(&mut zip, format!("{stem}/data.pkl"), &p.out)?;
-    put(&mut zip, format!("{stem}/byteorder"), b"little")?;
-    for (i, t) in p.storages.iter().enumerate() {
-        put(&mut zip, format!("{stem}/data/{i}"), &t.bytes)?;
+        match s {
+            Storage::Bytes(t) => zip.write_all(&t.bytes)?,
+            Storage::Lazy(src) => src.write_to(&mut zip)?,
+        }
     }
-    put(&mut zip, format!("{stem}/version"), b"3\n")?;
-    Ok(zip.finish().map_err(zerr)?.into_inner())
+    zip.start_file(format!("{stem}/version"), small).map_err(zerr)?;
+    zip.write_all(b"3\n")?;
+    zip.finish().map_err(zerr)
 }
 
-/// Writes atomically; the zip's top folder is the file stem, as torch.save does.
+/// Serialises `value` in torch.save's zip format under the top folder `stem`, in memory.
+pub fn to_bytes(value: &PyValue, stem: &str) -> Result<Vec<u8>, Error> {
+    Ok(write_zip(std::io::Cursor::new(Vec::new()), value, stem)?.into_inner())
+}
+
+/// Writes atomically, streaming into the temporary file; the zip's top folder is the file stem, as
+/// torch.save does.
 pub fn write(path: &Path, value: &PyValue) -> Result<(), Error> {
     let stem = path
         .file_stem()
@@ -208,5 +257,9 @@ pub fn write(path: &Path, value: &PyValue) -> Result<(), Error> {
             }
         })
         .collect();
-    crate::write_atomic(path, &to_bytes(value, &stem)?)
+    crate::write_atomic_with(path, |file| {
+        let out = write_zip(std::io::BufWriter::new(file), value, &stem)?;
+        out.into_inner().map_err(|e| Error::Io(e.into_error()))?;
+        Ok(())
+    })
 }

@@ -124,8 +124,8 @@ pub fn read_from<R: Read + Seek>(mut r: R) -> Result<StateDict, Error> {
     Ok(sd)
 }
 
-/// Serialises tensors (in the given order) with optional string metadata.
-pub fn write_bytes(sd: &StateDict, metadata: &[(&str, &str)]) -> Vec<u8> {
+/// The JSON header (padded to 8 bytes, as the format asks for the data section's alignment).
+fn header(sd: &StateDict, metadata: &[(&str, &str)]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         let m: serde_json::Map<String, serde_json::Value> = metadata
@@ -147,20 +147,31 @@ pub fn write_bytes(sd: &StateDict, metadata: &[(&str, &str)]) -> Vec<u8> {
         offset += t.bytes.len();
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
-    // The format asks for 8-byte alignment of the data section.
     while (json.len() % 8) != 0 {
         json.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + json.len() + offset);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
+    json
+}
+
+/// Serialises tensors (in the given order) with optional string metadata into `out`.
+pub fn write_to(mut out: impl std::io::Write, sd: &StateDict, metadata: &[(&str, &str)]) -> std::io::Result<()> {
+    let json = header(sd, metadata);
+    out.write_all(&(json.len() as u64).to_le_bytes())?;
+    out.write_all(&json)?;
     for (_, t) in &sd.entries {
-        out.extend_from_slice(&t.bytes);
+        out.write_all(&t.bytes)?;
     }
+    out.flush()
+}
+
+/// Serialises tensors (in the given order) with optional string metadata.
+pub fn write_bytes(sd: &StateDict, metadata: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_to(&mut out, sd, metadata).expect("writing to memory");
     out
 }
 
-/// Writes atomically (temporary file in the same folder, then rename).
+/// Writes atomically (temporary file in the same folder, then rename), streaming into the file.
 pub fn write(path: &Path, sd: &StateDict, metadata: &[(&str, &str)]) -> Result<(), Error> {
-    crate::write_atomic(path, &write_bytes(sd, metadata))
+    crate::write_atomic_with(path, |f| Ok(write_to(std::io::BufWriter::new(f), sd, metadata)?))
 }

@@ -155,6 +155,44 @@ pub fn from_tch(t: &Tensor) -> TensorData {
     }
 }
 
+/// A tensor written into a checkpoint straight from libtorch's memory (see `pt_write::TensorSource`):
+/// a CPU tensor already contiguous in its saved dtype is not copied at all; others are converted one at a
+/// time while they are written.
+#[derive(Debug)]
+pub struct TchSource(pub Tensor);
+
+impl TchSource {
+    fn prepared(&self) -> Tensor {
+        let t = self.0.detach().to_device(Device::Cpu).contiguous();
+        if dtype_of(t.kind()) == DType::F32 && t.kind() != Kind::Float {
+            t.to_kind(Kind::Float)
+        } else {
+            t
+        }
+    }
+}
+
+impl pirclip_checkpoint::pt_write::TensorSource for TchSource {
+    fn dtype(&self) -> DType {
+        dtype_of(self.0.kind())
+    }
+
+    fn shape(&self) -> Vec<usize> {
+        self.0.size().iter().map(|&d| d as usize).collect()
+    }
+
+    fn write_to(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let t = self.prepared();
+        let n = t.numel() * self.dtype().size();
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: `t` is a contiguous CPU tensor of `n` bytes that stays alive for the borrow.
+        let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) };
+        out.write_all(bytes)
+    }
+}
+
 /// Result of a non-strict load: what was missing from the file, and what the file had in excess.
 #[derive(Debug, Default)]
 pub struct LoadReport {

@@ -7,7 +7,7 @@ use std::path::Path;
 use pirclip_checkpoint::pickle::Value;
 use pirclip_checkpoint::pt_write::{self, PyValue};
 use pirclip_checkpoint::TensorData;
-use pirclip_model::params::{from_tch, to_tch};
+use pirclip_model::params::{to_tch, TchSource};
 
 use crate::Trainer;
 
@@ -29,7 +29,11 @@ pub fn save(
     pos: Position,
     lr: f64,
 ) -> Result<(), pirclip_checkpoint::Error> {
-    let sd = trainer.model.state_dict();
+    // Weights and moments are written straight from the tensors (no copy of 3× the model in memory).
+    let lazy = |t: &tch::Tensor| PyValue::Lazy(std::rc::Rc::new(TchSource(t.shallow_clone())));
+    let state_dict = trainer.model.registry().with_entries(|entries| {
+        PyValue::OrderedDict(entries.iter().map(|e| (e.name.clone(), lazy(&e.tensor))).collect())
+    });
     let c = trainer.optimizer.config;
     let mut state = Vec::new();
     let (mut g0, mut g1) = (Vec::new(), Vec::new());
@@ -44,14 +48,8 @@ pub fn save(
                         &[trainer.optimizer.step as f32],
                     )),
                 ),
-                (
-                    PyValue::str("exp_avg"),
-                    PyValue::Tensor(from_tch(&p.exp_avg)),
-                ),
-                (
-                    PyValue::str("exp_avg_sq"),
-                    PyValue::Tensor(from_tch(&p.exp_avg_sq)),
-                ),
+                (PyValue::str("exp_avg"), lazy(&p.exp_avg)),
+                (PyValue::str("exp_avg_sq"), lazy(&p.exp_avg_sq)),
             ]),
         ));
         if p.decay {
@@ -82,7 +80,7 @@ pub fn save(
     let mut top = vec![
         (PyValue::str("epoch"), PyValue::Int(pos.epoch as i64)),
         (PyValue::str("name"), PyValue::str(name)),
-        (PyValue::str("state_dict"), PyValue::state_dict(&sd)),
+        (PyValue::str("state_dict"), state_dict),
         (
             PyValue::str("optimizer"),
             PyValue::Dict(vec![
