@@ -14,7 +14,7 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// Image files or directories (a directory is read in sorted file-name order).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, action = clap::ArgAction::Append)]
     images: Vec<PathBuf>,
     /// Caption file: one caption per line; an empty line is an empty caption.
     #[arg(long)]

@@ -11,8 +11,9 @@ use crate::pipeline::{encode_images, encode_texts};
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Image files or directories to search.
-    #[arg(long, num_args = 1.., required = true)]
+    /// An image file or directory to search; repeat the flag for more (`--images a --images b`), so the
+    /// queries can follow in any order.
+    #[arg(long, required = true, action = clap::ArgAction::Append)]
     pub images: Vec<PathBuf>,
     /// Matches to print per query.
     #[arg(long, default_value_t = 5)]

@@ -80,9 +80,10 @@ fn embed_jpegs_and_captions_matches_official_features() {
             out.to_str().unwrap(),
             "--texts",
             texts.to_str().unwrap(),
-            "--images",
         ]);
-        args.extend(imgs.iter().map(|s| s.as_str()));
+        for img in &imgs {
+            args.extend(["--images", img.as_str()]);
+        }
         pirclip_ok(&args);
         let d = max_diff(&out.join("img_emb.npy"), &fx(want));
         println!("{layout} --bn-mode {bn}: image max |Δ| {d:.2e}");
@@ -1456,4 +1457,40 @@ fn a_dead_rank_stops_the_others_with_an_error() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("rank 0 of 2") && !stderr.contains("panicked"), "{stderr}");
     assert!(started.elapsed().as_secs() < 40, "took {:?}: {stderr}", started.elapsed());
+}
+
+/// Every `pirclip …` line of the README's `sh` blocks runs as written: in a scratch folder that sees the
+/// repository's `data/`, `models/` and `tests/` and writes into its own `out/`, with `pirclip` on PATH.
+#[test]
+fn readme_command_examples_run_verbatim() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut commands = Vec::new();
+    let mut in_sh = false;
+    for line in readme.lines() {
+        let t = line.trim();
+        if t.starts_with("```") {
+            in_sh = !in_sh && t == "```sh";
+            continue;
+        }
+        if in_sh && t.starts_with("pirclip ") {
+            commands.push(t.to_string());
+        }
+    }
+    assert!(commands.len() >= 10, "README examples: {commands:?}");
+    let dir = tmpdir("readme");
+    for d in ["data", "models", "tests"] {
+        std::os::unix::fs::symlink(root().join(d), dir.join(d)).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_pirclip")).parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    for c in &commands {
+        let out = Command::new("bash").arg("-c").arg(c).current_dir(&dir).env("PATH", &path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "README example failed: {c}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
