@@ -1,6 +1,7 @@
 //! `pirclip`: a thin command-line layer over the library crates.
 
 mod bench;
+mod classify;
 mod common;
 mod demo;
 mod embed;
@@ -33,6 +34,8 @@ enum Command {
     Demo(demo::Args),
     /// Search images by text with the bundled model or your own.
     Search(search::Args),
+    /// Zero-shot scene classification (and its accuracy on a labelled dataset).
+    Classify(classify::Args),
     /// Embed images and/or captions with a model and write .npy matrices.
     Embed(embed::Args),
     /// Retrieval evaluation (R@1/5/10 both ways, mean recall) exactly as the official retrieval.py.
@@ -74,6 +77,7 @@ fn main() {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Search(a) => search::run(a),
+        Command::Classify(a) => classify::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(*a),

@@ -1494,3 +1494,39 @@ fn readme_command_examples_run_verbatim() {
         );
     }
 }
+
+/// Zero-shot classification with the bundled model: per-image top-k, and evaluation on the mini set's
+/// file-name classes (far above chance) with the JSON report and the heat-map.
+#[test]
+fn classify_zero_shot_with_the_bundled_model() {
+    let dir = tmpdir("classify");
+    let m = mini();
+    let images = m.join("images");
+    let out = pirclip_ok(&["classify", "--images", images.to_str().unwrap(), "--classes", "airport,beach,bridge,stadium", "--top-k", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 60, "{stdout}");
+    assert!(stdout.lines().all(|l| l.split('\t').count() == 3), "{stdout}");
+    let report = dir.join("zs.json");
+    let png = dir.join("confusion.png");
+    pirclip_ok(&[
+        "classify", "--json", m.join("dataset_rsicd_mini.json").to_str().unwrap(), "--images-dir", images.to_str().unwrap(),
+        "--out", report.to_str().unwrap(), "--plot", png.to_str().unwrap(),
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let (acc1, chance) = (r["metrics"]["acc1"].as_f64().unwrap(), r["chance_acc1"].as_f64().unwrap());
+    let classes = r["classes"].as_array().unwrap().len();
+    println!("mini set: {classes} classes, zero-shot acc1 {acc1:.3}, chance {chance:.3}");
+    assert!(acc1 > 5.0 * chance, "{r}");
+    let rows: usize = r["confusion_matrix"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).sum::<usize>()).sum();
+    assert_eq!(rows, 60);
+    let img = image::open(&png).unwrap();
+    assert_eq!(img.width(), classes as u32 * 16 + 1);
+    // Refused with a reason.
+    for (args, why) in [
+        (vec!["classify", "--images", images.to_str().unwrap(), "--classes", "airport"], "at least two classes"),
+        (vec!["classify", "--images", images.to_str().unwrap(), "--classes", "a,b", "--templates", report.to_str().unwrap()], "has no `{}`"),
+    ] {
+        let o = pirclip(&args);
+        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(why), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
