@@ -5,6 +5,7 @@ mod classify;
 mod common;
 mod demo;
 mod embed;
+mod index;
 mod eval;
 mod export;
 mod init;
@@ -34,6 +35,8 @@ enum Command {
     Demo(demo::Args),
     /// Search images by text with the bundled model or your own.
     Search(search::Args),
+    /// Index an image archive for search (`index build`, `index add`), in clip-retrieval's layout.
+    Index(index::Args),
     /// Zero-shot scene classification (and its accuracy on a labelled dataset).
     Classify(classify::Args),
     /// Embed images and/or captions with a model and write .npy matrices.
@@ -78,6 +81,7 @@ fn main() {
         Command::Demo(a) => demo::run(a),
         Command::Search(a) => search::run(a),
         Command::Classify(a) => classify::run(a),
+        Command::Index(a) => index::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(*a),

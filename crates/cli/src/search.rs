@@ -13,8 +13,11 @@ pub struct Args {
     pub model: ModelArgs,
     /// An image file or directory to search; repeat the flag for more (`--images a --images b`), so the
     /// queries can follow in any order.
-    #[arg(long, required = true, action = clap::ArgAction::Append)]
+    #[arg(long, required_unless_present = "index", conflicts_with = "index", action = clap::ArgAction::Append)]
     pub images: Vec<PathBuf>,
+    /// Search an index folder (`pirclip index build`) instead of encoding images now.
+    #[arg(long)]
+    pub index: Option<PathBuf>,
     /// Matches to print per query.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
@@ -56,7 +59,32 @@ pub fn print_results(queries: &[String], paths: &[PathBuf], ranked: &[Vec<(usize
     }
 }
 
+fn run_index(a: &Args, root: &std::path::Path) -> Result<()> {
+    use pirclip_store::VectorStore;
+    let index = pirclip_store::LoadedIndex::load(root)?;
+    let (model, identity) = crate::index::identity_of(&a.model)?;
+    if identity.checkpoint_sha256 != index.dir.identity.checkpoint_sha256 {
+        bail!(
+            "{} was built with {} ({}); pass the same --model/--checkpoint to search it",
+            root.display(),
+            index.dir.identity.model,
+            index.dir.identity.checkpoint
+        );
+    }
+    let txt = encode_texts(&model, &a.queries, 256, true, false)?;
+    for (q, row) in a.queries.iter().zip(txt.values.chunks(txt.dim)) {
+        println!("\n\u{201c}{q}\u{201d}");
+        for (r, (i, s)) in index.store.search(row, a.top_k).into_iter().enumerate() {
+            println!("  {}. {:<40} {s:.3}", r + 1, index.entries[i].image_path);
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
+    if let Some(root) = &a.index {
+        return run_index(&a, root);
+    }
     let paths = pirclip_data::collect_images(&a.images)?;
     if paths.is_empty() {
         bail!("no image files found in {:?}", a.images);

@@ -1530,3 +1530,73 @@ fn classify_zero_shot_with_the_bundled_model() {
         assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(why), "{}", String::from_utf8_lossy(&o.stderr));
     }
 }
+
+/// `index build` → an index folder in clip-retrieval's layout; an interrupted build (its last part's
+/// metadata never written) resumes to the same index as a straight build; `index add` takes only new
+/// files; unreadable files are listed and skipped; `search --index` ranks from the stored embeddings as
+/// `search --images` does from fresh ones.
+#[test]
+fn index_build_resume_add_and_search() {
+    let dir = tmpdir("index");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(imgs.join("nested")).unwrap();
+    for e in std::fs::read_dir(mini().join("images")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        let to = if name.starts_with("stadium") { imgs.join("nested").join(&name) } else { imgs.join(&name) };
+        std::fs::copy(&p, to).unwrap();
+    }
+    std::fs::write(imgs.join("truncated.jpg"), b"\xff\xd8\xff\xe0 not really").unwrap();
+    let build = |out: &Path| {
+        let o = pirclip_ok(&["index", "build", "--images", imgs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--part-size", "16"]);
+        (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let straight = dir.join("straight");
+    let (stdout, stderr) = build(&straight);
+    assert!(stdout.contains("61 images found, 0 already indexed, 60 added in 4 parts, 1 unreadable"), "{stdout}");
+    assert!(stderr.contains("truncated.jpg"), "{stderr}");
+    for k in 0..4 {
+        assert!(straight.join(format!("img_emb/img_emb_{k}.npy")).is_file());
+        assert!(straight.join(format!("metadata/metadata_{k}.parquet")).is_file());
+    }
+    let emb = pirclip_checkpoint::npy::read(straight.join("img_emb/img_emb_0.npy")).unwrap();
+    assert_eq!((emb.dtype, emb.shape.clone()), (pirclip_checkpoint::DType::F16, vec![16, 256]));
+    // An interrupted build: parts 2 and 3 never finished (part 2's embeddings written, its metadata not).
+    let resumed = dir.join("resumed");
+    build(&resumed);
+    std::fs::remove_file(resumed.join("metadata/metadata_2.parquet")).unwrap();
+    std::fs::remove_file(resumed.join("metadata/metadata_3.parquet")).unwrap();
+    std::fs::remove_file(resumed.join("img_emb/img_emb_3.npy")).unwrap();
+    let (stdout, _) = build(&resumed);
+    assert!(stdout.contains("32 already indexed, 28 added in 2 parts"), "{stdout}");
+    for k in 0..4 {
+        for f in [format!("img_emb/img_emb_{k}.npy"), format!("metadata/metadata_{k}.parquet")] {
+            assert_eq!(std::fs::read(straight.join(&f)).unwrap(), std::fs::read(resumed.join(&f)).unwrap(), "{f}");
+        }
+    }
+    // New files only.
+    std::fs::copy(root().join("tests/fixtures/airport_224.jpg"), imgs.join("new_airport.jpg")).unwrap();
+    let o = pirclip_ok(&["index", "add", "--index", straight.to_str().unwrap(), "--images", imgs.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("62 images found, 60 already indexed, 1 added in 1 parts") && stdout.contains("index holds 61"), "{stdout}");
+    // The same ranking as encoding the images now (scores within float16 storage error).
+    let from_index = pirclip_ok(&["search", "--index", straight.to_str().unwrap(), "a stadium", "--top-k", "3"]);
+    std::fs::remove_file(imgs.join("truncated.jpg")).unwrap();
+    let fresh = pirclip_ok(&["search", "--images", imgs.join("nested").to_str().unwrap(), "--images", imgs.to_str().unwrap(), "a stadium", "--top-k", "3"]);
+    let names = |o: &std::process::Output| -> Vec<String> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+            .map(|l| l.split_whitespace().nth(1).unwrap().rsplit('/').next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&from_index), names(&fresh));
+    assert_eq!(names(&from_index).len(), 3);
+    // Another model cannot add to it.
+    let other = dir.join("other.safetensors");
+    let config = root().join("models/pir-small-aid150.json");
+    pirclip_ok(&["init", "--model", config.to_str().unwrap(), "--out", other.to_str().unwrap(), "--seed", "3"]);
+    let o = pirclip(&["index", "add", "--index", straight.to_str().unwrap(), "--images", imgs.to_str().unwrap(),
+        "--model", root().join("models/pir-small-aid150.json").to_str().unwrap(), "--checkpoint", other.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot share an index"), "{}", String::from_utf8_lossy(&o.stderr));
+}
