@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The web page's test drives Debian's Chromium headless; install it on a machine that lacks it.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "test: installing chromium (browser test of pirclip serve's page)"
+  (apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }) \
+    || echo "test: chromium could not be installed; the browser test will fail"
+fi
 source scripts/env.sh
 log=$(mktemp /tmp/pirclip-test.XXXXXX.log)
 # `|| true` belongs to the filter alone: PIPESTATUS[0] must stay cargo's status (grep exits 1 when it

@@ -59,21 +59,28 @@ struct AddArgs {
     common: Common,
 }
 
-/// The identity an index records for the model `args` resolve to.
-pub fn identity_of(args: &ModelArgs) -> Result<(pirclip_model::ClipModel, Identity)> {
-    let (model, weights) = args.load_resolved()?;
+/// The model `args` resolve to (config, weights) and the identity an index records for it, without
+/// loading the weights.
+pub fn resolved_identity(args: &ModelArgs) -> Result<(pirclip_model::ModelConfig, PathBuf, Identity)> {
+    let (config, weights) = crate::common::resolve_model(args.model.as_deref(), args.checkpoint.as_deref())?;
     let identity = Identity {
-        model: model.config.name.clone(),
+        model: config.name.clone(),
         config: serde_json::json!({
             "model": args.model,
-            "image_size": model.config.image_size,
-            "embed_dim": model.config.embed_dim,
+            "image_size": config.image_size,
+            "embed_dim": config.embed_dim,
         }),
         checkpoint: std::fs::canonicalize(&weights).unwrap_or(weights.clone()).display().to_string(),
         checkpoint_sha256: pirclip_index::sha256_file(&weights)?,
-        dim: model.config.embed_dim,
+        dim: config.embed_dim,
     };
-    Ok((model, identity))
+    Ok((config, weights, identity))
+}
+
+/// The loaded model and its index identity.
+pub fn identity_of(args: &ModelArgs) -> Result<(pirclip_model::ClipModel, Identity)> {
+    let (_, _, identity) = resolved_identity(args)?;
+    Ok((args.load()?, identity))
 }
 
 fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {

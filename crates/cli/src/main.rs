@@ -12,6 +12,7 @@ mod init;
 mod inspect;
 mod pipeline;
 mod search;
+mod serve;
 mod shards;
 mod tokenize;
 mod train;
@@ -37,6 +38,8 @@ enum Command {
     Search(search::Args),
     /// Index an image archive for search (`index build`, `index add`), in clip-retrieval's layout.
     Index(index::Args),
+    /// Serve indexes by HTTP: clip-retrieval's API and a search page.
+    Serve(serve::Args),
     /// Zero-shot scene classification (and its accuracy on a labelled dataset).
     Classify(classify::Args),
     /// Embed images and/or captions with a model and write .npy matrices.
@@ -82,6 +85,7 @@ fn main() {
         Command::Search(a) => search::run(a),
         Command::Classify(a) => classify::run(a),
         Command::Index(a) => index::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(*a),

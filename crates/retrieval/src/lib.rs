@@ -115,7 +115,7 @@ pub fn encode_texts(
     normalize: bool,
     progress: &dyn Progress,
 ) -> Embeddings {
-    let tok = pirclip_text::Tokenizer::new();
+    let tok = pirclip_text::Tokenizer::shared();
     let ctx = model.config.text.context_length;
     let dim = model.config.embed_dim;
     let ids: Vec<Vec<i64>> = captions.iter().map(|c| tok.tokenize(c, ctx)).collect();

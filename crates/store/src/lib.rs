@@ -220,6 +220,13 @@ impl FlatStore {
     }
 }
 
+impl FlatStore {
+    /// Row `i`'s vector.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.vectors[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
 impl VectorStore for FlatStore {
     fn dim(&self) -> usize {
         self.dim

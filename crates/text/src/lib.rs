@@ -55,6 +55,13 @@ fn bytes_to_unicode() -> Vec<(u8, char)> {
 }
 
 impl Tokenizer {
+    /// One process-wide tokenizer with the bundled vocabulary: building one decompresses and parses 49k
+    /// merges (tens of milliseconds), too slow to repeat per query.
+    pub fn shared() -> &'static Tokenizer {
+        static SHARED: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+        SHARED.get_or_init(Tokenizer::new)
+    }
+
     /// The tokenizer with the bundled CLIP vocabulary.
     pub fn new() -> Self {
         Self::from_gz(DEFAULT_BPE_GZ).expect("bundled vocabulary is valid")
