@@ -25,32 +25,14 @@ fn main() {
     println!("cargo:rustc-env=PIRCLIP_TORCH_LIB={dir}");
     if is_model_crate {
         let include = PathBuf::from(&dir).join("../include");
-        cc::Build::new()
-            .cpp(true)
-            .pic(true)
-            .warnings(false)
-            .include(&include)
-            .include(include.join("torch/csrc/api/include"))
-            .flag("-std=c++17")
-            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
-            .flag("-DGLOG_USE_GLOG_EXPORT")
-            .file("csrc/shim.cpp")
-            .compile("pirclip_shim");
+        libtorch_cpp(&include).file("csrc/shim.cpp").compile("pirclip_shim");
         // torch.distributed (gloo): only where gloo's headers are installed (Debian's libgloo-dev, which
         // scripts/setup.sh installs); without them pirclip builds and runs single-process.
         let gloo = std::env::var("GLOO_INCLUDE_DIR").unwrap_or_else(|_| "/usr/include".into());
         println!("cargo:rerun-if-env-changed=GLOO_INCLUDE_DIR");
         if PathBuf::from(&gloo).join("gloo/algorithm.h").is_file() {
-            cc::Build::new()
-                .cpp(true)
-                .pic(true)
-                .warnings(false)
-                .include(&include)
-                .include(include.join("torch/csrc/api/include"))
+            libtorch_cpp(&include)
                 .include(&gloo)
-                .flag("-std=c++17")
-                .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
-                .flag("-DGLOG_USE_GLOG_EXPORT")
                 .flag("-DUSE_C10D_GLOO")
                 .file("csrc/dist.cpp")
                 .compile("pirclip_dist");
@@ -62,6 +44,20 @@ fn main() {
             );
         }
     }
+}
+
+/// A C++ build against libtorch's headers, with the ABI the library was built with.
+fn libtorch_cpp(include: &std::path::Path) -> cc::Build {
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        .flag("-DGLOG_USE_GLOG_EXPORT");
+    b
 }
 
 /// torch-sys's choice (LIBTORCH_CXX11_ABI), else 1: PyPI wheels use the C++11 ABI since torch 2.7.

@@ -1284,6 +1284,21 @@ fn the_seeds_training_command_lines_run_as_written() {
     assert!(!out.status.success() && stderr.contains("--report-to wandb is not supported"), "{stderr}");
 }
 
+/// `pirclip` as rank `rank` of 2, launched as torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*).
+fn spawn_rank(args: &[String], rank: usize, port: u16) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_pirclip"))
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Weights and AdamW second moments of a run's `epoch_latest.pt`.
 fn latest_state(run: &Path) -> (pirclip_checkpoint::StateDict, Vec<pirclip_checkpoint::TensorData>) {
     weights_and_moments(&run.join("checkpoints/epoch_latest.pt"))
@@ -1313,17 +1328,7 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
             .map(|rank| {
                 let mut args = base(name, "2", steps, extra);
                 args.extend(["--dist-timeout".into(), "60".into()]);
-                Command::new(env!("CARGO_BIN_EXE_pirclip"))
-                    .args(&args)
-                    .env("RANK", rank.to_string())
-                    .env("LOCAL_RANK", rank.to_string())
-                    .env("WORLD_SIZE", "2")
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap()
+                spawn_rank(&args, rank, port)
             })
             .collect();
         let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
@@ -1435,16 +1440,7 @@ fn a_dead_rank_stops_the_others_with_an_error() {
         let args = mini_train_args(&dir.join("logs"), "dead", &mini().join("images"), &[
             "--batch-size", "2", "--epochs", "50", "--threads", "1", "--workers", "1", "--dist-timeout", "20",
         ]);
-        Command::new(env!("CARGO_BIN_EXE_pirclip"))
-            .args(&args)
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        spawn_rank(&args, rank, port)
     };
     let survivor = spawn(0);
     let mut victim = spawn(1);
