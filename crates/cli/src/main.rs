@@ -3,6 +3,7 @@
 mod bench;
 mod classify;
 mod common;
+mod dedup;
 mod demo;
 mod embed;
 mod index;
@@ -38,6 +39,8 @@ enum Command {
     Search(search::Args),
     /// Index an image archive for search (`index build`, `index add`), in clip-retrieval's layout.
     Index(index::Args),
+    /// Find test-set leaks: near-duplicate images and repeated captions across splits and datasets.
+    Dedup(dedup::Args),
     /// Serve indexes by HTTP: clip-retrieval's API and a search page.
     Serve(serve::Args),
     /// Zero-shot scene classification (and its accuracy on a labelled dataset).
@@ -86,6 +89,7 @@ fn main() {
         Command::Classify(a) => classify::run(a),
         Command::Index(a) => index::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Dedup(a) => dedup::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(*a),

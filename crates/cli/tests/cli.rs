@@ -1596,3 +1596,38 @@ fn index_build_resume_add_and_search() {
         "--model", root().join("models/pir-small-aid150.json").to_str().unwrap(), "--checkpoint", other.to_str().unwrap()]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot share an index"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `pirclip dedup` finds a planted leak (a test image copied into train under another name, re-encoded
+/// smaller), names it, and `--write-clean` drops the leaked test image; repeated captions are counted.
+#[test]
+fn dedup_finds_a_planted_leak_and_writes_a_clean_split() {
+    let dir = tmpdir("dedup");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for e in std::fs::read_dir(mini().join("images")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, images.join(p.file_name().unwrap())).unwrap();
+    }
+    // The leak: a test image, shrunk (a different file, the same scene), listed as training data.
+    let src = pirclip_image::decode_file(&images.join("bridge_340.jpg")).unwrap();
+    let small = pirclip_image::resize_bicubic(&src, 200, 200);
+    image::RgbImage::from_raw(200, 200, small.pixels).unwrap().save(images.join("bridge_9999.png")).unwrap();
+    let mut ds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(mini().join("dataset_rsicd_mini.json")).unwrap()).unwrap();
+    ds["images"].as_array_mut().unwrap().push(serde_json::json!({
+        "filename": "bridge_9999.png", "split": "train",
+        "sentences": [{"raw": "Many buildings are around a bridge ."}, {"raw": "a new caption no test image has"}]
+    }));
+    let json = dir.join("d.json");
+    std::fs::write(&json, ds.to_string()).unwrap();
+    let (report, clean) = (dir.join("report.json"), dir.join("clean.json"));
+    let out = pirclip_ok(&["dedup", "--json", json.to_str().unwrap(), "--images-dir", images.to_str().unwrap(),
+        "--out", report.to_str().unwrap(), "--write-clean", clean.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 of 60 test images have a near-duplicate outside the test split"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["leaked_test_images"], serde_json::json!(["d:bridge_340.jpg"]), "{r}");
+    let cleaned = pirclip_data::karpathy::Dataset::load(&clean).unwrap();
+    assert_eq!(cleaned.entries.len(), 60);
+    assert!(!cleaned.entries.iter().any(|e| e.filename == "bridge_340.jpg"));
+    assert!(stdout.contains("test captions also occur in its train/val"), "{stdout}");
+}

@@ -1,6 +1,7 @@
 //! Engine-free data handling: image lists, threaded decode + preprocessing in order, retrieval datasets
 //! and metrics.
 
+pub mod dedup;
 pub mod karpathy;
 pub mod loader;
 pub mod metrics;
