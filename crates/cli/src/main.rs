@@ -8,6 +8,7 @@ mod demo;
 mod embed;
 mod index;
 mod eval;
+mod explain;
 mod export;
 mod init;
 mod inspect;
@@ -39,6 +40,8 @@ enum Command {
     Search(search::Args),
     /// Index an image archive for search (`index build`, `index add`), in clip-retrieval's layout.
     Index(index::Args),
+    /// Why did it match: VIR's belief over an image's patches and each patch's similarity to a text.
+    Explain(explain::Args),
     /// Find test-set leaks: near-duplicate images and repeated captions across splits and datasets.
     Dedup(dedup::Args),
     /// Serve indexes by HTTP: clip-retrieval's API and a search page.
@@ -90,6 +93,7 @@ fn main() {
         Command::Index(a) => index::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Dedup(a) => dedup::run(a),
+        Command::Explain(a) => explain::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(*a),

@@ -1631,3 +1631,29 @@ fn dedup_finds_a_planted_leak_and_writes_a_clean_split() {
     assert!(!cleaned.entries.iter().any(|e| e.filename == "bridge_340.jpg"));
     assert!(stdout.contains("test captions also occur in its train/val"), "{stdout}");
 }
+
+/// `pirclip explain` on a real image with the bundled PIR model: the picture (two panels) and the raw
+/// maps, a belief that is a distribution over the tokens, and a refusal for models without VIR.
+#[test]
+fn explain_draws_the_belief_and_the_patch_text_similarity() {
+    let dir = tmpdir("explain");
+    let (png, json) = (dir.join("map.png"), dir.join("map.json"));
+    let img = mini().join("images/storagetanks_351.jpg");
+    let out = pirclip_ok(&["explain", "--image", img.to_str().unwrap(), "--text", "white storage tanks",
+        "--out", png.to_str().unwrap(), "--json", json.to_str().unwrap(), "--size", "200"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("image–text cosine"));
+    let picture = image::open(&png).unwrap();
+    assert_eq!((picture.width(), picture.height()), (408, 200));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let g = v["grid"].as_u64().unwrap() as usize;
+    let belief: Vec<f64> = v["belief"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap())).collect();
+    assert_eq!(belief.len(), g * g);
+    let total = belief.iter().sum::<f64>() + v["class_token_belief"].as_f64().unwrap();
+    assert!((total - 1.0).abs() < 1e-4, "belief sums to {total}");
+    assert_eq!(v["patch_text_similarity"].as_array().unwrap().len(), g);
+    let rn50 = dir.join("rn50.safetensors");
+    pirclip_ok(&["init", "--model", "RN50", "--out", rn50.to_str().unwrap()]);
+    let o = pirclip(&["explain", "--model", "RN50", "--checkpoint", rn50.to_str().unwrap(), "--image", img.to_str().unwrap(),
+        "--text", "x", "--out", dir.join("no.png").to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("needs a PIR model"), "{}", String::from_utf8_lossy(&o.stderr));
+}

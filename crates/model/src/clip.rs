@@ -216,6 +216,15 @@ impl ClipModel {
         )
     }
 
+    /// The VIR belief and the projected output tokens of a PIR model's image tower (`None` for models
+    /// without an instruction encoder or a ViT image tower).
+    pub fn explain(&self, images: &Tensor, opts: EncodeOptions) -> Option<crate::vit::Explanation> {
+        match (&self.visual, self.instruction_token(images, opts.bn_mode)) {
+            (Visual::Vit(vit), Some(y)) => Some(vit.explain_instructed(images, &y, opts.belief_mode)),
+            _ => None,
+        }
+    }
+
     /// Unnormalised text features `[N, embed_dim]` of token ids `[N, context]`.
     pub fn encode_text(&self, ids: &Tensor) -> Tensor {
         self.with_precision(|| self.text.forward(ids, true))

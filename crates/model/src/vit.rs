@@ -126,6 +126,26 @@ impl VisionTransformer {
     }
 }
 
+/// What an explanation shows of one instructed forward pass.
+pub struct Explanation {
+    /// VIR's belief over the embedded tokens, `[N, L]` (class token first, then the patches row by row).
+    pub belief: Tensor,
+    /// Every output token projected into the joint space, `[N, 1 + L, embed]` (instruction token first,
+    /// then the class token, then the patches): the patches' similarity to a text says where it matches.
+    pub tokens: Tensor,
+}
+
+impl VisionTransformer {
+    /// `forward_instructed`, keeping the belief and every projected output token.
+    pub fn explain_instructed(&self, image: &Tensor, instruction: &Tensor, mode: BeliefMode) -> Explanation {
+        let x = self.embed(image);
+        let y = instruction.unsqueeze(1);
+        let belief = x.matmul(&y.transpose(1, 2)).squeeze_dim(-1).softmax(1, Kind::Float);
+        let t = self.ln_post.forward(&self.transformer.forward(&Tensor::cat(&[&y, &vir(&x, &y, mode)], 1), false));
+        Explanation { belief, tokens: t.matmul(&self.proj) }
+    }
+}
+
 /// VIR re-weighting of `x` `[N, L, W]` by the instruction token `y` `[N, 1, W]` (spec §3.5 steps 7–12).
 pub fn vir(x: &Tensor, y: &Tensor, mode: BeliefMode) -> Tensor {
     // Belief: softmax over tokens of the raw dot products (no scaling). Only the last axis is squeezed so
