@@ -25,7 +25,9 @@ fn main() {
     println!("cargo:rustc-env=PIRCLIP_TORCH_LIB={dir}");
     if is_model_crate {
         let include = PathBuf::from(&dir).join("../include");
-        libtorch_cpp(&include).file("csrc/shim.cpp").compile("pirclip_shim");
+        libtorch_cpp(&include)
+            .file("csrc/shim.cpp")
+            .compile("pirclip_shim");
         // torch.distributed (gloo): only where gloo's headers are installed (Debian's libgloo-dev, which
         // scripts/setup.sh installs); without them pirclip builds and runs single-process.
         let gloo = std::env::var("GLOO_INCLUDE_DIR").unwrap_or_else(|_| "/usr/include".into());

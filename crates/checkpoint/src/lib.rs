@@ -153,7 +153,9 @@ pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint, Error> {
         .and_then(|f| f.take(16).read_to_end(&mut head))
         .map_err(|e| Error::Io(e).in_file(path))?;
     match sniff(&head) {
-        Kind::Pt => pt::read_checkpoint(pt::PtArchive::open_file(path)?).map_err(|e| e.in_file(path)),
+        Kind::Pt => {
+            pt::read_checkpoint(pt::PtArchive::open_file(path)?).map_err(|e| e.in_file(path))
+        }
         Kind::Safetensors => Ok(Checkpoint {
             layout: Layout::Safetensors,
             state_dict: safetensors::read_file(path)?,

@@ -155,7 +155,10 @@ fn persistent_load(pid: Value) -> Result<Value, Error> {
             let numel = numel.as_int().filter(|n| *n >= 0).ok_or_else(|| {
                 Error::Format("storage element count is not a non-negative int".into())
             })?;
-            if (numel as u64).checked_mul(dtype.size() as u64).is_none_or(|b| b > isize::MAX as u64) {
+            if (numel as u64)
+                .checked_mul(dtype.size() as u64)
+                .is_none_or(|b| b > isize::MAX as u64)
+            {
                 return Err(Error::Format(format!(
                     "storage `{}` declares {numel} {dtype} elements, more than any file holds",
                     preview(&key, 64)
@@ -199,7 +202,12 @@ fn usize_tuple(v: &Value, what: &str) -> Result<Vec<usize>, Error> {
 /// The view must lie inside its storage, with every size and index computed without overflow, and may
 /// not expand a storage into a much larger tensor (a zero-stride `[40000, 40000]` view of 4 floats would be
 /// materialised as 6.4 GB): beyond its storage's element count a view may hold at most 16 Mi elements.
-fn check_view(storage: &StorageRef, offset: usize, shape: &[usize], stride: &[usize]) -> Result<(), Error> {
+fn check_view(
+    storage: &StorageRef,
+    offset: usize,
+    shape: &[usize],
+    stride: &[usize],
+) -> Result<(), Error> {
     let describe = || {
         format!(
             "tensor view (offset {offset}, size {}, stride {}) of a storage of {} elements",
@@ -218,7 +226,9 @@ fn check_view(storage: &StorageRef, offset: usize, shape: &[usize], stride: &[us
     let last = shape
         .iter()
         .zip(stride)
-        .try_fold(offset, |at, (&n, &s)| at.checked_add((n - 1).checked_mul(s)?))
+        .try_fold(offset, |at, (&n, &s)| {
+            at.checked_add((n - 1).checked_mul(s)?)
+        })
         .ok_or_else(|| Error::Format(format!("{}: index overflows", describe())))?;
     if last >= storage.numel {
         return Err(Error::Format(format!(
@@ -377,7 +387,10 @@ impl<'a> Reader<'a> {
     fn len64(&mut self) -> Result<usize, Error> {
         let n = self.u64()?;
         usize::try_from(n).map_err(|_| {
-            Error::Format(format!("pickle length {n} at offset {} exceeds the data", self.pos - 8))
+            Error::Format(format!(
+                "pickle length {n} at offset {} exceeds the data",
+                self.pos - 8
+            ))
         })
     }
     fn line(&mut self) -> Result<&'a str, Error> {
@@ -446,7 +459,11 @@ impl Slot {
             Value::Bytes(b) => b.len(),
             _ => 0,
         };
-        Slot { value, depth: 0, bytes: NODE_BYTES + heap }
+        Slot {
+            value,
+            depth: 0,
+            bytes: NODE_BYTES + heap,
+        }
     }
 
     /// A container built from `items` (already popped off the stack).
@@ -454,7 +471,11 @@ impl Slot {
         let depth = 1 + items.iter().map(|s| s.depth).max().unwrap_or(0);
         check_depth(depth)?;
         let bytes = NODE_BYTES + items.iter().map(|s| s.bytes).sum::<usize>();
-        Ok(Slot { value: build(items.into_iter().map(|s| s.value).collect()), depth, bytes })
+        Ok(Slot {
+            value: build(items.into_iter().map(|s| s.value).collect()),
+            depth,
+            bytes,
+        })
     }
 
     /// Records that `item` now lives inside this (container) value.
@@ -498,14 +519,20 @@ fn hash_key(v: &Value, identity: &mut usize) -> Result<HashKey, Error> {
         Value::Str(s) => HashKey::Str(s.clone()),
         Value::Bytes(b) => HashKey::Bytes(b.clone()),
         Value::Tuple(items) => HashKey::Tuple(
-            items.iter().map(|x| hash_key(x, identity)).collect::<Result<_, _>>()?,
+            items
+                .iter()
+                .map(|x| hash_key(x, identity))
+                .collect::<Result<_, _>>()?,
         ),
         Value::Global(_) | Value::Storage(_) | Value::Tensor(_) => {
             *identity += 1;
             HashKey::Identity(*identity)
         }
         Value::List(_) | Value::Dict(_) | Value::Mark => {
-            return Err(Error::Format(format!("unhashable dict key of type {}", v.type_name())))
+            return Err(Error::Format(format!(
+                "unhashable dict key of type {}",
+                v.type_name()
+            )))
         }
     })
 }

@@ -163,7 +163,9 @@ impl<R: Read + Seek> PtArchive<R> {
         let mut probe = [0u8; 1];
         match file.read(&mut probe) {
             Ok(0) => Ok(buf),
-            Ok(_) => Err(Error::Format(format!("`{name}` holds more bytes than it declares"))),
+            Ok(_) => Err(Error::Format(format!(
+                "`{name}` holds more bytes than it declares"
+            ))),
             Err(e) => Err(Error::Format(format!("`{name}`: {e} (corrupt archive?)"))),
         }
     }
@@ -194,7 +196,10 @@ impl<R: Read + Seek> PtArchive<R> {
             let numel: usize = t.shape.iter().product();
             numel == t.storage.numel
         };
-        if whole && self.uses.get(key).copied().unwrap_or(0) <= 1 && !self.storages.contains_key(key) {
+        if whole
+            && self.uses.get(key).copied().unwrap_or(0) <= 1
+            && !self.storages.contains_key(key)
+        {
             let mut buf = read(self)?;
             buf.truncate(need);
             return TensorData::new(t.storage.dtype, t.shape.clone(), buf);
@@ -268,7 +273,9 @@ fn is_tensor_dict(v: &Value) -> bool {
     }
 }
 
-pub(crate) fn read_checkpoint<R: Read + Seek>(mut archive: PtArchive<R>) -> Result<Checkpoint, Error> {
+pub(crate) fn read_checkpoint<R: Read + Seek>(
+    mut archive: PtArchive<R>,
+) -> Result<Checkpoint, Error> {
     let object = std::mem::replace(&mut archive.object, Value::None);
     if let Some(sd) = object.dict_get("state_dict") {
         let mut state_dict = archive.state_dict(sd)?;

@@ -194,7 +194,11 @@ impl<'a> Pickler<'a> {
 
 /// Writes `value` in torch.save's zip format under the top folder `stem`, storage by storage: nothing
 /// but the pickle itself is buffered.
-pub fn write_zip<W: Write + std::io::Seek>(out: W, value: &PyValue, stem: &str) -> Result<W, Error> {
+pub fn write_zip<W: Write + std::io::Seek>(
+    out: W,
+    value: &PyValue,
+    stem: &str,
+) -> Result<W, Error> {
     let mut p = Pickler {
         out: vec![0x80, 2],
         storages: Vec::new(),
@@ -210,9 +214,11 @@ pub fn write_zip<W: Write + std::io::Seek>(out: W, value: &PyValue, stem: &str) 
         .large_file(true);
     let small = opts.large_file(false);
     let zerr = |e: zip::result::ZipError| Error::Format(format!("writing zip: {e}"));
-    zip.start_file(format!("{stem}/data.pkl"), small).map_err(zerr)?;
+    zip.start_file(format!("{stem}/data.pkl"), small)
+        .map_err(zerr)?;
     zip.write_all(&p.out)?;
-    zip.start_file(format!("{stem}/byteorder"), small).map_err(zerr)?;
+    zip.start_file(format!("{stem}/byteorder"), small)
+        .map_err(zerr)?;
     zip.write_all(b"little")?;
     for (i, s) in p.storages.iter().enumerate() {
         let (bytes, large) = match s {
@@ -230,7 +236,8 @@ pub fn write_zip<W: Write + std::io::Seek>(out: W, value: &PyValue, stem: &str) 
             Storage::Lazy(src) => src.write_to(&mut zip)?,
         }
     }
-    zip.start_file(format!("{stem}/version"), small).map_err(zerr)?;
+    zip.start_file(format!("{stem}/version"), small)
+        .map_err(zerr)?;
     zip.write_all(b"3\n")?;
     zip.finish().map_err(zerr)
 }

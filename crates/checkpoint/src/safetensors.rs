@@ -60,8 +60,12 @@ pub fn read_from<R: Read + Seek>(mut r: R) -> Result<StateDict, Error> {
         let shown: String = name.chars().take(200).collect();
         let bad = |what: &str| Error::Format(format!("safetensors entry `{shown}`: {what}"));
         let dtype_name = info["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
-        let dtype = DType::from_safetensors_name(dtype_name)
-            .ok_or_else(|| bad(&format!("unsupported dtype {}", dtype_name.chars().take(20).collect::<String>())))?;
+        let dtype = DType::from_safetensors_name(dtype_name).ok_or_else(|| {
+            bad(&format!(
+                "unsupported dtype {}",
+                dtype_name.chars().take(20).collect::<String>()
+            ))
+        })?;
         let shape: Vec<usize> = info["shape"]
             .as_array()
             .ok_or_else(|| bad("no shape"))?
@@ -108,7 +112,12 @@ pub fn read_from<R: Read + Seek>(mut r: R) -> Result<StateDict, Error> {
             let short = |s: &str| s.chars().take(200).collect::<String>();
             return Err(Error::Format(format!(
                 "safetensors entries `{}` [{}, {}] and `{}` [{}, {}] overlap",
-                short(w[0].2), w[0].0, w[0].1, short(w[1].2), w[1].0, w[1].1
+                short(w[0].2),
+                w[0].0,
+                w[0].1,
+                short(w[1].2),
+                w[1].0,
+                w[1].1
             )));
         }
     }
@@ -154,7 +163,11 @@ fn header(sd: &StateDict, metadata: &[(&str, &str)]) -> Vec<u8> {
 }
 
 /// Serialises tensors (in the given order) with optional string metadata into `out`.
-pub fn write_to(mut out: impl std::io::Write, sd: &StateDict, metadata: &[(&str, &str)]) -> std::io::Result<()> {
+pub fn write_to(
+    mut out: impl std::io::Write,
+    sd: &StateDict,
+    metadata: &[(&str, &str)],
+) -> std::io::Result<()> {
     let json = header(sd, metadata);
     out.write_all(&(json.len() as u64).to_le_bytes())?;
     out.write_all(&json)?;
@@ -173,5 +186,7 @@ pub fn write_bytes(sd: &StateDict, metadata: &[(&str, &str)]) -> Vec<u8> {
 
 /// Writes atomically (temporary file in the same folder, then rename), streaming into the file.
 pub fn write(path: &Path, sd: &StateDict, metadata: &[(&str, &str)]) -> Result<(), Error> {
-    crate::write_atomic_with(path, |f| Ok(write_to(std::io::BufWriter::new(f), sd, metadata)?))
+    crate::write_atomic_with(path, |f| {
+        Ok(write_to(std::io::BufWriter::new(f), sd, metadata)?)
+    })
 }

@@ -281,7 +281,11 @@ pub(crate) fn gather_strided(
     stride: &[usize],
 ) -> Result<Vec<u8>, Error> {
     let es = dtype.size();
-    let overflow = || Error::Format(format!("tensor view (offset {offset}, shape {shape:?}, stride {stride:?}) overflows"));
+    let overflow = || {
+        Error::Format(format!(
+            "tensor view (offset {offset}, shape {shape:?}, stride {stride:?}) overflows"
+        ))
+    };
     let numel = byte_size(dtype, shape)? / es;
     if numel == 0 {
         return Ok(Vec::new());
@@ -289,7 +293,9 @@ pub(crate) fn gather_strided(
     let last = shape
         .iter()
         .zip(stride)
-        .try_fold(offset, |at, (&n, &s)| at.checked_add((n - 1).checked_mul(s)?))
+        .try_fold(offset, |at, (&n, &s)| {
+            at.checked_add((n - 1).checked_mul(s)?)
+        })
         .ok_or_else(overflow)?;
     if last >= storage.len() / es {
         return Err(Error::Format(format!(

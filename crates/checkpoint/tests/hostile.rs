@@ -43,7 +43,13 @@ fn format_error(r: Result<impl std::fmt::Debug, Error>) -> String {
 #[test]
 fn a_valid_tensor_pickle_is_read() {
     let v = unpickle(&tensor_pickle(6, 0, &[2, 3], &[3, 1])).unwrap();
-    assert!(matches!(v.dict_get("w"), Some(pirclip_checkpoint::pickle::Value::Tensor(_))), "{v:?}");
+    assert!(
+        matches!(
+            v.dict_get("w"),
+            Some(pirclip_checkpoint::pickle::Value::Tensor(_))
+        ),
+        "{v:?}"
+    );
 }
 
 #[test]
@@ -53,7 +59,10 @@ fn eight_byte_lengths_near_2_pow_64_are_truncation_errors() {
         p.extend_from_slice(&(u64::MAX - 3).to_le_bytes());
         p.push(b'.');
         let msg = format_error(unpickle(&p));
-        assert!(msg.contains("exceeds") || msg.contains("truncated"), "{msg}");
+        assert!(
+            msg.contains("exceeds") || msg.contains("truncated"),
+            "{msg}"
+        );
     }
 }
 
@@ -121,11 +130,16 @@ fn a_dict_of_200k_keys_is_built_in_linear_time_with_python_semantics() {
     let v = unpickle(&p).unwrap();
     // A bound on complexity, not a speed goal: the quadratic reader took over 60 s.
     assert!(started.elapsed().as_secs() < 20, "{:?}", started.elapsed());
-    let pirclip_checkpoint::pickle::Value::Dict(items) = &v else { panic!() };
+    let pirclip_checkpoint::pickle::Value::Dict(items) = &v else {
+        panic!()
+    };
     assert_eq!(items.len(), 200_000);
     assert_eq!(items[0].0.as_str(), Some("key.0"));
     assert_eq!(items[0].1.as_int(), Some(7));
-    assert_eq!(v.dict_get("key.199999").and_then(|v| v.as_int()), Some(199_999));
+    assert_eq!(
+        v.dict_get("key.199999").and_then(|v| v.as_int()),
+        Some(199_999)
+    );
 }
 
 #[test]
@@ -209,21 +223,36 @@ fn zip_stored(entries: &[(&str, &[u8], Option<u64>)]) -> Vec<u8> {
 
 #[test]
 fn the_hand_built_zip_is_a_valid_checkpoint() {
-    let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let pkl = tensor_pickle(4, 0, &[2, 2], &[2, 1]);
     let z = zip_stored(&[("a/data.pkl", &pkl, None), ("a/data/0", &data, None)]);
     let ck = load_bytes(&z).unwrap();
-    assert_eq!(ck.state_dict.get("w").unwrap().to_f32_vec(), [1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(
+        ck.state_dict.get("w").unwrap().to_f32_vec(),
+        [1.0, 2.0, 3.0, 4.0]
+    );
 }
 
 #[test]
 fn a_zip64_entry_declaring_a_terabyte_is_refused_before_allocating() {
     let pkl = tensor_pickle(4, 0, &[4], &[1]);
     for declared in [1u64 << 40, 1 << 63] {
-        let z = zip_stored(&[("a/data.pkl", &pkl, None), ("a/data/0", &[0u8; 16], Some(declared))]);
+        let z = zip_stored(&[
+            ("a/data.pkl", &pkl, None),
+            ("a/data/0", &[0u8; 16], Some(declared)),
+        ]);
         let msg = load_bytes(&z).unwrap_err().to_string();
-        assert!(msg.contains("declares") || msg.contains("zip"), "{declared}: {msg}");
-        let z = zip_stored(&[("a/data.pkl", &pkl, Some(declared)), ("a/data/0", &[0u8; 16], None)]);
+        assert!(
+            msg.contains("declares") || msg.contains("zip"),
+            "{declared}: {msg}"
+        );
+        let z = zip_stored(&[
+            ("a/data.pkl", &pkl, Some(declared)),
+            ("a/data/0", &[0u8; 16], None),
+        ]);
         load_bytes(&z).unwrap_err();
     }
 }
@@ -262,12 +291,27 @@ fn safetensors_with_overlapping_or_overflowing_entries_are_refused() {
         out.extend(std::iter::repeat_n(0u8, data));
         out
     };
-    let ok = file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#, 16);
+    let ok = file(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+        16,
+    );
     assert_eq!(safetensors::read(&ok).unwrap().len(), 2);
-    let overlap = file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 16);
-    assert!(safetensors::read(&overlap).unwrap_err().to_string().contains("overlap"));
-    let overflow = file(r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}}"#, 0);
-    assert!(safetensors::read(&overflow).unwrap_err().to_string().contains("address space"));
+    let overlap = file(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+        16,
+    );
+    assert!(safetensors::read(&overlap)
+        .unwrap_err()
+        .to_string()
+        .contains("overlap"));
+    let overflow = file(
+        r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}}"#,
+        0,
+    );
+    assert!(safetensors::read(&overflow)
+        .unwrap_err()
+        .to_string()
+        .contains("address space"));
     let mut huge_header = (u64::MAX - 4).to_le_bytes().to_vec();
     huge_header.extend_from_slice(b"{}  ");
     safetensors::read(&huge_header).unwrap_err();

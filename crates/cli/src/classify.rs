@@ -2,7 +2,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
-use pirclip_retrieval::classify::{accuracy, readable_class_name, ZeroShot, REMOTE_SENSING_TEMPLATES};
+use pirclip_retrieval::classify::{
+    accuracy, readable_class_name, ZeroShot, REMOTE_SENSING_TEMPLATES,
+};
 
 use crate::common::ModelArgs;
 use crate::pipeline::{encode_images, Bar};
@@ -52,8 +54,14 @@ pub struct Args {
 }
 
 fn lines(path: &PathBuf, what: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))?;
-    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
 }
 
 fn class_prefix(name: &str) -> &str {
@@ -64,7 +72,10 @@ fn class_prefix(name: &str) -> &str {
 pub fn run(a: Args) -> Result<()> {
     let templates: Vec<String> = match &a.templates {
         Some(f) => lines(f, "templates")?,
-        None => REMOTE_SENSING_TEMPLATES.iter().map(|s| s.to_string()).collect(),
+        None => REMOTE_SENSING_TEMPLATES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     };
     if let Some(t) = templates.iter().find(|t| !t.contains("{}")) {
         bail!("template {t:?} has no `{{}}` for the class name");
@@ -86,14 +97,23 @@ pub fn run(a: Args) -> Result<()> {
             let truth: Vec<usize> = set
                 .images
                 .iter()
-                .map(|n| prefixes.binary_search(&class_prefix(n)).expect("listed prefix"))
+                .map(|n| {
+                    prefixes
+                        .binary_search(&class_prefix(n))
+                        .expect("listed prefix")
+                })
                 .collect();
             let classes = prefixes.iter().map(|p| p.to_string()).collect();
             (set.image_paths(dir), Some(truth), classes)
         }
         (Some(_), None) | (None, Some(_)) => bail!("--json and --images-dir go together"),
         (None, None) => {
-            let mut classes: Vec<String> = a.classes.iter().map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
+            let mut classes: Vec<String> = a
+                .classes
+                .iter()
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect();
             if let Some(f) = &a.classes_file {
                 classes.extend(lines(f, "classes file")?);
             }
@@ -116,7 +136,11 @@ pub fn run(a: Args) -> Result<()> {
     let top = zs.top_k(&scores, a.top_k.max(5));
     let Some(truth) = truth else {
         for (p, ranked) in paths.iter().zip(&top) {
-            let shown: Vec<String> = ranked.iter().take(a.top_k).map(|(c, s)| format!("{} {s:.3}", names[*c])).collect();
+            let shown: Vec<String> = ranked
+                .iter()
+                .take(a.top_k)
+                .map(|(c, s)| format!("{} {s:.3}", names[*c]))
+                .collect();
             println!("{}\t{}", p.display(), shown.join("\t"));
         }
         return Ok(());
@@ -130,22 +154,41 @@ pub fn run(a: Args) -> Result<()> {
         .map(|(i, row)| 100.0 * row[i] as f64 / row.iter().sum::<usize>().max(1) as f64)
         .collect();
     let mean_per_class = per_class.iter().sum::<f64>() / per_class.len() as f64;
-    println!("zero-shot classification: {} images, {} classes, {} templates", acc.images, classes.len(), templates.len());
+    println!(
+        "zero-shot classification: {} images, {} classes, {} templates",
+        acc.images,
+        classes.len(),
+        templates.len()
+    );
     println!("top-1 accuracy   {:6.2} %", acc.top1);
     println!("top-5 accuracy   {:6.2} %", acc.top5);
     println!("mean class recall{:6.2} %", mean_per_class);
-    println!("chance           {:6.2} % (top-1), {:.2} % (top-5)", chance, (5.0 * chance).min(100.0));
+    println!(
+        "chance           {:6.2} % (top-1), {:.2} % (top-5)",
+        chance,
+        (5.0 * chance).min(100.0)
+    );
     let mut order: Vec<usize> = (0..classes.len()).collect();
     order.sort_by(|&x, &y| per_class[y].total_cmp(&per_class[x]));
     for i in order {
         let row = &acc.confusion[i];
-        let (most, n) = row.iter().enumerate().filter(|(j, _)| *j != i).max_by_key(|(_, n)| **n).map(|(j, n)| (j, *n)).unwrap_or((i, 0));
+        let (most, n) = row
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .max_by_key(|(_, n)| **n)
+            .map(|(j, n)| (j, *n))
+            .unwrap_or((i, 0));
         println!(
             "  {:<24} {:6.1} % of {:>3}{}",
             names[i],
             per_class[i],
             row.iter().sum::<usize>(),
-            if n > 0 { format!("   most confused with {} ({n})", names[most]) } else { String::new() }
+            if n > 0 {
+                format!("   most confused with {} ({n})", names[most])
+            } else {
+                String::new()
+            }
         );
     }
     if let Some(out) = &a.out {
@@ -160,7 +203,10 @@ pub fn run(a: Args) -> Result<()> {
             "templates": templates,
             "confusion_matrix": acc.confusion,
         });
-        pirclip_checkpoint::write_atomic(out, (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+        pirclip_checkpoint::write_atomic(
+            out,
+            (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+        )?;
         eprintln!("wrote {}", out.display());
     }
     if let Some(png) = &a.plot {
@@ -175,12 +221,17 @@ pub fn run(a: Args) -> Result<()> {
 fn heat_map(confusion: &[Vec<usize>], path: &PathBuf) -> Result<()> {
     const CELL: u32 = 16;
     let n = confusion.len() as u32;
-    let mut img = image::RgbImage::from_pixel(n * CELL + 1, n * CELL + 1, image::Rgb([200, 200, 200]));
+    let mut img =
+        image::RgbImage::from_pixel(n * CELL + 1, n * CELL + 1, image::Rgb([200, 200, 200]));
     for (i, row) in confusion.iter().enumerate() {
         let total = row.iter().sum::<usize>().max(1) as f32;
         for (j, &v) in row.iter().enumerate() {
             let f = v as f32 / total;
-            let color = image::Rgb([(255.0 * (1.0 - f)) as u8, (255.0 * (1.0 - 0.8 * f)) as u8, (255.0 - 100.0 * f) as u8]);
+            let color = image::Rgb([
+                (255.0 * (1.0 - f)) as u8,
+                (255.0 * (1.0 - 0.8 * f)) as u8,
+                (255.0 - 100.0 * f) as u8,
+            ]);
             for y in 1..CELL {
                 for x in 1..CELL {
                     img.put_pixel(j as u32 * CELL + x, i as u32 * CELL + y, color);
@@ -188,6 +239,7 @@ fn heat_map(confusion: &[Vec<usize>], path: &PathBuf) -> Result<()> {
             }
         }
     }
-    img.save(path).with_context(|| format!("writing {}", path.display()))?;
+    img.save(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

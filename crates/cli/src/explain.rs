@@ -47,14 +47,21 @@ fn heat(v: f32) -> [f32; 3] {
 
 /// The image with `map` (g × g, scaled to its own min–max) blended over it.
 fn panel(img: &pirclip_image::RgbImage, map: &[f32], g: usize, size: u32) -> image::RgbImage {
-    let (lo, hi) = map.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let (lo, hi) = map
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     let span = (hi - lo).max(1e-12);
     let big = pirclip_image::resize_bicubic(img, size as usize, size as usize);
     image::RgbImage::from_fn(size, size, |x, y| {
-        let (gx, gy) = ((x as usize * g) / size as usize, (y as usize * g) / size as usize);
+        let (gx, gy) = (
+            (x as usize * g) / size as usize,
+            (y as usize * g) / size as usize,
+        );
         let h = heat((map[gy * g + gx] - lo) / span);
         let p = &big.pixels[((y * size + x) * 3) as usize..((y * size + x) * 3 + 3) as usize];
-        image::Rgb([0, 1, 2].map(|c| (0.45 * p[c] as f32 + 0.55 * h[c]).round().clamp(0.0, 255.0) as u8))
+        image::Rgb(
+            [0, 1, 2].map(|c| (0.45 * p[c] as f32 + 0.55 * h[c]).round().clamp(0.0, 255.0) as u8),
+        )
     })
 }
 
@@ -68,7 +75,10 @@ pub fn run(a: Args) -> Result<()> {
     let x = images_tensor(&px, 1, size, model.device());
     let _g = tch::no_grad_guard();
     let Some(e) = model.explain(&x, a.model.options()) else {
-        bail!("explain needs a PIR model (a ViT image tower instructed by a ResNet); {} is not one", model.config.name);
+        bail!(
+            "explain needs a PIR model (a ViT image tower instructed by a ResNet); {} is not one",
+            model.config.name
+        );
     };
     let belief: Vec<f32> = pirclip_retrieval::to_vec(&e.belief);
     let patches = belief.len() - 1;
@@ -76,9 +86,17 @@ pub fn run(a: Args) -> Result<()> {
     if g * g != patches {
         bail!("{patches} patch tokens do not form a square grid");
     }
-    let text = pirclip_retrieval::encode_texts(&model, std::slice::from_ref(&a.text), 1, true, &pirclip_retrieval::Quiet);
+    let text = pirclip_retrieval::encode_texts(
+        &model,
+        std::slice::from_ref(&a.text),
+        1,
+        true,
+        &pirclip_retrieval::Quiet,
+    );
     let tokens = pirclip_model::l2_normalize(&e.tokens.squeeze_dim(0).to_kind(Kind::Float));
-    let t = tch::Tensor::from_slice(&text.values).view([-1, 1]).to_device(tokens.device());
+    let t = tch::Tensor::from_slice(&text.values)
+        .view([-1, 1])
+        .to_device(tokens.device());
     let sims: Vec<f32> = pirclip_retrieval::to_vec(&tokens.matmul(&t).squeeze_dim(-1));
     let image_score = sims[0];
     let patch_sims = &sims[2..];
@@ -86,8 +104,15 @@ pub fn run(a: Args) -> Result<()> {
     let s = a.size;
     // VIR's logits are unscaled, so its softmax is nearly one-hot: the belief is drawn on a log scale,
     // six decades below its peak, so that the ranking it induces stays visible.
-    let peak = patch_belief.iter().fold(f32::MIN, |a, &b| a.max(b)).max(1e-30).log10();
-    let log_belief: Vec<f32> = patch_belief.iter().map(|&b| b.max(1e-30).log10().max(peak - 6.0)).collect();
+    let peak = patch_belief
+        .iter()
+        .fold(f32::MIN, |a, &b| a.max(b))
+        .max(1e-30)
+        .log10();
+    let log_belief: Vec<f32> = patch_belief
+        .iter()
+        .map(|&b| b.max(1e-30).log10().max(peak - 6.0))
+        .collect();
     let mut out = image::RgbImage::from_pixel(2 * s + 8, s, image::Rgb([255, 255, 255]));
     for (i, map) in [&log_belief[..], patch_sims].into_iter().enumerate() {
         let p = panel(&seen, map, g, s);
@@ -95,11 +120,16 @@ pub fn run(a: Args) -> Result<()> {
             out.put_pixel(i as u32 * (s + 8) + x, y, *v);
         }
     }
-    out.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    out.save(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     let top = |m: &[f32]| {
         let mut idx: Vec<usize> = (0..m.len()).collect();
         idx.sort_by(|&x, &y| m[y].total_cmp(&m[x]));
-        idx.iter().take(3).map(|&i| format!("({}, {})", i / g, i % g)).collect::<Vec<_>>().join(" ")
+        idx.iter()
+            .take(3)
+            .map(|&i| format!("({}, {})", i / g, i % g))
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     println!("image–text cosine {image_score:.3}; {g}×{g} patches");
     println!(
@@ -107,7 +137,11 @@ pub fn run(a: Args) -> Result<()> {
         10f32.powf(peak),
         top(patch_belief)
     );
-    println!("right: patch-to-text similarity to {:?}; highest at {}", a.text, top(patch_sims));
+    println!(
+        "right: patch-to-text similarity to {:?}; highest at {}",
+        a.text,
+        top(patch_sims)
+    );
     println!("wrote {}", a.out.display());
     if let Some(j) = &a.json {
         let v = serde_json::json!({

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use pirclip_index::{build, BuildOptions};
-use pirclip_store::{IndexDir, Identity};
+use pirclip_store::{Identity, IndexDir};
 
 use crate::common::ModelArgs;
 use crate::pipeline::Bar;
@@ -61,8 +61,11 @@ struct AddArgs {
 
 /// The model `args` resolve to (config, weights) and the identity an index records for it, without
 /// loading the weights.
-pub fn resolved_identity(args: &ModelArgs) -> Result<(pirclip_model::ModelConfig, PathBuf, Identity)> {
-    let (config, weights) = crate::common::resolve_model(args.model.as_deref(), args.checkpoint.as_deref())?;
+pub fn resolved_identity(
+    args: &ModelArgs,
+) -> Result<(pirclip_model::ModelConfig, PathBuf, Identity)> {
+    let (config, weights) =
+        crate::common::resolve_model(args.model.as_deref(), args.checkpoint.as_deref())?;
     let identity = Identity {
         model: config.name.clone(),
         config: serde_json::json!({
@@ -70,7 +73,10 @@ pub fn resolved_identity(args: &ModelArgs) -> Result<(pirclip_model::ModelConfig
             "image_size": config.image_size,
             "embed_dim": config.embed_dim,
         }),
-        checkpoint: std::fs::canonicalize(&weights).unwrap_or(weights.clone()).display().to_string(),
+        checkpoint: std::fs::canonicalize(&weights)
+            .unwrap_or(weights.clone())
+            .display()
+            .to_string(),
         checkpoint_sha256: pirclip_index::sha256_file(&weights)?,
         dim: config.embed_dim,
     };
@@ -85,23 +91,39 @@ pub fn identity_of(args: &ModelArgs) -> Result<(pirclip_model::ClipModel, Identi
 
 fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
     if must_exist && !out.join("index.json").is_file() {
-        bail!("{}: not an index folder (create one with `pirclip index build --out`)", out.display());
+        bail!(
+            "{}: not an index folder (create one with `pirclip index build --out`)",
+            out.display()
+        );
     }
     let (model, identity) = identity_of(&c.model)?;
     let dir = IndexDir::open_or_create(out, identity)?;
-    let workers = c.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8));
+    let workers = c.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .min(8)
+    });
     let report = build(
         &model,
         c.model.options(),
         &dir,
         &c.images,
-        &BuildOptions { part_size: c.part_size, batch_size: c.batch_size, workers },
+        &BuildOptions {
+            part_size: c.part_size,
+            batch_size: c.batch_size,
+            workers,
+        },
         &Bar::new(true),
     )?;
     for u in &report.unreadable {
         eprintln!("skipped {u}");
     }
-    let total: usize = dir.parts().iter().map(|&k| dir.entries(k).map(|e| e.len()).unwrap_or(0)).sum();
+    let total: usize = dir
+        .parts()
+        .iter()
+        .map(|&k| dir.entries(k).map(|e| e.len()).unwrap_or(0))
+        .sum();
     println!(
         "{}: {} images found, {} already indexed, {} added in {} parts, {} unreadable; {:.1} s ({:.1} images/s); index holds {total}",
         out.display(),

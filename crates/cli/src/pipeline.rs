@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use pirclip_data::karpathy::RetrievalSet;
 use pirclip_model::{ClipModel, EncodeOptions};
-pub use pirclip_retrieval::{similarity, EncodedSet, Embeddings};
+pub use pirclip_retrieval::{similarity, Embeddings, EncodedSet};
 
 /// An indicatif bar behind `pirclip_retrieval::Progress`; hidden when `show` is false.
 pub struct Bar {
@@ -15,7 +15,10 @@ pub struct Bar {
 
 impl Bar {
     pub fn new(show: bool) -> Self {
-        Bar { bar: std::cell::RefCell::new(None), show }
+        Bar {
+            bar: std::cell::RefCell::new(None),
+            show,
+        }
     }
 }
 
@@ -47,7 +50,14 @@ pub fn encode_images(
     normalize: bool,
     progress: bool,
 ) -> Result<Embeddings> {
-    Ok(pirclip_retrieval::encode_images(model, paths, opts, batch_size, normalize, &Bar::new(progress))?)
+    Ok(pirclip_retrieval::encode_images(
+        model,
+        paths,
+        opts,
+        batch_size,
+        normalize,
+        &Bar::new(progress),
+    )?)
 }
 
 pub fn encode_texts(
@@ -57,7 +67,13 @@ pub fn encode_texts(
     normalize: bool,
     progress: bool,
 ) -> Result<Embeddings> {
-    Ok(pirclip_retrieval::encode_texts(model, captions, batch_size, normalize, &Bar::new(progress)))
+    Ok(pirclip_retrieval::encode_texts(
+        model,
+        captions,
+        batch_size,
+        normalize,
+        &Bar::new(progress),
+    ))
 }
 
 pub fn encode_set(
@@ -68,5 +84,12 @@ pub fn encode_set(
     batch_size: usize,
     progress: bool,
 ) -> Result<EncodedSet> {
-    Ok(pirclip_retrieval::encode_set(model, set, images_dir, opts, batch_size, &Bar::new(progress))?)
+    Ok(pirclip_retrieval::encode_set(
+        model,
+        set,
+        images_dir,
+        opts,
+        batch_size,
+        &Bar::new(progress),
+    )?)
 }

@@ -34,7 +34,8 @@ pub fn run(a: Args) -> Result<()> {
     let (config, weights, identity) = crate::index::resolved_identity(&a.model)?;
     let mut indices = Vec::new();
     for root in &a.index {
-        let loaded = pirclip_store::LoadedIndex::load(root).with_context(|| format!("loading index {}", root.display()))?;
+        let loaded = pirclip_store::LoadedIndex::load(root)
+            .with_context(|| format!("loading index {}", root.display()))?;
         if loaded.dir.identity.checkpoint_sha256 != identity.checkpoint_sha256 {
             bail!(
                 "{} was built with {} ({}); pass the same --model/--checkpoint to serve it",
@@ -43,7 +44,10 @@ pub fn run(a: Args) -> Result<()> {
                 loaded.dir.identity.checkpoint
             );
         }
-        let base = root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "index".into());
+        let base = root
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "index".into());
         let mut name = base.clone();
         let mut n = 2;
         while indices.iter().any(|(k, _): &(String, _)| *k == name) {
@@ -52,11 +56,19 @@ pub fn run(a: Args) -> Result<()> {
         }
         indices.push((name, loaded));
     }
-    let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port)
-        .parse()
-        .with_context(|| format!("--host {} --port {} is not an address to bind", a.host, a.port))?;
+    let addr: std::net::SocketAddr =
+        format!("{}:{}", a.host, a.port).parse().with_context(|| {
+            format!(
+                "--host {} --port {} is not an address to bind",
+                a.host, a.port
+            )
+        })?;
     let images: usize = indices.iter().map(|(_, i)| i.entries.len()).sum();
-    let limits = Limits { max_body_bytes: a.max_body_bytes, max_results: a.max_results, queue: a.queue };
+    let limits = Limits {
+        max_body_bytes: a.max_body_bytes,
+        max_results: a.max_results,
+        queue: a.queue,
+    };
     let name = config.name.clone();
     let device = a.model.device.clone();
     let encoder = Encoder::spawn(
@@ -65,7 +77,10 @@ pub fn run(a: Args) -> Result<()> {
         limits.queue,
     )
     .map_err(anyhow::Error::msg)?;
-    eprintln!("serving {} index(es), {images} images, model {name}, on http://{addr}/", indices.len());
+    eprintln!(
+        "serving {} index(es), {images} images, model {name}, on http://{addr}/",
+        indices.len()
+    );
     pirclip_serve::serve(addr, AppState::new(indices, encoder, name, limits))?;
     Ok(())
 }

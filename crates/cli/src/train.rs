@@ -7,11 +7,11 @@ use clap::ValueEnum;
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
 use pirclip_data::train::{samples_from_karpathy, LoaderConfig, Sample, ShardOrder, TrainLoader};
 use pirclip_model::clip::{ids_tensor, images_tensor};
+use pirclip_model::dist::ProcessGroup;
 use pirclip_model::{ClipModel, EncodeOptions, ModelConfig};
 use pirclip_train::checkpoint::{self, Position};
-use pirclip_train::tensorboard::EventWriter;
-use pirclip_model::dist::ProcessGroup;
 use pirclip_train::distributed::Distributed;
+use pirclip_train::tensorboard::EventWriter;
 use pirclip_train::{
     labels_from_names, labels_from_strings, learning_rate, optim::Foreach, AdamWConfig, Schedule,
     TrainOptions, TrainPrecision, Trainer,
@@ -116,11 +116,17 @@ pub fn reject_unsupported_open_clip_flags(args: &[String]) -> Result<()> {
     for (i, arg) in args.iter().enumerate() {
         let flag = arg.split('=').next().unwrap_or(arg);
         let flag_dashes = flag.replace('_', "-");
-        if let Some((name, why)) = UNSUPPORTED_OPEN_CLIP_FLAGS.iter().find(|(n, _)| *n == flag_dashes) {
+        if let Some((name, why)) = UNSUPPORTED_OPEN_CLIP_FLAGS
+            .iter()
+            .find(|(n, _)| *n == flag_dashes)
+        {
             bail!("open_clip's {name} is not implemented by pirclip: {why}");
         }
         if flag == "--precision" {
-            let value = arg.split_once('=').map(|(_, v)| v).or(args.get(i + 1).map(String::as_str));
+            let value = arg
+                .split_once('=')
+                .map(|(_, v)| v)
+                .or(args.get(i + 1).map(String::as_str));
             if let Some(v) = value.filter(|v| UNSUPPORTED_PRECISIONS.contains(v)) {
                 bail!(
                     "open_clip's --precision {v} (half-precision weights) is not implemented by pirclip: \
@@ -388,7 +394,11 @@ fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
 
 /// Joins the launch's process group when it has several ranks (torchrun, srun, mpirun: open_clip's
 /// `world_info_from_env`, `env://` rendezvous).
-fn join_group(a: &Args, world: pirclip_model::dist::WorldInfo, device: tch::Device) -> Result<Option<Distributed>> {
+fn join_group(
+    a: &Args,
+    world: pirclip_model::dist::WorldInfo,
+    device: tch::Device,
+) -> Result<Option<Distributed>> {
     if world.world_size <= 1 {
         return Ok(None);
     }
@@ -406,8 +416,15 @@ fn join_group(a: &Args, world: pirclip_model::dist::WorldInfo, device: tch::Devi
     }
     let (addr, port, is_server) =
         pirclip_model::dist::rendezvous_from_env(world.rank).map_err(anyhow::Error::msg)?;
-    let group = ProcessGroup::gloo(&addr, port, world.rank, world.world_size, is_server, a.dist_timeout)
-        .map_err(anyhow::Error::msg)?;
+    let group = ProcessGroup::gloo(
+        &addr,
+        port,
+        world.rank,
+        world.world_size,
+        is_server,
+        a.dist_timeout,
+    )
+    .map_err(anyhow::Error::msg)?;
     Ok(Some(Distributed {
         group,
         local_loss: a.local_loss,
@@ -416,12 +433,21 @@ fn join_group(a: &Args, world: pirclip_model::dist::WorldInfo, device: tch::Devi
 }
 
 pub fn run(a: Args) -> Result<()> {
-    for target in a.report_to.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+    for target in a
+        .report_to
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
         if target != "tensorboard" {
             bail!("--report-to {target} is not supported by pirclip (it works offline): TensorBoard event files are written to <logs>/<name>/tensorboard");
         }
     }
-    if let Some(b) = a.dist_backend.as_deref().filter(|b| !["nccl", "gloo"].contains(b)) {
+    if let Some(b) = a
+        .dist_backend
+        .as_deref()
+        .filter(|b| !["nccl", "gloo"].contains(b))
+    {
         bail!("--dist-backend {b}: pirclip speaks nccl (CUDA) and gloo (CPU)");
     }
     let world = pirclip_model::dist::world_info_from_env();
@@ -565,13 +591,17 @@ pub fn run(a: Args) -> Result<()> {
 
     if let Some(d) = dist {
         // DDP's start: every rank holds rank 0's weights and buffers.
-        d.broadcast_model(&trainer.model).map_err(anyhow::Error::msg)?;
+        d.broadcast_model(&trainer.model)
+            .map_err(anyhow::Error::msg)?;
         trainer.dist = Some(d);
     }
 
     let validation = match (&a.val_data, &a.val_images_dir) {
         (Some(json), Some(images)) => Some((
-            RetrievalSet::build(&Dataset::load_with(json, a.allow_absolute_paths)?, &[a.val_split.as_str()]),
+            RetrievalSet::build(
+                &Dataset::load_with(json, a.allow_absolute_paths)?,
+                &[a.val_split.as_str()],
+            ),
             images.clone(),
         )),
         // open_clip's CSV validation: the CSV's own image paths (relative to its folder) and captions.
@@ -590,15 +620,22 @@ pub fn run(a: Args) -> Result<()> {
                 .iter()
                 .map(|s| match &s.image {
                     pirclip_data::train::ImageSource::File(p) => p.display().to_string(),
-                    pirclip_data::train::ImageSource::TarMember { .. } => unreachable!("CSV samples are files"),
+                    pirclip_data::train::ImageSource::TarMember { .. } => {
+                        unreachable!("CSV samples are files")
+                    }
                 })
                 .collect();
-            let pairs: Vec<(&str, String)> =
-                paths.iter().zip(&samples).map(|(p, s)| (p.as_str(), s.caption.clone())).collect();
+            let pairs: Vec<(&str, String)> = paths
+                .iter()
+                .zip(&samples)
+                .map(|(p, s)| (p.as_str(), s.caption.clone()))
+                .collect();
             Some((RetrievalSet::from_pairs(&pairs), PathBuf::new()))
         }
         (None, None) => None,
-        _ => bail!("--val-data needs --val-images-dir, unless it is a CSV (open_clip's --val-data=...csv)"),
+        _ => bail!(
+            "--val-data needs --val-images-dir, unless it is a CSV (open_clip's --val-data=...csv)"
+        ),
     };
     let (samples, shard_of) = load_samples(&a)?;
     let shard_order = match (a.dataset_resampled, shard_of) {
@@ -639,7 +676,13 @@ pub fn run(a: Args) -> Result<()> {
             world: world.world_size,
         },
     );
-    let resampled = matches!(&shard_order, Some(ShardOrder { resampled: Some(_), .. }));
+    let resampled = matches!(
+        &shard_order,
+        Some(ShardOrder {
+            resampled: Some(_),
+            ..
+        })
+    );
     if let Some(order) = shard_order {
         loader = loader.with_shards(order);
     }
@@ -753,7 +796,8 @@ pub fn run(a: Args) -> Result<()> {
         let mut pending = Vec::with_capacity(accum);
         for batch in loader.stream(epoch, start) {
             let batch = batch.map_err(|e| {
-                let msg = format!("training data: {e}; {skipped_total} samples skipped before this");
+                let msg =
+                    format!("training data: {e}; {skipped_total} samples skipped before this");
                 log.line(&msg);
                 anyhow::anyhow!(msg)
             })?;

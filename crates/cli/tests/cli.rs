@@ -480,12 +480,20 @@ fn train_args(dir: &Path, name: &str, max_steps: &str, extra: &[&str]) -> Vec<&'
 }
 
 /// Weights and AdamW moments of a training checkpoint.
-fn weights_and_moments(path: &Path) -> (pirclip_checkpoint::StateDict, Vec<pirclip_checkpoint::TensorData>) {
+fn weights_and_moments(
+    path: &Path,
+) -> (
+    pirclip_checkpoint::StateDict,
+    Vec<pirclip_checkpoint::TensorData>,
+) {
     use pirclip_checkpoint::pickle::Value;
     let weights = pirclip_checkpoint::load(path).unwrap().state_dict;
     let mut p = pirclip_checkpoint::pt::PtArchive::open_file(path).unwrap();
     let obj = std::mem::replace(&mut p.object, Value::None);
-    let Some(Value::Dict(state)) = obj.dict_get("optimizer").and_then(|o| o.dict_get("state")).cloned()
+    let Some(Value::Dict(state)) = obj
+        .dict_get("optimizer")
+        .and_then(|o| o.dict_get("state"))
+        .cloned()
     else {
         panic!("no optimizer state in {}", path.display())
     };
@@ -506,7 +514,8 @@ fn weights_and_moments(path: &Path) -> (pirclip_checkpoint::StateDict, Vec<pircl
 /// (a file-size limit: the write fails part-way, as on a full disk) is a clear error and the previous
 /// checkpoint stays intact.
 #[test]
-fn kill_9_and_resume_latest_equal_an_uninterrupted_run_and_a_failed_save_keeps_the_last_checkpoint() {
+fn kill_9_and_resume_latest_equal_an_uninterrupted_run_and_a_failed_save_keeps_the_last_checkpoint()
+{
     let dir = tmpdir("kill9");
     mini_shards(&dir);
     let extra = ["--epochs", "3", "--save-most-recent"];
@@ -518,12 +527,19 @@ fn kill_9_and_resume_latest_equal_an_uninterrupted_run_and_a_failed_save_keeps_t
     let mut kills = 0;
     loop {
         let has_checkpoint = std::fs::read_dir(run.join("checkpoints"))
-            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("epoch_")))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.file_name().to_string_lossy().starts_with("epoch_"))
+            })
             .unwrap_or(false);
         let mut args = train_args(&dir, "killed", "1000", &extra);
         if has_checkpoint {
             // Debris a crash could leave beside real checkpoints: never taken for one.
-            std::fs::write(run.join("checkpoints/.epoch_latest.pt.tmp4242"), b"half a checkpoint").unwrap();
+            std::fs::write(
+                run.join("checkpoints/.epoch_latest.pt.tmp4242"),
+                b"half a checkpoint",
+            )
+            .unwrap();
             std::fs::write(run.join("checkpoints/epoch_99.pt.tmp"), b"junk").unwrap();
             args.extend(["--resume", "latest"]);
         } else {
@@ -537,7 +553,11 @@ fn kill_9_and_resume_latest_equal_an_uninterrupted_run_and_a_failed_save_keeps_t
             .unwrap();
         if kills == 5 {
             let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             break;
         }
         seed ^= seed << 13;
@@ -549,27 +569,50 @@ fn kill_9_and_resume_latest_equal_an_uninterrupted_run_and_a_failed_save_keeps_t
         child.wait().unwrap();
         kills += 1;
     }
-    let (w_straight, m_straight) = weights_and_moments(&dir.join("logs/straight/checkpoints/epoch_3.pt"));
+    let (w_straight, m_straight) =
+        weights_and_moments(&dir.join("logs/straight/checkpoints/epoch_3.pt"));
     let (w_killed, m_killed) = weights_and_moments(&run.join("checkpoints/epoch_3.pt"));
     assert_eq!(w_straight, w_killed, "weights after {kills} kills");
-    assert_eq!(m_straight, m_killed, "optimizer moments after {kills} kills");
+    assert_eq!(
+        m_straight, m_killed,
+        "optimizer moments after {kills} kills"
+    );
 
     // A save that fails part-way: `ulimit -f` makes writes beyond 64 KiB fail (SIGXFSZ ignored, so the
     // write returns EFBIG as it would return ENOSPC on a full disk).
     let latest = run.join("checkpoints/epoch_latest.pt");
     let before = std::fs::read(&latest).unwrap();
     assert!(before.len() > 64 << 10);
-    let args = train_args(&dir, "killed", "1000", &["--epochs", "4", "--save-most-recent", "--resume", "latest"]);
+    let args = train_args(
+        &dir,
+        "killed",
+        "1000",
+        &["--epochs", "4", "--save-most-recent", "--resume", "latest"],
+    );
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     let out = Command::new("bash")
         .arg("-c")
-        .arg(format!("trap '' XFSZ; ulimit -f 64; exec {} {}", env!("CARGO_BIN_EXE_pirclip"), quoted.join(" ")))
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f 64; exec {} {}",
+            env!("CARGO_BIN_EXE_pirclip"),
+            quoted.join(" ")
+        ))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a failed save must fail the run: {stderr}");
-    assert!(stderr.contains("epoch_4.pt") && stderr.contains("too large"), "{stderr}");
-    assert_eq!(std::fs::read(&latest).unwrap(), before, "the previous checkpoint is intact");
+    assert!(
+        !out.status.success(),
+        "a failed save must fail the run: {stderr}"
+    );
+    assert!(
+        stderr.contains("epoch_4.pt") && stderr.contains("too large"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&latest).unwrap(),
+        before,
+        "the previous checkpoint is intact"
+    );
     pirclip_checkpoint::load(&latest).unwrap();
     let debris: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -1092,10 +1135,15 @@ fn training_on_data_that_cannot_be_loaded_fails_and_says_why() {
     let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("only 0 of the 300 samples could be loaded"), "{stderr}");
+    assert!(
+        stderr.contains("only 0 of the 300 samples could be loaded"),
+        "{stderr}"
+    );
     assert!(stderr.contains("cannot read image"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let saved = std::fs::read_dir(dir.join("logs/bad/checkpoints")).unwrap().count();
+    let saved = std::fs::read_dir(dir.join("logs/bad/checkpoints"))
+        .unwrap()
+        .count();
     assert_eq!(saved, 0, "no checkpoint of an untrained model");
 }
 
@@ -1104,16 +1152,31 @@ fn resume_refuses_a_crafted_optimizer_state_with_a_clear_error() {
     use pirclip_checkpoint::pt_write::{self, PyValue};
     use pirclip_checkpoint::TensorData;
     let dir = tmpdir("bad-resume");
-    let weights = pirclip_checkpoint::load(fx("model.safetensors")).unwrap().state_dict;
+    let weights = pirclip_checkpoint::load(fx("model.safetensors"))
+        .unwrap()
+        .state_dict;
     let scalar = |v: f32| PyValue::Tensor(TensorData::from_f32(vec![], &[v]));
     let cases = [
-        ("empty-step", vec![(PyValue::str("step"), PyValue::Tensor(TensorData::from_f32(vec![0], &[])))], "empty `step`"),
+        (
+            "empty-step",
+            vec![(
+                PyValue::str("step"),
+                PyValue::Tensor(TensorData::from_f32(vec![0], &[])),
+            )],
+            "empty `step`",
+        ),
         (
             "wrong-shape",
             vec![
                 (PyValue::str("step"), scalar(3.0)),
-                (PyValue::str("exp_avg"), PyValue::Tensor(TensorData::from_f32(vec![3], &[0.0; 3]))),
-                (PyValue::str("exp_avg_sq"), PyValue::Tensor(TensorData::from_f32(vec![3], &[0.0; 3]))),
+                (
+                    PyValue::str("exp_avg"),
+                    PyValue::Tensor(TensorData::from_f32(vec![3], &[0.0; 3])),
+                ),
+                (
+                    PyValue::str("exp_avg_sq"),
+                    PyValue::Tensor(TensorData::from_f32(vec![3], &[0.0; 3])),
+                ),
             ],
             "exp_avg has shape [3]",
         ),
@@ -1133,11 +1196,19 @@ fn resume_refuses_a_crafted_optimizer_state_with_a_clear_error() {
         let ckpt_dir = dir.join("logs").join(name).join("checkpoints");
         std::fs::create_dir_all(&ckpt_dir).unwrap();
         pt_write::write(&ckpt_dir.join("epoch_1.pt"), &checkpoint).unwrap();
-        let args = mini_train_args(&dir.join("logs"), name, &mini().join("images"), &["--batch-size", "8", "--resume", "latest"]);
+        let args = mini_train_args(
+            &dir.join("logs"),
+            name,
+            &mini().join("images"),
+            &["--batch-size", "8", "--resume", "latest"],
+        );
         let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: {stderr}");
-        assert!(stderr.contains(want) && stderr.contains("epoch_1.pt"), "{name}: {stderr}");
+        assert!(
+            stderr.contains(want) && stderr.contains("epoch_1.pt"),
+            "{name}: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{name}: {stderr}");
     }
 }
@@ -1147,26 +1218,48 @@ fn resume_refuses_a_crafted_optimizer_state_with_a_clear_error() {
 fn inspect_describes_crafted_checkpoints_without_panicking() {
     use pirclip_checkpoint::{StateDict, TensorData};
     let dir = tmpdir("inspect-crafted");
-    let one = |shape: Vec<usize>| TensorData::from_f32(shape.clone(), &vec![0.0; shape.iter().product()]);
+    let one =
+        |shape: Vec<usize>| TensorData::from_f32(shape.clone(), &vec![0.0; shape.iter().product()]);
     let mut scalar_pos = StateDict::default();
     scalar_pos.insert("text_projection", one(vec![4, 4]));
     scalar_pos.insert("positional_embedding", one(vec![]));
     let mut rank1_conv = StateDict::default();
-    for (k, s) in [("text_projection", vec![4, 4]), ("positional_embedding", vec![7, 4]), ("token_embedding.weight", vec![9, 4]), ("ln_final.weight", vec![4]), ("visual.conv1.weight", vec![3]), ("visual.positional_embedding", vec![0, 4])] {
+    for (k, s) in [
+        ("text_projection", vec![4, 4]),
+        ("positional_embedding", vec![7, 4]),
+        ("token_embedding.weight", vec![9, 4]),
+        ("ln_final.weight", vec![4]),
+        ("visual.conv1.weight", vec![3]),
+        ("visual.positional_embedding", vec![0, 4]),
+    ] {
         rank1_conv.insert(k, one(s));
     }
     let mut many_blocks = StateDict::default();
     for i in 0..100_000 {
-        many_blocks.entries.push((format!("transformer.resblocks.{i}.ln_1.weight"), one(vec![1])));
+        many_blocks.entries.push((
+            format!("transformer.resblocks.{i}.ln_1.weight"),
+            one(vec![1]),
+        ));
     }
-    for (name, sd) in [("scalar_pos", scalar_pos), ("rank1_conv", rank1_conv), ("many_blocks", many_blocks)] {
+    for (name, sd) in [
+        ("scalar_pos", scalar_pos),
+        ("rank1_conv", rank1_conv),
+        ("many_blocks", many_blocks),
+    ] {
         let path = dir.join(format!("{name}.safetensors"));
         pirclip_checkpoint::safetensors::write(&path, &sd, &[]).unwrap();
         let started = std::time::Instant::now();
         let out = pirclip_ok(&["inspect", path.to_str().unwrap()]);
         // A complexity bound (block counting was quadratic: minutes for 100k keys), not a speed goal.
-        assert!(started.elapsed().as_secs() < 30, "{name}: {:?}", started.elapsed());
-        assert!(String::from_utf8_lossy(&out.stdout).contains("family:"), "{name}");
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "{name}: {:?}",
+            started.elapsed()
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("family:"),
+            "{name}"
+        );
     }
 }
 
@@ -1175,7 +1268,9 @@ fn inspect_describes_crafted_checkpoints_without_panicking() {
 fn a_closed_stdout_pipe_ends_quietly() {
     let dir = tmpdir("pipe");
     let texts = dir.join("texts.txt");
-    let lines: Vec<String> = (0..20_000).map(|i| format!("storage tank number {i}")).collect();
+    let lines: Vec<String> = (0..20_000)
+        .map(|i| format!("storage tank number {i}"))
+        .collect();
     std::fs::write(&texts, lines.join("\n")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pirclip"))
         .args(["tokenize", "--texts", texts.to_str().unwrap()])
@@ -1206,18 +1301,53 @@ fn the_seeds_training_command_lines_run_as_written() {
     // --batch-size 512 --precision amp --lr 1e-5 --wd 0.5 --epochs 20 --workers 4 --model PIR --is_aff_loss
     // --save-frequency 1 --report-to tensorboard
     for (name, resampled) in [("readme-resampled", true), ("readme-epoch-length", false)] {
-        let mut args = vec!["train", "--train-data", &shards, "--dataset-type", "webdataset"];
+        let mut args = vec![
+            "train",
+            "--train-data",
+            &shards,
+            "--dataset-type",
+            "webdataset",
+        ];
         if resampled {
             args.push("--dataset-resampled");
         }
         args.extend([
-            "--train-num-samples", "32", "--warmup", "10000", "--batch-size", "8", "--precision", "amp",
-            "--lr", "1e-5", "--wd", "0.5", "--epochs", "2", "--workers", "4", "--model", &config,
-            "--is_aff_loss", "--save-frequency", "1", "--report-to", "tensorboard", "--logs", &logs,
-            "--name", name,
+            "--train-num-samples",
+            "32",
+            "--warmup",
+            "10000",
+            "--batch-size",
+            "8",
+            "--precision",
+            "amp",
+            "--lr",
+            "1e-5",
+            "--wd",
+            "0.5",
+            "--epochs",
+            "2",
+            "--workers",
+            "4",
+            "--model",
+            &config,
+            "--is_aff_loss",
+            "--save-frequency",
+            "1",
+            "--report-to",
+            "tensorboard",
+            "--logs",
+            &logs,
+            "--name",
+            name,
             // open_clip's distributed switches are accepted (a single process has nothing to gather).
-            "--local-loss", "--gather-with-grad", "--use-bn-sync", "--dist-url", "env://",
-            "--dist-backend", "gloo", "--ddp-static-graph",
+            "--local-loss",
+            "--gather-with-grad",
+            "--use-bn-sync",
+            "--dist-url",
+            "env://",
+            "--dist-backend",
+            "gloo",
+            "--ddp-static-graph",
         ]);
         let out = pirclip_ok(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1225,8 +1355,15 @@ fn the_seeds_training_command_lines_run_as_written() {
         assert!(run.join("checkpoints/epoch_2.pt").is_file(), "{name}");
         let log = std::fs::read_to_string(run.join("out.log")).unwrap();
         assert!(log.contains("4 batches/epoch of 8"), "{name}: {log}");
-        let coverage = if resampled { "an epoch draws 32 samples" } else { "an epoch is 32 samples (0.11 passes)" };
-        assert!(stderr.contains(coverage) && log.contains(coverage), "{name}: {stderr}");
+        let coverage = if resampled {
+            "an epoch draws 32 samples"
+        } else {
+            "an epoch is 32 samples (0.11 passes)"
+        };
+        assert!(
+            stderr.contains(coverage) && log.contains(coverage),
+            "{name}: {stderr}"
+        );
     }
 
     // open_clip's README: --save-frequency 1 --zeroshot-frequency 1 --report-to tensorboard
@@ -1235,7 +1372,8 @@ fn the_seeds_training_command_lines_run_as_written() {
     let csv_dir = dir.join("csv");
     std::fs::create_dir_all(&csv_dir).unwrap();
     std::os::unix::fs::symlink(mini().join("images"), csv_dir.join("images")).unwrap();
-    let ds = pirclip_data::karpathy::Dataset::load(&mini().join("dataset_rsicd_mini.json")).unwrap();
+    let ds =
+        pirclip_data::karpathy::Dataset::load(&mini().join("dataset_rsicd_mini.json")).unwrap();
     let mut rows = String::from("filepath\ttitle\n");
     for e in ds.entries.iter().take(8) {
         for c in &e.captions {
@@ -1246,7 +1384,13 @@ fn the_seeds_training_command_lines_run_as_written() {
     let csv = csv_dir.join("train.csv").to_str().unwrap().to_string();
     let readme = |extra: &[&str]| -> Vec<String> {
         let mut args: Vec<String> = [
-            "train", "--save-frequency", "1", "--zeroshot-frequency", "1", "--report-to", "tensorboard",
+            "train",
+            "--save-frequency",
+            "1",
+            "--zeroshot-frequency",
+            "1",
+            "--report-to",
+            "tensorboard",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1254,9 +1398,25 @@ fn the_seeds_training_command_lines_run_as_written() {
         args.push(format!("--train-data={csv}"));
         args.push(format!("--val-data={csv}"));
         args.extend(extra.iter().map(|s| s.to_string()));
-        for a in ["--csv-img-key", "filepath", "--csv-caption-key", "title", "--warmup", "10000",
-            "--batch-size=8", "--lr=1e-3", "--wd=0.1", "--epochs=1", "--workers=2", "--model", &config,
-            "--logs", &logs, "--name", "openclip-readme"] {
+        for a in [
+            "--csv-img-key",
+            "filepath",
+            "--csv-caption-key",
+            "title",
+            "--warmup",
+            "10000",
+            "--batch-size=8",
+            "--lr=1e-3",
+            "--wd=0.1",
+            "--epochs=1",
+            "--workers=2",
+            "--model",
+            &config,
+            "--logs",
+            &logs,
+            "--name",
+            "openclip-readme",
+        ] {
             args.push(a.to_string());
         }
         args
@@ -1266,22 +1426,45 @@ fn the_seeds_training_command_lines_run_as_written() {
     let log = std::fs::read_to_string(dir.join("logs/openclip-readme/out.log")).unwrap();
     assert!(log.contains("5 batches/epoch of 8"), "{log}");
     // Validated on the CSV's 8 images and 40 captions.
-    assert!(log.contains("Eval Epoch: 1 retrieval-image2text-R@1"), "{log}");
+    assert!(
+        log.contains("Eval Epoch: 1 retrieval-image2text-R@1"),
+        "{log}"
+    );
 
     // What pirclip does not implement is refused by name, before anything runs.
     for (extra, named) in [
-        (vec!["--imagenet-val=/data/imagenet/val"], "open_clip's --imagenet-val is not implemented"),
-        (vec!["--grad-checkpointing"], "open_clip's --grad-checkpointing is not implemented"),
+        (
+            vec!["--imagenet-val=/data/imagenet/val"],
+            "open_clip's --imagenet-val is not implemented",
+        ),
+        (
+            vec!["--grad-checkpointing"],
+            "open_clip's --grad-checkpointing is not implemented",
+        ),
         (vec!["--precision", "pure_bf16"], "--precision pure_bf16"),
     ] {
         let args = readme(&extra);
         let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains(named), "{extra:?}: {stderr}");
+        assert!(
+            !out.status.success() && stderr.contains(named),
+            "{extra:?}: {stderr}"
+        );
     }
-    let out = pirclip(&["train", "--train-data", &csv, "--report-to", "wandb", "--logs", &logs]);
+    let out = pirclip(&[
+        "train",
+        "--train-data",
+        &csv,
+        "--report-to",
+        "wandb",
+        "--logs",
+        &logs,
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("--report-to wandb is not supported"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("--report-to wandb is not supported"),
+        "{stderr}"
+    );
 }
 
 /// `pirclip` as rank `rank` of 2, launched as torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*).
@@ -1300,7 +1483,12 @@ fn spawn_rank(args: &[String], rank: usize, port: u16) -> std::process::Child {
 }
 
 /// Weights and AdamW second moments of a run's `epoch_latest.pt`.
-fn latest_state(run: &Path) -> (pirclip_checkpoint::StateDict, Vec<pirclip_checkpoint::TensorData>) {
+fn latest_state(
+    run: &Path,
+) -> (
+    pirclip_checkpoint::StateDict,
+    Vec<pirclip_checkpoint::TensorData>,
+) {
     weights_and_moments(&run.join("checkpoints/epoch_latest.pt"))
 }
 
@@ -1316,14 +1504,39 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
     let dir = tmpdir("ddp");
     let logs = dir.join("logs");
     let base = |name: &str, batch: &str, steps: &str, extra: &[&str]| {
-        mini_train_args(&logs, name, &mini().join("images"), &[
-            &["--batch-size", batch, "--max-steps", steps, "--lr", "1e-3", "--warmup", "2", "--lock-instruction",
-              "--threads", "1", "--workers", "1", "--log-every-n-steps", "1"][..],
-            extra,
-        ].concat())
+        mini_train_args(
+            &logs,
+            name,
+            &mini().join("images"),
+            &[
+                &[
+                    "--batch-size",
+                    batch,
+                    "--max-steps",
+                    steps,
+                    "--lr",
+                    "1e-3",
+                    "--warmup",
+                    "2",
+                    "--lock-instruction",
+                    "--threads",
+                    "1",
+                    "--workers",
+                    "1",
+                    "--log-every-n-steps",
+                    "1",
+                ][..],
+                extra,
+            ]
+            .concat(),
+        )
     };
     let run_ranks = |name: &str, steps: &str, extra: &[&str]| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let children: Vec<_> = (0..2)
             .map(|rank| {
                 let mut args = base(name, "2", steps, extra);
@@ -1331,12 +1544,23 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
                 spawn_rank(&args, rank, port)
             })
             .collect();
-        let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        let outs: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
         for (rank, o) in outs.iter().enumerate() {
-            assert!(o.status.success(), "rank {rank}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "rank {rank}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         // Rank 1 is silent; rank 0 logs for the run.
-        assert!(String::from_utf8_lossy(&outs[1].stderr).trim().is_empty(), "{}", String::from_utf8_lossy(&outs[1].stderr));
+        assert!(
+            String::from_utf8_lossy(&outs[1].stderr).trim().is_empty(),
+            "{}",
+            String::from_utf8_lossy(&outs[1].stderr)
+        );
         let log = std::fs::read_to_string(logs.join(name).join("out.log")).unwrap();
         assert_eq!(log.matches(&format!("run {name}:")).count(), 1, "{log}");
         assert!(log.contains("on each of 2 ranks (global batch 4)"), "{log}");
@@ -1351,7 +1575,10 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
         pirclip_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let (w1, v1) = latest_state(&logs.join(&single));
         if not_eps.is_empty() {
-            not_eps = v1.iter().map(|v| v.to_f32_vec().iter().map(|x| x.sqrt() > 1e-5).collect()).collect();
+            not_eps = v1
+                .iter()
+                .map(|v| v.to_f32_vec().iter().map(|x| x.sqrt() > 1e-5).collect())
+                .collect();
         }
         for (mode, extra) in [("ddp", &[][..]), ("ddp-gwg", &["--gather-with-grad"][..])] {
             let name = format!("{mode}-{steps}");
@@ -1363,7 +1590,11 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
             let mut worst_name = String::new();
             for ((n, a), (_, b)) in w1.entries.iter().zip(&w2.entries) {
                 let (a, b) = (a.to_f32_vec(), b.to_f32_vec());
-                let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                let d = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
                 // Weights the optimizer touched are compared through the moments' mask below; the rest
                 // (frozen instruction encoder, buffers) must be identical.
                 if d > 0.0 && n.starts_with("res_visual.") {
@@ -1375,10 +1606,20 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
                 .entries
                 .iter()
                 .map(|(n, _)| n)
-                .filter(|n| !n.starts_with("res_visual.") && !n.starts_with("vision_proj_res.") && !pirclip_checkpoint::is_buffer_name(n))
+                .filter(|n| {
+                    !n.starts_with("res_visual.")
+                        && !n.starts_with("vision_proj_res.")
+                        && !pirclip_checkpoint::is_buffer_name(n)
+                })
                 .collect();
-            trainable.sort_by_key(|n| !pirclip_train::optim::excluded_from_decay(n, w1.get(n).unwrap().shape.len()));
-            assert_eq!(trainable.len() * 2, v1.len(), "one exp_avg and one exp_avg_sq per trainable tensor");
+            trainable.sort_by_key(|n| {
+                !pirclip_train::optim::excluded_from_decay(n, w1.get(n).unwrap().shape.len())
+            });
+            assert_eq!(
+                trainable.len() * 2,
+                v1.len(),
+                "one exp_avg and one exp_avg_sq per trainable tensor"
+            );
             for (i, n) in trainable.iter().enumerate() {
                 let a = w1.get(n).unwrap().to_f32_vec();
                 let b = w2.get(n).unwrap().to_f32_vec();
@@ -1400,8 +1641,14 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
                 "{name}: max |Δ| {worst_masked:.3e} over the {compared} weights whose update eps does not dominate \
                  (over all weights {worst:.3e}, at {worst_name}: gradients at float-noise level)"
             );
-            assert!(compared > 100_000, "{name}: only {compared} weights compared");
-            assert!(worst_masked <= 1e-5, "{name}: weights differ by {worst_masked} after {steps} steps");
+            assert!(
+                compared > 100_000,
+                "{name}: only {compared} weights compared"
+            );
+            assert!(
+                worst_masked <= 1e-5,
+                "{name}: weights differ by {worst_masked} after {steps} steps"
+            );
         }
     }
 }
@@ -1412,21 +1659,49 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
 #[test]
 fn torchrun_launches_two_cpu_ranks() {
     let torchrun = root().join(".venv/bin/torchrun");
-    assert!(torchrun.is_file(), "{} missing: scripts/setup.sh installs torch into .venv", torchrun.display());
+    assert!(
+        torchrun.is_file(),
+        "{} missing: scripts/setup.sh installs torch into .venv",
+        torchrun.display()
+    );
     let dir = tmpdir("torchrun");
     let logs = dir.join("logs");
-    let mut args: Vec<String> = ["--nproc_per_node", "2", "--no-python", "--", env!("CARGO_BIN_EXE_pirclip")]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(mini_train_args(&logs, "mini", &mini().join("images"), &[
-        "--batch-size", "4", "--max-steps", "5", "--aff-loss", "--threads", "1", "--workers", "1", "--log-every-n-steps", "1",
-    ]));
+    let mut args: Vec<String> = [
+        "--nproc_per_node",
+        "2",
+        "--no-python",
+        "--",
+        env!("CARGO_BIN_EXE_pirclip"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(mini_train_args(
+        &logs,
+        "mini",
+        &mini().join("images"),
+        &[
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "5",
+            "--aff-loss",
+            "--threads",
+            "1",
+            "--workers",
+            "1",
+            "--log-every-n-steps",
+            "1",
+        ],
+    ));
     let out = Command::new(&torchrun).args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let log = std::fs::read_to_string(logs.join("mini/out.log")).unwrap();
-    assert!(log.contains("on each of 2 ranks (global batch 8)") && log.contains("Affiliation_loss"), "{log}");
+    assert!(
+        log.contains("on each of 2 ranks (global batch 8)") && log.contains("Affiliation_loss"),
+        "{log}"
+    );
     assert!(logs.join("mini/checkpoints/epoch_latest.pt").is_file());
 }
 
@@ -1435,11 +1710,29 @@ fn torchrun_launches_two_cpu_ranks() {
 #[test]
 fn a_dead_rank_stops_the_others_with_an_error() {
     let dir = tmpdir("dead-rank");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let spawn = |rank: usize| {
-        let args = mini_train_args(&dir.join("logs"), "dead", &mini().join("images"), &[
-            "--batch-size", "2", "--epochs", "50", "--threads", "1", "--workers", "1", "--dist-timeout", "20",
-        ]);
+        let args = mini_train_args(
+            &dir.join("logs"),
+            "dead",
+            &mini().join("images"),
+            &[
+                "--batch-size",
+                "2",
+                "--epochs",
+                "50",
+                "--threads",
+                "1",
+                "--workers",
+                "1",
+                "--dist-timeout",
+                "20",
+            ],
+        );
         spawn_rank(&args, rank, port)
     };
     let survivor = spawn(0);
@@ -1451,8 +1744,15 @@ fn a_dead_rank_stops_the_others_with_an_error() {
     let out = survivor.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("rank 0 of 2") && !stderr.contains("panicked"), "{stderr}");
-    assert!(started.elapsed().as_secs() < 40, "took {:?}: {stderr}", started.elapsed());
+    assert!(
+        stderr.contains("rank 0 of 2") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 40,
+        "took {:?}: {stderr}",
+        started.elapsed()
+    );
 }
 
 /// Every `pirclip …` line of the README's `sh` blocks runs as written: in a scratch folder that sees the
@@ -1478,10 +1778,23 @@ fn readme_command_examples_run_verbatim() {
         std::os::unix::fs::symlink(root().join(d), dir.join(d)).unwrap();
     }
     std::fs::create_dir_all(dir.join("out")).unwrap();
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_pirclip")).parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_pirclip"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     for c in &commands {
-        let out = Command::new("bash").arg("-c").arg(c).current_dir(&dir).env("PATH", &path).output().unwrap();
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(c)
+            .current_dir(&dir)
+            .env("PATH", &path)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "README example failed: {c}\n{}{}",
@@ -1498,32 +1811,89 @@ fn classify_zero_shot_with_the_bundled_model() {
     let dir = tmpdir("classify");
     let m = mini();
     let images = m.join("images");
-    let out = pirclip_ok(&["classify", "--images", images.to_str().unwrap(), "--classes", "airport,beach,bridge,stadium", "--top-k", "2"]);
+    let out = pirclip_ok(&[
+        "classify",
+        "--images",
+        images.to_str().unwrap(),
+        "--classes",
+        "airport,beach,bridge,stadium",
+        "--top-k",
+        "2",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.lines().count(), 60, "{stdout}");
-    assert!(stdout.lines().all(|l| l.split('\t').count() == 3), "{stdout}");
+    assert!(
+        stdout.lines().all(|l| l.split('\t').count() == 3),
+        "{stdout}"
+    );
     let report = dir.join("zs.json");
     let png = dir.join("confusion.png");
     pirclip_ok(&[
-        "classify", "--json", m.join("dataset_rsicd_mini.json").to_str().unwrap(), "--images-dir", images.to_str().unwrap(),
-        "--out", report.to_str().unwrap(), "--plot", png.to_str().unwrap(),
+        "classify",
+        "--json",
+        m.join("dataset_rsicd_mini.json").to_str().unwrap(),
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+        "--plot",
+        png.to_str().unwrap(),
     ]);
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let (acc1, chance) = (r["metrics"]["acc1"].as_f64().unwrap(), r["chance_acc1"].as_f64().unwrap());
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let (acc1, chance) = (
+        r["metrics"]["acc1"].as_f64().unwrap(),
+        r["chance_acc1"].as_f64().unwrap(),
+    );
     let classes = r["classes"].as_array().unwrap().len();
     println!("mini set: {classes} classes, zero-shot acc1 {acc1:.3}, chance {chance:.3}");
     assert!(acc1 > 5.0 * chance, "{r}");
-    let rows: usize = r["confusion_matrix"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).sum::<usize>()).sum();
+    let rows: usize = r["confusion_matrix"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .sum::<usize>()
+        })
+        .sum();
     assert_eq!(rows, 60);
     let img = image::open(&png).unwrap();
     assert_eq!(img.width(), classes as u32 * 16 + 1);
     // Refused with a reason.
     for (args, why) in [
-        (vec!["classify", "--images", images.to_str().unwrap(), "--classes", "airport"], "at least two classes"),
-        (vec!["classify", "--images", images.to_str().unwrap(), "--classes", "a,b", "--templates", report.to_str().unwrap()], "has no `{}`"),
+        (
+            vec![
+                "classify",
+                "--images",
+                images.to_str().unwrap(),
+                "--classes",
+                "airport",
+            ],
+            "at least two classes",
+        ),
+        (
+            vec![
+                "classify",
+                "--images",
+                images.to_str().unwrap(),
+                "--classes",
+                "a,b",
+                "--templates",
+                report.to_str().unwrap(),
+            ],
+            "has no `{}`",
+        ),
     ] {
         let o = pirclip(&args);
-        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(why), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            !o.status.success() && String::from_utf8_lossy(&o.stderr).contains(why),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 }
 
@@ -1539,24 +1909,48 @@ fn index_build_resume_add_and_search() {
     for e in std::fs::read_dir(mini().join("images")).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().to_string();
-        let to = if name.starts_with("stadium") { imgs.join("nested").join(&name) } else { imgs.join(&name) };
+        let to = if name.starts_with("stadium") {
+            imgs.join("nested").join(&name)
+        } else {
+            imgs.join(&name)
+        };
         std::fs::copy(&p, to).unwrap();
     }
     std::fs::write(imgs.join("truncated.jpg"), b"\xff\xd8\xff\xe0 not really").unwrap();
     let build = |out: &Path| {
-        let o = pirclip_ok(&["index", "build", "--images", imgs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--part-size", "16"]);
-        (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+        let o = pirclip_ok(&[
+            "index",
+            "build",
+            "--images",
+            imgs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--part-size",
+            "16",
+        ]);
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
     };
     let straight = dir.join("straight");
     let (stdout, stderr) = build(&straight);
-    assert!(stdout.contains("61 images found, 0 already indexed, 60 added in 4 parts, 1 unreadable"), "{stdout}");
+    assert!(
+        stdout.contains("61 images found, 0 already indexed, 60 added in 4 parts, 1 unreadable"),
+        "{stdout}"
+    );
     assert!(stderr.contains("truncated.jpg"), "{stderr}");
     for k in 0..4 {
         assert!(straight.join(format!("img_emb/img_emb_{k}.npy")).is_file());
-        assert!(straight.join(format!("metadata/metadata_{k}.parquet")).is_file());
+        assert!(straight
+            .join(format!("metadata/metadata_{k}.parquet"))
+            .is_file());
     }
     let emb = pirclip_checkpoint::npy::read(straight.join("img_emb/img_emb_0.npy")).unwrap();
-    assert_eq!((emb.dtype, emb.shape.clone()), (pirclip_checkpoint::DType::F16, vec![16, 256]));
+    assert_eq!(
+        (emb.dtype, emb.shape.clone()),
+        (pirclip_checkpoint::DType::F16, vec![16, 256])
+    );
     // An interrupted build: parts 2 and 3 never finished (part 2's embeddings written, its metadata not).
     let resumed = dir.join("resumed");
     build(&resumed);
@@ -1564,26 +1958,75 @@ fn index_build_resume_add_and_search() {
     std::fs::remove_file(resumed.join("metadata/metadata_3.parquet")).unwrap();
     std::fs::remove_file(resumed.join("img_emb/img_emb_3.npy")).unwrap();
     let (stdout, _) = build(&resumed);
-    assert!(stdout.contains("32 already indexed, 28 added in 2 parts"), "{stdout}");
+    assert!(
+        stdout.contains("32 already indexed, 28 added in 2 parts"),
+        "{stdout}"
+    );
     for k in 0..4 {
-        for f in [format!("img_emb/img_emb_{k}.npy"), format!("metadata/metadata_{k}.parquet")] {
-            assert_eq!(std::fs::read(straight.join(&f)).unwrap(), std::fs::read(resumed.join(&f)).unwrap(), "{f}");
+        for f in [
+            format!("img_emb/img_emb_{k}.npy"),
+            format!("metadata/metadata_{k}.parquet"),
+        ] {
+            assert_eq!(
+                std::fs::read(straight.join(&f)).unwrap(),
+                std::fs::read(resumed.join(&f)).unwrap(),
+                "{f}"
+            );
         }
     }
     // New files only.
-    std::fs::copy(root().join("tests/fixtures/airport_224.jpg"), imgs.join("new_airport.jpg")).unwrap();
-    let o = pirclip_ok(&["index", "add", "--index", straight.to_str().unwrap(), "--images", imgs.to_str().unwrap()]);
+    std::fs::copy(
+        root().join("tests/fixtures/airport_224.jpg"),
+        imgs.join("new_airport.jpg"),
+    )
+    .unwrap();
+    let o = pirclip_ok(&[
+        "index",
+        "add",
+        "--index",
+        straight.to_str().unwrap(),
+        "--images",
+        imgs.to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("62 images found, 60 already indexed, 1 added in 1 parts") && stdout.contains("index holds 61"), "{stdout}");
+    assert!(
+        stdout.contains("62 images found, 60 already indexed, 1 added in 1 parts")
+            && stdout.contains("index holds 61"),
+        "{stdout}"
+    );
     // The same ranking as encoding the images now (scores within float16 storage error).
-    let from_index = pirclip_ok(&["search", "--index", straight.to_str().unwrap(), "a stadium", "--top-k", "3"]);
+    let from_index = pirclip_ok(&[
+        "search",
+        "--index",
+        straight.to_str().unwrap(),
+        "a stadium",
+        "--top-k",
+        "3",
+    ]);
     std::fs::remove_file(imgs.join("truncated.jpg")).unwrap();
-    let fresh = pirclip_ok(&["search", "--images", imgs.join("nested").to_str().unwrap(), "--images", imgs.to_str().unwrap(), "a stadium", "--top-k", "3"]);
+    let fresh = pirclip_ok(&[
+        "search",
+        "--images",
+        imgs.join("nested").to_str().unwrap(),
+        "--images",
+        imgs.to_str().unwrap(),
+        "a stadium",
+        "--top-k",
+        "3",
+    ]);
     let names = |o: &std::process::Output| -> Vec<String> {
         String::from_utf8_lossy(&o.stdout)
             .lines()
             .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
-            .map(|l| l.split_whitespace().nth(1).unwrap().rsplit('/').next().unwrap().to_string())
+            .map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
             .collect()
     };
     assert_eq!(names(&from_index), names(&fresh));
@@ -1591,10 +2034,35 @@ fn index_build_resume_add_and_search() {
     // Another model cannot add to it.
     let other = dir.join("other.safetensors");
     let config = root().join("models/pir-small-aid150.json");
-    pirclip_ok(&["init", "--model", config.to_str().unwrap(), "--out", other.to_str().unwrap(), "--seed", "3"]);
-    let o = pirclip(&["index", "add", "--index", straight.to_str().unwrap(), "--images", imgs.to_str().unwrap(),
-        "--model", root().join("models/pir-small-aid150.json").to_str().unwrap(), "--checkpoint", other.to_str().unwrap()]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot share an index"), "{}", String::from_utf8_lossy(&o.stderr));
+    pirclip_ok(&[
+        "init",
+        "--model",
+        config.to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
+    let o = pirclip(&[
+        "index",
+        "add",
+        "--index",
+        straight.to_str().unwrap(),
+        "--images",
+        imgs.to_str().unwrap(),
+        "--model",
+        root()
+            .join("models/pir-small-aid150.json")
+            .to_str()
+            .unwrap(),
+        "--checkpoint",
+        other.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot share an index"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// `pirclip dedup` finds a planted leak (a test image copied into train under another name, re-encoded
@@ -1611,8 +2079,14 @@ fn dedup_finds_a_planted_leak_and_writes_a_clean_split() {
     // The leak: a test image, shrunk (a different file, the same scene), listed as training data.
     let src = pirclip_image::decode_file(&images.join("bridge_340.jpg")).unwrap();
     let small = pirclip_image::resize_bicubic(&src, 200, 200);
-    image::RgbImage::from_raw(200, 200, small.pixels).unwrap().save(images.join("bridge_9999.png")).unwrap();
-    let mut ds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(mini().join("dataset_rsicd_mini.json")).unwrap()).unwrap();
+    image::RgbImage::from_raw(200, 200, small.pixels)
+        .unwrap()
+        .save(images.join("bridge_9999.png"))
+        .unwrap();
+    let mut ds: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(mini().join("dataset_rsicd_mini.json")).unwrap(),
+    )
+    .unwrap();
     ds["images"].as_array_mut().unwrap().push(serde_json::json!({
         "filename": "bridge_9999.png", "split": "train",
         "sentences": [{"raw": "Many buildings are around a bridge ."}, {"raw": "a new caption no test image has"}]
@@ -1620,16 +2094,39 @@ fn dedup_finds_a_planted_leak_and_writes_a_clean_split() {
     let json = dir.join("d.json");
     std::fs::write(&json, ds.to_string()).unwrap();
     let (report, clean) = (dir.join("report.json"), dir.join("clean.json"));
-    let out = pirclip_ok(&["dedup", "--json", json.to_str().unwrap(), "--images-dir", images.to_str().unwrap(),
-        "--out", report.to_str().unwrap(), "--write-clean", clean.to_str().unwrap()]);
+    let out = pirclip_ok(&[
+        "dedup",
+        "--json",
+        json.to_str().unwrap(),
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+        "--write-clean",
+        clean.to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("1 of 60 test images have a near-duplicate outside the test split"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    assert_eq!(r["leaked_test_images"], serde_json::json!(["d:bridge_340.jpg"]), "{r}");
+    assert!(
+        stdout.contains("1 of 60 test images have a near-duplicate outside the test split"),
+        "{stdout}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(
+        r["leaked_test_images"],
+        serde_json::json!(["d:bridge_340.jpg"]),
+        "{r}"
+    );
     let cleaned = pirclip_data::karpathy::Dataset::load(&clean).unwrap();
     assert_eq!(cleaned.entries.len(), 60);
-    assert!(!cleaned.entries.iter().any(|e| e.filename == "bridge_340.jpg"));
-    assert!(stdout.contains("test captions also occur in its train/val"), "{stdout}");
+    assert!(!cleaned
+        .entries
+        .iter()
+        .any(|e| e.filename == "bridge_340.jpg"));
+    assert!(
+        stdout.contains("test captions also occur in its train/val"),
+        "{stdout}"
+    );
 }
 
 /// `pirclip explain` on a real image with the bundled PIR model: the picture (two panels) and the raw
@@ -1639,21 +2136,53 @@ fn explain_draws_the_belief_and_the_patch_text_similarity() {
     let dir = tmpdir("explain");
     let (png, json) = (dir.join("map.png"), dir.join("map.json"));
     let img = mini().join("images/storagetanks_351.jpg");
-    let out = pirclip_ok(&["explain", "--image", img.to_str().unwrap(), "--text", "white storage tanks",
-        "--out", png.to_str().unwrap(), "--json", json.to_str().unwrap(), "--size", "200"]);
+    let out = pirclip_ok(&[
+        "explain",
+        "--image",
+        img.to_str().unwrap(),
+        "--text",
+        "white storage tanks",
+        "--out",
+        png.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--size",
+        "200",
+    ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("image–text cosine"));
     let picture = image::open(&png).unwrap();
     assert_eq!((picture.width(), picture.height()), (408, 200));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let g = v["grid"].as_u64().unwrap() as usize;
-    let belief: Vec<f64> = v["belief"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap())).collect();
+    let belief: Vec<f64> = v["belief"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+        .collect();
     assert_eq!(belief.len(), g * g);
     let total = belief.iter().sum::<f64>() + v["class_token_belief"].as_f64().unwrap();
     assert!((total - 1.0).abs() < 1e-4, "belief sums to {total}");
     assert_eq!(v["patch_text_similarity"].as_array().unwrap().len(), g);
     let rn50 = dir.join("rn50.safetensors");
     pirclip_ok(&["init", "--model", "RN50", "--out", rn50.to_str().unwrap()]);
-    let o = pirclip(&["explain", "--model", "RN50", "--checkpoint", rn50.to_str().unwrap(), "--image", img.to_str().unwrap(),
-        "--text", "x", "--out", dir.join("no.png").to_str().unwrap()]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("needs a PIR model"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = pirclip(&[
+        "explain",
+        "--model",
+        "RN50",
+        "--checkpoint",
+        rn50.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--text",
+        "x",
+        "--out",
+        dir.join("no.png").to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("needs a PIR model"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -22,7 +22,14 @@ fn tmpdir(name: &str) -> PathBuf {
 fn mini_index(dir: &Path) -> PathBuf {
     let out = dir.join("mini");
     let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
-        .args(["index", "build", "--images", root().join("data/rsicd-mini/images").to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args([
+            "index",
+            "build",
+            "--images",
+            root().join("data/rsicd-mini/images").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -42,9 +49,19 @@ impl Drop for Server {
 }
 
 fn start(index: &Path, extra: &[&str]) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = Command::new(env!("CARGO_BIN_EXE_pirclip"))
-        .args(["serve", "--index", index.to_str().unwrap(), "--port", &port.to_string()])
+        .args([
+            "serve",
+            "--index",
+            index.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ])
         .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -53,7 +70,10 @@ fn start(index: &Path, extra: &[&str]) -> Server {
     let server = Server { child, port };
     let started = Instant::now();
     while request(port, "GET", "/health", b"").0 != 200 {
-        assert!(started.elapsed() < Duration::from_secs(60), "server did not come up");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "server did not come up"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     server
@@ -69,7 +89,10 @@ fn request(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(body)).is_err() {
+    if s.write_all(head.as_bytes())
+        .and_then(|_| s.write_all(body))
+        .is_err()
+    {
         return (0, Vec::new());
     }
     let mut raw = Vec::new();
@@ -77,22 +100,34 @@ fn request(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
         return (0, raw);
     };
-    let status = std::str::from_utf8(&raw[..split]).ok().and_then(|h| h.split(' ').nth(1)?.parse().ok()).unwrap_or(0);
+    let status = std::str::from_utf8(&raw[..split])
+        .ok()
+        .and_then(|h| h.split(' ').nth(1)?.parse().ok())
+        .unwrap_or(0);
     (status, raw[split + 4..].to_vec())
 }
 
 fn json(port: u16, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
     let (status, b) = request(port, "POST", path, body.to_string().as_bytes());
-    (status, serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 fn base64(bytes: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in bytes.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for i in 0..4 {
-            out.push(if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+            out.push(if i <= c.len() {
+                T[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
         }
     }
     out
@@ -102,40 +137,84 @@ fn base64(bytes: &[u8]) -> String {
 fn the_api_answers_as_clip_retrievals_back_end() {
     let dir = tmpdir("api");
     let index = mini_index(&dir);
-    let s = start(&index, &["--max-results", "50", "--max-body-bytes", "200000"]);
+    let s = start(
+        &index,
+        &["--max-results", "50", "--max-body-bytes", "200000"],
+    );
     let p = s.port;
     let (status, health) = request(p, "GET", "/health", b"");
     let health: serde_json::Value = serde_json::from_slice(&health).unwrap();
-    assert_eq!((status, health["indices"][0]["images"].as_u64()), (200, Some(60)), "{health}");
+    assert_eq!(
+        (status, health["indices"][0]["images"].as_u64()),
+        (200, Some(60)),
+        "{health}"
+    );
     let (_, list) = request(p, "GET", "/indices-list", b"");
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&list).unwrap(), serde_json::json!(["mini"]));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&list).unwrap(),
+        serde_json::json!(["mini"])
+    );
 
     // Text: best first, as many as asked, each with id, similarity and metadata.
-    let (status, hits) = json(p, "/knn-service", serde_json::json!({"text": "a stadium", "modality": "image", "num_images": 5, "indice_name": "mini", "deduplicate": true, "use_mclip": false}));
+    let (status, hits) = json(
+        p,
+        "/knn-service",
+        serde_json::json!({"text": "a stadium", "modality": "image", "num_images": 5, "indice_name": "mini", "deduplicate": true, "use_mclip": false}),
+    );
     assert_eq!(status, 200, "{hits}");
     let hits = hits.as_array().unwrap();
     assert_eq!(hits.len(), 5);
-    assert!(hits.windows(2).all(|w| w[0]["similarity"].as_f64() >= w[1]["similarity"].as_f64()));
-    assert!(hits[0]["image_path"].as_str().unwrap().contains("stadium"), "{hits:?}");
+    assert!(hits
+        .windows(2)
+        .all(|w| w[0]["similarity"].as_f64() >= w[1]["similarity"].as_f64()));
+    assert!(
+        hits[0]["image_path"].as_str().unwrap().contains("stadium"),
+        "{hits:?}"
+    );
     // An image: itself first.
     let file = root().join("data/rsicd-mini/images/bridge_340.jpg");
-    let (status, hits) = json(p, "/knn-service", serde_json::json!({"image": base64(&std::fs::read(&file).unwrap()), "num_images": 3}));
+    let (status, hits) = json(
+        p,
+        "/knn-service",
+        serde_json::json!({"image": base64(&std::fs::read(&file).unwrap()), "num_images": 3}),
+    );
     assert_eq!(status, 200, "{hits}");
-    assert!(hits[0]["image_path"].as_str().unwrap().ends_with("bridge_340.jpg"));
+    assert!(hits[0]["image_path"]
+        .as_str()
+        .unwrap()
+        .ends_with("bridge_340.jpg"));
     assert!(hits[0]["similarity"].as_f64().unwrap() > 0.99);
     // An embedding: the stored one of id 7 finds id 7.
-    let (_, meta) = json(p, "/metadata", serde_json::json!({"indice_name": "mini", "ids": [7, 100000]}));
-    assert_eq!(meta.as_array().unwrap().len(), 1, "unknown ids are left out: {meta}");
-    let path7 = meta[0]["metadata"]["image_path"].as_str().unwrap().to_string();
+    let (_, meta) = json(
+        p,
+        "/metadata",
+        serde_json::json!({"indice_name": "mini", "ids": [7, 100000]}),
+    );
+    assert_eq!(
+        meta.as_array().unwrap().len(),
+        1,
+        "unknown ids are left out: {meta}"
+    );
+    let path7 = meta[0]["metadata"]["image_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (_, image) = request(p, "GET", "/image/mini/7", b"");
     assert_eq!(image, std::fs::read(&path7).unwrap());
     // Capped, and every wrong request a 4xx with a message.
-    let (_, many) = json(p, "/knn-service", serde_json::json!({"text": "a port", "num_images": 10000}));
+    let (_, many) = json(
+        p,
+        "/knn-service",
+        serde_json::json!({"text": "a port", "num_images": 10000}),
+    );
     assert_eq!(many.as_array().unwrap().len(), 50);
     for (body, want) in [
         (serde_json::json!({"text": "x", "indice_name": "nope"}), 404),
         (serde_json::json!({"text": "x", "modality": "text"}), 400),
-        (serde_json::json!({"image_url": "http://example.com/a.jpg"}), 400),
+        (
+            serde_json::json!({"image_url": "http://example.com/a.jpg"}),
+            400,
+        ),
         (serde_json::json!({"image": "%%%not base64"}), 400),
         (serde_json::json!({"image": base64(b"not an image")}), 400),
         (serde_json::json!({"embedding_input": [1.0, 2.0]}), 400),
@@ -143,12 +222,21 @@ fn the_api_answers_as_clip_retrievals_back_end() {
     ] {
         let (status, err) = json(p, "/knn-service", body.clone());
         assert_eq!(status, want, "{body}: {err}");
-        assert!(err["error"].as_str().is_some_and(|m| !m.is_empty()), "{err}");
+        assert!(
+            err["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{err}"
+        );
     }
     assert_eq!(request(p, "POST", "/knn-service", b"{not json").0, 400);
-    assert_eq!(request(p, "POST", "/knn-service", &vec![b' '; 300_000]).0, 413);
+    assert_eq!(
+        request(p, "POST", "/knn-service", &vec![b' '; 300_000]).0,
+        413
+    );
     assert_eq!(request(p, "GET", "/image/mini/60", b"").0, 404);
-    assert!(matches!(request(p, "GET", "/image/mini/..%2F..%2Fetc%2Fpasswd", b"").0, 400 | 404));
+    assert!(matches!(
+        request(p, "GET", "/image/mini/..%2F..%2Fetc%2Fpasswd", b"").0,
+        400 | 404
+    ));
     let (status, page) = request(p, "GET", "/", b"");
     assert!(status == 200 && String::from_utf8_lossy(&page).contains("/knn-service"));
 }
@@ -177,7 +265,10 @@ fn beyond_the_queue_queries_get_503_and_below_it_none_fail() {
                 })
             })
             .collect();
-        let results: Vec<(u16, f64)> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let results: Vec<(u16, f64)> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
         let wall = started.elapsed().as_secs_f64();
         let mut ms: Vec<f64> = results.iter().map(|r| r.1).collect();
         ms.sort_by(f64::total_cmp);
@@ -201,14 +292,25 @@ fn beyond_the_queue_queries_get_503_and_below_it_none_fail() {
             let (port, barrier) = (s.port, barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                json(port, "/knn-service", serde_json::json!({"text": format!("a crowded query {c}")})).0
+                json(
+                    port,
+                    "/knn-service",
+                    serde_json::json!({"text": format!("a crowded query {c}")}),
+                )
+                .0
             })
         })
         .collect();
     let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let busy = statuses.iter().filter(|&&s| s == 503).count();
-    println!("queue 1, 48 at once: {} answered, {busy} refused with 503", statuses.iter().filter(|&&s| s == 200).count());
-    assert!(statuses.iter().all(|&s| s == 200 || s == 503), "{statuses:?}");
+    println!(
+        "queue 1, 48 at once: {} answered, {busy} refused with 503",
+        statuses.iter().filter(|&&s| s == 200).count()
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 503),
+        "{statuses:?}"
+    );
     assert!(busy > 0 && busy < 48, "{statuses:?}");
 }
 
@@ -216,22 +318,51 @@ fn beyond_the_queue_queries_get_503_and_below_it_none_fail() {
 /// shows result images. A screenshot is kept in target/serve-page.png.
 #[test]
 fn the_page_shows_results_in_headless_chromium() {
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| Path::new(p).exists())
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
         .expect("chromium missing: scripts/test.sh installs Debian's chromium package");
     let dir = tmpdir("page");
     let index = mini_index(&dir);
     let s = start(&index, &[]);
-    let url = format!("http://127.0.0.1:{}/?q=a%20river%20with%20a%20bridge", s.port);
-    let flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--virtual-time-budget=8000"];
+    let url = format!(
+        "http://127.0.0.1:{}/?q=a%20river%20with%20a%20bridge",
+        s.port
+    );
+    let flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--virtual-time-budget=8000",
+    ];
     let profile = format!("--user-data-dir={}", dir.join("profile").display());
-    let dom = Command::new(chromium).args(flags).arg(&profile).arg("--dump-dom").arg(&url).output().unwrap();
+    let dom = Command::new(chromium)
+        .args(flags)
+        .arg(&profile)
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .unwrap();
     let dom = String::from_utf8_lossy(&dom.stdout);
     let figures = dom.matches("<figure").count();
     assert!(figures >= 10, "{figures} results in the page: {dom}");
-    assert!(dom.contains("src=\"/image/mini/") && dom.contains("bridge_"), "{dom}");
+    assert!(
+        dom.contains("src=\"/image/mini/") && dom.contains("bridge_"),
+        "{dom}"
+    );
     let shot = root().join("target/serve-page.png");
-    let o = Command::new(chromium).args(flags).arg(&profile).arg("--window-size=1200,900")
-        .arg(format!("--screenshot={}", shot.display())).arg(&url).output().unwrap();
+    let o = Command::new(chromium)
+        .args(flags)
+        .arg(&profile)
+        .arg("--window-size=1200,900")
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
     assert!(shot.is_file(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -69,9 +69,20 @@ mod tests {
         };
         let a = dhash(&grad(150, 150, false));
         let resized = dhash(&resize_bicubic(&grad(150, 150, false), 120, 120));
-        assert!((a ^ resized).count_ones() <= 6, "{:064b} vs {:064b}", a, resized);
+        assert!(
+            (a ^ resized).count_ones() <= 6,
+            "{:064b} vs {:064b}",
+            a,
+            resized
+        );
         assert!((a ^ dhash(&grad(150, 150, true))).count_ones() > 20);
-        assert_eq!(near_pairs(&[a, resized, !a], 6), vec![(0, 1, (a ^ resized).count_ones())]);
-        assert_eq!(normalize_caption("  A river  with a Bridge . "), "a river with a bridge");
+        assert_eq!(
+            near_pairs(&[a, resized, !a], 6),
+            vec![(0, 1, (a ^ resized).count_ones())]
+        );
+        assert_eq!(
+            normalize_caption("  A river  with a Bridge . "),
+            "a river with a bridge"
+        );
     }
 }

@@ -208,7 +208,10 @@ mod tests {
         };
         for bad in ["../../etc/passwd", "a/../../b.jpg", "/etc/passwd", ""] {
             let msg = Dataset::load(&json(bad)).err().unwrap().to_string();
-            assert!(msg.contains("images[0]") && msg.contains("images folder") || bad.is_empty(), "{bad}: {msg}");
+            assert!(
+                msg.contains("images[0]") && msg.contains("images folder") || bad.is_empty(),
+                "{bad}: {msg}"
+            );
         }
         assert!(Dataset::load(&json("sub/airport_1.jpg")).is_ok());
         // The explicit opt-in takes absolute names, never `..`.

@@ -322,7 +322,10 @@ mod tests {
         let (paths, bad) = write_shards(&inputs, &dir.join("out"), 2, |_| {}).unwrap();
         assert_eq!(paths.len(), 4);
         assert_eq!(bad.len(), 2, "{bad:?}");
-        assert!(bad[1].contains("passwd.jpg") && bad[1].contains("cannot read image"), "{bad:?}");
+        assert!(
+            bad[1].contains("passwd.jpg") && bad[1].contains("cannot read image"),
+            "{bad:?}"
+        );
         let sizes: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("out/sizes.json")).unwrap())
                 .unwrap();

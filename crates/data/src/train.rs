@@ -250,7 +250,12 @@ impl TrainLoader {
     /// Samples one epoch draws.
     pub fn samples_per_epoch(&self) -> usize {
         match (&self.shards, self.epoch_samples) {
-            (Some(ShardOrder { resampled: Some(n), .. }), _) => *n,
+            (
+                Some(ShardOrder {
+                    resampled: Some(n), ..
+                }),
+                _,
+            ) => *n,
             (_, Some(n)) => n,
             _ => self.samples.len(),
         }
@@ -292,7 +297,13 @@ impl TrainLoader {
     /// `with_epoch_samples(n)` stream positions `epoch·n .. (epoch+1)·n` of the passes laid end to end;
     /// with resampled shards the epoch's own draw. Computed from indices alone, so resume is exact.
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        let resampled = matches!(&self.shards, Some(ShardOrder { resampled: Some(_), .. }));
+        let resampled = matches!(
+            &self.shards,
+            Some(ShardOrder {
+                resampled: Some(_),
+                ..
+            })
+        );
         let pass_len = self.samples.len();
         let n = match self.epoch_samples {
             Some(n) if !resampled && pass_len > 0 => n,
@@ -330,16 +341,15 @@ impl TrainLoader {
                 // from the samples after the slice, in order, wrapping around: deterministic whatever the
                 // thread timing.
                 let first = (index * world + rank) * b;
-                let mut candidates = (first..order.len())
-                    .chain(0..first)
-                    .map(|i| order[i]);
+                let mut candidates = (first..order.len()).chain(0..first).map(|i| order[i]);
                 let mut chosen: Vec<(usize, RgbImage)> = Vec::with_capacity(b);
                 let mut skipped = Vec::new();
                 while chosen.len() < b {
                     let want = b - chosen.len();
                     let group: Vec<usize> = candidates.by_ref().take(want).collect();
                     if group.is_empty() {
-                        let examples: Vec<&str> = skipped.iter().take(3).map(String::as_str).collect();
+                        let examples: Vec<&str> =
+                            skipped.iter().take(3).map(String::as_str).collect();
                         let _ = tx.send(Err(format!(
                             "epoch {epoch}, batch {index}: only {} of the {} samples could be loaded, fewer \
                              than a batch of {b} ({} failed here; first: {})",
@@ -512,7 +522,10 @@ mod tests {
         .unwrap();
         // An absolute name needs the explicit opt-in.
         let err = samples_from_csv(&f, "filepath", "title", '\t', &dir, false).unwrap_err();
-        assert!(err.contains("line 3") && err.contains("/abs/beach_2.jpg") && err.contains("absolute"), "{err}");
+        assert!(
+            err.contains("line 3") && err.contains("/abs/beach_2.jpg") && err.contains("absolute"),
+            "{err}"
+        );
         let s = samples_from_csv(&f, "filepath", "title", '\t', &dir, true).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].name, "airport_1.jpg");
@@ -549,14 +562,25 @@ mod tests {
         let full = TrainLoader::new(samples.clone(), config.clone());
         // Epochs of 4 from a pool of 10: five epochs are two whole passes, each a permutation.
         let short = TrainLoader::new(samples.clone(), config.clone()).with_epoch_samples(4);
-        assert_eq!((short.samples_per_epoch(), short.batches_per_epoch()), (4, 2));
+        assert_eq!(
+            (short.samples_per_epoch(), short.batches_per_epoch()),
+            (4, 2)
+        );
         let stream: Vec<usize> = (0..5).flat_map(|e| short.epoch_order(e)).collect();
         for pass in stream.chunks(10) {
             let mut p = pass.to_vec();
             p.sort();
-            assert_eq!(p, (0..10).collect::<Vec<_>>(), "each pass holds every sample once");
+            assert_eq!(
+                p,
+                (0..10).collect::<Vec<_>>(),
+                "each pass holds every sample once"
+            );
         }
-        assert_eq!(&stream[..10], &full.epoch_order(0)[..], "the passes are the default epochs' orders");
+        assert_eq!(
+            &stream[..10],
+            &full.epoch_order(0)[..],
+            "the passes are the default epochs' orders"
+        );
         assert_eq!(&stream[10..], &full.epoch_order(1)[..]);
         // An epoch longer than the pool runs into the next pass.
         let long = TrainLoader::new(samples.clone(), config.clone()).with_epoch_samples(25);

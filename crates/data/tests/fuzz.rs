@@ -86,7 +86,18 @@ impl Rng {
 
 /// One to four random mutations of `seed`.
 fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
-    const INTERESTING: [u64; 10] = [0, 1, 0x7f, 0x80, 0xff, 0xffff, 0x7fff_ffff, 0xffff_ffff, 1 << 63, u64::MAX];
+    const INTERESTING: [u64; 10] = [
+        0,
+        1,
+        0x7f,
+        0x80,
+        0xff,
+        0xffff,
+        0x7fff_ffff,
+        0xffff_ffff,
+        1 << 63,
+        u64::MAX,
+    ];
     let mut m = seed.to_vec();
     for _ in 0..1 + rng.below(4) {
         let len = m.len();
@@ -129,8 +140,16 @@ fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
                     1 => len as u64 + rng.below(3) as u64 - 1,
                     _ => rng.next(),
                 };
-                let bytes = if rng.below(2) == 0 { v.to_le_bytes() } else { v.to_be_bytes() };
-                let take = if bytes[0] == 0 && width < 8 { &bytes[8 - width..] } else { &bytes[..width] };
+                let bytes = if rng.below(2) == 0 {
+                    v.to_le_bytes()
+                } else {
+                    v.to_be_bytes()
+                };
+                let take = if bytes[0] == 0 && width < 8 {
+                    &bytes[8 - width..]
+                } else {
+                    &bytes[..width]
+                };
                 m[at..at + width].copy_from_slice(take);
             }
             _ => {}
@@ -144,7 +163,10 @@ fn root() -> PathBuf {
 }
 
 fn seconds_per_format() -> f64 {
-    if let Some(s) = std::env::var("PIRCLIP_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()) {
+    if let Some(s) = std::env::var("PIRCLIP_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         return s;
     }
     if std::env::var_os("PIRCLIP_FUZZ_LONG").is_some() {
@@ -158,7 +180,11 @@ fn seconds_per_format() -> f64 {
 fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
     assert!(!seeds.is_empty());
     let budget = Duration::from_secs_f64(seconds_per_format());
-    let mut rng = Rng(0x5eed_0000 ^ format.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)) | 1);
+    let mut rng = Rng(0x5eed_0000
+        ^ format
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+        | 1);
     let started = Instant::now();
     let mut executions = 0;
     // The seeds themselves first, then mutations.
@@ -194,7 +220,10 @@ fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
             let _ = std::fs::create_dir_all(&dir);
             let path = dir.join(format!("{format}-{executions}.bin"));
             let _ = std::fs::write(&path, &input);
-            panic!("{format}: input {executions} {why}; saved as {}", path.display());
+            panic!(
+                "{format}: input {executions} {why}; saved as {}",
+                path.display()
+            );
         }
         executions += 1;
     }
@@ -240,7 +269,6 @@ fn via_file(name: &str, input: &[u8], parse: impl Fn(&Path)) {
     std::fs::write(&path, input).unwrap();
     parse(&path);
 }
-
 
 /// A valid 8×6 RGB PNG with stored (uncompressed) deflate blocks.
 fn small_png() -> Vec<u8> {
@@ -290,10 +318,14 @@ fn fuzz_every_parser_a_users_file_reaches() {
     pirclip_image::set_max_pixels(4 << 20);
     let mut total = 0;
 
-    let pts: Vec<Vec<u8>> = ["tests/fixtures/checkpoints/dtypes_strides.pt", "tests/fixtures/checkpoints/weird stem name.pt", "tests/fixtures/checkpoints/malicious.pt"]
-        .iter()
-        .map(|p| read(p))
-        .collect();
+    let pts: Vec<Vec<u8>> = [
+        "tests/fixtures/checkpoints/dtypes_strides.pt",
+        "tests/fixtures/checkpoints/weird stem name.pt",
+        "tests/fixtures/checkpoints/malicious.pt",
+    ]
+    .iter()
+    .map(|p| read(p))
+    .collect();
     total += fuzz("pt", &pts, |b| {
         let _ = pirclip_checkpoint::load_bytes(b);
     });
@@ -303,14 +335,26 @@ fn fuzz_every_parser_a_users_file_reaches() {
     });
 
     let mut sd = pirclip_checkpoint::StateDict::default();
-    sd.insert("a.weight", pirclip_checkpoint::TensorData::from_f32(vec![2, 3], &[1., 2., 3., 4., 5., 6.]));
-    sd.insert("b", pirclip_checkpoint::TensorData::from_i64(vec![2], &[7, 8]));
+    sd.insert(
+        "a.weight",
+        pirclip_checkpoint::TensorData::from_f32(vec![2, 3], &[1., 2., 3., 4., 5., 6.]),
+    );
+    sd.insert(
+        "b",
+        pirclip_checkpoint::TensorData::from_i64(vec![2], &[7, 8]),
+    );
     let st = pirclip_checkpoint::safetensors::write_bytes(&sd, &[("format", "pt")]);
     total += fuzz("safetensors", &[st], |b| {
         let _ = pirclip_checkpoint::load_bytes(b);
     });
 
-    let npys: Vec<Vec<u8>> = ["tests/fixtures/parity/belief.npy", "tests/fixtures/parity/tokens.npy"].iter().map(|p| read(p)).collect();
+    let npys: Vec<Vec<u8>> = [
+        "tests/fixtures/parity/belief.npy",
+        "tests/fixtures/parity/tokens.npy",
+    ]
+    .iter()
+    .map(|p| read(p))
+    .collect();
     total += fuzz("npy", &npys, |b| {
         let _ = pirclip_checkpoint::npy::read_bytes(b);
     });
@@ -327,10 +371,13 @@ fn fuzz_every_parser_a_users_file_reaches() {
             label: Some("a".into()),
         })
         .collect();
-    let (shards, _) = pirclip_data::shards::write_shards(&inputs, &shard_dir.join("out"), 10, |_| {}).unwrap();
+    let (shards, _) =
+        pirclip_data::shards::write_shards(&inputs, &shard_dir.join("out"), 10, |_| {}).unwrap();
     total += fuzz("tar", &[std::fs::read(&shards[0]).unwrap()], |b| {
         via_file("shard.tar", b, |p| {
-            if let Ok((samples, _, _)) = pirclip_data::shards::read_shards_indexed(&[p.to_path_buf()]) {
+            if let Ok((samples, _, _)) =
+                pirclip_data::shards::read_shards_indexed(&[p.to_path_buf()])
+            {
                 for s in samples.iter().take(2) {
                     let _ = pirclip_data::train::load_image(&s.image);
                 }
@@ -338,27 +385,43 @@ fn fuzz_every_parser_a_users_file_reaches() {
         })
     });
 
-    total += fuzz("karpathy-json", &[read("data/rsicd-mini/dataset_rsicd_mini.json")], |b| {
-        via_file("d.json", b, |p| {
-            if let Ok(ds) = pirclip_data::karpathy::Dataset::load(p) {
-                let set = pirclip_data::karpathy::RetrievalSet::build(&ds, &["test", "train"]);
-                let _ = set.image_paths(Path::new("/nonexistent"));
-            }
-        })
-    });
+    total += fuzz(
+        "karpathy-json",
+        &[read("data/rsicd-mini/dataset_rsicd_mini.json")],
+        |b| {
+            via_file("d.json", b, |p| {
+                if let Ok(ds) = pirclip_data::karpathy::Dataset::load(p) {
+                    let set = pirclip_data::karpathy::RetrievalSet::build(&ds, &["test", "train"]);
+                    let _ = set.image_paths(Path::new("/nonexistent"));
+                }
+            })
+        },
+    );
 
-    let csv = b"filepath\ttitle\nimgs/airport_1.jpg\ta caption\nb/beach_2.jpg\tanother one\n".to_vec();
+    let csv =
+        b"filepath\ttitle\nimgs/airport_1.jpg\ta caption\nb/beach_2.jpg\tanother one\n".to_vec();
     total += fuzz("csv", &[csv], |b| {
         via_file("t.csv", b, |p| {
-            let _ = pirclip_data::train::samples_from_csv(p, "filepath", "title", '\t', Path::new("/x"), false);
+            let _ = pirclip_data::train::samples_from_csv(
+                p,
+                "filepath",
+                "title",
+                '\t',
+                Path::new("/x"),
+                false,
+            );
         })
     });
 
-    total += fuzz("jpeg", &[jpeg.clone(), read("tests/fixtures/franz-kafka.jpg")], |b| {
-        if let Ok(img) = pirclip_image::decode(b, "fuzz.jpg") {
-            let _ = pirclip_image::preprocess_eval(&img, 32);
-        }
-    });
+    total += fuzz(
+        "jpeg",
+        &[jpeg.clone(), read("tests/fixtures/franz-kafka.jpg")],
+        |b| {
+            if let Ok(img) = pirclip_image::decode(b, "fuzz.jpg") {
+                let _ = pirclip_image::preprocess_eval(&img, 32);
+            }
+        },
+    );
     total += fuzz("png", &[small_png()], |b| {
         if let Ok(img) = pirclip_image::decode(b, "fuzz.png") {
             let _ = pirclip_image::preprocess_eval(&img, 32);

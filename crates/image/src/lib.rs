@@ -94,7 +94,9 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, Error> {
             .with_guessed_format()
             .map_err(|e| fail(e.to_string()))
     };
-    let (w, h) = reader()?.into_dimensions().map_err(|e| fail(e.to_string()))?;
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| fail(e.to_string()))?;
     check_size(w as u64, h as u64, name)?;
     let mut reader = reader()?;
     // A backstop for what the header does not tell (frames, planes): 16-bit RGBA of the limit's pixels.

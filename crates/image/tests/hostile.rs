@@ -4,8 +4,12 @@
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name))
-        .unwrap()
+    std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 /// The JPEG with its SOF frame header claiming `width × height`.
@@ -24,7 +28,6 @@ fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
         at += 2 + len;
     }
 }
-
 
 /// A PNG of the real image's first row whose IHDR (with a correct CRC) claims `width × height`.
 fn png_claiming(width: u32, height: u32) -> Vec<u8> {
@@ -56,8 +59,13 @@ fn the_unmodified_fixture_decodes() {
 fn a_jpeg_claiming_60000_squared_is_refused_by_its_header() {
     let bomb = jpeg_claiming(60000, 60000);
     assert!(bomb.len() < 100_000);
-    let msg = pirclip_image::decode(&bomb, "bomb.jpg").unwrap_err().to_string();
-    assert!(msg.contains("bomb.jpg") && msg.contains("3600000000 pixels"), "{msg}");
+    let msg = pirclip_image::decode(&bomb, "bomb.jpg")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("bomb.jpg") && msg.contains("3600000000 pixels"),
+        "{msg}"
+    );
     assert!(msg.contains("--max-image-pixels"), "{msg}");
 }
 

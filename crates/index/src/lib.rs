@@ -45,7 +45,10 @@ pub fn walk(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
     let mut out = Vec::new();
     let mut pending: Vec<PathBuf> = Vec::new();
     for input in inputs {
-        let abs = std::fs::canonicalize(input).map_err(|e| Error::Input { path: input.display().to_string(), message: e.to_string() })?;
+        let abs = std::fs::canonicalize(input).map_err(|e| Error::Input {
+            path: input.display().to_string(),
+            message: e.to_string(),
+        })?;
         if abs.is_dir() {
             pending.push(abs);
         } else {
@@ -55,7 +58,9 @@ pub fn walk(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
     while let Some(dir) = pending.pop() {
         for e in std::fs::read_dir(&dir)? {
             let p = e?.path();
-            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
                 continue;
             }
             if p.is_dir() {
@@ -96,7 +101,11 @@ fn entry_of(path: &Path) -> Option<Entry> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    Some(Entry { image_path: path.display().to_string(), size: meta.len() as i64, mtime })
+    Some(Entry {
+        image_path: path.display().to_string(),
+        size: meta.len() as i64,
+        mtime,
+    })
 }
 
 /// Adds every image under `inputs` that `dir` does not hold yet (unchanged).
@@ -111,27 +120,36 @@ pub fn build(
     let started = Instant::now();
     let files = walk(inputs)?;
     let indexed = dir.indexed_keys()?;
-    let mut report = BuildReport { found: files.len(), ..Default::default() };
+    let mut report = BuildReport {
+        found: files.len(),
+        ..Default::default()
+    };
     let mut todo: Vec<(PathBuf, Entry)> = Vec::new();
     for f in files {
         match entry_of(&f) {
             Some(e) if indexed.contains(&e.key()) => report.already_indexed += 1,
             Some(e) => todo.push((f, e)),
-            None => report.unreadable.push(format!("{}: cannot read its metadata", f.display())),
+            None => report
+                .unreadable
+                .push(format!("{}: cannot read its metadata", f.display())),
         }
     }
     let size = model.config.image_size;
     let dim = model.config.embed_dim;
     progress.start("images", todo.len() as u64);
     for part in todo.chunks(o.part_size.max(1)) {
-        let (mut entries, mut values) = (Vec::with_capacity(part.len()), Vec::with_capacity(part.len() * dim));
+        let (mut entries, mut values) = (
+            Vec::with_capacity(part.len()),
+            Vec::with_capacity(part.len() * dim),
+        );
         // Decoding runs one batch ahead of the model on its own threads.
         std::thread::scope(|s| -> Result<(), Error> {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             s.spawn(move || {
                 for batch in part.chunks(o.batch_size.max(1)) {
                     let decoded = pirclip_data::parallel_map(batch, o.workers.max(1), |(p, _)| {
-                        pirclip_image::decode_file(p).map(|img| pirclip_image::preprocess_eval(&img, size))
+                        pirclip_image::decode_file(p)
+                            .map(|img| pirclip_image::preprocess_eval(&img, size))
                     });
                     if tx.send((batch, decoded)).is_err() {
                         return;

@@ -220,7 +220,9 @@ impl ClipModel {
     /// without an instruction encoder or a ViT image tower).
     pub fn explain(&self, images: &Tensor, opts: EncodeOptions) -> Option<crate::vit::Explanation> {
         match (&self.visual, self.instruction_token(images, opts.bn_mode)) {
-            (Visual::Vit(vit), Some(y)) => Some(vit.explain_instructed(images, &y, opts.belief_mode)),
+            (Visual::Vit(vit), Some(y)) => {
+                Some(vit.explain_instructed(images, &y, opts.belief_mode))
+            }
             _ => None,
         }
     }

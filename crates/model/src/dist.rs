@@ -18,18 +18,29 @@ pub struct WorldInfo {
 }
 
 fn first_env(keys: &[&str]) -> Option<usize> {
-    keys.iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+    keys.iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
 /// open_clip's `world_info_from_env`: LOCAL_RANK / RANK / WORLD_SIZE with the MPI, Slurm and Open MPI
 /// fallbacks, in its order; (0, 0, 1) when nothing is set.
 pub fn world_info_from_env() -> WorldInfo {
     WorldInfo {
-        local_rank: first_env(&["LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"])
-            .unwrap_or(0),
+        local_rank: first_env(&[
+            "LOCAL_RANK",
+            "MPI_LOCALRANKID",
+            "SLURM_LOCALID",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+        ])
+        .unwrap_or(0),
         rank: first_env(&["RANK", "PMI_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"]).unwrap_or(0),
-        world_size: first_env(&["WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"])
-            .unwrap_or(1),
+        world_size: first_env(&[
+            "WORLD_SIZE",
+            "PMI_SIZE",
+            "SLURM_NTASKS",
+            "OMPI_COMM_WORLD_SIZE",
+        ])
+        .unwrap_or(1),
     }
 }
 
@@ -59,14 +70,23 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn pirclip_dist_free(group: *mut c_void);
-    fn pirclip_dist_all_reduce_sum(group: *mut c_void, t: *const c_void, err: *mut *mut c_char) -> c_int;
+    fn pirclip_dist_all_reduce_sum(
+        group: *mut c_void,
+        t: *const c_void,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn pirclip_dist_all_gather(
         group: *mut c_void,
         input: *const c_void,
         output: *const c_void,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn pirclip_dist_broadcast(group: *mut c_void, t: *const c_void, root: c_int, err: *mut *mut c_char) -> c_int;
+    fn pirclip_dist_broadcast(
+        group: *mut c_void,
+        t: *const c_void,
+        root: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn pirclip_dist_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
 }
 
@@ -82,7 +102,14 @@ pub struct ProcessGroup {
 impl ProcessGroup {
     /// Joins a gloo group over a TCPStore at `host:port`.
     #[cfg(pirclip_dist)]
-    pub fn gloo(host: &str, port: u16, rank: usize, world_size: usize, is_server: bool, timeout_s: u64) -> Result<Self, String> {
+    pub fn gloo(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world_size: usize,
+        is_server: bool,
+        timeout_s: u64,
+    ) -> Result<Self, String> {
         let host_c = CString::new(host).map_err(|_| "MASTER_ADDR holds a NUL byte".to_string())?;
         let mut err = std::ptr::null_mut();
         // SAFETY: plain values and a NUL-terminated string borrowed for the call.
@@ -100,7 +127,11 @@ impl ProcessGroup {
         if group.is_null() {
             return Err(format!("joining the gloo process group at {host}:{port} as rank {rank} of {world_size}: {}", take_message(err)));
         }
-        Ok(ProcessGroup { group, rank, world_size })
+        Ok(ProcessGroup {
+            group,
+            rank,
+            world_size,
+        })
     }
 
     #[cfg(not(pirclip_dist))]
@@ -114,7 +145,12 @@ impl ProcessGroup {
     #[cfg(pirclip_dist)]
     fn check(&self, what: &str, rc: c_int, err: *mut c_char) -> Result<(), String> {
         if rc != 0 {
-            return Err(format!("{what} (rank {} of {}): {}", self.rank, self.world_size, take_message(err)));
+            return Err(format!(
+                "{what} (rank {} of {}): {}",
+                self.rank,
+                self.world_size,
+                take_message(err)
+            ));
         }
         Ok(())
     }
@@ -125,7 +161,9 @@ impl ProcessGroup {
         {
             let mut err = std::ptr::null_mut();
             // SAFETY: a live tensor borrowed for the call.
-            let rc = unsafe { pirclip_dist_all_reduce_sum(self.group, t.as_ptr() as *const c_void, &mut err) };
+            let rc = unsafe {
+                pirclip_dist_all_reduce_sum(self.group, t.as_ptr() as *const c_void, &mut err)
+            };
             self.check("all_reduce", rc, err)
         }
         #[cfg(not(pirclip_dist))]
@@ -146,7 +184,12 @@ impl ProcessGroup {
             let mut err = std::ptr::null_mut();
             // SAFETY: two live tensors borrowed for the call; `out` is contiguous.
             let rc = unsafe {
-                pirclip_dist_all_gather(self.group, t.as_ptr() as *const c_void, out.as_ptr() as *const c_void, &mut err)
+                pirclip_dist_all_gather(
+                    self.group,
+                    t.as_ptr() as *const c_void,
+                    out.as_ptr() as *const c_void,
+                    &mut err,
+                )
             };
             self.check("all_gather", rc, err)?;
         }
@@ -159,7 +202,14 @@ impl ProcessGroup {
         {
             let mut err = std::ptr::null_mut();
             // SAFETY: a live tensor borrowed for the call.
-            let rc = unsafe { pirclip_dist_broadcast(self.group, t.as_ptr() as *const c_void, root as c_int, &mut err) };
+            let rc = unsafe {
+                pirclip_dist_broadcast(
+                    self.group,
+                    t.as_ptr() as *const c_void,
+                    root as c_int,
+                    &mut err,
+                )
+            };
             self.check("broadcast", rc, err)
         }
         #[cfg(not(pirclip_dist))]

@@ -137,12 +137,27 @@ pub struct Explanation {
 
 impl VisionTransformer {
     /// `forward_instructed`, keeping the belief and every projected output token.
-    pub fn explain_instructed(&self, image: &Tensor, instruction: &Tensor, mode: BeliefMode) -> Explanation {
+    pub fn explain_instructed(
+        &self,
+        image: &Tensor,
+        instruction: &Tensor,
+        mode: BeliefMode,
+    ) -> Explanation {
         let x = self.embed(image);
         let y = instruction.unsqueeze(1);
-        let belief = x.matmul(&y.transpose(1, 2)).squeeze_dim(-1).softmax(1, Kind::Float);
-        let t = self.ln_post.forward(&self.transformer.forward(&Tensor::cat(&[&y, &vir(&x, &y, mode)], 1), false));
-        Explanation { belief, tokens: t.matmul(&self.proj) }
+        let belief = x
+            .matmul(&y.transpose(1, 2))
+            .squeeze_dim(-1)
+            .softmax(1, Kind::Float);
+        let t = self.ln_post.forward(
+            &self
+                .transformer
+                .forward(&Tensor::cat(&[&y, &vir(&x, &y, mode)], 1), false),
+        );
+        Explanation {
+            belief,
+            tokens: t.matmul(&self.proj),
+        }
     }
 }
 

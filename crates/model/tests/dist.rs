@@ -4,7 +4,11 @@ use pirclip_model::dist::ProcessGroup;
 use tch::{Kind, Tensor};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -19,11 +23,17 @@ fn two_gloo_ranks_reduce_gather_and_broadcast() {
                 };
                 let t = Tensor::from_slice(&[1.0f32 + rank as f32, 10.0]).view([1, 2]);
                 pg.all_reduce_sum(&t).unwrap();
-                let gathered = pg.all_gather(&Tensor::from_slice(&[rank as f32, rank as f32 * 2.0]).view([1, 2])).unwrap();
+                let gathered = pg
+                    .all_gather(&Tensor::from_slice(&[rank as f32, rank as f32 * 2.0]).view([1, 2]))
+                    .unwrap();
                 let b = Tensor::full([3], rank as f64 + 5.0, (Kind::Float, tch::Device::Cpu));
                 pg.broadcast(&b, 1).unwrap();
                 pg.barrier().unwrap();
-                (Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(gathered.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(b).unwrap())
+                (
+                    Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(),
+                    Vec::<f32>::try_from(gathered.flatten(0, -1)).unwrap(),
+                    Vec::<f32>::try_from(b).unwrap(),
+                )
             })
         })
         .collect();

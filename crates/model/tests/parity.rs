@@ -343,10 +343,16 @@ fn explain_belief_is_the_official_one_and_token_zero_is_the_embedding() {
     let m = model_from("model.safetensors");
     let x = pixels();
     let _g = tch::no_grad_guard();
-    let opts = pirclip_model::EncodeOptions { bn_mode: BnMode::Running, belief_mode: pirclip_model::BeliefMode::BeliefPlusIndex };
+    let opts = pirclip_model::EncodeOptions {
+        bn_mode: BnMode::Running,
+        belief_mode: pirclip_model::BeliefMode::BeliefPlusIndex,
+    };
     let e = m.explain(&x, opts).unwrap();
     check("explain belief", &e.belief, "belief.npy", 1e-5);
     let embedding = m.encode_image(&x, opts);
-    let diff = (e.tokens.select(1, 0) - &embedding).abs().max().double_value(&[]);
+    let diff = (e.tokens.select(1, 0) - &embedding)
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(diff < 1e-5, "token 0 vs the embedding: {diff}");
 }

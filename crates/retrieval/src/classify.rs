@@ -49,7 +49,12 @@ pub struct ZeroShot {
 
 impl ZeroShot {
     /// Encodes `templates` × `classes` (each template holds `{}`) and averages per class.
-    pub fn new(model: &ClipModel, classes: &[String], templates: &[String], progress: &dyn Progress) -> Self {
+    pub fn new(
+        model: &ClipModel,
+        classes: &[String],
+        templates: &[String],
+        progress: &dyn Progress,
+    ) -> Self {
         let prompts: Vec<String> = classes
             .iter()
             .flat_map(|c| templates.iter().map(move |t| t.replace("{}", c)))
@@ -68,7 +73,11 @@ impl ZeroShot {
         }
         ZeroShot {
             classes: classes.to_vec(),
-            weights: Embeddings { rows: classes.len(), dim: e.dim, values },
+            weights: Embeddings {
+                rows: classes.len(),
+                dim: e.dim,
+                values,
+            },
         }
     }
 
@@ -132,7 +141,10 @@ mod tests {
             vec![(1, 0.6), (2, 0.5), (0, 0.1)],
         ];
         let a = accuracy(&top, &[0, 0, 2], 3);
-        assert_eq!(a.confusion, vec![vec![1, 1, 0], vec![0, 0, 0], vec![0, 1, 0]]);
+        assert_eq!(
+            a.confusion,
+            vec![vec![1, 1, 0], vec![0, 0, 0], vec![0, 1, 0]]
+        );
         assert!((a.top1 - 100.0 / 3.0).abs() < 1e-9);
         assert!((a.top5 - 100.0).abs() < 1e-9);
         assert_eq!(readable_class_name("storagetanks"), "storage tanks");

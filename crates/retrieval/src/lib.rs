@@ -97,7 +97,10 @@ pub fn encode_images(
     }
     progress.finish();
     if values.len() != paths.len() * dim {
-        return Err(Error::Incomplete { done: values.len() / dim.max(1), total: paths.len() });
+        return Err(Error::Incomplete {
+            done: values.len() / dim.max(1),
+            total: paths.len(),
+        });
     }
     Ok(Embeddings {
         rows: paths.len(),

@@ -36,7 +36,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 16 << 20, max_results: 1000, queue: 64 }
+        Limits {
+            max_body_bytes: 16 << 20,
+            max_results: 1000,
+            queue: 64,
+        }
     }
 }
 
@@ -75,29 +79,46 @@ impl Encoder {
             for job in rx {
                 match job {
                     Job::Text(text, reply) => {
-                        let e = pirclip_retrieval::encode_texts(&model, &[text], 1, true, &pirclip_retrieval::Quiet);
+                        let e = pirclip_retrieval::encode_texts(
+                            &model,
+                            &[text],
+                            1,
+                            true,
+                            &pirclip_retrieval::Quiet,
+                        );
                         let _ = reply.send(Ok(e.values));
                     }
                     Job::Image(bytes, reply) => {
-                        let r = pirclip_image::decode(&bytes, "uploaded image").map_err(|e| e.to_string()).map(|img| {
-                            let px = pirclip_image::preprocess_eval(&img, size);
-                            let x = images_tensor(&px, 1, size, model.device());
-                            pirclip_retrieval::to_vec(&tch::no_grad(|| l2_normalize(&model.encode_image(&x, opts))))
-                        });
+                        let r = pirclip_image::decode(&bytes, "uploaded image")
+                            .map_err(|e| e.to_string())
+                            .map(|img| {
+                                let px = pirclip_image::preprocess_eval(&img, size);
+                                let x = images_tensor(&px, 1, size, model.device());
+                                pirclip_retrieval::to_vec(&tch::no_grad(|| {
+                                    l2_normalize(&model.encode_image(&x, opts))
+                                }))
+                            });
                         let _ = reply.send(r);
                     }
                 }
             }
         });
-        ready.recv().map_err(|_| "the model thread stopped while loading".to_string())??;
+        ready
+            .recv()
+            .map_err(|_| "the model thread stopped while loading".to_string())??;
         Ok(Encoder { tx })
     }
 
-    async fn run(&self, job: impl FnOnce(oneshot::Sender<Result<Vec<f32>, String>>) -> Job) -> Result<Vec<f32>, ApiError> {
+    async fn run(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<Vec<f32>, String>>) -> Job,
+    ) -> Result<Vec<f32>, ApiError> {
         let (reply, answer) = oneshot::channel();
         self.tx.try_send(job(reply)).map_err(|e| match e {
             std::sync::mpsc::TrySendError::Full(_) => ApiError::busy(),
-            std::sync::mpsc::TrySendError::Disconnected(_) => ApiError::internal("the model thread stopped"),
+            std::sync::mpsc::TrySendError::Disconnected(_) => {
+                ApiError::internal("the model thread stopped")
+            }
         })?;
         answer
             .await
@@ -115,16 +136,38 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(indices: Vec<(String, LoadedIndex)>, encoder: Encoder, model_name: String, limits: Limits) -> Self {
-        AppState { indices, encoder, model_name, limits, text_cache: Mutex::new(HashMap::new()) }
+    pub fn new(
+        indices: Vec<(String, LoadedIndex)>,
+        encoder: Encoder,
+        model_name: String,
+        limits: Limits,
+    ) -> Self {
+        AppState {
+            indices,
+            encoder,
+            model_name,
+            limits,
+            text_cache: Mutex::new(HashMap::new()),
+        }
     }
 
     fn index(&self, name: Option<&str>) -> Result<&LoadedIndex, ApiError> {
         match name {
-            None => self.indices.first().map(|(_, i)| i).ok_or_else(|| ApiError::not_found("no index is loaded")),
-            Some(n) => self.indices.iter().find(|(k, _)| k == n).map(|(_, i)| i).ok_or_else(|| {
-                ApiError::not_found(format!("unknown indice_name {n:?}; GET /indices-list names the indexes"))
-            }),
+            None => self
+                .indices
+                .first()
+                .map(|(_, i)| i)
+                .ok_or_else(|| ApiError::not_found("no index is loaded")),
+            Some(n) => self
+                .indices
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, i)| i)
+                .ok_or_else(|| {
+                    ApiError::not_found(format!(
+                        "unknown indice_name {n:?}; GET /indices-list names the indexes"
+                    ))
+                }),
         }
     }
 }
@@ -140,7 +183,10 @@ impl ApiError {
         ApiError(StatusCode::NOT_FOUND, m.into())
     }
     fn busy() -> Self {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, "the query queue is full; retry shortly".into())
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the query queue is full; retry shortly".into(),
+        )
     }
     fn internal(m: impl Into<String>) -> Self {
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, m.into())
@@ -154,7 +200,8 @@ impl IntoResponse for ApiError {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("request body is not the expected JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("request body is not the expected JSON: {e}")))
 }
 
 #[derive(serde::Deserialize)]
@@ -184,12 +231,17 @@ async fn knn(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>,
     let r: KnnRequest = parse(&body)?;
     let index = s.index(r.indice_name.as_deref())?;
     if r.modality.as_deref().is_some_and(|m| m != "image") {
-        return Err(ApiError::bad("pirclip indexes hold image embeddings: use modality \"image\""));
+        return Err(ApiError::bad(
+            "pirclip indexes hold image embeddings: use modality \"image\"",
+        ));
     }
     let dim = index.store.dim();
     let query = if let Some(v) = r.embedding_input {
         if v.len() != dim {
-            return Err(ApiError::bad(format!("embedding_input has {} values, the index {dim}", v.len())));
+            return Err(ApiError::bad(format!(
+                "embedding_input has {} values, the index {dim}",
+                v.len()
+            )));
         }
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         if !norm.is_finite() || norm == 0.0 {
@@ -201,7 +253,10 @@ async fn knn(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>,
         match cached {
             Some(v) => v,
             None => {
-                let v = s.encoder.run(|reply| Job::Text(text.clone(), reply)).await?;
+                let v = s
+                    .encoder
+                    .run(|reply| Job::Text(text.clone(), reply))
+                    .await?;
                 let mut cache = s.text_cache.lock().unwrap();
                 if cache.len() >= 10_000 {
                     cache.clear();
@@ -219,19 +274,39 @@ async fn knn(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>,
     } else if r.image_url.is_some() {
         return Err(ApiError::bad("image_url is not fetched (pirclip serves offline): send the image as base64 in `image`"));
     } else {
-        return Err(ApiError::bad("give `text`, `image` (base64) or `embedding_input`"));
+        return Err(ApiError::bad(
+            "give `text`, `image` (base64) or `embedding_input`",
+        ));
     };
     if query.len() != dim {
-        return Err(ApiError::internal(format!("the model's embeddings have {} values, the index {dim}", query.len())));
+        return Err(ApiError::internal(format!(
+            "the model's embeddings have {} values, the index {dim}",
+            query.len()
+        )));
     }
-    let k = r.num_images.or(r.num_result_ids).unwrap_or(40).min(s.limits.max_results);
-    let fetch = if r.deduplicate { (k * 2).max(k + 10) } else { k };
+    let k = r
+        .num_images
+        .or(r.num_result_ids)
+        .unwrap_or(40)
+        .min(s.limits.max_results);
+    let fetch = if r.deduplicate {
+        (k * 2).max(k + 10)
+    } else {
+        k
+    };
     let mut kept: Vec<(usize, f32)> = Vec::with_capacity(k);
     for (i, score) in index.store.search(&query, fetch) {
         if r.deduplicate {
             let row = index.store.row(i);
             let twin = kept.iter().any(|&(j, _)| {
-                index.store.row(j).iter().zip(row).map(|(a, b)| a * b).sum::<f32>() > 0.9995
+                index
+                    .store
+                    .row(j)
+                    .iter()
+                    .zip(row)
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>()
+                    > 0.9995
             });
             if twin {
                 continue;
@@ -263,22 +338,43 @@ async fn metadata(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Va
     let r: MetadataRequest = parse(&body)?;
     let index = s.index(r.indice_name.as_deref())?;
     if r.ids.len() > s.limits.max_results {
-        return Err(ApiError::bad(format!("at most {} ids per request", s.limits.max_results)));
+        return Err(ApiError::bad(format!(
+            "at most {} ids per request",
+            s.limits.max_results
+        )));
     }
     Ok(Json(Value::Array(
         r.ids
             .iter()
-            .filter_map(|&id| index.entries.get(id).map(|e| json!({ "id": id, "metadata": Value::Object(entry_json(id, e)) })))
+            .filter_map(|&id| {
+                index
+                    .entries
+                    .get(id)
+                    .map(|e| json!({ "id": id, "metadata": Value::Object(entry_json(id, e)) }))
+            })
             .collect(),
     )))
 }
 
-async fn image(State(s): State<Arc<AppState>>, Path((indice, id)): Path<(String, usize)>) -> Result<Response, ApiError> {
+async fn image(
+    State(s): State<Arc<AppState>>,
+    Path((indice, id)): Path<(String, usize)>,
+) -> Result<Response, ApiError> {
     let index = s.index(Some(&indice))?;
-    let entry = index.entries.get(id).ok_or_else(|| ApiError::not_found(format!("{indice} has no image {id}")))?;
+    let entry = index
+        .entries
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("{indice} has no image {id}")))?;
     let path = std::path::PathBuf::from(&entry.image_path);
-    let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError::not_found(format!("image {id}: {e}")))?;
-    let kind = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|e| ApiError::not_found(format!("image {id}: {e}")))?;
+    let kind = match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("jpg" | "jpeg") => "image/jpeg",
         Some("png") => "image/png",
         Some("tif" | "tiff") => "image/tiff",
@@ -287,7 +383,14 @@ async fn image(State(s): State<Arc<AppState>>, Path((indice, id)): Path<(String,
         Some("bmp") => "image/bmp",
         _ => "application/octet-stream",
     };
-    Ok(([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "max-age=3600")], bytes).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        bytes,
+    )
+        .into_response())
 }
 
 async fn indices_list(State(s): State<Arc<AppState>>) -> Json<Value> {
@@ -321,7 +424,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Serves until the process ends.
 pub fn serve(addr: std::net::SocketAddr, state: AppState) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         axum::serve(listener, router(Arc::new(state))).await

@@ -60,7 +60,10 @@ impl Entry {
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> Error {
-    Error::Invalid { path: path.display().to_string(), message: message.into() }
+    Error::Invalid {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
 }
 
 pub struct IndexDir {
@@ -92,15 +95,26 @@ impl IndexDir {
         }
         std::fs::create_dir_all(root.join("img_emb"))?;
         std::fs::create_dir_all(root.join("metadata"))?;
-        pirclip_checkpoint::write_atomic(&meta, serde_json::to_string_pretty(&identity).unwrap().as_bytes())?;
-        Ok(IndexDir { root: root.to_path_buf(), identity })
+        pirclip_checkpoint::write_atomic(
+            &meta,
+            serde_json::to_string_pretty(&identity).unwrap().as_bytes(),
+        )?;
+        Ok(IndexDir {
+            root: root.to_path_buf(),
+            identity,
+        })
     }
 
     pub fn open(root: &Path) -> Result<Self, Error> {
         let meta = root.join("index.json");
-        let text = std::fs::read_to_string(&meta).map_err(|e| invalid(&meta, format!("not an index folder ({e})")))?;
-        let identity: Identity = serde_json::from_str(&text).map_err(|e| invalid(&meta, e.to_string()))?;
-        Ok(IndexDir { root: root.to_path_buf(), identity })
+        let text = std::fs::read_to_string(&meta)
+            .map_err(|e| invalid(&meta, format!("not an index folder ({e})")))?;
+        let identity: Identity =
+            serde_json::from_str(&text).map_err(|e| invalid(&meta, e.to_string()))?;
+        Ok(IndexDir {
+            root: root.to_path_buf(),
+            identity,
+        })
     }
 
     fn emb_path(&self, k: usize) -> PathBuf {
@@ -118,7 +132,10 @@ impl IndexDir {
             .flatten()
             .filter_map(|e| {
                 let name = e.ok()?.file_name().to_string_lossy().to_string();
-                name.strip_prefix("metadata_")?.strip_suffix(".parquet")?.parse().ok()
+                name.strip_prefix("metadata_")?
+                    .strip_suffix(".parquet")?
+                    .parse()
+                    .ok()
             })
             .filter(|&k| self.emb_path(k).is_file())
             .collect();
@@ -130,26 +147,50 @@ impl IndexDir {
     pub fn append_part(&self, entries: &[Entry], embeddings: &[f32]) -> Result<usize, Error> {
         let dim = self.identity.dim;
         if embeddings.len() != entries.len() * dim {
-            return Err(invalid(&self.root, format!("{} values for {} entries of dimension {dim}", embeddings.len(), entries.len())));
+            return Err(invalid(
+                &self.root,
+                format!(
+                    "{} values for {} entries of dimension {dim}",
+                    embeddings.len(),
+                    entries.len()
+                ),
+            ));
         }
         let k = self.parts().last().map(|k| k + 1).unwrap_or(0);
-        let halves: Vec<u8> = embeddings.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let halves: Vec<u8> = embeddings
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
         let t = TensorData::new(DType::F16, vec![entries.len(), dim], halves)?;
         pirclip_checkpoint::npy::write(self.emb_path(k), &t)?;
-        let schema = Arc::new(parquet::schema::parser::parse_message_type(METADATA_SCHEMA)?);
+        let schema = Arc::new(parquet::schema::parser::parse_message_type(
+            METADATA_SCHEMA,
+        )?);
         let props = Arc::new(WriterProperties::builder().build());
         pirclip_checkpoint::write_atomic_with(&self.meta_path(k), |file| {
             let mut w = SerializedFileWriter::new(file.try_clone()?, schema, props)
                 .map_err(|e| pirclip_checkpoint::Error::Format(e.to_string()))?;
-            let perr = |e: parquet::errors::ParquetError| pirclip_checkpoint::Error::Format(format!("parquet: {e}"));
+            let perr = |e: parquet::errors::ParquetError| {
+                pirclip_checkpoint::Error::Format(format!("parquet: {e}"))
+            };
             let mut rg = w.next_row_group().map_err(perr)?;
-            let paths: Vec<ByteArray> = entries.iter().map(|e| ByteArray::from(e.image_path.as_str())).collect();
+            let paths: Vec<ByteArray> = entries
+                .iter()
+                .map(|e| ByteArray::from(e.image_path.as_str()))
+                .collect();
             let mut col = rg.next_column().map_err(perr)?.expect("image_path column");
-            col.typed::<ByteArrayType>().write_batch(&paths, None, None).map_err(perr)?;
+            col.typed::<ByteArrayType>()
+                .write_batch(&paths, None, None)
+                .map_err(perr)?;
             col.close().map_err(perr)?;
-            for values in [entries.iter().map(|e| e.size).collect::<Vec<_>>(), entries.iter().map(|e| e.mtime).collect()] {
+            for values in [
+                entries.iter().map(|e| e.size).collect::<Vec<_>>(),
+                entries.iter().map(|e| e.mtime).collect(),
+            ] {
                 let mut col = rg.next_column().map_err(perr)?.expect("int64 column");
-                col.typed::<Int64Type>().write_batch(&values, None, None).map_err(perr)?;
+                col.typed::<Int64Type>()
+                    .write_batch(&values, None, None)
+                    .map_err(perr)?;
                 col.close().map_err(perr)?;
             }
             rg.close().map_err(perr)?;
@@ -167,7 +208,10 @@ impl IndexDir {
         for row in reader.get_row_iter(None)? {
             let row = row?;
             out.push(Entry {
-                image_path: row.get_string(0).map_err(|e| invalid(&path, e.to_string()))?.clone(),
+                image_path: row
+                    .get_string(0)
+                    .map_err(|e| invalid(&path, e.to_string()))?
+                    .clone(),
                 size: row.get_long(1).map_err(|e| invalid(&path, e.to_string()))?,
                 mtime: row.get_long(2).map_err(|e| invalid(&path, e.to_string()))?,
             });
@@ -180,7 +224,10 @@ impl IndexDir {
         let path = self.emb_path(k);
         let t = pirclip_checkpoint::npy::read(&path)?;
         if t.shape.len() != 2 || t.shape[1] != self.identity.dim {
-            return Err(invalid(&path, format!("shape {:?}, expected [n, {}]", t.shape, self.identity.dim)));
+            return Err(invalid(
+                &path,
+                format!("shape {:?}, expected [n, {}]", t.shape, self.identity.dim),
+            ));
         }
         Ok(t.to_f32_vec())
     }
@@ -270,13 +317,24 @@ impl LoadedIndex {
             let e = dir.entries(k)?;
             let v = dir.embeddings(k)?;
             if v.len() != e.len() * dir.identity.dim {
-                return Err(invalid(root, format!("part {k}: {} metadata rows but {} embeddings", e.len(), v.len() / dir.identity.dim.max(1))));
+                return Err(invalid(
+                    root,
+                    format!(
+                        "part {k}: {} metadata rows but {} embeddings",
+                        e.len(),
+                        v.len() / dir.identity.dim.max(1)
+                    ),
+                ));
             }
             entries.extend(e);
             vectors.extend(v);
         }
         let store = FlatStore::new(dir.identity.dim, vectors);
-        Ok(LoadedIndex { dir, entries, store })
+        Ok(LoadedIndex {
+            dir,
+            entries,
+            store,
+        })
     }
 }
 
@@ -285,7 +343,13 @@ mod tests {
     use super::*;
 
     fn identity(sha: &str) -> Identity {
-        Identity { model: "m".into(), config: serde_json::json!({"embed_dim": 2}), checkpoint: "c".into(), checkpoint_sha256: sha.into(), dim: 2 }
+        Identity {
+            model: "m".into(),
+            config: serde_json::json!({"embed_dim": 2}),
+            checkpoint: "c".into(),
+            checkpoint_sha256: sha.into(),
+            dim: 2,
+        }
     }
 
     #[test]
@@ -293,20 +357,41 @@ mod tests {
         let root = std::env::temp_dir().join(format!("pirclip-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let dir = IndexDir::open_or_create(&root, identity("aa")).unwrap();
-        let e = |p: &str| Entry { image_path: p.into(), size: 10, mtime: 7 };
-        assert_eq!(dir.append_part(&[e("a.jpg"), e("b.jpg")], &[1.0, 0.0, 0.0, 1.0]).unwrap(), 0);
+        let e = |p: &str| Entry {
+            image_path: p.into(),
+            size: 10,
+            mtime: 7,
+        };
+        assert_eq!(
+            dir.append_part(&[e("a.jpg"), e("b.jpg")], &[1.0, 0.0, 0.0, 1.0])
+                .unwrap(),
+            0
+        );
         assert_eq!(dir.append_part(&[e("c.jpg")], &[0.6, 0.8]).unwrap(), 1);
         // A part cut short (embeddings without metadata) does not count.
         std::fs::copy(dir.emb_path(0), dir.emb_path(2)).unwrap();
         assert_eq!(dir.parts(), [0, 1]);
         let idx = LoadedIndex::load(&root).unwrap();
-        assert_eq!(idx.entries.iter().map(|e| e.image_path.as_str()).collect::<Vec<_>>(), ["a.jpg", "b.jpg", "c.jpg"]);
+        assert_eq!(
+            idx.entries
+                .iter()
+                .map(|e| e.image_path.as_str())
+                .collect::<Vec<_>>(),
+            ["a.jpg", "b.jpg", "c.jpg"]
+        );
         let hits = idx.store.search(&[0.0, 1.0], 2);
         assert_eq!(hits[0].0, 1);
         assert_eq!(hits[1].0, 2);
         assert!((hits[1].1 - 0.8).abs() < 1e-3, "float16 storage");
-        assert!(dir.indexed_keys().unwrap().contains(&("c.jpg".to_string(), 10, 7)));
+        assert!(dir
+            .indexed_keys()
+            .unwrap()
+            .contains(&("c.jpg".to_string(), 10, 7)));
         // Another model may not add to it.
-        assert!(IndexDir::open_or_create(&root, identity("bb")).err().unwrap().to_string().contains("cannot share"));
+        assert!(IndexDir::open_or_create(&root, identity("bb"))
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("cannot share"));
     }
 }

@@ -300,9 +300,15 @@ mod tests {
         while word.len() > 1 {
             let best = word
                 .windows(2)
-                .filter_map(|w| t.ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, w[0].clone(), w[1].clone())))
+                .filter_map(|w| {
+                    t.ranks
+                        .get(&(w[0].clone(), w[1].clone()))
+                        .map(|&r| (r, w[0].clone(), w[1].clone()))
+                })
                 .min_by_key(|(r, _, _)| *r);
-            let Some((_, first, second)) = best else { break };
+            let Some((_, first, second)) = best else {
+                break;
+            };
             let mut merged = Vec::new();
             let mut i = 0;
             while i < word.len() {
@@ -322,9 +328,20 @@ mod tests {
     #[test]
     fn heap_bpe_equals_the_pass_by_pass_algorithm() {
         let t = Tokenizer::new();
-        let mut words: Vec<String> = ["a", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "abababababababababab", "storagetanks",
-            "mississippi", "hellohellohello", "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz", "ééééééé", "12341234"]
-            .iter().map(|s| s.to_string()).collect();
+        let mut words: Vec<String> = [
+            "a",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "abababababababababab",
+            "storagetanks",
+            "mississippi",
+            "hellohellohello",
+            "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
+            "ééééééé",
+            "12341234",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let mut x = 0x2545_f491_4f6c_dd1du64;
         let letters: Vec<char> = "aeiourstlnmbcdpk".chars().collect();
         for len in 1..400 {
@@ -347,7 +364,11 @@ mod tests {
     #[test]
     fn a_one_megabyte_word_is_tokenised_in_bounded_time() {
         let t = Tokenizer::new();
-        for word in ["ab".repeat(1 << 19), "x".repeat(1 << 20), "storagetank".repeat(95_000)] {
+        for word in [
+            "ab".repeat(1 << 19),
+            "x".repeat(1 << 20),
+            "storagetank".repeat(95_000),
+        ] {
             let started = std::time::Instant::now();
             let ids = t.tokenize(&word, 77);
             // A bound on complexity, not a speed goal: the pass-by-pass algorithm takes minutes here.
@@ -356,7 +377,10 @@ mod tests {
         }
         // Many words: only the pieces that can reach the 77 tokens are encoded.
         let many = "a storage tank ".repeat(70_000);
-        assert_eq!(t.tokenize(&many, 77)[..4], t.tokenize("a storage tank", 77)[..4]);
+        assert_eq!(
+            t.tokenize(&many, 77)[..4],
+            t.tokenize("a storage tank", 77)[..4]
+        );
     }
 
     #[test]

@@ -32,7 +32,12 @@ pub fn save(
     // Weights and moments are written straight from the tensors (no copy of 3× the model in memory).
     let lazy = |t: &tch::Tensor| PyValue::Lazy(std::rc::Rc::new(TchSource(t.shallow_clone())));
     let state_dict = trainer.model.registry().with_entries(|entries| {
-        PyValue::OrderedDict(entries.iter().map(|e| (e.name.clone(), lazy(&e.tensor))).collect())
+        PyValue::OrderedDict(
+            entries
+                .iter()
+                .map(|e| (e.name.clone(), lazy(&e.tensor)))
+                .collect(),
+        )
     });
     let c = trainer.optimizer.config;
     let mut state = Vec::new();
@@ -185,8 +190,12 @@ pub fn resume(path: &Path, trainer: &mut Trainer) -> Result<Position, String> {
                 .map_err(|e| e.to_string())?
                 .to_f32_vec()
                 .first()
-                .ok_or_else(|| format!("{}: optimizer state {i} has an empty `step` tensor", path.display()))?
-                as i64;
+                .ok_or_else(|| {
+                    format!(
+                        "{}: optimizer state {i} has an empty `step` tensor",
+                        path.display()
+                    )
+                })? as i64;
             trainer.optimizer.step = s;
             if pos.step == 0 {
                 pos.step = s;

@@ -44,7 +44,9 @@ impl Distributed {
     pub fn broadcast_model(&self, model: &ClipModel) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
         model.registry().with_entries(|entries| {
-            entries.iter().try_for_each(|e| self.group.broadcast(&e.tensor, 0))
+            entries
+                .iter()
+                .try_for_each(|e| self.group.broadcast(&e.tensor, 0))
         })
     }
 
@@ -57,7 +59,11 @@ impl Distributed {
     pub fn own_gradient(&self, leaf: &Tensor, local_batch: usize) -> Result<Tensor, String> {
         let grad = leaf.grad();
         if !grad.defined() {
-            return Ok(Tensor::zeros(leaf.size()[1..].to_vec().as_slice(), (leaf.kind(), leaf.device())).expand([local_batch as i64, -1], false));
+            return Ok(Tensor::zeros(
+                leaf.size()[1..].to_vec().as_slice(),
+                (leaf.kind(), leaf.device()),
+            )
+            .expand([local_batch as i64, -1], false));
         }
         if self.gather_with_grad {
             self.group.all_reduce_sum(&grad)?;
@@ -68,7 +74,11 @@ impl Distributed {
     /// DDP's gradient averaging: sum over ranks in flat buckets, divided by the world size.
     pub fn average_gradients(&self, params: &[ParamState]) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
-        let grads: Vec<Tensor> = params.iter().map(|p| p.param.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.param.grad())
+            .filter(|g| g.defined())
+            .collect();
         let world = self.world() as f64;
         let mut start = 0;
         while start < grads.len() {
@@ -78,7 +88,13 @@ impl Distributed {
                 bytes += grads[end].numel() as i64 * grads[end].kind().elt_size_in_bytes() as i64;
                 end += 1;
             }
-            let mut flat = Tensor::cat(&grads[start..end].iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+            let mut flat = Tensor::cat(
+                &grads[start..end]
+                    .iter()
+                    .map(|g| g.reshape([-1]))
+                    .collect::<Vec<_>>(),
+                0,
+            );
             self.group.all_reduce_sum(&flat)?;
             let _ = flat.g_div_scalar_(world);
             let mut at = 0;

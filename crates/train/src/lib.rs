@@ -223,7 +223,13 @@ impl Trainer {
     /// One data-parallel step (see `distributed`): the loss over every rank's features, gradients
     /// through this rank's towers, averaged over ranks. Fails when a collective fails (a rank died, or
     /// the group's timeout passed).
-    fn step_distributed(&mut self, images: &Tensor, ids: &Tensor, labels: &[i64], lr: f64) -> StepStats {
+    fn step_distributed(
+        &mut self,
+        images: &Tensor,
+        ids: &Tensor,
+        labels: &[i64],
+        lr: f64,
+    ) -> StepStats {
         self.try_step_distributed(images, ids, labels, lr)
             .unwrap_or_else(|e| panic!("distributed step failed: {e}"))
     }
@@ -241,28 +247,30 @@ impl Trainer {
         let labels_t = Tensor::from_slice(labels)
             .to_kind(Kind::Int64)
             .to_device(images.device());
-        let (features, centres, leaves, losses, total) = self.autocast(|| -> Result<_, String> {
-            let (image, text) = self.encode_normalized(images, ids);
-            let centres = self
-                .options
-                .affiliation_loss
-                .then(|| loss::class_centres(&image, &text, &labels_t));
-            let (gi, gt) = (d.gather_leaf(&image)?, d.gather_leaf(&text)?);
-            let gc = match &centres {
-                Some((ci, ct)) => Some((d.gather_leaf(ci)?, d.gather_leaf(ct)?)),
-                None => None,
-            };
-            let gathered = loss::Gathered {
-                image: &gi,
-                text: &gt,
-                centres: gc.as_ref().map(|(a, b)| (a, b)),
-                rank: d.rank(),
-                local_batch,
-            };
-            let losses = loss::gathered_losses(&gathered, &self.model.logit_scale, d.local_loss);
-            let total = losses.total();
-            Ok(((image, text), centres, (gi, gt, gc), losses, total))
-        })?;
+        let (features, centres, leaves, losses, total) =
+            self.autocast(|| -> Result<_, String> {
+                let (image, text) = self.encode_normalized(images, ids);
+                let centres = self
+                    .options
+                    .affiliation_loss
+                    .then(|| loss::class_centres(&image, &text, &labels_t));
+                let (gi, gt) = (d.gather_leaf(&image)?, d.gather_leaf(&text)?);
+                let gc = match &centres {
+                    Some((ci, ct)) => Some((d.gather_leaf(ci)?, d.gather_leaf(ct)?)),
+                    None => None,
+                };
+                let gathered = loss::Gathered {
+                    image: &gi,
+                    text: &gt,
+                    centres: gc.as_ref().map(|(a, b)| (a, b)),
+                    rank: d.rank(),
+                    local_batch,
+                };
+                let losses =
+                    loss::gathered_losses(&gathered, &self.model.logit_scale, d.local_loss);
+                let total = losses.total();
+                Ok(((image, text), centres, (gi, gt, gc), losses, total))
+            })?;
         match &self.scaler {
             Some(s) => (&total * s.scale).backward(),
             None => total.backward(),

@@ -111,7 +111,9 @@ pub fn gathered_losses(g: &Gathered, logit_scale_param: &Tensor, local_loss: boo
     };
     Losses {
         contrastive: pair(&own_image, g.text, &own_text, g.image),
-        affiliation: g.centres.map(|(ci, ct)| pair(&own_image, ct, &own_text, ci)),
+        affiliation: g
+            .centres
+            .map(|(ci, ct)| pair(&own_image, ct, &own_text, ci)),
     }
 }
 
@@ -151,21 +153,44 @@ mod tests {
         let _g = tch::no_grad_guard();
         tch::manual_seed(7);
         let norm = |t: Tensor| &t / t.norm_scalaropt_dim(2, [1], true);
-        let (i, t) = (norm(Tensor::randn([6, 5], tch::kind::FLOAT_CPU)), norm(Tensor::randn([6, 5], tch::kind::FLOAT_CPU)));
+        let (i, t) = (
+            norm(Tensor::randn([6, 5], tch::kind::FLOAT_CPU)),
+            norm(Tensor::randn([6, 5], tch::kind::FLOAT_CPU)),
+        );
         let labels = Tensor::from_slice(&[0i64, 1, 0, 2, 1, 0]);
         let scale = Tensor::from(2.3f32);
         let plain = clip_losses(&i, &t, &scale, Some(&labels));
         let (ci, ct) = class_centres(&i, &t, &labels);
         for local in [false, true] {
-            let g = Gathered { image: &i, text: &t, centres: Some((&ci, &ct)), rank: 0, local_batch: 6 };
+            let g = Gathered {
+                image: &i,
+                text: &t,
+                centres: Some((&ci, &ct)),
+                rank: 0,
+                local_batch: 6,
+            };
             let l = gathered_losses(&g, &scale, local);
-            assert!((l.contrastive.double_value(&[]) - plain.contrastive.double_value(&[])).abs() < 1e-6);
-            let (a, b) = (l.affiliation.unwrap().double_value(&[]), plain.affiliation.as_ref().unwrap().double_value(&[]));
+            assert!(
+                (l.contrastive.double_value(&[]) - plain.contrastive.double_value(&[])).abs()
+                    < 1e-6
+            );
+            let (a, b) = (
+                l.affiliation.unwrap().double_value(&[]),
+                plain.affiliation.as_ref().unwrap().double_value(&[]),
+            );
             assert!((a - b).abs() < 1e-6, "{local}: {a} vs {b}");
         }
         // Two ranks, local loss: the mean of the two ranks' losses is the global loss.
-        let g = |rank| Gathered { image: &i, text: &t, centres: None, rank, local_batch: 3 };
-        let mean = (gathered_losses(&g(0), &scale, true).contrastive + gathered_losses(&g(1), &scale, true).contrastive) / 2.0;
+        let g = |rank| Gathered {
+            image: &i,
+            text: &t,
+            centres: None,
+            rank,
+            local_batch: 3,
+        };
+        let mean = (gathered_losses(&g(0), &scale, true).contrastive
+            + gathered_losses(&g(1), &scale, true).contrastive)
+            / 2.0;
         assert!((mean.double_value(&[]) - plain.contrastive.double_value(&[])).abs() < 1e-6);
     }
 

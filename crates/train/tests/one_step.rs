@@ -361,7 +361,11 @@ fn foreach_adamw_step_equals_the_per_tensor_step() {
 
 /// Gradients of every trainable parameter after a step (the optimizer leaves them in place).
 fn grads(t: &Trainer) -> Vec<(String, Tensor)> {
-    t.optimizer.params.iter().map(|p| (p.name.clone(), p.param.grad().copy())).collect()
+    t.optimizer
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.param.grad().copy()))
+        .collect()
 }
 
 /// Two ranks (threads over gloo on loopback) × 2 samples with the affiliation loss: each rank's class
@@ -377,33 +381,61 @@ fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
     use pirclip_train::loss::{class_centres, gathered_losses, Gathered};
 
     let fixture = Fixture::load();
-    let options = TrainOptions { affiliation_loss: true, lock_instruction: true, ..Default::default() };
+    let options = TrainOptions {
+        affiliation_loss: true,
+        lock_instruction: true,
+        ..Default::default()
+    };
     let reference = fixture.trainer(options);
     let (images, ids) = fixture.batch(0, 4);
-    let opts = EncodeOptions { bn_mode: BnMode::Running, belief_mode: options.belief_mode };
+    let opts = EncodeOptions {
+        bn_mode: BnMode::Running,
+        belief_mode: options.belief_mode,
+    };
     let image = l2_normalize(&reference.model.encode_image(&images, opts));
     let text = l2_normalize(&reference.model.encode_text(&ids));
     let centres: Vec<(Tensor, Tensor)> = (0..2)
         .map(|r| {
             let labels = Tensor::from_slice(&labels_from_names(&NAMES[2 * r..2 * r + 2]));
-            class_centres(&image.narrow(0, 2 * r as i64, 2), &text.narrow(0, 2 * r as i64, 2), &labels)
+            class_centres(
+                &image.narrow(0, 2 * r as i64, 2),
+                &text.narrow(0, 2 * r as i64, 2),
+                &labels,
+            )
         })
         .collect();
     let ci = Tensor::cat(&[&centres[0].0, &centres[1].0], 0);
     let ct = Tensor::cat(&[&centres[0].1, &centres[1].1], 0);
-    let g = Gathered { image: &image, text: &text, centres: Some((&ci, &ct)), rank: 0, local_batch: 4 };
-    gathered_losses(&g, &reference.model.logit_scale, false).total().backward();
+    let g = Gathered {
+        image: &image,
+        text: &text,
+        centres: Some((&ci, &ct)),
+        rank: 0,
+        local_batch: 4,
+    };
+    gathered_losses(&g, &reference.model.logit_scale, false)
+        .total()
+        .backward();
     let want = grads(&reference);
 
     for gather_with_grad in [true, false] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let ranks: Vec<_> = (0..2usize)
             .map(|rank| {
                 std::thread::spawn(move || {
                     let fixture = Fixture::load();
                     let mut t = fixture.trainer(options);
-                    let group = ProcessGroup::gloo("127.0.0.1", port, rank, 2, rank == 0, 60).unwrap();
-                    t.dist = Some(Distributed { group, local_loss: false, gather_with_grad });
+                    let group =
+                        ProcessGroup::gloo("127.0.0.1", port, rank, 2, rank == 0, 60).unwrap();
+                    t.dist = Some(Distributed {
+                        group,
+                        local_loss: false,
+                        gather_with_grad,
+                    });
                     let (images, ids) = fixture.batch(2 * rank, 2);
                     let labels = labels_from_names(&NAMES[2 * rank..2 * rank + 2]);
                     t.try_step_distributed(&images, &ids, &labels, 0.0).unwrap();
@@ -415,13 +447,20 @@ fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
             let got = h.join().unwrap();
             let mut worst = 0f64;
             for ((name, w), (_, g)) in want.iter().zip(&got) {
-                let factor = if gather_with_grad || name == "logit_scale" { 1.0 } else { 2.0 };
+                let factor = if gather_with_grad || name == "logit_scale" {
+                    1.0
+                } else {
+                    2.0
+                };
                 let diff = (w - g * factor).norm().double_value(&[]);
                 let rel = diff / w.norm().double_value(&[]).max(1e-12);
                 worst = worst.max(rel);
             }
             println!("gather_with_grad {gather_with_grad}, rank {rank}: worst relative gradient difference {worst:.2e}");
-            assert!(worst < 1e-4, "gather_with_grad {gather_with_grad}, rank {rank}: {worst}");
+            assert!(
+                worst < 1e-4,
+                "gather_with_grad {gather_with_grad}, rank {rank}: {worst}"
+            );
         }
     }
 }
