@@ -221,14 +221,11 @@ pub fn write_zip<W: Write + std::io::Seek>(
         .map_err(zerr)?;
     zip.write_all(b"little")?;
     for (i, s) in p.storages.iter().enumerate() {
-        let (bytes, large) = match s {
-            Storage::Bytes(t) => (t.bytes.len(), t.bytes.len() as u64 >= u32::MAX as u64),
-            Storage::Lazy(src) => {
-                let n = crate::tensor::byte_size(src.dtype(), &src.shape())?;
-                (n, n as u64 >= u32::MAX as u64)
-            }
+        let bytes = match s {
+            Storage::Bytes(t) => t.bytes.len(),
+            Storage::Lazy(src) => crate::tensor::byte_size(src.dtype(), &src.shape())?,
         };
-        let _ = bytes;
+        let large = bytes as u64 >= u32::MAX as u64;
         zip.start_file(format!("{stem}/data/{i}"), if large { opts } else { small })
             .map_err(zerr)?;
         match s {

@@ -3,10 +3,13 @@
 //! `csrc/dist.cpp`. Without gloo's headers at build time the group cannot be created and says why;
 //! everything single-process works as before.
 
-use std::ffi::{c_char, c_int, c_void, CString};
+use std::ffi::c_void;
+#[cfg(pirclip_dist)]
+use std::ffi::{c_char, c_int, CString};
 
 use tch::Tensor;
 
+#[cfg(pirclip_dist)]
 use crate::native::take_message;
 
 /// Where this process sits in a launch (`torchrun`, `srun`, `mpirun`), as open_clip reads it.
@@ -136,7 +139,6 @@ impl ProcessGroup {
 
     #[cfg(not(pirclip_dist))]
     pub fn gloo(_: &str, _: u16, _: usize, _: usize, _: bool, _: u64) -> Result<Self, String> {
-        let _ = CString::new("");
         Err("this pirclip was built without distributed training (gloo's headers were missing): install \
              libgloo-dev (scripts/setup.sh does) and rebuild"
             .into())
