@@ -56,7 +56,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn load(a: &ModelArgs) -> Result<(ClipModel, String)> {
+pub(crate) fn load(a: &ModelArgs) -> Result<(ClipModel, String)> {
     match (&a.model, &a.checkpoint) {
         (Some(name), None) => {
             let config = pirclip_model::ModelConfig::from_name_or_path(name)?;

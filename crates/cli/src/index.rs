@@ -1,8 +1,10 @@
+mod ann_bench;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use pirclip_index::{build, BuildOptions};
-use pirclip_store::{Identity, IndexDir};
+use pirclip_store::{Identity, IndexDir, SceneSettings};
 
 use crate::common::ModelArgs;
 use crate::pipeline::Bar;
@@ -22,6 +24,87 @@ enum IndexCommand {
     Build(BuildArgs),
     /// Add the files an index does not hold yet (new, or changed since: path, size and mtime).
     Add(AddArgs),
+    /// Measure the approximate index against exact search on vectors from .npy files: build time, size,
+    /// recall@k and per-query latency (bench/ann.sh runs it beside faiss on the same data).
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AnnMode {
+    /// Build the graph when the index holds at least 50,000 rows (exact search is fast enough below).
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(clap::Args)]
+struct AnnArgs {
+    /// Approximate search graph (HNSW, usearch) in INDEX/image.usearch, memory-mapped by search/serve.
+    #[arg(long, value_enum, default_value_t = AnnMode::Auto)]
+    ann: AnnMode,
+    /// Graph neighbours per node (faiss's M).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=512))]
+    ann_m: u32,
+    /// Candidates kept while inserting (faiss's efConstruction).
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    ann_ef_construction: u32,
+    /// Candidates kept while searching (faiss's efSearch): higher finds more true neighbours, slower.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    ann_ef_search: u32,
+    /// How vectors are stored in the graph.
+    #[arg(long, value_enum, default_value_t = QuantArg::F16)]
+    ann_quantization: QuantArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum QuantArg {
+    F32,
+    F16,
+    I8,
+}
+
+impl AnnArgs {
+    fn options(&self) -> pirclip_store::AnnOptions {
+        pirclip_store::AnnOptions {
+            connectivity: self.ann_m as usize,
+            expansion_add: self.ann_ef_construction as usize,
+            expansion_search: self.ann_ef_search as usize,
+            quantization: match self.ann_quantization {
+                QuantArg::F32 => pirclip_store::Quantization::F32,
+                QuantArg::F16 => pirclip_store::Quantization::F16,
+                QuantArg::I8 => pirclip_store::Quantization::I8,
+            },
+        }
+    }
+}
+
+/// Rows from which `--ann auto` builds the graph.
+const ANN_AUTO_ROWS: usize = 50_000;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Base vectors, `[n, dim]` float32 or float16 .npy (normalised here).
+    #[arg(long)]
+    vectors: PathBuf,
+    /// Query vectors, `[q, dim]`.
+    #[arg(long)]
+    queries: PathBuf,
+    /// True neighbours, `[q, >=k]` integer .npy (row numbers, best first); computed exactly when absent.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// Build threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Where to save the graph (its size is reported); a temporary folder by default.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also time a text query end to end (tokenise + encode with this model + search).
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    ann: AnnArgs,
 }
 
 #[derive(clap::Args)]
@@ -39,6 +122,36 @@ struct Common {
     /// Decoding threads (default: one per core, at most 8).
     #[arg(long)]
     workers: Option<usize>,
+    /// Cut each image into square tiles of this many pixels and index every tile with its pixel window
+    /// (and map position for GeoTIFFs): big scenes become searchable by their parts.
+    #[arg(long, value_name = "PIXELS", value_parser = clap::value_parser!(u32).range(8..=65536))]
+    tile: Option<u32>,
+    /// Distance between tile origins (default: the tile size; smaller overlaps tiles). The last tile of a
+    /// row or column is flush with the scene's edge.
+    #[arg(long, value_name = "PIXELS", requires = "tile", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    tile_stride: Option<u32>,
+    /// TIFF bands shown as red,green,blue, 1-based as in GDAL (e.g. 4,3,2 for a Sentinel-2 true-colour
+    /// stack). Bands deeper than 8 bits are stretched from their 2nd to 98th percentile onto 0–255.
+    #[arg(long, value_name = "R,G,B", value_parser = pirclip_image::SceneOptions::parse_bands)]
+    bands: Option<[usize; 3]>,
+    #[command(flatten)]
+    ann: AnnArgs,
+}
+
+impl Common {
+    /// The tiling and bands asked for; for `add` to an index, what the index was made with unless the
+    /// flags say otherwise (and then the index refuses the difference).
+    fn scene(&self, existing: Option<&SceneSettings>) -> SceneSettings {
+        let asked = SceneSettings {
+            tile: self.tile.map(|t| t as usize),
+            tile_stride: self.tile.map(|t| self.tile_stride.unwrap_or(t) as usize),
+            bands: self.bands,
+        };
+        match existing {
+            Some(e) if self.tile.is_none() && self.bands.is_none() => e.clone(),
+            _ => asked,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -79,6 +192,7 @@ pub fn resolved_identity(
             .to_string(),
         checkpoint_sha256: pirclip_index::sha256_file(&weights)?,
         dim: config.embed_dim,
+        scene: SceneSettings::default(),
     };
     Ok((config, weights, identity))
 }
@@ -96,7 +210,9 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
             out.display()
         );
     }
-    let (model, identity) = identity_of(&c.model)?;
+    let (model, mut identity) = identity_of(&c.model)?;
+    let existing = IndexDir::open(out).ok().map(|d| d.identity.scene);
+    identity.scene = c.scene(existing.as_ref());
     let dir = IndexDir::open_or_create(out, identity)?;
     let workers = c.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -113,6 +229,7 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
             part_size: c.part_size,
             batch_size: c.batch_size,
             workers,
+            scene: dir.identity.scene.clone(),
         },
         &Bar::new(true),
     )?;
@@ -124,8 +241,49 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
         .iter()
         .map(|&k| dir.entries(k).map(|e| e.len()).unwrap_or(0))
         .sum();
+    let has_graph = pirclip_store::AnnStore::graph_path(out).is_file();
+    let want_graph = match c.ann.ann {
+        AnnMode::On => true,
+        AnnMode::Off => false,
+        AnnMode::Auto => total >= ANN_AUTO_ROWS || has_graph,
+    };
+    if want_graph && total > 0 {
+        let bar = indicatif::ProgressBar::new(0).with_message("graph");
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} rows ({per_sec})")
+                .unwrap(),
+        );
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let r = pirclip_store::update_ann(out, c.ann.options(), threads, &|done, todo| {
+            bar.set_length(todo as u64);
+            bar.set_position(done as u64);
+        })?;
+        bar.finish_and_clear();
+        println!(
+            "{}: approximate search graph: {} rows added, {} in all, {:.1} MB, {:.1} s",
+            out.display(),
+            r.rows_added,
+            r.rows,
+            r.bytes as f64 / 1e6,
+            r.seconds
+        );
+    } else if has_graph {
+        // A graph that no longer covers every row would be ignored by search: remove it.
+        std::fs::remove_file(pirclip_store::AnnStore::graph_path(out))?;
+        println!(
+            "{}: removed the approximate search graph (--ann off)",
+            out.display()
+        );
+    }
+    let rows = if dir.identity.scene.tile.is_some() {
+        "tiles"
+    } else {
+        "images"
+    };
     println!(
-        "{}: {} images found, {} already indexed, {} added in {} parts, {} unreadable; {:.1} s ({:.1} images/s); index holds {total}",
+        "{}: {} images found, {} already indexed, {} added in {} parts, {} unreadable; {:.1} s ({:.1} {rows}/s); index holds {total} {rows}",
         out.display(),
         report.found,
         report.already_indexed,
@@ -142,5 +300,6 @@ pub fn run(a: Args) -> Result<()> {
     match a.command {
         IndexCommand::Build(b) => run_build(&b.out, &b.common, false),
         IndexCommand::Add(b) => run_build(&b.index, &b.common, true),
+        IndexCommand::Bench(b) => ann_bench::run(b),
     }
 }

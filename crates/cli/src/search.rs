@@ -60,7 +60,6 @@ pub fn print_results(queries: &[String], paths: &[PathBuf], ranked: &[Vec<(usize
 }
 
 fn run_index(a: &Args, root: &std::path::Path) -> Result<()> {
-    use pirclip_store::VectorStore;
     let index = pirclip_store::LoadedIndex::load(root)?;
     let (model, identity) = crate::index::identity_of(&a.model)?;
     if identity.checkpoint_sha256 != index.dir.identity.checkpoint_sha256 {
@@ -75,7 +74,8 @@ fn run_index(a: &Args, root: &std::path::Path) -> Result<()> {
     for (q, row) in a.queries.iter().zip(txt.values.chunks(txt.dim)) {
         println!("\n\u{201c}{q}\u{201d}");
         for (r, (i, s)) in index.store.search(row, a.top_k).into_iter().enumerate() {
-            println!("  {}. {:<40} {s:.3}", r + 1, index.entries[i].image_path);
+            let e = &index.entries[i];
+            println!("  {}. {:<40} {s:.3}  {}", r + 1, e.image_path, e.location());
         }
     }
     Ok(())

@@ -366,3 +366,174 @@ fn the_page_shows_results_in_headless_chromium() {
         .unwrap();
     assert!(shot.is_file(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// The 3000×3000 scene of the tiling test: 20×20 RSICD-AID150 test images (150 px) of open land, with a
+/// 3×3 block of stadiums at cells x 11–13, y 5–7 (pixels 1650–2100 × 750–1200), georeferenced in UTM
+/// zone 33N (EPSG:32633) at 0.6 m per pixel from (500000, 4100000).
+const STADIUMS: (usize, usize, usize, usize) = (1650, 750, 2100, 1200);
+const TRANSFORM: [f64; 6] = [500_000.0, 0.6, 0.0, 4_100_000.0, 0.0, -0.6];
+
+fn stadium_mosaic(path: &Path) -> pirclip_image::RgbImage {
+    let aid = root().join("../shared/data/rsicd-aid150");
+    let ds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(aid.join("dataset_rsicd_aid150.json")).unwrap())
+            .unwrap();
+    let mut by_class: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for img in ds["images"].as_array().unwrap() {
+        if img["split"] == "test" {
+            let name = img["filename"].as_str().unwrap().to_string();
+            let class = name[..name.rfind('_').unwrap()].to_string();
+            by_class.entry(class).or_default().push(name);
+        }
+    }
+    let land = [
+        "forest", "desert", "farmland", "meadow", "mountain", "bareland",
+    ];
+    let (side, cells) = (150, 20);
+    let mut px = vec![0u8; (side * cells) * (side * cells) * 3];
+    let (mut used, mut stadiums) = (std::collections::HashMap::<&str, usize>::new(), 0);
+    for cy in 0..cells {
+        for cx in 0..cells {
+            let stadium = (11..14).contains(&cx) && (5..8).contains(&cy);
+            let class = if stadium {
+                "stadium"
+            } else {
+                land[(cx * 7 + cy * 3) % land.len()]
+            };
+            let names = &by_class[class];
+            let k = if stadium {
+                stadiums += 1;
+                stadiums - 1
+            } else {
+                let n = used.entry(class).or_default();
+                *n += 1;
+                *n - 1
+            };
+            let img = pirclip_image::decode_file(&aid.join("images").join(&names[k % names.len()]))
+                .unwrap();
+            let img = pirclip_image::eval_resize_crop(&img, side);
+            for y in 0..side {
+                let from = &img.pixels[y * side * 3..(y + 1) * side * 3];
+                let at = ((cy * side + y) * side * cells + cx * side) * 3;
+                px[at..at + side * 3].copy_from_slice(from);
+            }
+        }
+    }
+    let mosaic = pirclip_image::RgbImage::new(side * cells, side * cells, px);
+    let geo = pirclip_image::GeoRef {
+        transform: pirclip_image::scene::GeoTransform(TRANSFORM),
+        crs: Some("EPSG:32633".into()),
+    };
+    std::fs::write(
+        path,
+        pirclip_image::scene::encode_geotiff(&mosaic, Some(&geo)).unwrap(),
+    )
+    .unwrap();
+    mosaic
+}
+
+/// Share of a 224-px tile at (x, y) that lies on the stadium block.
+fn on_stadiums(x: i64, y: i64) -> f64 {
+    let (x0, y0, x1, y1) = STADIUMS;
+    let w = (x + 224).min(x1 as i64) - x.max(x0 as i64);
+    let h = (y + 224).min(y1 as i64) - y.max(y0 as i64);
+    (w.max(0) * h.max(0)) as f64 / (224.0 * 224.0)
+}
+
+/// A big GeoTIFF scene indexed as overlapping tiles: the query's best tile lies on the stadiums, and its
+/// map position, metadata columns, served PNG (the tile's own pixels) and georeferenced GeoTIFF agree.
+#[test]
+fn a_big_georeferenced_scene_is_searched_by_its_tiles() {
+    let dir = tmpdir("scene");
+    let tif = dir.join("mosaic.tif");
+    let mosaic = stadium_mosaic(&tif);
+    let index = dir.join("scene");
+    let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
+        .args(["index", "build", "--images", tif.to_str().unwrap(), "--out"])
+        .arg(&index)
+        .args(["--tile", "224", "--tile-stride", "160"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // 19 tile origins per side: 0, 160, …, 2720 and 2776 (flush with the edge).
+    assert!(stdout.contains("index holds 361 tiles"), "{stdout}");
+
+    let query = "a stadium with a green football field surrounded by stands";
+    let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
+        .args(["search", "--index"])
+        .arg(&index)
+        .args(["--top-k", "3", query])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    println!("{stdout}");
+    let first = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("1."))
+        .unwrap();
+    let tile = first.split("tile ").nth(1).unwrap();
+    let (x, y): (i64, i64) = {
+        let xy = tile.split_whitespace().next().unwrap();
+        let (x, y) = xy.split_once(',').unwrap();
+        (x.parse().unwrap(), y.parse().unwrap())
+    };
+    assert!(on_stadiums(x, y) >= 0.5, "top tile {x},{y}: {first}");
+    let (cx, cy) = (
+        TRANSFORM[0] + (x as f64 + 112.0) * 0.6,
+        TRANSFORM[3] - (y as f64 + 112.0) * 0.6,
+    );
+    assert!(
+        first.contains(&format!("EPSG:32633 ({cx:.6}, {cy:.6})")),
+        "{first}"
+    );
+
+    let s = start(&index, &[]);
+    let (status, hits) = json(
+        s.port,
+        "/knn-service",
+        serde_json::json!({"text": query, "num_images": 3, "indice_name": "scene"}),
+    );
+    assert_eq!(status, 200, "{hits}");
+    let top = &hits[0];
+    assert_eq!(
+        (top["tile_x"].as_i64(), top["tile_y"].as_i64()),
+        (Some(x), Some(y))
+    );
+    assert_eq!(top["tile_width"], 224);
+    assert_eq!(top["crs"], "EPSG:32633");
+    assert!((top["center_x"].as_f64().unwrap() - cx).abs() < 1e-6);
+    assert!((top["center_y"].as_f64().unwrap() - cy).abs() < 1e-6);
+    let id = top["id"].as_u64().unwrap();
+    let (status, png) = request(s.port, "GET", &format!("/image/scene/{id}"), b"");
+    assert_eq!(status, 200);
+    let served = image::load_from_memory(&png).unwrap().to_rgb8();
+    let window = pirclip_image::Window {
+        x: x as usize,
+        y: y as usize,
+        width: 224,
+        height: 224,
+    };
+    assert_eq!(
+        served.into_raw(),
+        pirclip_image::scene::crop(&mosaic, window).pixels,
+        "the served PNG is the tile"
+    );
+    let (status, tif) = request(
+        s.port,
+        "GET",
+        &format!("/image/scene/{id}?format=geotiff"),
+        b"",
+    );
+    assert_eq!(status, 200);
+    let chip = pirclip_image::decode_scene(&tif, "chip.tif", &Default::default()).unwrap();
+    let geo = chip.geo.unwrap();
+    assert_eq!(geo.crs.as_deref(), Some("EPSG:32633"));
+    let (ox, oy) = geo.transform.apply(0.0, 0.0);
+    assert!((ox - (TRANSFORM[0] + x as f64 * 0.6)).abs() < 1e-6);
+    assert!((oy - (TRANSFORM[3] - y as f64 * 0.6)).abs() < 1e-6);
+    assert_eq!(
+        request(s.port, "GET", &format!("/image/scene/{id}?format=bmp"), b"").0,
+        400
+    );
+}

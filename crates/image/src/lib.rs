@@ -2,10 +2,14 @@
 //! (spec §6.2): `Resize(shortest side, bicubic)` → `CenterCrop` → RGB → `/255` → normalise.
 
 mod resample;
+pub mod scene;
 
 use std::path::Path;
 
+use image::ImageEncoder;
+
 pub use resample::resize_bicubic;
+pub use scene::{decode_scene, decode_scene_file, GeoRef, Scene, SceneOptions, Window};
 
 /// OpenAI CLIP normalisation constants.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -154,6 +158,20 @@ pub fn decode_file(path: &Path) -> Result<RgbImage, Error> {
         message: e.to_string(),
     })?;
     decode(&bytes, &path.display().to_string())
+}
+
+/// PNG bytes of `img` (tiles and TIFF scenes served to browsers, which cannot show TIFF).
+pub fn encode_png(img: &RgbImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(
+            &img.pixels,
+            img.width as u32,
+            img.height as u32,
+            image::ExtendedColorType::Rgb8,
+        )
+        .expect("PNG encoding into memory");
+    out
 }
 
 /// torchvision `Resize(size)` with an int size: the shorter side becomes `size`, the longer one

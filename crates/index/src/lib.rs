@@ -7,10 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use pirclip_image::{SceneOptions, Window};
 use pirclip_model::clip::images_tensor;
 use pirclip_model::{l2_normalize, ClipModel, EncodeOptions};
 use pirclip_retrieval::Progress;
-use pirclip_store::{Entry, IndexDir};
+use pirclip_store::{Entry, GeoPoint, IndexDir, SceneSettings, Tile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -80,6 +81,8 @@ pub struct BuildOptions {
     pub part_size: usize,
     pub batch_size: usize,
     pub workers: usize,
+    /// Tiling and bands (recorded in the index's identity).
+    pub scene: SceneSettings,
 }
 
 #[derive(Debug, Default)]
@@ -105,6 +108,7 @@ fn entry_of(path: &Path) -> Option<Entry> {
         image_path: path.display().to_string(),
         size: meta.len() as i64,
         mtime,
+        ..Default::default()
     })
 }
 
@@ -135,47 +139,52 @@ pub fn build(
         }
     }
     let size = model.config.image_size;
-    let dim = model.config.embed_dim;
+    let scene_options = SceneOptions {
+        bands: o.scene.bands,
+    };
+    // Whole images decode a model batch at a time; scenes cut into tiles, a few at a time (one scene's
+    // tiles can be hundreds of model inputs).
+    let files_per_batch = if o.scene.tile.is_some() {
+        o.workers.max(1)
+    } else {
+        o.batch_size.max(1)
+    };
     progress.start("images", todo.len() as u64);
     for part in todo.chunks(o.part_size.max(1)) {
-        let (mut entries, mut values) = (
-            Vec::with_capacity(part.len()),
-            Vec::with_capacity(part.len() * dim),
-        );
+        let (mut entries, mut values) = (Vec::new(), Vec::new());
+        let mut pending = Pending::default();
         // Decoding runs one batch ahead of the model on its own threads.
         std::thread::scope(|s| -> Result<(), Error> {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let (scene_options, scene) = (&scene_options, &o.scene);
             s.spawn(move || {
-                for batch in part.chunks(o.batch_size.max(1)) {
-                    let decoded = pirclip_data::parallel_map(batch, o.workers.max(1), |(p, _)| {
-                        pirclip_image::decode_file(p)
-                            .map(|img| pirclip_image::preprocess_eval(&img, size))
+                for batch in part.chunks(files_per_batch) {
+                    let decoded = pirclip_data::parallel_map(batch, o.workers.max(1), |(p, e)| {
+                        rows_of(p, e, scene_options, scene, size)
                     });
-                    if tx.send((batch, decoded)).is_err() {
+                    if tx.send((batch.len(), decoded)).is_err() {
                         return;
                     }
                 }
             });
-            for (batch, decoded) in rx {
-                let mut pixels = Vec::new();
-                let mut good = Vec::new();
-                for ((_, e), r) in batch.iter().zip(decoded) {
-                    match r {
-                        Ok(px) => {
-                            pixels.extend(px);
-                            good.push(e.clone());
+            for (files, decoded) in rx {
+                for rows in decoded {
+                    match rows {
+                        Ok(rows) => {
+                            for (entry, pixels) in rows {
+                                pending.entries.push(entry);
+                                pending.pixels.extend(pixels);
+                                if pending.entries.len() >= o.batch_size.max(1) {
+                                    pending.encode(model, opts, size, &mut entries, &mut values);
+                                }
+                            }
                         }
                         Err(err) => report.unreadable.push(err.to_string()),
                     }
                 }
-                if !good.is_empty() {
-                    let x = images_tensor(&pixels, good.len(), size, model.device());
-                    let f = tch::no_grad(|| l2_normalize(&model.encode_image(&x, opts)));
-                    values.extend(pirclip_retrieval::to_vec(&f));
-                    entries.extend(good);
-                }
-                progress.advance(batch.len() as u64);
+                progress.advance(files as u64);
             }
+            pending.encode(model, opts, size, &mut entries, &mut values);
             Ok(())
         })?;
         if !entries.is_empty() {
@@ -187,4 +196,88 @@ pub fn build(
     progress.finish();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Model inputs waiting for a full batch.
+#[derive(Default)]
+struct Pending {
+    entries: Vec<Entry>,
+    pixels: Vec<f32>,
+}
+
+impl Pending {
+    fn encode(
+        &mut self,
+        model: &ClipModel,
+        opts: EncodeOptions,
+        size: usize,
+        entries: &mut Vec<Entry>,
+        values: &mut Vec<f32>,
+    ) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let x = images_tensor(&self.pixels, self.entries.len(), size, model.device());
+        let f = tch::no_grad(|| l2_normalize(&model.encode_image(&x, opts)));
+        values.extend(pirclip_retrieval::to_vec(&f));
+        entries.append(&mut self.entries);
+        self.pixels.clear();
+    }
+}
+
+/// The rows one file gives: the whole image, or each tile of it, with its window and map position,
+/// preprocessed for the model.
+fn rows_of(
+    path: &Path,
+    entry: &Entry,
+    options: &SceneOptions,
+    scene: &SceneSettings,
+    size: usize,
+) -> Result<Vec<(Entry, Vec<f32>)>, pirclip_image::Error> {
+    let decoded = pirclip_image::decode_scene_file(path, options)?;
+    let (w, h) = (decoded.image.width, decoded.image.height);
+    let whole = Window {
+        x: 0,
+        y: 0,
+        width: w,
+        height: h,
+    };
+    let windows = match scene.tile {
+        Some(tile) => {
+            pirclip_image::scene::tile_windows(w, h, tile, scene.tile_stride.unwrap_or(tile))
+        }
+        None => vec![whole],
+    };
+    Ok(windows
+        .into_iter()
+        .map(|win| {
+            let mut e = entry.clone();
+            if scene.tile.is_some() {
+                e.tile = Some(Tile {
+                    x: win.x as i64,
+                    y: win.y as i64,
+                    width: win.width as i64,
+                    height: win.height as i64,
+                });
+            }
+            e.geo = decoded.geo.as_ref().map(|g| {
+                let (cx, cy) = win.center();
+                let (x, y) = g.transform.apply(cx, cy);
+                GeoPoint {
+                    x,
+                    y,
+                    crs: g.crs.clone(),
+                }
+            });
+            let pixels = if win == whole {
+                pirclip_image::preprocess_eval(&decoded.image, size)
+            } else {
+                pirclip_image::preprocess_eval(
+                    &pirclip_image::scene::crop(&decoded.image, win),
+                    size,
+                )
+            };
+            (e, pixels)
+        })
+        .collect())
 }

@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use pirclip_model::clip::images_tensor;
 use pirclip_model::{l2_normalize, ClipModel, EncodeOptions};
-use pirclip_store::{LoadedIndex, VectorStore};
+use pirclip_store::LoadedIndex;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -133,6 +133,8 @@ pub struct AppState {
     pub model_name: String,
     pub limits: Limits,
     text_cache: Mutex<HashMap<String, Vec<f32>>>,
+    /// The scene decoded last: a page of results is often many tiles of one scene.
+    last_scene: Mutex<Option<(String, Arc<pirclip_image::Scene>)>>,
 }
 
 impl AppState {
@@ -148,6 +150,7 @@ impl AppState {
             model_name,
             limits,
             text_cache: Mutex::new(HashMap::new()),
+            last_scene: Mutex::new(None),
         }
     }
 
@@ -224,7 +227,104 @@ fn entry_json(id: usize, e: &pirclip_store::Entry) -> serde_json::Map<String, Va
     m.insert("image_path".into(), json!(e.image_path));
     m.insert("size".into(), json!(e.size));
     m.insert("mtime".into(), json!(e.mtime));
+    if let Some(t) = &e.tile {
+        m.insert("tile_x".into(), json!(t.x));
+        m.insert("tile_y".into(), json!(t.y));
+        m.insert("tile_width".into(), json!(t.width));
+        m.insert("tile_height".into(), json!(t.height));
+    }
+    if let Some(g) = &e.geo {
+        m.insert("center_x".into(), json!(g.x));
+        m.insert("center_y".into(), json!(g.y));
+        m.insert("crs".into(), json!(g.crs));
+    }
     m
+}
+
+/// Longest side of a rendered scene or tile sent to a browser.
+const MAX_RENDERED_SIDE: usize = 1024;
+
+/// A tile cut from its scene, or a TIFF rendered with the index's bands: PNG, or with `geotiff` an 8-bit
+/// GeoTIFF carrying the tile's own georeferencing (full resolution, for a GIS).
+fn render(
+    s: &AppState,
+    path: &std::path::Path,
+    tile: Option<pirclip_store::Tile>,
+    bands: Option<[usize; 3]>,
+    geotiff: bool,
+) -> Result<Vec<u8>, String> {
+    let key = path.display().to_string();
+    let cached = s
+        .last_scene
+        .lock()
+        .unwrap()
+        .as_ref()
+        .filter(|(k, _)| *k == key)
+        .map(|(_, scene)| scene.clone());
+    let scene = match cached {
+        Some(scene) => scene,
+        None => {
+            let decoded =
+                pirclip_image::decode_scene_file(path, &pirclip_image::SceneOptions { bands })
+                    .map_err(|e| e.to_string())?;
+            let scene = Arc::new(decoded);
+            *s.last_scene.lock().unwrap() = Some((key, scene.clone()));
+            scene
+        }
+    };
+    let img = &scene.image;
+    let window = match tile {
+        Some(t) => {
+            let fits = t.x >= 0
+                && t.y >= 0
+                && t.width > 0
+                && t.height > 0
+                && (t.x + t.width) as usize <= img.width
+                && (t.y + t.height) as usize <= img.height;
+            if !fits {
+                return Err(format!(
+                    "tile {},{} {}×{} is outside the {}×{} scene (has the file changed?)",
+                    t.x, t.y, t.width, t.height, img.width, img.height
+                ));
+            }
+            pirclip_image::Window {
+                x: t.x as usize,
+                y: t.y as usize,
+                width: t.width as usize,
+                height: t.height as usize,
+            }
+        }
+        None => pirclip_image::Window {
+            x: 0,
+            y: 0,
+            width: img.width,
+            height: img.height,
+        },
+    };
+    let mut out = pirclip_image::scene::crop(img, window);
+    if geotiff {
+        let geo = scene.geo.as_ref().map(|g| {
+            let (x, y) = g.transform.apply(window.x as f64, window.y as f64);
+            let mut t = g.transform;
+            t.0[0] = x;
+            t.0[3] = y;
+            pirclip_image::GeoRef {
+                transform: t,
+                crs: g.crs.clone(),
+            }
+        });
+        return pirclip_image::scene::encode_geotiff(&out, geo.as_ref());
+    }
+    let long = out.width.max(out.height);
+    if long > MAX_RENDERED_SIDE {
+        let scale = MAX_RENDERED_SIDE as f64 / long as f64;
+        let (w, h) = (
+            ((out.width as f64 * scale).round() as usize).max(1),
+            ((out.height as f64 * scale).round() as usize).max(1),
+        );
+        out = pirclip_image::resize_bicubic(&out, w, h);
+    }
+    Ok(pirclip_image::encode_png(&out))
 }
 
 async fn knn(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -295,22 +395,17 @@ async fn knn(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>,
         k
     };
     let mut kept: Vec<(usize, f32)> = Vec::with_capacity(k);
+    let mut kept_vectors: Vec<Vec<f32>> = Vec::new();
     for (i, score) in index.store.search(&query, fetch) {
         if r.deduplicate {
-            let row = index.store.row(i);
-            let twin = kept.iter().any(|&(j, _)| {
-                index
-                    .store
-                    .row(j)
-                    .iter()
-                    .zip(row)
-                    .map(|(a, b)| a * b)
-                    .sum::<f32>()
-                    > 0.9995
+            let row = index.store.vector(i);
+            let twin = kept_vectors.iter().any(|other: &Vec<f32>| {
+                other.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() > 0.9995
             });
             if twin {
                 continue;
             }
+            kept_vectors.push(row);
         }
         kept.push((i, score));
         if kept.len() == k {
@@ -356,9 +451,15 @@ async fn metadata(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Va
     )))
 }
 
+#[derive(serde::Deserialize)]
+struct ImageQuery {
+    format: Option<String>,
+}
+
 async fn image(
     State(s): State<Arc<AppState>>,
     Path((indice, id)): Path<(String, usize)>,
+    axum::extract::Query(query): axum::extract::Query<ImageQuery>,
 ) -> Result<Response, ApiError> {
     let index = s.index(Some(&indice))?;
     let entry = index
@@ -366,6 +467,37 @@ async fn image(
         .get(id)
         .ok_or_else(|| ApiError::not_found(format!("{indice} has no image {id}")))?;
     let path = std::path::PathBuf::from(&entry.image_path);
+    let is_tiff = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("tif") || e.eq_ignore_ascii_case("tiff"));
+    let geotiff = match query.format.as_deref() {
+        None | Some("png") => false,
+        Some("geotiff" | "tif" | "tiff") => true,
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "format {other:?}: use png (default) or geotiff"
+            )))
+        }
+    };
+    if entry.tile.is_some() || is_tiff || geotiff {
+        let (tile, bands) = (entry.tile, index.dir.identity.scene.bands);
+        let state = s.clone();
+        let bytes =
+            tokio::task::spawn_blocking(move || render(&state, &path, tile, bands, geotiff))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .map_err(|e| ApiError::not_found(format!("image {id}: {e}")))?;
+        let kind = if geotiff { "image/tiff" } else { "image/png" };
+        return Ok((
+            [
+                (header::CONTENT_TYPE, kind),
+                (header::CACHE_CONTROL, "max-age=3600"),
+            ],
+            bytes,
+        )
+            .into_response());
+    }
     let bytes = tokio::fs::read(&path)
         .await
         .map_err(|e| ApiError::not_found(format!("image {id}: {e}")))?;
@@ -377,7 +509,6 @@ async fn image(
     {
         Some("jpg" | "jpeg") => "image/jpeg",
         Some("png") => "image/png",
-        Some("tif" | "tiff") => "image/tiff",
         Some("webp") => "image/webp",
         Some("gif") => "image/gif",
         Some("bmp") => "image/bmp",
@@ -401,7 +532,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "status": "ok",
         "model": s.model_name,
-        "indices": s.indices.iter().map(|(n, i)| json!({"name": n, "images": i.entries.len()})).collect::<Vec<_>>(),
+        "indices": s.indices.iter().map(|(n, i)| json!({"name": n, "images": i.entries.len(), "search": i.search_kind})).collect::<Vec<_>>(),
     }))
 }
 

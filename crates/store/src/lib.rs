@@ -10,15 +10,18 @@
 //! its metadata exists, so a build killed halfway leaves complete parts and resumes after them, and
 //! `add` appends parts. The parquet file uses the `parquet` crate's column writers (no arrow needed).
 
+pub mod ann;
+
+pub use ann::{AnnOptions, AnnStore, Quantization};
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+use parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int64Type};
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::file::writer::SerializedFileWriter;
-use parquet::record::RowAccessor;
 use pirclip_checkpoint::{DType, TensorData};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,25 +44,78 @@ pub struct Identity {
     pub checkpoint: String,
     pub checkpoint_sha256: String,
     pub dim: usize,
+    /// How images became rows: tiling and band choice. Every `add` must use the same, and the server
+    /// renders tiles by it.
+    #[serde(default)]
+    pub scene: SceneSettings,
 }
 
-/// One indexed image (one embedding row).
-#[derive(Debug, Clone, PartialEq)]
+/// Tiling and band settings of an index (absent in indexes made before tiling existed: whole images,
+/// default bands).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SceneSettings {
+    /// Tile side in pixels; `None` = whole images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tile: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tile_stride: Option<usize>,
+    /// 1-based red, green, blue bands of TIFFs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bands: Option<[usize; 3]>,
+}
+
+/// One indexed image or tile of an image (one embedding row).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Entry {
     pub image_path: String,
     pub size: i64,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
+    /// The pixel window of a tile cut from a larger scene; `None` for a whole image.
+    pub tile: Option<Tile>,
+    /// The centre of the image or tile on the map, for georeferenced scenes.
+    pub geo: Option<GeoPoint>,
+}
+
+/// A pixel window: left, top, width, height.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tile {
+    pub x: i64,
+    pub y: i64,
+    pub width: i64,
+    pub height: i64,
+}
+
+/// Map coordinates in the scene's reference system (`crs`, such as `EPSG:32633`; longitude and latitude
+/// for geographic ones such as `EPSG:4326`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeoPoint {
+    pub x: f64,
+    pub y: f64,
+    pub crs: Option<String>,
 }
 
 impl Entry {
-    /// The (path, size, mtime) key that says a file is already indexed, unchanged.
+    /// Where the row lies, for people: `tile x,y w×h` and `EPSG:… (x, y)` when known; empty otherwise.
+    pub fn location(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(t) = &self.tile {
+            parts.push(format!("tile {},{} {}×{}", t.x, t.y, t.width, t.height));
+        }
+        if let Some(g) = &self.geo {
+            let crs = g.crs.as_deref().unwrap_or("map");
+            parts.push(format!("{crs} ({:.6}, {:.6})", g.x, g.y));
+        }
+        parts.join("  ")
+    }
+
+    /// The (path, size, mtime) key that says a file is already indexed, unchanged (all its tiles share it).
     pub fn key(&self) -> (String, i64, i64) {
         (self.image_path.clone(), self.size, self.mtime)
     }
 }
 
-fn invalid(path: &Path, message: impl Into<String>) -> Error {
+pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> Error {
     Error::Invalid {
         path: path.display().to_string(),
         message: message.into(),
@@ -71,7 +127,13 @@ pub struct IndexDir {
     pub identity: Identity,
 }
 
-const METADATA_SCHEMA: &str = "message metadata { REQUIRED BYTE_ARRAY image_path (UTF8); REQUIRED INT64 size; REQUIRED INT64 mtime; }";
+/// image_path, size and mtime are always there; tile and geo columns are null for whole, unreferenced
+/// images (indexes written before they existed have only the first three, and read the same).
+const METADATA_SCHEMA: &str = "message metadata {
+    REQUIRED BYTE_ARRAY image_path (UTF8); REQUIRED INT64 size; REQUIRED INT64 mtime;
+    OPTIONAL INT64 tile_x; OPTIONAL INT64 tile_y; OPTIONAL INT64 tile_width; OPTIONAL INT64 tile_height;
+    OPTIONAL DOUBLE center_x; OPTIONAL DOUBLE center_y; OPTIONAL BYTE_ARRAY crs (UTF8);
+}";
 
 impl IndexDir {
     /// Opens an index folder, or creates it for `identity`; an existing index must have been made by the
@@ -88,6 +150,15 @@ impl IndexDir {
                     format!(
                         "made with {} (checkpoint sha256 {}), not with {} ({}): embeddings of two models cannot share an index",
                         existing.identity.model, existing.identity.checkpoint_sha256, identity.model, identity.checkpoint_sha256
+                    ),
+                ));
+            }
+            if existing.identity.scene != identity.scene {
+                return Err(invalid(
+                    &meta,
+                    format!(
+                        "made with tiling/bands {:?}, not {:?}: rows of one index are cut one way",
+                        existing.identity.scene, identity.scene
                     ),
                 ));
             }
@@ -174,6 +245,10 @@ impl IndexDir {
                 pirclip_checkpoint::Error::Format(format!("parquet: {e}"))
             };
             let mut rg = w.next_row_group().map_err(perr)?;
+            // Optional columns: the present values, and a definition level per row (1 present, 0 null).
+            fn levels<T>(values: &[Option<T>]) -> Vec<i16> {
+                values.iter().map(|v| v.is_some() as i16).collect()
+            }
             let paths: Vec<ByteArray> = entries
                 .iter()
                 .map(|e| ByteArray::from(e.image_path.as_str()))
@@ -193,6 +268,43 @@ impl IndexDir {
                     .map_err(perr)?;
                 col.close().map_err(perr)?;
             }
+            let tile = |f: fn(&Tile) -> i64| -> Vec<Option<i64>> {
+                entries.iter().map(|e| e.tile.as_ref().map(f)).collect()
+            };
+            for values in [
+                tile(|t| t.x),
+                tile(|t| t.y),
+                tile(|t| t.width),
+                tile(|t| t.height),
+            ] {
+                let present: Vec<i64> = values.iter().flatten().copied().collect();
+                let mut col = rg.next_column().map_err(perr)?.expect("tile column");
+                col.typed::<Int64Type>()
+                    .write_batch(&present, Some(&levels(&values)), None)
+                    .map_err(perr)?;
+                col.close().map_err(perr)?;
+            }
+            let geo = |f: fn(&GeoPoint) -> f64| -> Vec<Option<f64>> {
+                entries.iter().map(|e| e.geo.as_ref().map(f)).collect()
+            };
+            for values in [geo(|g| g.x), geo(|g| g.y)] {
+                let present: Vec<f64> = values.iter().flatten().copied().collect();
+                let mut col = rg.next_column().map_err(perr)?.expect("centre column");
+                col.typed::<DoubleType>()
+                    .write_batch(&present, Some(&levels(&values)), None)
+                    .map_err(perr)?;
+                col.close().map_err(perr)?;
+            }
+            let crs: Vec<Option<ByteArray>> = entries
+                .iter()
+                .map(|e| e.geo.as_ref()?.crs.as_deref().map(ByteArray::from))
+                .collect();
+            let present: Vec<ByteArray> = crs.iter().flatten().cloned().collect();
+            let mut col = rg.next_column().map_err(perr)?.expect("crs column");
+            col.typed::<ByteArrayType>()
+                .write_batch(&present, Some(&levels(&crs)), None)
+                .map_err(perr)?;
+            col.close().map_err(perr)?;
             rg.close().map_err(perr)?;
             w.close().map_err(perr)?;
             Ok(())
@@ -207,14 +319,40 @@ impl IndexDir {
         let mut out = Vec::new();
         for row in reader.get_row_iter(None)? {
             let row = row?;
-            out.push(Entry {
-                image_path: row
-                    .get_string(0)
-                    .map_err(|e| invalid(&path, e.to_string()))?
-                    .clone(),
-                size: row.get_long(1).map_err(|e| invalid(&path, e.to_string()))?,
-                mtime: row.get_long(2).map_err(|e| invalid(&path, e.to_string()))?,
-            });
+            let mut e = Entry::default();
+            let (mut tile, mut centre) = ([None; 4], [None; 2]);
+            let mut crs = None;
+            for (name, field) in row.get_column_iter() {
+                use parquet::record::Field;
+                match (name.as_str(), field) {
+                    ("image_path", Field::Str(s)) => e.image_path = s.clone(),
+                    ("size", Field::Long(v)) => e.size = *v,
+                    ("mtime", Field::Long(v)) => e.mtime = *v,
+                    ("tile_x", Field::Long(v)) => tile[0] = Some(*v),
+                    ("tile_y", Field::Long(v)) => tile[1] = Some(*v),
+                    ("tile_width", Field::Long(v)) => tile[2] = Some(*v),
+                    ("tile_height", Field::Long(v)) => tile[3] = Some(*v),
+                    ("center_x", Field::Double(v)) => centre[0] = Some(*v),
+                    ("center_y", Field::Double(v)) => centre[1] = Some(*v),
+                    ("crs", Field::Str(s)) => crs = Some(s.clone()),
+                    _ => {}
+                }
+            }
+            if e.image_path.is_empty() {
+                return Err(invalid(&path, "a row without image_path"));
+            }
+            if let [Some(x), Some(y), Some(width), Some(height)] = tile {
+                e.tile = Some(Tile {
+                    x,
+                    y,
+                    width,
+                    height,
+                });
+            }
+            if let [Some(x), Some(y)] = centre {
+                e.geo = Some(GeoPoint { x, y, crs });
+            }
+            out.push(e);
         }
         Ok(out)
     }
@@ -252,6 +390,8 @@ pub trait VectorStore {
     }
     /// The `k` best rows for `query` (unit length), best first: (row, inner product).
     fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)>;
+    /// Row `row`'s vector (as stored: float16-rounded in an index).
+    fn vector(&self, row: usize) -> Vec<f32>;
 }
 
 /// Exact search: every row scored, top-k kept. Right for archives up to a few hundred thousand images.
@@ -300,25 +440,32 @@ impl VectorStore for FlatStore {
         scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         scored
     }
+
+    fn vector(&self, row: usize) -> Vec<f32> {
+        self.row(row).to_vec()
+    }
 }
 
-/// An index folder loaded for search: every part's rows and entries, concatenated in part order.
+/// An index folder loaded for search: every part's entries in part order, and its vectors behind the
+/// approximate graph when one covers every row, else exact search.
 pub struct LoadedIndex {
     pub dir: IndexDir,
     pub entries: Vec<Entry>,
-    pub store: FlatStore,
+    pub store: Box<dyn VectorStore + Send + Sync>,
+    /// "approximate (HNSW …)" or "exact", for logs and /health.
+    pub search_kind: String,
 }
 
-impl LoadedIndex {
-    pub fn load(root: &Path) -> Result<Self, Error> {
-        let dir = IndexDir::open(root)?;
-        let (mut entries, mut vectors) = (Vec::new(), Vec::new());
-        for k in dir.parts() {
-            let e = dir.entries(k)?;
+/// Every part's entries and `[n, dim]` vectors, concatenated.
+fn read_all(dir: &IndexDir, with_vectors: bool) -> Result<(Vec<Entry>, Vec<f32>), Error> {
+    let (mut entries, mut vectors) = (Vec::new(), Vec::new());
+    for k in dir.parts() {
+        let e = dir.entries(k)?;
+        if with_vectors {
             let v = dir.embeddings(k)?;
             if v.len() != e.len() * dir.identity.dim {
                 return Err(invalid(
-                    root,
+                    &dir.root,
                     format!(
                         "part {k}: {} metadata rows but {} embeddings",
                         e.len(),
@@ -326,16 +473,95 @@ impl LoadedIndex {
                     ),
                 ));
             }
-            entries.extend(e);
             vectors.extend(v);
         }
+        entries.extend(e);
+    }
+    Ok((entries, vectors))
+}
+
+impl LoadedIndex {
+    pub fn load(root: &Path) -> Result<Self, Error> {
+        let dir = IndexDir::open(root)?;
+        let (entries, _) = read_all(&dir, false)?;
+        if let Some(mut ann) = AnnStore::open(root, true)? {
+            if ann.len() == entries.len() && ann.dim() == dir.identity.dim {
+                let o = ann.options();
+                ann.set_expansion_search(o.expansion_search);
+                return Ok(LoadedIndex {
+                    search_kind: format!(
+                        "approximate (HNSW M {}, efSearch {}, {:?}, memory-mapped)",
+                        o.connectivity, o.expansion_search, o.quantization
+                    ),
+                    dir,
+                    entries,
+                    store: Box::new(ann),
+                });
+            }
+        }
+        let (entries, vectors) = read_all(&dir, true)?;
         let store = FlatStore::new(dir.identity.dim, vectors);
         Ok(LoadedIndex {
             dir,
             entries,
-            store,
+            store: Box::new(store),
+            search_kind: "exact".into(),
         })
     }
+}
+
+/// What [`update_ann`] did.
+#[derive(Debug)]
+pub struct AnnReport {
+    pub rows_added: usize,
+    pub rows: usize,
+    pub bytes: usize,
+    pub seconds: f64,
+}
+
+/// Brings the index's graph up to date: extends it with the rows added since it was built, or builds it
+/// (anew when `options` differ from the graph's).
+pub fn update_ann(
+    root: &Path,
+    options: AnnOptions,
+    threads: usize,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<AnnReport, Error> {
+    let started = std::time::Instant::now();
+    let dir = IndexDir::open(root)?;
+    let (_, vectors) = read_all(&dir, true)?;
+    let dim = dir.identity.dim;
+    let rows = vectors.len() / dim.max(1);
+    let existing = AnnStore::open(root, false)?.filter(|a| {
+        let (mine, theirs) = (a.options(), options);
+        mine.connectivity == theirs.connectivity
+            && mine.expansion_add == theirs.expansion_add
+            && mine.quantization == theirs.quantization
+            && a.len() <= rows
+    });
+    let (mut ann, from) = match existing {
+        Some(a) => {
+            let from = a.len();
+            (a, from)
+        }
+        None => (
+            AnnStore::build(dim, &[], options, threads, &|_| {}).map_err(|e| invalid(root, e))?,
+            0,
+        ),
+    };
+    let todo = rows - from;
+    ann.extend(&vectors[from * dim..], threads, &|done| {
+        progress(done, todo)
+    })
+    .map_err(|e| invalid(root, e))?;
+    ann.set_expansion_search(options.expansion_search);
+    ann.save(root)?;
+    Ok(AnnReport {
+        rows_added: todo,
+        rows,
+        bytes: ann.serialized_len(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]
@@ -349,6 +575,7 @@ mod tests {
             checkpoint: "c".into(),
             checkpoint_sha256: sha.into(),
             dim: 2,
+            scene: SceneSettings::default(),
         }
     }
 
@@ -361,6 +588,7 @@ mod tests {
             image_path: p.into(),
             size: 10,
             mtime: 7,
+            ..Default::default()
         };
         assert_eq!(
             dir.append_part(&[e("a.jpg"), e("b.jpg")], &[1.0, 0.0, 0.0, 1.0])
@@ -393,5 +621,84 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("cannot share"));
+    }
+
+    #[test]
+    fn tile_and_geo_columns_round_trip_and_three_column_parts_still_read() {
+        let root = std::env::temp_dir().join(format!("pirclip-store-geo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = IndexDir::open_or_create(&root, identity("aa")).unwrap();
+        let tiled = Entry {
+            image_path: "scene.tif".into(),
+            size: 1,
+            mtime: 2,
+            tile: Some(Tile {
+                x: 160,
+                y: 320,
+                width: 224,
+                height: 224,
+            }),
+            geo: Some(GeoPoint {
+                x: 500_163.6,
+                y: 4_099_740.4,
+                crs: Some("EPSG:32633".into()),
+            }),
+        };
+        let unreferenced = Entry {
+            geo: Some(GeoPoint {
+                x: 1.5,
+                y: -2.5,
+                crs: None,
+            }),
+            ..tiled.clone()
+        };
+        let whole = Entry {
+            image_path: "a.jpg".into(),
+            ..Default::default()
+        };
+        let rows = [tiled.clone(), whole.clone(), unreferenced.clone()];
+        dir.append_part(&rows, &[1.0, 0.0, 0.0, 1.0, 0.6, 0.8])
+            .unwrap();
+        assert_eq!(dir.entries(0).unwrap(), rows);
+        assert_eq!(
+            tiled.location(),
+            "tile 160,320 224×224  EPSG:32633 (500163.600000, 4099740.400000)"
+        );
+        assert_eq!(whole.location(), "");
+        // A part written before tiles existed: image_path, size, mtime only.
+        let schema = Arc::new(
+            parquet::schema::parser::parse_message_type(
+                "message metadata { REQUIRED BYTE_ARRAY image_path (UTF8); REQUIRED INT64 size; REQUIRED INT64 mtime; }",
+            )
+            .unwrap(),
+        );
+        let file = std::fs::File::create(dir.meta_path(1)).unwrap();
+        let mut w = SerializedFileWriter::new(file, schema, Default::default()).unwrap();
+        let mut rg = w.next_row_group().unwrap();
+        let mut col = rg.next_column().unwrap().unwrap();
+        col.typed::<ByteArrayType>()
+            .write_batch(&[ByteArray::from("old.jpg")], None, None)
+            .unwrap();
+        col.close().unwrap();
+        for v in [3i64, 4] {
+            let mut col = rg.next_column().unwrap().unwrap();
+            col.typed::<Int64Type>()
+                .write_batch(&[v], None, None)
+                .unwrap();
+            col.close().unwrap();
+        }
+        rg.close().unwrap();
+        w.close().unwrap();
+        std::fs::copy(dir.emb_path(0), dir.emb_path(1)).unwrap();
+        assert_eq!(
+            dir.entries(1).unwrap(),
+            [Entry {
+                image_path: "old.jpg".into(),
+                size: 3,
+                mtime: 4,
+                ..Default::default()
+            }]
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -1,0 +1,139 @@
+//! `pirclip index bench`: the approximate graph measured on given vectors, one JSON line out.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use pirclip_store::{AnnStore, VectorStore};
+
+use super::BenchArgs;
+
+fn read_matrix(path: &std::path::Path) -> Result<(usize, Vec<f32>)> {
+    let t = pirclip_checkpoint::npy::read(path).with_context(|| path.display().to_string())?;
+    if t.shape.len() != 2 || !t.dtype.is_float() {
+        bail!(
+            "{}: expected a 2-d float array, found {:?} {:?}",
+            path.display(),
+            t.dtype,
+            t.shape
+        );
+    }
+    let dim = t.shape[1];
+    let mut v = t.to_f32_vec();
+    for row in v.chunks_mut(dim.max(1)) {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|x| *x /= norm);
+    }
+    Ok((dim, v))
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let (dim, base) = read_matrix(&a.vectors)?;
+    let (qdim, queries) = read_matrix(&a.queries)?;
+    if qdim != dim {
+        bail!("queries have dimension {qdim}, vectors {dim}");
+    }
+    let (n, q) = (base.len() / dim, queries.len() / dim);
+    if n == 0 || q == 0 {
+        bail!("no vectors or no queries");
+    }
+    let k = a.k.clamp(1, n);
+    let truth: Vec<Vec<usize>> = match &a.truth {
+        Some(p) => {
+            let t = pirclip_checkpoint::npy::read(p).with_context(|| p.display().to_string())?;
+            if t.shape.len() != 2 || t.shape[0] != q || t.shape[1] < k || t.dtype.is_float() {
+                bail!(
+                    "{}: expected [{q}, >={k}] integers, found {:?} {:?}",
+                    p.display(),
+                    t.dtype,
+                    t.shape
+                );
+            }
+            t.to_i64_vec()
+                .chunks(t.shape[1])
+                .map(|r| r[..k].iter().map(|&i| i as usize).collect())
+                .collect()
+        }
+        None => {
+            let flat = pirclip_store::FlatStore::new(dim, base.clone());
+            queries
+                .chunks(dim)
+                .map(|qv| flat.search(qv, k).into_iter().map(|h| h.0).collect())
+                .collect()
+        }
+    };
+
+    let started = Instant::now();
+    let mut ann = AnnStore::build(dim, &base, a.ann.options(), a.threads, &|_| {})
+        .map_err(anyhow::Error::msg)?;
+    let build_s = started.elapsed().as_secs_f64();
+    let scratch = std::env::temp_dir().join(format!("pirclip-ann-bench-{}", std::process::id()));
+    let root = a.out.clone().unwrap_or_else(|| scratch.clone());
+    std::fs::create_dir_all(&root)?;
+    ann.save(&root)?;
+    let bytes = std::fs::metadata(AnnStore::graph_path(&root))?.len();
+    drop(base);
+    // Searched the way `search` and `serve` search it: memory-mapped from the file.
+    ann = AnnStore::open(&root, true)?.context("the graph just saved")?;
+
+    let mut lat = Vec::with_capacity(q);
+    let mut found = 0usize;
+    for (qv, t) in queries.chunks(dim).zip(&truth) {
+        let t0 = Instant::now();
+        let hits = ann.search(qv, k);
+        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+        found += hits.iter().filter(|h| t.contains(&h.0)).count();
+    }
+    lat.sort_by(|x, y| x.total_cmp(y));
+
+    // A text query end to end: tokenise + encode with the model, then search (with the given query
+    // vectors when the model's dimension differs from the benchmark's).
+    let model = crate::bench::load(&a.model).ok();
+    let mut text_lat = Vec::new();
+    if let Some((model, _)) = &model {
+        let texts = [
+            "a stadium",
+            "storage tanks next to a port",
+            "flooded farmland",
+        ];
+        for (i, qv) in queries.chunks(dim).enumerate().take(200) {
+            let t0 = Instant::now();
+            let e = pirclip_retrieval::encode_texts(
+                model,
+                &[texts[i % texts.len()].to_string()],
+                1,
+                true,
+                &pirclip_retrieval::Quiet,
+            );
+            let query = if e.dim == dim { &e.values[..] } else { qv };
+            let _ = ann.search(query, k);
+            text_lat.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        text_lat.sort_by(|x, y| x.total_cmp(y));
+    }
+    let o = ann.options();
+    if a.out.is_none() {
+        drop(ann);
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "usearch HNSW",
+            "vectors": n, "dim": dim, "queries": q, "k": k,
+            "M": o.connectivity, "ef_construction": o.expansion_add, "ef_search": o.expansion_search,
+            "quantization": format!("{:?}", o.quantization).to_lowercase(),
+            "threads": a.threads,
+            "build_s": (build_s * 10.0).round() / 10.0,
+            "index_mb": (bytes as f64 / 1e6 * 10.0).round() / 10.0,
+            "recall_at_k": found as f64 / (q * k) as f64,
+            "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
+            "text_query_p50_ms": text_lat.first().map(|_| percentile(&text_lat, 0.5)),
+            "text_model": model.as_ref().map(|m| m.1.clone()),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,452 @@
+//! Aerial scenes: GeoTIFFs of any bit depth and band count turned into RGB for the model, their
+//! georeferencing, and tiling into model-sized windows.
+//!
+//! Display rule (documented in the README, applied to every band that is not 8-bit): each chosen band is
+//! stretched linearly from its 2nd to its 98th percentile onto 0–255 and clipped (the "2–98 % cumulative
+//! cut" of QGIS and GDAL-based viewers). Percentiles are nearest-rank over the band's valid samples (NaN and
+//! the GDAL_NODATA value excluded), computed over the whole scene so that every tile of it shares one
+//! mapping. 8-bit bands are used as they are.
+//!
+//! TIFF goes through the `tiff` crate directly (not the `image` crate) because the model needs what `image`
+//! drops: bands beyond RGBA, the 16-bit range before rounding, and the GeoTIFF tags.
+
+use crate::{check_size, max_pixels, Error, RgbImage};
+
+/// How a scene's bands become RGB.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SceneOptions {
+    /// 1-based band numbers for red, green and blue (GDAL's numbering); `None` = bands 1,2,3 of a
+    /// three-or-more-band image, band 1 as grey otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bands: Option<[usize; 3]>,
+}
+
+impl SceneOptions {
+    /// Parses `--bands 4,3,2`.
+    pub fn parse_bands(s: &str) -> Result<[usize; 3], String> {
+        let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        let numbers: Result<Vec<usize>, _> = parts.iter().map(|p| p.parse::<usize>()).collect();
+        match numbers {
+            Ok(n) if n.len() == 3 && n.iter().all(|&b| b >= 1) => Ok([n[0], n[1], n[2]]),
+            _ => Err(format!(
+                "--bands {s:?}: expected three 1-based band numbers for red,green,blue, such as 4,3,2"
+            )),
+        }
+    }
+}
+
+/// Pixel → map coordinates: `x = a + b·col + c·row`, `y = d + e·col + f·row`, with (col, row) measured
+/// from the raster's top-left corner (pixel centres at +0.5).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GeoTransform(pub [f64; 6]);
+
+impl GeoTransform {
+    pub fn apply(&self, col: f64, row: f64) -> (f64, f64) {
+        let t = &self.0;
+        (
+            t[0] + t[1] * col + t[2] * row,
+            t[3] + t[4] * col + t[5] * row,
+        )
+    }
+}
+
+/// A scene's georeferencing: the affine transform and its coordinate reference system.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeoRef {
+    pub transform: GeoTransform,
+    /// `EPSG:<code>` from the GeoKey directory, when it names one.
+    pub crs: Option<String>,
+}
+
+/// A decoded scene: its RGB rendering, and where it lies on Earth when the file says so.
+#[derive(Debug, Clone)]
+pub struct Scene {
+    pub image: RgbImage,
+    pub geo: Option<GeoRef>,
+}
+
+fn is_tiff(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"II*\0")
+        || bytes.starts_with(b"MM\0*")
+        || bytes.starts_with(b"II+\0")
+        || bytes.starts_with(b"MM\0+")
+}
+
+/// Decodes any image pirclip reads; TIFFs with their georeferencing, chosen bands and the stretch rule
+/// above. Other formats decode as [`crate::decode`] does, with no georeferencing.
+pub fn decode_scene(bytes: &[u8], name: &str, opts: &SceneOptions) -> Result<Scene, Error> {
+    if !is_tiff(bytes) {
+        if opts.bands.is_some() {
+            return Err(Error::Decode {
+                path: name.into(),
+                message: "--bands applies to TIFF files only".into(),
+            });
+        }
+        return Ok(Scene {
+            image: crate::decode(bytes, name)?,
+            geo: None,
+        });
+    }
+    decode_tiff(bytes, name, opts)
+}
+
+pub fn decode_scene_file(path: &std::path::Path, opts: &SceneOptions) -> Result<Scene, Error> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::Decode {
+        path: name.clone(),
+        message: e.to_string(),
+    })?;
+    decode_scene(&bytes, &name, opts)
+}
+
+fn decode_tiff(bytes: &[u8], name: &str, opts: &SceneOptions) -> Result<Scene, Error> {
+    use tiff::decoder::{Decoder, DecodingResult, Limits};
+    use tiff::tags::Tag;
+    let fail = |message: String| Error::Decode {
+        path: name.to_string(),
+        message,
+    };
+    let terr = |e: tiff::TiffError| fail(e.to_string());
+    let mut d = Decoder::new(std::io::Cursor::new(bytes)).map_err(terr)?;
+    let (w, h) = d.dimensions().map_err(terr)?;
+    check_size(w as u64, h as u64, name)?;
+    let color = d.colortype().map_err(terr)?;
+    let samples = color.num_samples() as usize;
+    let depth = color.bit_depth();
+    let geo = read_georef(&mut d);
+    let nodata: Option<f64> = d
+        .find_tag(Tag::GdalNodata)
+        .ok()
+        .flatten()
+        .and_then(|v| v.into_string().ok())
+        .and_then(|s| s.trim().trim_end_matches('\0').parse().ok());
+
+    // Plain 8-bit images with at most four samples (palette, CMYK, YCbCr included) decode as Pillow would.
+    if opts.bands.is_none() && depth == 8 && samples <= 4 {
+        return Ok(Scene {
+            image: crate::decode(bytes, name)?,
+            geo,
+        });
+    }
+    let bands = match opts.bands {
+        Some(b) => b,
+        None if samples >= 3 => [1, 2, 3],
+        None => [1, 1, 1],
+    };
+    if let Some(&bad) = bands.iter().find(|&&b| b > samples) {
+        return Err(fail(format!(
+            "--bands names band {bad}, but the image has {samples} band(s)"
+        )));
+    }
+    // A budget for the whole raster at its own depth, from the pixel limit (the header was checked).
+    let bytes_per_sample = (depth as usize).div_ceil(8).max(1);
+    let budget = (max_pixels() as usize)
+        .saturating_mul(samples.min(16))
+        .saturating_mul(bytes_per_sample);
+    let mut limits = Limits::default();
+    limits.decoding_buffer_size = budget.max(64 << 20);
+    limits.intermediate_buffer_size = budget.max(64 << 20);
+    let mut d = d.with_limits(limits);
+    let mut raw = DecodingResult::U8(Vec::new());
+    let layout = d.read_image_to_buffer(&mut raw).map_err(terr)?;
+    let n = w as usize * h as usize;
+    let planar = layout.planes > 1;
+    if planar && layout.complete_len > raw.as_buffer(0).as_bytes().len() {
+        return Err(fail(
+            "planar TIFF larger than the decoding budget; raise --max-image-pixels".into(),
+        ));
+    }
+    let needed = samples * n;
+    let have = raw.as_buffer(0).as_bytes().len() / bytes_per_sample;
+    if have < needed {
+        return Err(fail(format!(
+            "decoded {have} samples, expected {needed} ({w}×{h}×{samples})"
+        )));
+    }
+    // Sample `band` (0-based) of pixel `i`, whatever the layout.
+    let index = |i: usize, band: usize| {
+        if planar {
+            band * n + i
+        } else {
+            i * samples + band
+        }
+    };
+    let values: Box<dyn Fn(usize) -> f64> = match &raw {
+        DecodingResult::U8(v) => Box::new(move |k| v[k] as f64),
+        DecodingResult::U16(v) => Box::new(move |k| v[k] as f64),
+        DecodingResult::U32(v) => Box::new(move |k| v[k] as f64),
+        DecodingResult::U64(v) => Box::new(move |k| v[k] as f64),
+        DecodingResult::I8(v) => Box::new(move |k| v[k] as f64),
+        DecodingResult::I16(v) => Box::new(move |k| v[k] as f64),
+        DecodingResult::I32(v) => Box::new(move |k| v[k] as f64),
+        DecodingResult::I64(v) => Box::new(move |k| v[k] as f64),
+        DecodingResult::F16(v) => Box::new(move |k| v[k].to_f64()),
+        DecodingResult::F32(v) => Box::new(move |k| v[k] as f64),
+        DecodingResult::F64(v) => Box::new(move |k| v[k]),
+    };
+    let eight_bit = matches!(raw, DecodingResult::U8(_));
+    let mut pixels = vec![0u8; n * 3];
+    for (channel, &band) in bands.iter().enumerate() {
+        let band = band - 1;
+        let map = if eight_bit {
+            None
+        } else {
+            Some(stretch_range(
+                (0..n).map(|i| values(index(i, band))),
+                nodata,
+            ))
+        };
+        for i in 0..n {
+            let v = values(index(i, band));
+            pixels[i * 3 + channel] = match map {
+                None => v as u8,
+                Some(range) => stretch(v, range),
+            };
+        }
+    }
+    Ok(Scene {
+        image: RgbImage::new(w as usize, h as usize, pixels),
+        geo,
+    })
+}
+
+/// The 2nd and 98th nearest-rank percentiles of the valid samples; `(0, 0)` when there are none.
+fn stretch_range(samples: impl Iterator<Item = f64>, nodata: Option<f64>) -> (f64, f64) {
+    let mut valid: Vec<f64> = samples
+        .filter(|v| v.is_finite() && Some(*v) != nodata)
+        .collect();
+    if valid.is_empty() {
+        return (0.0, 0.0);
+    }
+    let rank = |q: f64| ((valid.len() - 1) as f64 * q).floor() as usize;
+    let (lo_rank, hi_rank) = (rank(0.02), rank(0.98));
+    let lo = *valid
+        .select_nth_unstable_by(lo_rank, |a, b| a.total_cmp(b))
+        .1;
+    let hi = *valid
+        .select_nth_unstable_by(hi_rank, |a, b| a.total_cmp(b))
+        .1;
+    (lo, hi)
+}
+
+fn stretch(v: f64, (lo, hi): (f64, f64)) -> u8 {
+    if !v.is_finite() || hi <= lo {
+        return 0;
+    }
+    ((v - lo) / (hi - lo) * 255.0).round().clamp(0.0, 255.0) as u8
+}
+
+/// GeoTIFF: ModelTransformation, or ModelTiepoint + ModelPixelScale; raster type (PixelIsPoint shifts
+/// by half a pixel) and the EPSG code from the GeoKey directory. Missing or malformed tags give `None`:
+/// an image without georeferencing is still an image.
+fn read_georef<R: std::io::Read + std::io::Seek>(
+    d: &mut tiff::decoder::Decoder<R>,
+) -> Option<GeoRef> {
+    use tiff::tags::Tag;
+    let doubles = |d: &mut tiff::decoder::Decoder<R>, tag| {
+        d.find_tag(tag)
+            .ok()
+            .flatten()
+            .and_then(|v| v.into_f64_vec().ok())
+    };
+    let keys: Vec<u16> = d
+        .find_tag(Tag::GeoKeyDirectoryTag)
+        .ok()
+        .flatten()
+        .and_then(|v| v.into_u16_vec().ok())
+        .unwrap_or_default();
+    let key = |id: u16| -> Option<u16> {
+        keys.get(4..)?
+            .chunks_exact(4)
+            .find(|k| k[0] == id && k[1] == 0)
+            .map(|k| k[3])
+    };
+    let mut transform = if let Some(m) = doubles(d, Tag::ModelTransformationTag) {
+        (m.len() == 16).then(|| GeoTransform([m[3], m[0], m[1], m[7], m[4], m[5]]))?
+    } else {
+        let tie = doubles(d, Tag::ModelTiepointTag)?;
+        let scale = doubles(d, Tag::ModelPixelScaleTag)?;
+        if tie.len() < 6 || scale.len() < 2 {
+            return None;
+        }
+        let (i, j, x, y) = (tie[0], tie[1], tie[3], tie[4]);
+        let (sx, sy) = (scale[0], scale[1]);
+        GeoTransform([x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy])
+    };
+    // GTRasterTypeGeoKey 2 = PixelIsPoint: the tie point is a pixel's centre, not its corner.
+    if key(1025) == Some(2) {
+        let (x, y) = transform.apply(-0.5, -0.5);
+        transform.0[0] = x;
+        transform.0[3] = y;
+    }
+    if !transform.0.iter().all(|v| v.is_finite()) {
+        return None;
+    }
+    // ProjectedCSTypeGeoKey, else GeographicTypeGeoKey; 32767 means "user-defined" (no code).
+    let crs = [3072, 2048]
+        .into_iter()
+        .filter_map(key)
+        .find(|&c| c != 0 && c != 32767)
+        .map(|c| format!("EPSG:{c}"));
+    Some(GeoRef { transform, crs })
+}
+
+/// An 8-bit RGB GeoTIFF of `img` with `geo`'s georeferencing (tie point + pixel scale for north-up
+/// transforms, ModelTransformation otherwise; the EPSG code as a projected or geographic GeoKey): a tile
+/// a GIS opens in place.
+pub fn encode_geotiff(img: &RgbImage, geo: Option<&GeoRef>) -> Result<Vec<u8>, String> {
+    use tiff::encoder::{colortype::RGB8, TiffEncoder};
+    use tiff::tags::Tag;
+    let mut out = std::io::Cursor::new(Vec::new());
+    let e = |e: tiff::TiffError| e.to_string();
+    let mut enc = TiffEncoder::new(&mut out).map_err(e)?;
+    let mut image = enc
+        .new_image::<RGB8>(img.width as u32, img.height as u32)
+        .map_err(e)?;
+    if let Some(g) = geo {
+        let t = g.transform.0;
+        let dir = image.encoder();
+        if t[2] == 0.0 && t[4] == 0.0 && t[5] < 0.0 {
+            dir.write_tag(Tag::ModelPixelScaleTag, &[t[1], -t[5], 0.0][..])
+                .map_err(e)?;
+            dir.write_tag(Tag::ModelTiepointTag, &[0.0, 0.0, 0.0, t[0], t[3], 0.0][..])
+                .map_err(e)?;
+        } else {
+            let m = [
+                t[1], t[2], 0.0, t[0], t[4], t[5], 0.0, t[3], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                1.0,
+            ];
+            dir.write_tag(Tag::ModelTransformationTag, &m[..])
+                .map_err(e)?;
+        }
+        // GeoKey directory: version 1.1.0; raster type PixelIsArea; the CRS code.
+        let code = g
+            .crs
+            .as_deref()
+            .and_then(|c| c.strip_prefix("EPSG:"))
+            .and_then(|c| c.parse::<u16>().ok());
+        let mut keys: Vec<u16> = vec![1, 1, 0, 0, 1025, 0, 1, 1];
+        if let Some(code) = code {
+            // 4326-like geographic codes go to GeographicTypeGeoKey, others to ProjectedCSTypeGeoKey.
+            let geographic = (4000..5000).contains(&code);
+            let model_type = if geographic { 2 } else { 1 };
+            keys.extend([1024, 0, 1, model_type]);
+            keys.extend([if geographic { 2048 } else { 3072 }, 0, 1, code]);
+        }
+        keys[3] = ((keys.len() - 4) / 4) as u16;
+        // GeoKeys must be sorted by id.
+        let mut entries: Vec<[u16; 4]> = keys[4..]
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect();
+        entries.sort_by_key(|k| k[0]);
+        let sorted: Vec<u16> = keys[..4]
+            .iter()
+            .copied()
+            .chain(entries.into_iter().flatten())
+            .collect();
+        dir.write_tag(Tag::GeoKeyDirectoryTag, &sorted[..])
+            .map_err(e)?;
+    }
+    image.write_data(&img.pixels).map_err(e)?;
+    Ok(out.into_inner())
+}
+
+/// A window of a scene, in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Window {
+    pub x: usize,
+    pub y: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Window {
+    pub fn center(&self) -> (f64, f64) {
+        (
+            self.x as f64 + self.width as f64 / 2.0,
+            self.y as f64 + self.height as f64 / 2.0,
+        )
+    }
+}
+
+/// Window starts along one side: every `stride`, plus one flush with the far edge so nothing is left
+/// uncovered; one window of the whole side when it is no longer than `tile`.
+fn starts(len: usize, tile: usize, stride: usize) -> Vec<usize> {
+    if len <= tile {
+        return vec![0];
+    }
+    let mut s: Vec<usize> = (0..=len - tile).step_by(stride.max(1)).collect();
+    if s.last() != Some(&(len - tile)) {
+        s.push(len - tile);
+    }
+    s
+}
+
+/// The tiles of a `width`×`height` scene, row by row.
+pub fn tile_windows(width: usize, height: usize, tile: usize, stride: usize) -> Vec<Window> {
+    let (tw, th) = (tile.min(width), tile.min(height));
+    let mut out = Vec::new();
+    for y in starts(height, tile, stride) {
+        for x in starts(width, tile, stride) {
+            out.push(Window {
+                x,
+                y,
+                width: tw,
+                height: th,
+            });
+        }
+    }
+    out
+}
+
+/// The pixels of `w` (which must lie inside `img`).
+pub fn crop(img: &RgbImage, w: Window) -> RgbImage {
+    assert!(
+        w.x + w.width <= img.width && w.y + w.height <= img.height,
+        "window inside the image"
+    );
+    let mut out = Vec::with_capacity(w.width * w.height * 3);
+    for row in w.y..w.y + w.height {
+        let at = (row * img.width + w.x) * 3;
+        out.extend_from_slice(&img.pixels[at..at + w.width * 3]);
+    }
+    RgbImage::new(w.width, w.height, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cover_the_scene_with_the_last_flush_to_the_edge() {
+        assert_eq!(starts(500, 224, 160), [0, 160, 276]);
+        assert_eq!(starts(224, 224, 160), [0]);
+        assert_eq!(starts(100, 224, 160), [0]);
+        assert_eq!(starts(384, 224, 160), [0, 160]);
+        let w = tile_windows(500, 100, 224, 160);
+        assert_eq!(w.len(), 3);
+        assert!(w.iter().all(|w| w.height == 100 && w.width == 224));
+    }
+
+    #[test]
+    fn stretch_maps_the_2_98_percentiles_to_the_ends() {
+        let values: Vec<f64> = (0..=1000).map(|v| v as f64).collect();
+        let range = stretch_range(values.iter().copied(), None);
+        assert_eq!(range, (20.0, 980.0));
+        assert_eq!(stretch(20.0, range), 0);
+        assert_eq!(stretch(980.0, range), 255);
+        assert_eq!(stretch(5000.0, range), 255);
+        assert_eq!(stretch(500.0, range), 128);
+        // NoData is not a sample.
+        let with_nodata = values.iter().copied().chain(std::iter::repeat_n(0.0, 5000));
+        assert_eq!(stretch_range(with_nodata, Some(0.0)).0, 20.0);
+    }
+
+    #[test]
+    fn bands_parse_one_based_triples() {
+        assert_eq!(SceneOptions::parse_bands("4,3,2"), Ok([4, 3, 2]));
+        assert!(SceneOptions::parse_bands("0,1,2").is_err());
+        assert!(SceneOptions::parse_bands("1,2").is_err());
+    }
+}
