@@ -178,6 +178,7 @@ impl ModelArgs {
                 BeliefModeArg::BeliefPlusIndex => BeliefMode::BeliefPlusIndex,
                 BeliefModeArg::BeliefOnly => BeliefMode::BeliefOnly,
             },
+            dropout: false,
         }
     }
 

@@ -27,6 +27,7 @@ pub fn run(a: Args) -> Result<()> {
         split: "test".into(),
         batch_size: 64,
         recall_k: vec![1, 5, 10],
+        bootstrap: 1000,
         out: None,
         embeddings_out: None,
         skip_missing: false,

@@ -35,6 +35,9 @@ pub struct Args {
     /// Recall cut-offs, comma separated.
     #[arg(long, default_value = "1,5,10", value_delimiter = ',')]
     pub recall_k: Vec<usize>,
+    /// Bootstrap draws of the test images for an interval around mean recall (0: none).
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
     /// Write the metrics (and the run's settings) as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -126,6 +129,7 @@ pub fn evaluate(a: &Args, p: Prepared, model: &ClipModel, checkpoint_path: &Path
         true,
     )?;
     let m = enc.metrics(&set, &a.recall_k);
+    let boot = enc.bootstrap(&set, &a.recall_k, a.bootstrap);
     let (img, txt) = (&enc.img, &enc.txt);
     let (ni, nt) = (img.rows, txt.rows);
     let (img_s, txt_s) = (enc.image_seconds, enc.text_seconds);
@@ -156,6 +160,12 @@ pub fn evaluate(a: &Args, p: Prepared, model: &ClipModel, checkpoint_path: &Path
         "median rank   image→text {:.1}, text→image {:.1}; mean rank {:.1} / {:.1}",
         m.i2t_median_rank, m.t2i_median_rank, m.i2t_mean_rank, m.t2i_mean_rank
     );
+    if let Some(b) = &boot {
+        println!(
+            "mean recall 95% interval {:.2}–{:.2} (± {:.2} s.d.; {} bootstrap draws of the {ni} test images)",
+            b.low, b.high, b.std, b.samples
+        );
+    }
     std::io::Write::flush(&mut std::io::stdout())?;
     eprintln!(
         "{seconds:.1} s in all; encoding {enc_s:.1} s: images {:.1}/s, texts {:.1}/s",
@@ -185,6 +195,12 @@ pub fn evaluate(a: &Args, p: Prepared, model: &ClipModel, checkpoint_path: &Path
         raw.insert("image2text-mean-rank".into(), json!(m.i2t_mean_rank));
         raw.insert("text2image-median-rank".into(), json!(m.t2i_median_rank));
         raw.insert("text2image-mean-rank".into(), json!(m.t2i_mean_rank));
+        if let Some(b) = &boot {
+            raw.insert(
+                "mean-recall-bootstrap".into(),
+                json!({"samples": b.samples, "std": b.std, "ci95": [b.low, b.high]}),
+            );
+        }
         obj.insert("raw".into(), serde_json::Value::Object(raw));
         obj.insert(
             "settings".into(),

@@ -105,6 +105,9 @@ pub struct BenchArgs {
     model: ModelArgs,
     #[command(flatten)]
     ann: AnnArgs,
+    /// Also measure these efSearch values on the same graph (one JSON line each), e.g. 96,160,256.
+    #[arg(long, value_delimiter = ',')]
+    sweep_ef_search: Vec<usize>,
 }
 
 #[derive(clap::Args)]

@@ -41,7 +41,19 @@ struct Arch {
     image_size: usize,
     vision: String,
     instruction: Option<([usize; 4], usize)>,
+    /// Progressive attention encoders: (steps, feed-forward width) of the hard-filter Spatial-PAE and of
+    /// the Temporal-PAE (LCA). Heads, filter size and dropout leave no trace in the shapes.
+    spatial_pae: Option<(usize, usize)>,
+    temporal_pae: Option<(usize, usize)>,
     text: (usize, usize, usize, usize),
+}
+
+fn pae_of(sd: &StateDict, prefix: &str) -> Option<(usize, usize)> {
+    let steps = count_blocks(sd, &format!("{prefix}.mapping."));
+    (steps > 0).then(|| {
+        let ffn = dim(sd, &format!("{prefix}.self_attn.0.ffn.0.weight"), 0).unwrap_or(0);
+        (steps, ffn)
+    })
 }
 
 fn resnet_layers(sd: &StateDict, prefix: &str) -> [usize; 4] {
@@ -87,6 +99,8 @@ fn arch_of(sd: &StateDict) -> Option<Arch> {
         image_size,
         vision,
         instruction,
+        spatial_pae: pae_of(sd, "spatial_pae"),
+        temporal_pae: pae_of(sd, "temporal_pae"),
         text,
     })
 }
@@ -108,6 +122,16 @@ fn arch_of_config(c: &ModelConfig) -> Arch {
         image_size: c.image_size,
         vision,
         instruction: c.instruction.as_ref().map(|i| (i.res_layers, i.res_width)),
+        spatial_pae: c
+            .instruction
+            .as_ref()
+            .and_then(|i| i.hard_vir.as_ref())
+            .map(|h| (h.instruction_rounds, h.ffn_width.unwrap_or(2 * c.embed_dim))),
+        temporal_pae: c
+            .text
+            .lca
+            .as_ref()
+            .map(|l| (l.cycles, l.ffn_width.unwrap_or(2 * c.embed_dim))),
         text: (
             c.text.context_length,
             c.text.vocab_size,
@@ -153,6 +177,9 @@ pub fn run(a: Args) -> Result<()> {
         ),
         Some(arch) => {
             let family = match (&arch.instruction, arch.vision.starts_with("ViT")) {
+                (Some(_), _) if arch.spatial_pae.is_some() => {
+                    "PIR-CLIP (CLIP ViT + instruction ResNet + hard-filter Spatial-PAE)"
+                }
                 (Some(_), _) => "PIR-CLIP (CLIP ViT + instruction ResNet + VIR)",
                 (None, true) => "open_clip CLIP with a ViT image tower",
                 (None, false) => "open_clip CLIP with a ModifiedResNet image tower",
@@ -161,6 +188,14 @@ pub fn run(a: Args) -> Result<()> {
             println!("vision:      {}, image {}", arch.vision, arch.image_size);
             if let Some((layers, width)) = arch.instruction {
                 println!("instruction: ModifiedResNet layers {layers:?} width {width}");
+            }
+            if let Some((rounds, ffn)) = arch.spatial_pae {
+                println!(
+                    "spatial PAE: hard-filter VIR, {rounds} instruction round(s), feed-forward {ffn}"
+                );
+            }
+            if let Some((cycles, ffn)) = arch.temporal_pae {
+                println!("temporal PAE: LCA, {cycles} cycle(s), feed-forward {ffn}");
             }
             let (ctx, vocab, width, layers) = arch.text;
             println!("text:        width {width} layers {layers} context {ctx} vocab {vocab}");

@@ -227,9 +227,15 @@ pub struct Args {
     /// Freeze the instruction encoder (res_visual + vision_proj_res, BatchNorm in eval mode).
     #[arg(long)]
     lock_instruction: bool,
-    /// Freeze the text tower.
+    /// Freeze the text tower (not the Temporal-PAE on top of it: see --lock-temporal-pae).
     #[arg(long)]
     lock_text: bool,
+    /// Freeze the hard-filter Spatial-PAE (`vision_cfg.vir = "hard"`).
+    #[arg(long)]
+    lock_spatial_pae: bool,
+    /// Freeze the Temporal-PAE / LCA (`text_cfg.lca`).
+    #[arg(long)]
+    lock_temporal_pae: bool,
     #[arg(long, value_enum, default_value_t = BeliefModeArg::BeliefPlusIndex)]
     belief_mode: BeliefModeArg,
     /// fp32; amp = autocast to fp16 with a gradient scaler on CUDA, to bf16 on CPU (PyTorch's CPU
@@ -527,6 +533,20 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::write(run_dir.join("params.txt"), format!("{a:#?}\n"))?;
     }
 
+    if a.lock_spatial_pae
+        && !config
+            .instruction
+            .as_ref()
+            .is_some_and(|i| i.hard_vir.is_some())
+    {
+        bail!("--lock-spatial-pae: model {} has no hard-filter Spatial-PAE (vision_cfg.vir = \"hard\")", a.model);
+    }
+    if a.lock_temporal_pae && config.text.lca.is_none() {
+        bail!(
+            "--lock-temporal-pae: model {} has no Temporal-PAE (text_cfg.lca)",
+            a.model
+        );
+    }
     let model = ClipModel::new(&config, device);
     pirclip_model::init::initialize(model.registry(), a.seed as i64);
     if let Some(p) = &a.pretrained {
@@ -553,6 +573,8 @@ pub fn run(a: Args) -> Result<()> {
         },
         lock_instruction: a.lock_instruction,
         lock_text: a.lock_text,
+        lock_spatial_pae: a.lock_spatial_pae,
+        lock_temporal_pae: a.lock_temporal_pae,
         grad_clip_norm: a.grad_clip_norm,
         precision: match a.precision {
             Precision::Fp32 => TrainPrecision::Fp32,
@@ -938,6 +960,7 @@ pub fn run(a: Args) -> Result<()> {
                     EncodeOptions {
                         bn_mode: pirclip_model::BnMode::Running,
                         belief_mode: options.belief_mode,
+                        dropout: false,
                     },
                     64,
                     false,

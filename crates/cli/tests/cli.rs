@@ -2186,3 +2186,147 @@ fn explain_draws_the_belief_and_the_patch_text_similarity() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// The paper's modules through the binary: a config with the hard VIR and LCA is initialised, named by
+/// `inspect`, encodes, trains and saves; fine-tuning a plain PIR checkpoint into an LCA config
+/// initialises only the new module; `--lock-temporal-pae` keeps LCA while the rest learns.
+#[test]
+fn paper_modules_init_inspect_encode_and_fine_tune() {
+    let dir = tmpdir("pae");
+    let m = mini();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx("config.json")).unwrap()).unwrap();
+    cfg["text_cfg"]["lca"] = serde_json::json!({"cycles": 1, "heads": 4});
+    let lca_cfg = dir.join("lca.json");
+    std::fs::write(&lca_cfg, cfg.to_string()).unwrap();
+    for (k, v) in [
+        ("vir", serde_json::json!("hard")),
+        ("filter_size", 4.into()),
+        ("vir_heads", 4.into()),
+    ] {
+        cfg["vision_cfg"][k] = v;
+    }
+    let both_cfg = dir.join("both.json");
+    std::fs::write(&both_cfg, cfg.to_string()).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+
+    let init = dir.join("both.safetensors");
+    pirclip_ok(&[
+        "init",
+        "--model",
+        &s(&both_cfg),
+        "--out",
+        &s(&init),
+        "--seed",
+        "3",
+    ]);
+    let o = pirclip_ok(&["inspect", &s(&init)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "hard-filter Spatial-PAE",
+        "spatial PAE: hard-filter VIR, 1 instruction round(s), feed-forward 128",
+        "temporal PAE: LCA, 1 cycle(s), feed-forward 128",
+    ] {
+        assert!(text.contains(want), "{want} not in\n{text}");
+    }
+    let captions = dir.join("captions.txt");
+    std::fs::write(&captions, "a stadium\nmany planes at an airport\n").unwrap();
+    let emb = dir.join("emb");
+    pirclip_ok(&[
+        "embed",
+        "--model",
+        &s(&both_cfg),
+        "--checkpoint",
+        &s(&init),
+        "--images",
+        &s(&m.join("images")),
+        "--texts",
+        &s(&captions),
+        "--out",
+        &s(&emb),
+    ]);
+    assert_eq!(
+        npy::read(emb.join("img_emb.npy")).unwrap().shape,
+        vec![60, 64]
+    );
+    assert_eq!(
+        npy::read(emb.join("text_emb.npy")).unwrap().shape,
+        vec![2, 64]
+    );
+
+    let train = |name: &str, config: &Path, pretrained: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train".to_string(),
+            "--model".into(),
+            s(config),
+            "--pretrained".into(),
+            s(pretrained),
+            "--train-data".into(),
+            s(&m.join("dataset_rsicd_mini.json")),
+            "--images-dir".into(),
+            s(&m.join("images")),
+            "--train-split".into(),
+            "test".into(),
+            "--train-num-samples".into(),
+            "16".into(),
+            "--batch-size".into(),
+            "8".into(),
+            "--epochs".into(),
+            "1".into(),
+            "--lr".into(),
+            "1e-3".into(),
+            "--warmup".into(),
+            "0".into(),
+            "--aff-loss".into(),
+            "--logs".into(),
+            s(&dir.join("logs")),
+            "--name".into(),
+            name.into(),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        pirclip_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let run = dir.join("logs").join(name);
+        let sd = pirclip_checkpoint::load(run.join("checkpoints/epoch_1.safetensors"))
+            .unwrap()
+            .state_dict;
+        (std::fs::read_to_string(run.join("out.log")).unwrap(), sd)
+    };
+
+    // A plain PIR checkpoint into the LCA config: every fixture tensor loads, LCA starts fresh.
+    let (log, _) = train("lca", &lca_cfg, &fx("model.safetensors"), &[]);
+    // 1 cycle = mapping (2) + two blocks of 18 + head (2) = 40 tensors, all of them new.
+    assert!(
+        log.contains(
+            "loaded 187 tensors; randomly initialised:\n  40 missing key(s): temporal_pae."
+        ) && !log.contains("unexpected key"),
+        "{log}"
+    );
+
+    // Both modules, LCA locked: LCA exactly as initialised, the hard VIR trained.
+    let (_, after) = train("locked", &both_cfg, &init, &["--lock-temporal-pae"]);
+    let before = pirclip_checkpoint::load(&init).unwrap().state_dict;
+    let (mut same, mut moved) = (0, 0);
+    for (k, t) in &after.entries {
+        if k.starts_with("temporal_pae.") {
+            assert_eq!(Some(t), before.get(k), "{k} changed although locked");
+            same += 1;
+        } else if k.starts_with("spatial_pae.") && before.get(k) != Some(t) {
+            moved += 1;
+        }
+    }
+    assert!(same > 20 && moved > 20, "locked {same}, trained {moved}");
+    // A lock on a module the model lacks is an error, not a silent no-op.
+    let o = pirclip(
+        &mini_train_args(
+            &dir.join("logs"),
+            "bad",
+            &m.join("images"),
+            &["--lock-spatial-pae"],
+        )
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("has no hard-filter Spatial-PAE"));
+}

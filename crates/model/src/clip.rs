@@ -6,6 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{ModelConfig, VisionTower};
 use crate::layers::{BnMode, Linear};
+use crate::pae::{HardVir, Lca};
 use crate::params::{self, Init, Registry};
 use crate::resnet::ModifiedResNet;
 use crate::text::TextTower;
@@ -17,6 +18,8 @@ use crate::Error;
 pub struct EncodeOptions {
     pub bn_mode: BnMode,
     pub belief_mode: BeliefMode,
+    /// Training forward: the progressive attention encoders apply their dropout.
+    pub dropout: bool,
 }
 
 /// Inference arithmetic (`--precision`). Training has its own switch (autocast in the train crate).
@@ -37,10 +40,12 @@ pub enum Visual {
     ResNet(ModifiedResNet),
 }
 
-/// PIR-CLIP's instruction path: scene-prior ResNet and the mapping of its output to one ViT-width token.
+/// PIR-CLIP's instruction path: scene-prior ResNet, and either the mapping of its output to one
+/// ViT-width token (soft VIR) or the hard-filter Spatial-PAE, which uses it in the joint space.
 pub struct InstructionEncoder {
     pub res_visual: ModifiedResNet,
-    pub vision_proj_res: Linear,
+    pub vision_proj_res: Option<Linear>,
+    pub hard_vir: Option<HardVir>,
 }
 
 pub struct ClipModel {
@@ -49,6 +54,8 @@ pub struct ClipModel {
     pub visual: Visual,
     pub instruction: Option<InstructionEncoder>,
     pub text: TextTower,
+    /// Temporal-PAE (`text_cfg.lca`).
+    pub lca: Option<Lca>,
     pub logit_scale: Tensor,
     /// Autocast dtype of `encode_image` / `encode_text` (set by `prepare_for_inference`).
     autocast: Option<Kind>,
@@ -56,16 +63,18 @@ pub struct ClipModel {
 
 /// open_clip's `state_dict()` order of the top-level groups.
 fn group_rank(name: &str) -> usize {
-    const ORDER: [&str; 9] = [
+    const ORDER: [&str; 11] = [
         "positional_embedding",
         "text_projection",
         "logit_scale",
         "vision_proj_res.",
         "visual.",
         "res_visual.",
+        "spatial_pae.",
         "transformer.",
         "token_embedding.",
         "ln_final.",
+        "temporal_pae.",
     ];
     ORDER
         .iter()
@@ -130,9 +139,21 @@ impl ClipModel {
                     embed,
                     config.image_size as i64,
                 ),
-                vision_proj_res: Linear::new(&r.sub("vision_proj_res"), embed, vision_width),
+                vision_proj_res: ins
+                    .hard_vir
+                    .is_none()
+                    .then(|| Linear::new(&r.sub("vision_proj_res"), embed, vision_width)),
+                hard_vir: ins
+                    .hard_vir
+                    .as_ref()
+                    .map(|h| HardVir::new(&r.sub("spatial_pae"), embed, h)),
             }
         });
+        let lca = config
+            .text
+            .lca
+            .as_ref()
+            .map(|c| Lca::new(&r.sub("temporal_pae"), embed, c));
         r.sort_entries_by_key(|name| group_rank(name));
         ClipModel {
             config: config.clone(),
@@ -140,6 +161,7 @@ impl ClipModel {
             visual,
             instruction,
             text,
+            lca,
             logit_scale,
             autocast: None,
         }
@@ -198,43 +220,79 @@ impl ClipModel {
             .map(|i| i.res_visual.forward(images, bn))
     }
 
-    /// The instruction token `y`, `[N, vision width]`.
+    /// The soft VIR's instruction token `y`, `[N, vision width]` (`None` without an instruction encoder
+    /// or with the hard VIR, which has no such token).
     pub fn instruction_token(&self, images: &Tensor, bn: BnMode) -> Option<Tensor> {
-        self.instruction
-            .as_ref()
-            .map(|i| i.vision_proj_res.forward(&i.res_visual.forward(images, bn)))
+        let i = self.instruction.as_ref()?;
+        let proj = i.vision_proj_res.as_ref()?;
+        Some(proj.forward(&i.res_visual.forward(images, bn)))
     }
 
     /// Unnormalised image features `[N, embed_dim]` of preprocessed images `[N, 3, S, S]`.
     pub fn encode_image(&self, images: &Tensor, opts: EncodeOptions) -> Tensor {
-        self.with_precision(
-            || match (&self.visual, self.instruction_token(images, opts.bn_mode)) {
-                (Visual::Vit(vit), Some(y)) => vit.forward_instructed(images, &y, opts.belief_mode),
-                (Visual::Vit(vit), None) => vit.forward(images),
-                (Visual::ResNet(rn), _) => rn.forward(images, opts.bn_mode),
+        self.with_precision(|| match (&self.visual, &self.instruction) {
+            (Visual::Vit(vit), Some(ins)) => match (&ins.hard_vir, &ins.vision_proj_res) {
+                (Some(hard), _) => {
+                    let c = ins.res_visual.forward(images, opts.bn_mode);
+                    hard.forward(&vit.project_tokens(images), &c, opts.dropout)
+                        .features
+                }
+                (None, Some(proj)) => {
+                    let y = proj.forward(&ins.res_visual.forward(images, opts.bn_mode));
+                    vit.forward_instructed(images, &y, opts.belief_mode)
+                }
+                (None, None) => unreachable!("a soft-VIR instruction encoder has its mapping"),
             },
-        )
+            (Visual::Vit(vit), None) => vit.forward(images),
+            (Visual::ResNet(rn), _) => rn.forward(images, opts.bn_mode),
+        })
     }
 
     /// The VIR belief and the projected output tokens of a PIR model's image tower (`None` for models
-    /// without an instruction encoder or a ViT image tower).
+    /// without an instruction encoder or a ViT image tower). With the hard VIR, token 0 is the image
+    /// embedding and the class token's belief is 0 (only patches are ranked).
     pub fn explain(&self, images: &Tensor, opts: EncodeOptions) -> Option<crate::vit::Explanation> {
-        match (&self.visual, self.instruction_token(images, opts.bn_mode)) {
-            (Visual::Vit(vit), Some(y)) => {
-                Some(vit.explain_instructed(images, &y, opts.belief_mode))
-            }
-            _ => None,
+        let (Visual::Vit(vit), Some(ins)) = (&self.visual, &self.instruction) else {
+            return None;
+        };
+        if let Some(hard) = &ins.hard_vir {
+            let c = ins.res_visual.forward(images, opts.bn_mode);
+            let tokens = vit.project_tokens(images);
+            let out = hard.forward(&tokens, &c, false);
+            let n = out.belief.size()[0];
+            let class = Tensor::zeros([n, 1], (Kind::Float, out.belief.device()));
+            return Some(crate::vit::Explanation {
+                belief: Tensor::cat(&[class, out.belief], 1),
+                tokens: Tensor::cat(&[out.features.unsqueeze(1), tokens], 1),
+            });
         }
+        let y = self.instruction_token(images, opts.bn_mode)?;
+        Some(vit.explain_instructed(images, &y, opts.belief_mode))
     }
 
     /// Unnormalised text features `[N, embed_dim]` of token ids `[N, context]`.
     pub fn encode_text(&self, ids: &Tensor) -> Tensor {
-        self.with_precision(|| self.text.forward(ids, true))
+        self.with_precision(|| self.text_features(ids, true, false))
+    }
+
+    /// The same in a training forward pass (`dropout` as `EncodeOptions::dropout`).
+    pub fn encode_text_train(&self, ids: &Tensor, dropout: bool) -> Tensor {
+        self.with_precision(|| self.text_features(ids, true, dropout))
     }
 
     /// The same, computing all `context_length` positions like open_clip (for checks).
     pub fn encode_text_full(&self, ids: &Tensor) -> Tensor {
-        self.text.forward(ids, false)
+        self.text_features(ids, false, false)
+    }
+
+    fn text_features(&self, ids: &Tensor, truncate: bool, dropout: bool) -> Tensor {
+        match &self.lca {
+            None => self.text.forward(ids, truncate),
+            Some(lca) => {
+                let (tokens, eot) = self.text.project_tokens(ids, truncate);
+                lca.forward(&tokens, &eot, dropout)
+            }
+        }
     }
 
     /// Every linear layer (transformer blocks, attention pool, instruction mapping), in model order.
@@ -245,9 +303,11 @@ impl ClipModel {
         };
         if let Some(i) = &self.instruction {
             out.extend(i.res_visual.linears());
-            out.push(&i.vision_proj_res);
+            out.extend(i.vision_proj_res.as_ref());
+            out.extend(i.hard_vir.iter().flat_map(|h| h.linears()));
         }
         out.extend(self.text.linears());
+        out.extend(self.lca.iter().flat_map(|l| l.linears()));
         out
     }
 

@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use crate::pae::{HardVirConfig, LcaConfig};
 use crate::Error;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +27,8 @@ pub enum VisionTower {
 pub struct Instruction {
     pub res_layers: [usize; 4],
     pub res_width: usize,
+    /// `vision_cfg.vir = "hard"`: the hard-filter Spatial-PAE in place of the soft-belief VIR.
+    pub hard_vir: Option<HardVirConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +39,8 @@ pub struct TextConfig {
     pub heads: usize,
     pub layers: usize,
     pub mlp_ratio: f64,
+    /// `text_cfg.lca`: the Temporal-PAE on the text tower.
+    pub lca: Option<LcaConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +95,71 @@ fn four(v: &Value, ctx: &str) -> Result<[usize; 4], Error> {
             as usize;
     }
     Ok(out)
+}
+
+fn check_blocks(ctx: &str, embed_dim: usize, heads: usize, dropout: f64) -> Result<(), Error> {
+    if heads == 0 || embed_dim % heads != 0 {
+        return Err(Error::Config(format!(
+            "{ctx}: embed_dim {embed_dim} is not a multiple of heads {heads}"
+        )));
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(Error::Config(format!(
+            "{ctx}: dropout {dropout} is not in [0, 1)"
+        )));
+    }
+    Ok(())
+}
+
+/// `vision_cfg.vir` (`"soft"`, the default, or `"hard"`) and the hard filter's fields.
+fn hard_vir(
+    vc: &Value,
+    embed_dim: usize,
+    vision: &VisionTower,
+    image_size: usize,
+) -> Result<Option<HardVirConfig>, Error> {
+    const FIELDS: [(&str, &str); 5] = [
+        ("filter_size", "filter_size"),
+        ("instruction_rounds", "instruction_rounds"),
+        ("vir_heads", "heads"),
+        ("vir_ffn_width", "ffn_width"),
+        ("vir_dropout", "dropout"),
+    ];
+    match vc.get("vir").map(|v| v.as_str()) {
+        None | Some(Some("soft")) => {
+            if let Some((f, _)) = FIELDS.iter().find(|(f, _)| vc.get(*f).is_some()) {
+                return Err(Error::Config(format!(
+                    "vision_cfg.{f} is a field of the hard VIR; set vision_cfg.vir = \"hard\""
+                )));
+            }
+            Ok(None)
+        }
+        Some(Some("hard")) => {
+            let mut fields = serde_json::Map::new();
+            for (from, to) in FIELDS {
+                if let Some(v) = vc.get(from) {
+                    fields.insert(to.to_string(), v.clone());
+                }
+            }
+            let cfg: HardVirConfig = serde_json::from_value(Value::Object(fields))
+                .map_err(|e| Error::Config(format!("vision_cfg (hard VIR): {e}")))?;
+            check_blocks("vision_cfg (hard VIR)", embed_dim, cfg.heads, cfg.dropout)?;
+            let patches = match vision {
+                VisionTower::Vit { patch_size, .. } => (image_size / patch_size).pow(2),
+                VisionTower::ModifiedResNet { .. } => 0,
+            };
+            if cfg.filter_size == 0 || cfg.filter_size > patches {
+                return Err(Error::Config(format!(
+                    "vision_cfg.filter_size {} must be between 1 and the {patches} patch tokens",
+                    cfg.filter_size
+                )));
+            }
+            Ok(Some(cfg))
+        }
+        _ => Err(Error::Config(
+            "vision_cfg.vir must be \"soft\" or \"hard\"".into(),
+        )),
+    }
 }
 
 impl ModelConfig {
@@ -169,13 +239,19 @@ impl ModelConfig {
                 }
             }
         };
+        let hard_vir = hard_vir(vc, embed_dim, &vision, image_size)?;
         let instruction = match (vc.get("res_layers"), vc.get("res_width")) {
             (Some(l), Some(w)) => Some(Instruction {
                 res_layers: four(l, "vision_cfg.res_layers")?,
                 res_width: w.as_u64().ok_or_else(|| {
                     Error::Config("vision_cfg.res_width must be an integer".into())
                 })? as usize,
+                hard_vir,
             }),
+            (None, None) if hard_vir.is_some() => return Err(Error::Config(
+                "vision_cfg.vir = \"hard\" needs the instruction encoder (res_layers, res_width)"
+                    .into(),
+            )),
             (None, None) => None,
             _ => {
                 return Err(Error::Config(
@@ -195,6 +271,15 @@ impl ModelConfig {
             heads: usize_field(tc, "heads", "text_cfg")?,
             layers: usize_field(tc, "layers", "text_cfg")?,
             mlp_ratio: tc.get("mlp_ratio").and_then(Value::as_f64).unwrap_or(4.0),
+            lca: match tc.get("lca") {
+                None | Some(Value::Null) => None,
+                Some(v) => {
+                    let lca: LcaConfig = serde_json::from_value(v.clone())
+                        .map_err(|e| Error::Config(format!("text_cfg.lca: {e}")))?;
+                    check_blocks("text_cfg.lca", embed_dim, lca.heads, lca.dropout)?;
+                    Some(lca)
+                }
+            },
         };
         if text.width % text.heads != 0 {
             return Err(Error::Config(format!(

@@ -10,6 +10,7 @@ pub mod dist;
 pub mod init;
 pub mod layers;
 pub mod native;
+pub mod pae;
 pub mod params;
 pub mod resnet;
 pub mod text;

@@ -64,6 +64,23 @@ impl TextTower {
     /// computed: the causal mask and EOT pooling make later positions irrelevant (spec §3.6), so the result
     /// is the same while short captions cost a fraction of 77 positions.
     pub fn forward(&self, ids: &Tensor, truncate: bool) -> Tensor {
+        let (x, eot) = self.tokens(ids, truncate);
+        let n = x.size()[0];
+        let rows = Tensor::arange(n, (Kind::Int64, x.device()));
+        x.index(&[Some(rows), Some(eot)])
+            .matmul(&self.text_projection)
+    }
+
+    /// Every position's features projected into the joint space, `[N, L, embed]`, and each caption's EOT
+    /// position `[N]` (what the Temporal-PAE cycles over). Positions after a caption's EOT are computed
+    /// but meaningless: consumers mask them.
+    pub fn project_tokens(&self, ids: &Tensor, truncate: bool) -> (Tensor, Tensor) {
+        let (x, eot) = self.tokens(ids, truncate);
+        (x.matmul(&self.text_projection), eot)
+    }
+
+    /// `ln_final` output `[N, L, width]` and the EOT positions.
+    fn tokens(&self, ids: &Tensor, truncate: bool) -> (Tensor, Tensor) {
         let eot = ids.argmax(-1, false);
         let ids = if truncate {
             let len = eot.max().int64_value(&[]) + 1;
@@ -74,10 +91,9 @@ impl TextTower {
         let l = ids.size()[1];
         let x = Tensor::embedding(&self.token_embedding, &ids, -1, false, false)
             + self.positional_embedding.narrow(0, 0, l);
-        let x = self.ln_final.forward(&self.transformer.forward(&x, true));
-        let n = x.size()[0];
-        let rows = Tensor::arange(n, (Kind::Int64, x.device()));
-        x.index(&[Some(rows), Some(eot)])
-            .matmul(&self.text_projection)
+        (
+            self.ln_final.forward(&self.transformer.forward(&x, true)),
+            eot,
+        )
     }
 }

@@ -113,6 +113,14 @@ impl VisionTransformer {
         self.head(&self.embed(image))
     }
 
+    /// Every output token of the plain (uninstructed) tower projected into the joint space,
+    /// `[N, 1 + grid², embed]`, class token first: what the hard-filter Spatial-PAE ranks.
+    pub fn project_tokens(&self, image: &Tensor) -> Tensor {
+        self.ln_post
+            .forward(&self.transformer.forward(&self.embed(image), false))
+            .matmul(&self.proj)
+    }
+
     /// PIR-CLIP image features, instructed by `instruction` (`[N, width]`).
     pub fn forward_instructed(
         &self,

@@ -112,6 +112,7 @@ fn image_features_all_layouts_both_bn_modes_both_belief_variants() {
                     EncodeOptions {
                         bn_mode: bn,
                         belief_mode: belief,
+                        dropout: false,
                     },
                 )
             });
@@ -346,6 +347,7 @@ fn explain_belief_is_the_official_one_and_token_zero_is_the_embedding() {
     let opts = pirclip_model::EncodeOptions {
         bn_mode: BnMode::Running,
         belief_mode: pirclip_model::BeliefMode::BeliefPlusIndex,
+        dropout: false,
     };
     let e = m.explain(&x, opts).unwrap();
     check("explain belief", &e.belief, "belief.npy", 1e-5);

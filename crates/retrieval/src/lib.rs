@@ -207,4 +207,21 @@ impl EncodedSet {
         }
         .metrics(ks)
     }
+
+    /// Bootstrap interval of mean recall over the test images (`Retrieval::bootstrap`).
+    pub fn bootstrap(
+        &self,
+        set: &RetrievalSet,
+        ks: &[usize],
+        samples: usize,
+    ) -> Option<pirclip_data::metrics::Bootstrap> {
+        let scores = similarity(&self.img, &self.txt);
+        Retrieval {
+            scores: &scores,
+            n_texts: self.txt.rows,
+            n_images: self.img.rows,
+            text_to_image: &set.text_to_image,
+        }
+        .bootstrap(ks, samples, 0)
+    }
 }

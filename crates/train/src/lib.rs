@@ -33,6 +33,10 @@ pub struct TrainOptions {
     pub lock_instruction: bool,
     /// `--lock-text`: text tower frozen.
     pub lock_text: bool,
+    /// `--lock-spatial-pae`: the hard-filter Spatial-PAE frozen.
+    pub lock_spatial_pae: bool,
+    /// `--lock-temporal-pae`: the Temporal-PAE (LCA) frozen.
+    pub lock_temporal_pae: bool,
     pub grad_clip_norm: Option<f64>,
     pub precision: TrainPrecision,
 }
@@ -44,6 +48,8 @@ impl Default for TrainOptions {
             belief_mode: BeliefMode::BeliefPlusIndex,
             lock_instruction: false,
             lock_text: false,
+            lock_spatial_pae: false,
+            lock_temporal_pae: false,
             grad_clip_norm: None,
             precision: TrainPrecision::Fp32,
         }
@@ -92,7 +98,9 @@ impl Trainer {
                 .filter(|e| e.kind == EntryKind::Parameter)
                 .filter_map(|e| {
                     let frozen = (options.lock_text && is_text_param(&e.name))
-                        || (options.lock_instruction && is_instruction_param(&e.name));
+                        || (options.lock_instruction && is_instruction_param(&e.name))
+                        || (options.lock_spatial_pae && e.name.starts_with("spatial_pae."))
+                        || (options.lock_temporal_pae && e.name.starts_with("temporal_pae."));
                     let t = e.tensor.set_requires_grad(!frozen);
                     (!frozen).then(|| (e.name.clone(), t))
                 })
@@ -127,10 +135,11 @@ impl Trainer {
         let opts = EncodeOptions {
             bn_mode,
             belief_mode: self.options.belief_mode,
+            dropout: true,
         };
         (
             l2_normalize(&self.model.encode_image(images, opts)),
-            l2_normalize(&self.model.encode_text(ids)),
+            l2_normalize(&self.model.encode_text_train(ids, true)),
         )
     }
 

@@ -391,6 +391,7 @@ fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
     let opts = EncodeOptions {
         bn_mode: BnMode::Running,
         belief_mode: options.belief_mode,
+        dropout: false,
     };
     let image = l2_normalize(&reference.model.encode_image(&images, opts));
     let text = l2_normalize(&reference.model.encode_text(&ids));
