@@ -414,9 +414,6 @@ fn join_group(
     if a.accum_freq > 1 {
         bail!("--accum-freq with several ranks is not implemented yet: raise the number of ranks or the batch size instead");
     }
-    if a.use_bn_sync && !a.lock_instruction {
-        bail!("--use-bn-sync (SyncBatchNorm) is not implemented yet: keep per-rank BatchNorm statistics (drop the flag, DDP's default) or freeze them with --lock-instruction");
-    }
     if a.dist_url != "env://" {
         bail!("--dist-url {}: pirclip rendezvous through env:// (MASTER_ADDR, MASTER_PORT), as torchrun and open_clip's srun setup provide", a.dist_url);
     }
@@ -573,6 +570,7 @@ pub fn run(a: Args) -> Result<()> {
         },
         lock_instruction: a.lock_instruction,
         lock_text: a.lock_text,
+        sync_batchnorm: a.use_bn_sync,
         lock_spatial_pae: a.lock_spatial_pae,
         lock_temporal_pae: a.lock_temporal_pae,
         grad_clip_norm: a.grad_clip_norm,

@@ -1501,7 +1501,35 @@ fn latest_state(
 /// eps-dominated noise in either run; the comparison leaves out elements whose first gradient is below 3e-4.
 #[test]
 fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
-    let dir = tmpdir("ddp");
+    ranks_against_one_process(
+        "ddp",
+        true,
+        &[
+            ("ddp", &[][..], true),
+            ("ddp-gwg", &["--gather-with-grad"][..], true),
+        ],
+    );
+}
+
+/// The same with the instruction encoder training: with --use-bn-sync its BatchNorm normalises with the
+/// global batch's statistics (SyncBatchNorm), so the weights and the running statistics match one process
+/// with the whole batch; without it (DDP's per-rank statistics) they do not, which the test also checks.
+#[test]
+fn synchronised_batchnorm_trains_like_one_process_with_twice_the_batch() {
+    ranks_against_one_process(
+        "syncbn",
+        false,
+        &[
+            ("sync", &["--use-bn-sync"][..], true),
+            ("per-rank", &[][..], false),
+        ],
+    );
+}
+
+/// Runs one process with batch 4 and, per mode, two ranks with batch 2 (plus the mode's flags), for 1 and
+/// 3 steps, and compares the weights: equal within 1e-5 where `expect_equal`, else different by more.
+fn ranks_against_one_process(tag: &str, lock_instruction: bool, modes: &[(&str, &[&str], bool)]) {
+    let dir = tmpdir(tag);
     let logs = dir.join("logs");
     let base = |name: &str, batch: &str, steps: &str, extra: &[&str]| {
         mini_train_args(
@@ -1518,7 +1546,6 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
                     "1e-3",
                     "--warmup",
                     "2",
-                    "--lock-instruction",
                     "--threads",
                     "1",
                     "--workers",
@@ -1526,6 +1553,11 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
                     "--log-every-n-steps",
                     "1",
                 ][..],
+                if lock_instruction {
+                    &["--lock-instruction"][..]
+                } else {
+                    &[][..]
+                },
                 extra,
             ]
             .concat(),
@@ -1580,7 +1612,10 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
                 .map(|v| v.to_f32_vec().iter().map(|x| x.sqrt() > 1e-5).collect())
                 .collect();
         }
-        for (mode, extra) in [("ddp", &[][..]), ("ddp-gwg", &["--gather-with-grad"][..])] {
+        for &(mode, extra, expect_equal) in modes {
+            if !expect_equal && steps != "1" {
+                continue;
+            }
             let name = format!("{mode}-{steps}");
             run_ranks(&name, steps, extra);
             let (w2, v2) = latest_state(&logs.join(&name));
@@ -1588,6 +1623,7 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
             let mut compared = 0usize;
             let mut worst_masked = 0f32;
             let mut worst_name = String::new();
+            let mut worst_stat = 0f32;
             for ((n, a), (_, b)) in w1.entries.iter().zip(&w2.entries) {
                 let (a, b) = (a.to_f32_vec(), b.to_f32_vec());
                 let d = a
@@ -1597,8 +1633,16 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
                     .fold(0f32, f32::max);
                 // Weights the optimizer touched are compared through the moments' mask below; the rest
                 // (frozen instruction encoder, buffers) must be identical.
-                if d > 0.0 && n.starts_with("res_visual.") {
+                if d > 0.0 && lock_instruction && n.starts_with("res_visual.") {
                     panic!("{name}: frozen {n} moved by {d}");
+                }
+                // Running statistics follow the batch statistics: the global batch's, with SyncBN.
+                // After the first step they are the first batch's (1e-5); later ones average
+                // activations of weights that already differ by up to 1e-5, hence 1e-4 after 3.
+                if expect_equal && (n.ends_with(".running_mean") || n.ends_with(".running_var")) {
+                    let bound = if steps == "1" { 1e-5 } else { 1e-4 };
+                    assert!(d <= bound, "{name}: {n} differs by {d}");
+                    worst_stat = worst_stat.max(d);
                 }
             }
             // Optimizer states follow open_clip's parameter groups: the no-decay group, then the rest.
@@ -1607,9 +1651,9 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
                 .iter()
                 .map(|(n, _)| n)
                 .filter(|n| {
-                    !n.starts_with("res_visual.")
-                        && !n.starts_with("vision_proj_res.")
-                        && !pirclip_checkpoint::is_buffer_name(n)
+                    let frozen = lock_instruction
+                        && (n.starts_with("res_visual.") || n.starts_with("vision_proj_res."));
+                    !frozen && !pirclip_checkpoint::is_buffer_name(n)
                 })
                 .collect();
             trainable.sort_by_key(|n| {
@@ -1639,16 +1683,24 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
             assert_eq!(v1.len(), v2.len());
             println!(
                 "{name}: max |Δ| {worst_masked:.3e} over the {compared} weights whose update eps does not dominate \
-                 (over all weights {worst:.3e}, at {worst_name}: gradients at float-noise level)"
+                 (over all weights {worst:.3e}, at {worst_name}: gradients at float-noise level); \
+                 BatchNorm running statistics {worst_stat:.3e}"
             );
             assert!(
                 compared > 100_000,
                 "{name}: only {compared} weights compared"
             );
-            assert!(
-                worst_masked <= 1e-5,
-                "{name}: weights differ by {worst_masked} after {steps} steps"
-            );
+            if expect_equal {
+                assert!(
+                    worst_masked <= 1e-5,
+                    "{name}: weights differ by {worst_masked} after {steps} steps"
+                );
+            } else {
+                assert!(
+                    worst_masked > 1e-4,
+                    "{name}: weights equal ({worst_masked}) although the statistics are per rank"
+                );
+            }
         }
     }
 }

@@ -7,6 +7,7 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -20,6 +21,30 @@ char *message(const std::exception &e) { return strdup(e.what()); }
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+};
+
+void all_reduce(Group *g, at::Tensor &t) {
+  std::vector<at::Tensor> ts{t};
+  g->pg->allreduce(ts)->wait();
+}
+
+// Sum over ranks that autograd sees through (torch.distributed.nn.functional.all_reduce): every rank's
+// output is the sum of all inputs, so the gradient reaching each rank's input is the sum of every rank's
+// output gradient. SyncBatchNorm's statistics need exactly this.
+struct SumOverRanks : public torch::autograd::Function<SumOverRanks> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
+                            int64_t group) {
+    ctx->saved_data["group"] = group;
+    at::Tensor out = x.contiguous().clone();
+    all_reduce(reinterpret_cast<Group *>(group), out);
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    at::Tensor grad = grads[0].contiguous().clone();
+    all_reduce(reinterpret_cast<Group *>(ctx->saved_data["group"].toInt()), grad);
+    return {grad, at::Tensor()};
+  }
 };
 
 bool is_loopback(const std::string &host) {
@@ -72,6 +97,17 @@ int pirclip_dist_all_reduce_sum(void *group, at::Tensor *t, char **err) {
   } catch (const std::exception &e) {
     *err = message(e);
     return 1;
+  }
+}
+
+// A new tensor: the sum over ranks of `input`, differentiable (SumOverRanks). A collective that fails in
+// the backward pass surfaces there as an exception of libtorch's autograd engine.
+at::Tensor *pirclip_dist_sum_over_ranks(void *group, at::Tensor *input, char **err) {
+  try {
+    return new at::Tensor(SumOverRanks::apply(*input, reinterpret_cast<int64_t>(group)));
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return nullptr;
   }
 }
 

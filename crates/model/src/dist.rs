@@ -91,6 +91,55 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     fn pirclip_dist_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
+    fn pirclip_dist_sum_over_ranks(
+        group: *mut c_void,
+        input: *const c_void,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+}
+
+/// A borrowed handle on a live process group, small enough to ride in `BnMode::TrainSync` through a
+/// forward pass: what SyncBatchNorm needs to sum its statistics over the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupRef {
+    group: *mut c_void,
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+// SAFETY: c10d process groups are thread-safe; a `GroupRef` is made by `ProcessGroup::handle` for one
+// training step and never outlives the group it points to.
+unsafe impl Send for GroupRef {}
+unsafe impl Sync for GroupRef {}
+
+impl GroupRef {
+    /// The sum over ranks of `t`, differentiable: the gradient reaching `t` is the sum of every rank's
+    /// gradient of the result (torch.distributed.nn's all_reduce).
+    pub fn sum_over_ranks(&self, t: &Tensor) -> Result<Tensor, String> {
+        #[cfg(pirclip_dist)]
+        {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: the group is live (see the type's invariant); `t` is borrowed for the call.
+            let out = unsafe {
+                pirclip_dist_sum_over_ranks(self.group, t.as_ptr() as *const c_void, &mut err)
+            };
+            if out.is_null() {
+                return Err(format!(
+                    "all_reduce (rank {} of {}): {}",
+                    self.rank,
+                    self.world_size,
+                    take_message(err)
+                ));
+            }
+            // SAFETY: a tensor allocated by the shim for us to own.
+            Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+        }
+        #[cfg(not(pirclip_dist))]
+        {
+            let _ = t;
+            unreachable!("no group exists without distributed support")
+        }
+    }
 }
 
 /// A c10d process group (gloo). Collectives block until every rank took part, or fail after the
@@ -155,6 +204,15 @@ impl ProcessGroup {
             ));
         }
         Ok(())
+    }
+
+    /// A handle for one step's forward and backward passes (SyncBatchNorm).
+    pub fn handle(&self) -> GroupRef {
+        GroupRef {
+            group: self.group,
+            rank: self.rank,
+            world_size: self.world_size,
+        }
     }
 
     /// Sums `t` over the ranks, in place (`t` contiguous).

@@ -16,6 +16,9 @@ pub enum BnMode {
     Batch,
     /// Training: batch statistics, and the running statistics are updated (momentum 0.1, unbiased variance).
     Train,
+    /// Training with statistics over the global batch of every rank (`--use-bn-sync`, PyTorch's
+    /// SyncBatchNorm): sums are added up over the ranks, differentiably.
+    TrainSync(crate::dist::GroupRef),
 }
 
 pub struct LayerNorm {
@@ -303,6 +306,9 @@ impl BatchNorm {
     }
 
     pub fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
+        if let BnMode::TrainSync(group) = mode {
+            return self.forward_synchronised(x, group);
+        }
         // Running: normalise with the stored statistics. Batch: batch statistics, stored ones untouched
         // (passing none). Train: batch statistics, stored ones updated in place by the kernel.
         let (stats, training) = match mode {
@@ -312,6 +318,7 @@ impl BatchNorm {
                 let _ = tch::no_grad(|| self.num_batches_tracked.shallow_clone().g_add_scalar_(1));
                 (Some((&self.running_mean, &self.running_var)), true)
             }
+            BnMode::TrainSync(_) => unreachable!("handled above"),
         };
         x.batch_norm(
             Some(&self.weight),
@@ -323,5 +330,50 @@ impl BatchNorm {
             1e-5,
             true,
         )
+    }
+}
+
+impl BatchNorm {
+    /// SyncBatchNorm: per-channel sums of x and x² and the element count are summed over the ranks, so
+    /// every rank normalises with the mean and (biased) variance of the global batch and stores the
+    /// unbiased one, as one process holding the whole batch would. The sums go through a differentiable
+    /// all-reduce, so gradients reach every rank's inputs through the shared statistics.
+    fn forward_synchronised(&self, x: &Tensor, group: crate::dist::GroupRef) -> Tensor {
+        let channels = x.size()[1];
+        let dims: &[i64] = &[0, 2, 3];
+        let count = (x.numel() as i64 / channels) as f64;
+        let local = Tensor::cat(
+            &[
+                x.sum_dim_intlist(dims, false, Kind::Float),
+                (x * x).sum_dim_intlist(dims, false, Kind::Float),
+                Tensor::full([1], count, (Kind::Float, x.device())),
+            ],
+            0,
+        );
+        let global = group
+            .sum_over_ranks(&local)
+            .unwrap_or_else(|e| panic!("SyncBatchNorm: {e}"));
+        let n = global.narrow(0, 2 * channels, 1);
+        let mean = global.narrow(0, 0, channels) / &n;
+        let var = global.narrow(0, channels, channels) / &n - &mean * &mean;
+        tch::no_grad(|| {
+            let n = n.double_value(&[0]);
+            let unbiased = &var * (n / (n - 1.0).max(1.0));
+            let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+            let _ = self
+                .running_mean
+                .shallow_clone()
+                .g_mul_scalar_(0.9)
+                .g_add_(&(&mean * 0.1));
+            let _ = self
+                .running_var
+                .shallow_clone()
+                .g_mul_scalar_(0.9)
+                .g_add_(&(unbiased * 0.1));
+        });
+        let shape = [1, channels, 1, 1];
+        let scale = (var + 1e-5).rsqrt() * &self.weight;
+        let shift = &self.bias - &mean * &scale;
+        (x * scale.view(shape) + shift.view(shape)).to_kind(x.kind())
     }
 }

@@ -33,6 +33,8 @@ pub struct TrainOptions {
     pub lock_instruction: bool,
     /// `--lock-text`: text tower frozen.
     pub lock_text: bool,
+    /// `--use-bn-sync`: with several ranks, BatchNorm statistics over the global batch (SyncBatchNorm).
+    pub sync_batchnorm: bool,
     /// `--lock-spatial-pae`: the hard-filter Spatial-PAE frozen.
     pub lock_spatial_pae: bool,
     /// `--lock-temporal-pae`: the Temporal-PAE (LCA) frozen.
@@ -48,6 +50,7 @@ impl Default for TrainOptions {
             belief_mode: BeliefMode::BeliefPlusIndex,
             lock_instruction: false,
             lock_text: false,
+            sync_batchnorm: false,
             lock_spatial_pae: false,
             lock_temporal_pae: false,
             grad_clip_norm: None,
@@ -127,10 +130,12 @@ impl Trainer {
     }
 
     fn encode_normalized(&self, images: &Tensor, ids: &Tensor) -> (Tensor, Tensor) {
-        let bn_mode = if self.options.lock_instruction {
-            BnMode::Running
-        } else {
-            BnMode::Train
+        let bn_mode = match &self.dist {
+            _ if self.options.lock_instruction => BnMode::Running,
+            Some(d) if self.options.sync_batchnorm && d.world() > 1 => {
+                BnMode::TrainSync(d.group.handle())
+            }
+            _ => BnMode::Train,
         };
         let opts = EncodeOptions {
             bn_mode,
