@@ -5,24 +5,22 @@ use anndists::dist::DistDot;
 use hnsw_rs::prelude::*;
 use std::time::Instant;
 
-fn npy_f32(path: &str) -> (usize, usize, Vec<f32>) {
+/// A little-endian 2-d .npy of 4- or 8-byte elements (what bench/ann.py writes): shape and raw rows.
+fn npy(path: &str) -> (usize, usize, Vec<u8>) {
     let b = std::fs::read(path).unwrap();
     let hl = u16::from_le_bytes([b[8], b[9]]) as usize;
     let h = std::str::from_utf8(&b[10..10 + hl]).unwrap();
     let shape: Vec<usize> = h.split("'shape': (").nth(1).unwrap().split(')').next().unwrap()
         .split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
-    let data = &b[10 + hl..];
-    let v: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    (shape[0], shape[1], v)
+    (shape[0], shape[1], b[10 + hl..].to_vec())
+}
+fn npy_f32(path: &str) -> (usize, usize, Vec<f32>) {
+    let (n, d, raw) = npy(path);
+    (n, d, raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
 }
 fn npy_i64(path: &str) -> (usize, usize, Vec<i64>) {
-    let b = std::fs::read(path).unwrap();
-    let hl = u16::from_le_bytes([b[8], b[9]]) as usize;
-    let h = std::str::from_utf8(&b[10..10 + hl]).unwrap();
-    let shape: Vec<usize> = h.split("'shape': (").nth(1).unwrap().split(')').next().unwrap()
-        .split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
-    let v: Vec<i64> = b[10 + hl..].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-    (shape[0], shape[1], v)
+    let (n, d, raw) = npy(path);
+    (n, d, raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
 }
 fn main() {
     let dir = std::env::args().nth(1).unwrap();

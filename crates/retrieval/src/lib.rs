@@ -198,14 +198,7 @@ pub fn encode_set(
 impl EncodedSet {
     /// The official retrieval metrics at the recall cut-offs `ks`.
     pub fn metrics(&self, set: &RetrievalSet, ks: &[usize]) -> Metrics {
-        let scores = similarity(&self.img, &self.txt);
-        Retrieval {
-            scores: &scores,
-            n_texts: self.txt.rows,
-            n_images: self.img.rows,
-            text_to_image: &set.text_to_image,
-        }
-        .metrics(ks)
+        self.retrieval(set, |r| r.metrics(ks))
     }
 
     /// Bootstrap interval of mean recall over the test images (`Retrieval::bootstrap`).
@@ -215,13 +208,16 @@ impl EncodedSet {
         ks: &[usize],
         samples: usize,
     ) -> Option<pirclip_data::metrics::Bootstrap> {
+        self.retrieval(set, |r| r.bootstrap(ks, samples, 0))
+    }
+
+    fn retrieval<R>(&self, set: &RetrievalSet, f: impl FnOnce(&Retrieval) -> R) -> R {
         let scores = similarity(&self.img, &self.txt);
-        Retrieval {
+        f(&Retrieval {
             scores: &scores,
             n_texts: self.txt.rows,
             n_images: self.img.rows,
             text_to_image: &set.text_to_image,
-        }
-        .bootstrap(ks, samples, 0)
+        })
     }
 }
