@@ -532,7 +532,13 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "status": "ok",
         "model": s.model_name,
-        "indices": s.indices.iter().map(|(n, i)| json!({"name": n, "images": i.entries.len(), "search": i.search_kind})).collect::<Vec<_>>(),
+        "indices": s.indices.iter().map(|(n, i)| json!({
+            "name": n,
+            "images": i.entries.len(),
+            // What a row is: a whole image, or a tile cut from a scene (`--tile`).
+            "unit": if i.entries.iter().any(|e| e.tile.is_some()) { "tiles" } else { "images" },
+            "search": i.search_kind,
+        })).collect::<Vec<_>>(),
     }))
 }
 
