@@ -44,8 +44,15 @@ pub enum Visual {
 /// ViT-width token (soft VIR) or the hard-filter Spatial-PAE, which uses it in the joint space.
 pub struct InstructionEncoder {
     pub res_visual: ModifiedResNet,
-    pub vision_proj_res: Option<Linear>,
-    pub hard_vir: Option<HardVir>,
+    pub spatial: Spatial,
+}
+
+/// How the instruction selects patch tokens.
+pub enum Spatial {
+    /// Soft-belief VIR, through the instruction token `vision_proj_res(res_visual(x))`.
+    Soft { vision_proj_res: Linear },
+    /// Hard-filter Spatial-PAE (`vision_cfg.vir = "hard"`).
+    Hard(HardVir),
 }
 
 pub struct ClipModel {
@@ -139,14 +146,16 @@ impl ClipModel {
                     embed,
                     config.image_size as i64,
                 ),
-                vision_proj_res: ins
-                    .hard_vir
-                    .is_none()
-                    .then(|| Linear::new(&r.sub("vision_proj_res"), embed, vision_width)),
-                hard_vir: ins
-                    .hard_vir
-                    .as_ref()
-                    .map(|h| HardVir::new(&r.sub("spatial_pae"), embed, h)),
+                spatial: match &ins.hard_vir {
+                    None => Spatial::Soft {
+                        vision_proj_res: Linear::new(
+                            &r.sub("vision_proj_res"),
+                            embed,
+                            vision_width,
+                        ),
+                    },
+                    Some(h) => Spatial::Hard(HardVir::new(&r.sub("spatial_pae"), embed, h)),
+                },
             }
         });
         let lca = config
@@ -224,25 +233,31 @@ impl ClipModel {
     /// or with the hard VIR, which has no such token).
     pub fn instruction_token(&self, images: &Tensor, bn: BnMode) -> Option<Tensor> {
         let i = self.instruction.as_ref()?;
-        let proj = i.vision_proj_res.as_ref()?;
-        Some(proj.forward(&i.res_visual.forward(images, bn)))
+        match &i.spatial {
+            Spatial::Soft { vision_proj_res } => {
+                Some(vision_proj_res.forward(&i.res_visual.forward(images, bn)))
+            }
+            Spatial::Hard(_) => None,
+        }
     }
 
     /// Unnormalised image features `[N, embed_dim]` of preprocessed images `[N, 3, S, S]`.
     pub fn encode_image(&self, images: &Tensor, opts: EncodeOptions) -> Tensor {
         self.with_precision(|| match (&self.visual, &self.instruction) {
-            (Visual::Vit(vit), Some(ins)) => match (&ins.hard_vir, &ins.vision_proj_res) {
-                (Some(hard), _) => {
-                    let c = ins.res_visual.forward(images, opts.bn_mode);
-                    hard.forward(&vit.project_tokens(images), &c, opts.dropout)
-                        .features
+            (Visual::Vit(vit), Some(ins)) => {
+                let c = ins.res_visual.forward(images, opts.bn_mode);
+                match &ins.spatial {
+                    Spatial::Hard(hard) => {
+                        hard.forward(&vit.project_tokens(images), &c, opts.dropout)
+                            .features
+                    }
+                    Spatial::Soft { vision_proj_res } => vit.forward_instructed(
+                        images,
+                        &vision_proj_res.forward(&c),
+                        opts.belief_mode,
+                    ),
                 }
-                (None, Some(proj)) => {
-                    let y = proj.forward(&ins.res_visual.forward(images, opts.bn_mode));
-                    vit.forward_instructed(images, &y, opts.belief_mode)
-                }
-                (None, None) => unreachable!("a soft-VIR instruction encoder has its mapping"),
-            },
+            }
             (Visual::Vit(vit), None) => vit.forward(images),
             (Visual::ResNet(rn), _) => rn.forward(images, opts.bn_mode),
         })
@@ -255,7 +270,7 @@ impl ClipModel {
         let (Visual::Vit(vit), Some(ins)) = (&self.visual, &self.instruction) else {
             return None;
         };
-        if let Some(hard) = &ins.hard_vir {
+        if let Spatial::Hard(hard) = &ins.spatial {
             let c = ins.res_visual.forward(images, opts.bn_mode);
             let tokens = vit.project_tokens(images);
             let out = hard.forward(&tokens, &c, false);
@@ -303,8 +318,10 @@ impl ClipModel {
         };
         if let Some(i) = &self.instruction {
             out.extend(i.res_visual.linears());
-            out.extend(i.vision_proj_res.as_ref());
-            out.extend(i.hard_vir.iter().flat_map(|h| h.linears()));
+            match &i.spatial {
+                Spatial::Soft { vision_proj_res } => out.push(vision_proj_res),
+                Spatial::Hard(h) => out.extend(h.linears()),
+            }
         }
         out.extend(self.text.linears());
         out.extend(self.lca.iter().flat_map(|l| l.linears()));
