@@ -535,8 +535,8 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
         "indices": s.indices.iter().map(|(n, i)| json!({
             "name": n,
             "images": i.entries.len(),
-            // What a row is: a whole image, or a tile cut from a scene (`--tile`).
-            "unit": if i.entries.iter().any(|e| e.tile.is_some()) { "tiles" } else { "images" },
+            // What a row is: a whole image, or a tile cut from a scene (the index's `--tile`).
+            "unit": if i.dir.identity.scene.tile.is_some() { "tiles" } else { "images" },
             "search": i.search_kind,
         })).collect::<Vec<_>>(),
     }))
