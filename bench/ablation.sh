@@ -10,35 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEED=${1:-0}; JOBS=${2:-2}; ROWS=${3:-"soft hard soft-lca hard-lca plain"}
-A=../shared/data/rsicd-aid150
-BIN=${PIRCLIP:-target/release/pirclip}
 LOGS=${LOGS:-bench/results/ablation-logs}
 OUT=bench/results/ablation-seed$SEED.jsonl
-mkdir -p "$LOGS"
-row() {
-  set -euo pipefail
-  local name=$1
-  local run="$name-seed$SEED"
-  rm -rf "$LOGS/$run"
-  /usr/bin/time -f '%e' -o "$LOGS/$run.time" "$BIN" train --model "bench/ablation/$name.json" \
-    --train-data "$A/dataset_rsicd_aid150.json" --images-dir "$A/images" --train-split train,val \
-    --batch-size 64 --epochs 2 --train-num-samples 32000 --lr 5e-4 --wd 0.2 --warmup 200 \
-    --lr-scheduler cosine --aff-loss --logs "$LOGS" --name "$run" --threads 1 --workers 1 \
-    --seed "$SEED" --log-every-n-steps 50 > "$LOGS/$run.train.txt" 2>&1
-  "$BIN" eval --model "bench/ablation/$name.json" --checkpoint "$LOGS/$run/checkpoints/epoch_2.safetensors" \
-    --json "$A/dataset_rsicd_aid150.json" --images-dir "$A/images" --threads 1 \
-    --out "$LOGS/$run.metrics.json" --embeddings-out "$LOGS/$run.emb" > "$LOGS/$run.eval.txt" 2>&1
-  python3 - "$name" "$SEED" "$LOGS/$run.metrics.json" "$LOGS/$run.time" >> "$OUT" <<'PY'
-import json, sys
-name, seed, metrics, t = sys.argv[1], int(sys.argv[2]), json.load(open(sys.argv[3])), open(sys.argv[4]).read().split()[-1]
-raw = metrics["raw"]
-print(json.dumps({"row": name, "seed": seed, "train_s": float(t),
-                  **{k: round(v, 2) for k, v in raw.items() if k.startswith("retrieval-")},
-                  "bootstrap": raw.get("mean-recall-bootstrap")}))
-PY
-}
-export -f row; export SEED LOGS OUT A BIN
-printf '%s\n' $ROWS | xargs -P "$JOBS" -I{} bash -c 'row {}'
+export LOGS
+printf '%s\n' $ROWS | xargs -P "$JOBS" -I{} bench/train_row.sh {} bench/ablation/{}.json "$SEED" "$OUT"
 cat "$OUT"
 # Paired differences against the first row, every row on the same bootstrap draws of the test images.
 set -- $ROWS

@@ -1,21 +1,17 @@
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
-use pirclip_data::train::{samples_from_karpathy, LoaderConfig, Sample, ShardOrder, TrainLoader};
-use pirclip_model::clip::{ids_tensor, images_tensor};
+use pirclip_data::train::{
+    samples_from_karpathy, Augmentation, LoaderConfig, Sample, ShardOrder, TrainLoader,
+};
 use pirclip_model::dist::ProcessGroup;
 use pirclip_model::{ClipModel, EncodeOptions, ModelConfig};
 use pirclip_train::checkpoint::{self, Position};
 use pirclip_train::distributed::Distributed;
-use pirclip_train::tensorboard::EventWriter;
-use pirclip_train::{
-    labels_from_names, labels_from_strings, learning_rate, optim::Foreach, AdamWConfig, Schedule,
-    TrainOptions, TrainPrecision, Trainer,
-};
+use pirclip_train::run::{self, RunLog, RunObserver, RunSettings, ScheduleKind, TrainingRun};
+use pirclip_train::{optim::Foreach, AdamWConfig, TrainOptions, TrainPrecision, Trainer};
 
 use crate::common::{parse_device, BeliefModeArg};
 
@@ -86,7 +82,6 @@ const UNSUPPORTED_OPEN_CLIP_FLAGS: &[(&str, &str)] = &[
     ("--image-std", "the CLIP normalisation is fixed"),
     ("--image-interpolation", "resizing is Pillow-exact bicubic"),
     ("--image-resize-mode", "resizing is the shortest side then a centre crop, as open_clip's default"),
-    ("--aug-cfg", "augmentation is RandomResizedCrop(scale 0.9–1), as PIR-CLIP's"),
     ("--skip-scheduler", "use --lr-scheduler const"),
     ("--lr-cooldown-power", "the cool-down is linear (power 1)"),
     ("--delete-previous-checkpoint", "checkpoints are kept"),
@@ -273,8 +268,30 @@ pub struct Args {
     #[arg(long)]
     max_steps: Option<i64>,
     /// Train on the eval transform (no RandomResizedCrop).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["aug_cfg", "aug_rotate_flip"])]
     no_augment: bool,
+    /// open_clip's augmentation settings, KEY=VALUE: `scale=(0.9,1.0)` (RandomResizedCrop area, the
+    /// default) and `ratio=(0.75,1.333)` (aspect range). open_clip's other keys (colour jitter, random
+    /// erasing, timm) are refused by name.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    aug_cfg: Vec<String>,
+    /// After the crop, one of the eight 90° rotations and mirror images, uniformly (overhead images have
+    /// no "up").
+    #[arg(long)]
+    aug_rotate_flip: bool,
+    /// An epoch pass is one sample per image with a caption drawn anew each pass, instead of every
+    /// caption once (JSON and CSV data; shards already hold one caption per sample).
+    #[arg(long)]
+    one_caption_per_image: bool,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as
+    /// min(decay, (1+n)/(10+n)) at update n). The .safetensors copy of each checkpoint and the validation
+    /// use the average; epoch_N.pt holds both (`state_dict`, `state_dict_ema`) and resumes both.
+    #[arg(long, value_parser = parse_unit_open)]
+    ema_decay: Option<f64>,
+    /// Label smoothing ε of the contrastive cross-entropy (targets 1−ε on the pair, ε spread over the
+    /// batch); the affiliation loss keeps hard targets.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_unit_closed_open)]
+    label_smoothing: f64,
     /// Samples in order, every epoch.
     #[arg(long)]
     no_shuffle: bool,
@@ -327,16 +344,67 @@ pub struct Args {
     local_rank: Option<usize>,
 }
 
-/// `out.log`; other ranks than 0 of a distributed run have none (open_clip logs on the master only).
-struct Log(Option<std::fs::File>);
+fn parse_unit_open(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v < 1.0 => Ok(v),
+        _ => Err(format!("{s}: expected a number strictly between 0 and 1")),
+    }
+}
 
-impl Log {
-    fn line(&mut self, s: &str) {
-        if let Some(f) = &mut self.0 {
-            let _ = writeln!(f, "{s}");
-            let _ = f.flush();
+fn parse_unit_closed_open(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s}: expected a number in [0, 1)")),
+    }
+}
+
+/// open_clip's `--aug-cfg KEY=VALUE …` for the keys pirclip implements (`scale`, `ratio`: a pair written
+/// `(a,b)`, `(a, b)`, `[a,b]` or `a,b`).
+fn augmentation(a: &Args) -> Result<Option<Augmentation>> {
+    if a.no_augment {
+        return Ok(None);
+    }
+    let mut aug = Augmentation {
+        rotate_flip: a.aug_rotate_flip,
+        ..Augmentation::default()
+    };
+    for item in &a.aug_cfg {
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("--aug-cfg {item}: expected KEY=VALUE"))?;
+        let pair = || -> Result<(f64, f64)> {
+            let inner = value
+                .trim()
+                .trim_matches(|c| matches!(c, '(' | ')' | '[' | ']'));
+            let parts: Vec<f64> = inner
+                .split(',')
+                .map(|p| p.trim().parse::<f64>())
+                .collect::<std::result::Result<_, _>>()
+                .ok()
+                .filter(|v: &Vec<f64>| v.len() == 2)
+                .with_context(|| {
+                    format!("--aug-cfg {key}={value}: expected a pair like (0.5,1.0)")
+                })?;
+            let (lo, hi) = (parts[0], parts[1]);
+            if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
+                bail!("--aug-cfg {key}={value}: expected 0 < low ≤ high");
+            }
+            Ok((lo, hi))
+        };
+        match key.trim() {
+            "scale" => {
+                aug.scale = pair()?;
+                if aug.scale.1 > 1.0 {
+                    bail!("--aug-cfg scale={value}: the crop cannot exceed the image (high ≤ 1)");
+                }
+            }
+            "ratio" => aug.ratio = pair()?,
+            other => bail!(
+                "--aug-cfg {other}: open_clip's {other} augmentation is not implemented by pirclip (implemented: scale, ratio; and --aug-rotate-flip)"
+            ),
         }
     }
+    Ok(Some(aug))
 }
 
 /// Samples, and the shard of each sample when the data are shards.
@@ -410,9 +478,6 @@ fn join_group(
     }
     if device.is_cuda() || a.dist_backend.as_deref() == Some("nccl") {
         bail!("distributed training on CUDA needs the NCCL backend, which this pirclip does not have yet: train on CPU ranks with gloo, or on one GPU");
-    }
-    if a.accum_freq > 1 {
-        bail!("--accum-freq with several ranks is not implemented yet: raise the number of ranks or the batch size instead");
     }
     if a.dist_url != "env://" {
         bail!("--dist-url {}: pirclip rendezvous through env:// (MASTER_ADDR, MASTER_PORT), as torchrun and open_clip's srun setup provide", a.dist_url);
@@ -518,15 +583,10 @@ pub fn run(a: Args) -> Result<()> {
     };
     // Every rank checked the run folder above; only now, once all have joined, does rank 0 create it.
     let dist = join_group(&a, world, device)?;
-    let mut log = Log(None);
+    let mut log = RunLog::none();
     if is_master {
         std::fs::create_dir_all(&ckpt_dir)?;
-        log = Log(Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(run_dir.join("out.log"))?,
-        ));
+        log = RunLog::open(&run_dir.join("out.log"))?;
         std::fs::write(run_dir.join("params.txt"), format!("{a:#?}\n"))?;
     }
 
@@ -574,6 +634,7 @@ pub fn run(a: Args) -> Result<()> {
         lock_spatial_pae: a.lock_spatial_pae,
         lock_temporal_pae: a.lock_temporal_pae,
         grad_clip_norm: a.grad_clip_norm,
+        label_smoothing: a.label_smoothing,
         precision: match a.precision {
             Precision::Fp32 => TrainPrecision::Fp32,
             Precision::Amp => TrainPrecision::Amp,
@@ -595,6 +656,9 @@ pub fn run(a: Args) -> Result<()> {
         ForeachArg::On => Foreach::On,
         ForeachArg::Off => Foreach::Off,
     };
+    if let Some(decay) = a.ema_decay {
+        trainer.ema = Some(pirclip_train::ema::Ema::new(&trainer.model, decay));
+    }
     let mut pos = Position::default();
     if let Some(p) = &resume_path {
         pos = checkpoint::resume(p, &mut trainer).map_err(anyhow::Error::msg)?;
@@ -658,6 +722,9 @@ pub fn run(a: Args) -> Result<()> {
         ),
     };
     let (samples, shard_of) = load_samples(&a)?;
+    if a.one_caption_per_image && shard_of.is_some() {
+        bail!("--one-caption-per-image is for JSON and CSV data: webdataset shards hold one caption per sample");
+    }
     let shard_order = match (a.dataset_resampled, shard_of) {
         (true, None) => bail!("--dataset-resampled needs webdataset shards as --train-data"),
         (_, None) => None,
@@ -689,7 +756,8 @@ pub fn run(a: Args) -> Result<()> {
             batch_size: a.batch_size,
             seed: a.seed,
             shuffle: !a.no_shuffle,
-            augment: !a.no_augment,
+            augment: augmentation(&a)?,
+            one_caption_per_image: a.one_caption_per_image,
             workers: a.workers,
             context_length: config.text.context_length,
             rank: world.rank,
@@ -718,289 +786,173 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let pool = loader.len();
-    let per_pass = loader.samples_per_epoch();
+    let pass = loader.pass_len();
+    let per_epoch_samples = loader.samples_per_epoch();
+    let pass_is = if a.one_caption_per_image {
+        format!("a pass is one caption, drawn anew each pass, of each of {pass} images ({pool} captions)")
+    } else {
+        format!("a pass is all {pool} samples")
+    };
     let coverage = if resampled {
-        format!("an epoch draws {per_pass} samples from shards chosen with replacement (pool of {pool})")
-    } else if per_pass == pool {
-        format!("an epoch is one pass over all {pool} samples")
+        format!("an epoch draws {per_epoch_samples} samples from shards chosen with replacement (pool of {pool})")
+    } else if per_epoch_samples == pass {
+        format!("an epoch is one pass; {pass_is}")
     } else {
         format!(
-            "an epoch is {per_pass} samples ({:.2} passes) of a stream of reshuffled passes over all {pool}; no sample is left out",
-            per_pass as f64 / pool as f64
+            "an epoch is {per_epoch_samples} samples ({:.2} passes) of a stream of reshuffled passes; {pass_is}; no sample is left out",
+            per_epoch_samples as f64 / pass as f64
         )
     };
     say(is_master, &format!("data: {coverage}"));
     log.line(&format!("data: {coverage}"));
-    let accum = a.accum_freq as usize;
-    // Optimizer steps per epoch; micro-batches that cannot fill a last step are dropped, as in open_clip.
-    let per_epoch = loader.batches_per_epoch() / accum;
-    if per_epoch == 0 {
-        bail!(
-            "{} samples make {} batches of {}: fewer than one step of --accum-freq {accum}",
-            loader.len(),
-            loader.batches_per_epoch(),
-            a.batch_size
-        );
-    }
-    let total_steps = (per_epoch * a.epochs) as i64;
-    let stop_at = a
-        .max_steps
-        .map(|m| m.min(total_steps))
-        .unwrap_or(total_steps);
-    let schedule = match a.lr_scheduler {
-        LrScheduler::Cosine => Schedule::Cosine,
-        LrScheduler::Const => Schedule::Const,
-        LrScheduler::ConstCooldown => Schedule::ConstCooldown {
-            cooldown_steps: (per_epoch * a.epochs_cooldown) as i64,
-            end_lr: a.lr_cooldown_end,
-        },
-    };
     if let Some(kind) = trainer.autocast_kind() {
         crate::common::warn_slow_half_precision(device, kind);
     }
+    let precision = match trainer.autocast_kind() {
+        None => "fp32".to_string(),
+        Some(k) => format!(
+            "{k:?} autocast{}",
+            if trainer.scaler.is_some() {
+                " + gradient scaler"
+            } else {
+                ""
+            }
+        ),
+    };
+    let settings = RunSettings {
+        name: name.clone(),
+        epochs: a.epochs,
+        accum_freq: a.accum_freq as usize,
+        lr: a.lr,
+        warmup: a.warmup,
+        schedule: match a.lr_scheduler {
+            LrScheduler::Cosine => ScheduleKind::Cosine,
+            LrScheduler::Const => ScheduleKind::Const,
+            LrScheduler::ConstCooldown => ScheduleKind::ConstCooldown {
+                epochs: a.epochs_cooldown,
+                end_lr: a.lr_cooldown_end,
+            },
+        },
+        max_steps: a.max_steps,
+        log_every_n_steps: a.log_every_n_steps,
+        save_frequency: a.save_frequency,
+        save_most_recent: a.save_most_recent,
+        val_frequency: a.val_frequency,
+        label_source: match a.label_source {
+            LabelSource::Filename => run::LabelSource::FileName,
+            LabelSource::Json => run::LabelSource::Json,
+        },
+    };
+    let mut training = TrainingRun::new(trainer, loader, settings, run_dir.clone(), log, is_master)
+        .map_err(anyhow::Error::msg)?;
+    let accum = a.accum_freq as usize;
     let header = format!(
-        "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}{}, {} epochs, steps {}..{}, precision {}",
+        "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}{}, {} epochs, steps {}..{}, precision {precision}",
         config.name,
-        crate::inspect::group_thousands(trainer.model.parameter_count()),
-        crate::inspect::group_thousands(trainer.trainable_parameter_count()),
-        loader.len(),
-        per_epoch,
+        crate::inspect::group_thousands(training.trainer.model.parameter_count()),
+        crate::inspect::group_thousands(training.trainer.trainable_parameter_count()),
+        training.loader.len(),
+        training.steps_per_epoch(),
         a.batch_size,
         if accum > 1 { format!(" × {accum} accumulated") } else { String::new() }
             + &if world.world_size > 1 {
-                format!(" on each of {} ranks (global batch {})", world.world_size, a.batch_size * world.world_size)
+                format!(
+                    " on each of {} ranks (global batch {})",
+                    world.world_size,
+                    a.batch_size * accum * world.world_size
+                )
             } else {
                 String::new()
             },
         a.epochs,
         pos.step,
-        stop_at,
-        match trainer.autocast_kind() {
-            None => "fp32".to_string(),
-            Some(k) => format!(
-                "{k:?} autocast{}",
-                if trainer.scaler.is_some() { " + gradient scaler" } else { "" }
-            ),
-        }
+        training.stop_at(),
     );
     say(is_master, &header);
-    log.line(&header);
-    let mut tb = if is_master {
-        Some(EventWriter::create(&run_dir.join("tensorboard"))?)
-    } else {
-        None
-    };
-    let pb = if is_master {
-        crate::common::progress(stop_at as u64, "steps")
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>6} [{bar:25}] {pos}/{len} {msg} eta {eta}",
+    training.log.line(&header);
+    let mut validate = validation.map(|(set, images)| {
+        let (bn_mode, belief_mode) = (pirclip_model::BnMode::Running, options.belief_mode);
+        move |model: &ClipModel| -> std::result::Result<Vec<(String, f64)>, String> {
+            let encoded = crate::pipeline::encode_set(
+                model,
+                &set,
+                &images,
+                EncodeOptions {
+                    bn_mode,
+                    belief_mode,
+                    dropout: false,
+                },
+                64,
+                false,
+            )
+            .map_err(|e| format!("{e:#}"))?;
+            Ok(encoded.metrics(&set, &[1, 5, 10]).official())
+        }
+    });
+    let mut progress = Progress::new(is_master);
+    let end = training
+        .run(
+            pos,
+            validate.as_mut().map(|v| v as &mut run::Validate),
+            &mut progress,
         )
-        .unwrap()
-        .progress_chars("=> "),
+        .map_err(anyhow::Error::msg)?;
+    progress.bar.finish();
+    let msg = format!(
+        "done at step {}; run folder {}",
+        end.step,
+        run_dir.display()
     );
-    pb.set_position(pos.step as u64);
-    let mut lr = a.lr;
-    let mut skipped_total = 0usize;
-    let mut step = pos.step;
-    'epochs: for epoch in pos.epoch..a.epochs {
-        let start = if epoch == pos.epoch {
-            pos.batch_in_epoch
-        } else {
-            0
-        };
-        let mut t_data = Instant::now();
-        let mut pending = Vec::with_capacity(accum);
-        for batch in loader.stream(epoch, start) {
-            let batch = batch.map_err(|e| {
-                let msg =
-                    format!("training data: {e}; {skipped_total} samples skipped before this");
-                log.line(&msg);
-                anyhow::anyhow!(msg)
-            })?;
-            if step >= stop_at {
-                break 'epochs;
-            }
-            if batch.index >= per_epoch * accum {
-                break; // micro-batches left over after the epoch's last full step
-            }
-            if !batch.skipped.is_empty() {
-                skipped_total += batch.skipped.len();
-                log.line(&format!(
-                    "skipped {} unreadable samples (total {skipped_total}): {}",
-                    batch.skipped.len(),
-                    batch.skipped.join("; ")
-                ));
-            }
-            pending.push(batch);
-            if pending.len() < accum {
-                continue;
-            }
-            let batches = std::mem::take(&mut pending);
-            let data_time = t_data.elapsed().as_secs_f64();
-            let t_batch = Instant::now();
-            let names: Vec<String> = batches.iter().flat_map(|b| b.names.clone()).collect();
-            let n = names.len();
-            let labels = match a.label_source {
-                LabelSource::Filename => labels_from_names(&names),
-                LabelSource::Json => labels_from_strings(
-                    &batches
-                        .iter()
-                        .flat_map(|b| b.labels.iter().zip(&b.names))
-                        .map(|(l, n)| l.clone().unwrap_or_else(|| n.clone()))
-                        .collect::<Vec<_>>(),
-                ),
-            };
-            let micro: Vec<(tch::Tensor, tch::Tensor)> = batches
-                .iter()
-                .map(|b| {
-                    let m = b.names.len();
-                    (
-                        images_tensor(&b.pixels, m, config.image_size, device),
-                        ids_tensor(&b.ids, m, device),
-                    )
-                })
-                .collect();
-            let batch_index = batches.last().map(|b| b.index).unwrap_or(0);
-            lr = learning_rate(schedule, a.lr, a.warmup, total_steps, step);
-            let s = if trainer.dist.is_some() {
-                let (images, ids) = &micro[0];
-                trainer
-                    .try_step_distributed(images, ids, &labels, lr)
-                    .map_err(|e| anyhow::anyhow!("step {}: {e}", step + 1))?
-            } else {
-                trainer.step_accumulated(&micro, &labels, lr)
-            };
-            step += 1;
-            let batch_time = t_batch.elapsed().as_secs_f64() + data_time;
-            let sps = n as f64 / batch_time;
-            pb.set_message(format!(
-                "loss {:.4} (con {:.4}{}) lr {lr:.2e} {sps:.1} samples/s",
-                s.total,
-                s.contrastive,
-                s.affiliation
-                    .map(|x| format!(" aff {x:.4}"))
-                    .unwrap_or_default()
-            ));
-            pb.set_position(step as u64);
-            let done_in_epoch = (batch_index + 1) / accum;
-            if step % a.log_every_n_steps as i64 == 0
-                || done_in_epoch == per_epoch
-                || step == stop_at
-            {
-                let mut scalars = vec![
-                    ("train/data_time", data_time),
-                    ("train/batch_time", batch_time),
-                    ("train/samples_per_second", sps),
-                    ("train/samples_per_second_per_gpu", sps),
-                    ("train/scale", s.logit_scale.exp()),
-                    ("train/lr", lr),
-                    ("train/contrastive_loss", s.contrastive),
-                    ("train/total_loss", s.total),
-                    ("train/grad_norm", s.grad_norm),
-                ];
-                if let Some(aff) = s.affiliation {
-                    scalars.push(("train/affiliation_loss", aff));
-                }
-                if let Some(tb) = &mut tb {
-                    tb.scalars(step, &scalars)?;
-                }
-                log.line(&format!(
-                    "Train Epoch: {epoch} [{done_in_epoch}/{per_epoch}] step {step} Data (t): {data_time:.3} Batch (t): {batch_time:.3}, {sps:.2}/s LR: {lr:.6} Logit Scale: {:.3} Contrastive_loss: {:.5}{} Loss: {:.5}",
-                    s.logit_scale.exp(),
-                    s.contrastive,
-                    s.affiliation.map(|x| format!(" Affiliation_loss: {x:.5}")).unwrap_or_default(),
-                    s.total
-                ));
-            }
-            if step == stop_at && done_in_epoch < per_epoch {
-                let p = Position {
-                    epoch,
-                    batch_in_epoch: done_in_epoch * accum,
-                    step,
-                };
-                if is_master {
-                    checkpoint::save(&ckpt_dir.join("epoch_latest.pt"), &trainer, &name, p, lr)?;
-                }
-                log.line(&format!("stopped at step {step} (--max-steps); checkpoints/epoch_latest.pt resumes here"));
-                break 'epochs;
-            }
-            t_data = Instant::now();
-        }
-        let completed = epoch + 1;
-        let p = Position {
-            epoch: completed,
-            batch_in_epoch: 0,
-            step,
-        };
-        if is_master && (completed == a.epochs || completed % a.save_frequency == 0) {
-            let path = ckpt_dir.join(format!("epoch_{completed}.pt"));
-            checkpoint::save(&path, &trainer, &name, p, lr)?;
-            pirclip_checkpoint::safetensors::write(
-                &ckpt_dir.join(format!("epoch_{completed}.safetensors")),
-                &trainer.model.state_dict(),
-                &[("format", "pt"), ("pirclip_model", &config.name)],
-            )?;
-            log.line(&format!("saved {}", path.display()));
-        }
-        if is_master && (a.save_most_recent || step == stop_at) {
-            checkpoint::save(&ckpt_dir.join("epoch_latest.pt"), &trainer, &name, p, lr)?;
-        }
-        if let (true, Some((set, images))) = (is_master, &validation) {
-            if completed % a.val_frequency == 0 || completed == a.epochs {
-                let official = crate::pipeline::encode_set(
-                    &trainer.model,
-                    set,
-                    images,
-                    EncodeOptions {
-                        bn_mode: pirclip_model::BnMode::Running,
-                        belief_mode: options.belief_mode,
-                        dropout: false,
-                    },
-                    64,
-                    false,
-                )?
-                .metrics(set, &[1, 5, 10])
-                .official();
-                let tags: Vec<(String, f64)> = official
-                    .iter()
-                    .map(|(k, v)| (format!("val/{k}"), *v))
-                    .collect();
-                tb.as_mut().expect("rank 0 writes TensorBoard").scalars(
-                    step,
-                    &tags
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), *v))
-                        .collect::<Vec<_>>(),
-                )?;
-                let line = format!(
-                    "Eval Epoch: {completed} {}",
-                    official
-                        .iter()
-                        .map(|(k, v)| format!("{k}: {v:.2}"))
-                        .collect::<Vec<_>>()
-                        .join("\t")
-                );
-                pb.println(&line);
-                log.line(&line);
-            }
-        }
-        if step >= stop_at {
-            break;
-        }
-    }
-    pb.finish();
-    if let Some(d) = &trainer.dist {
-        // Rank 0 writes the last checkpoint before any rank reports success.
-        d.group.barrier().map_err(anyhow::Error::msg)?;
-    }
-    let msg = format!("done at step {step}; run folder {}", run_dir.display());
     say(is_master, &msg);
-    log.line(&msg);
+    training.log.line(&msg);
     Ok(())
+}
+
+/// The progress bar of a run (rank 0 only; hidden elsewhere).
+struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    fn new(is_master: bool) -> Self {
+        let bar = if is_master {
+            crate::common::progress(0, "steps")
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>6} [{bar:25}] {pos}/{len} {msg} eta {eta}",
+            )
+            .unwrap()
+            .progress_chars("=> "),
+        );
+        Progress { bar }
+    }
+}
+
+impl RunObserver for Progress {
+    fn started(&mut self, first: i64, stop_at: i64) {
+        self.bar.set_length(stop_at as u64);
+        self.bar.set_position(first as u64);
+    }
+
+    fn stepped(&mut self, step: i64, s: &pirclip_train::StepStats, samples_per_second: f64) {
+        self.bar.set_message(format!(
+            "loss {:.4} (con {:.4}{}) lr {:.2e} {samples_per_second:.1} samples/s",
+            s.total,
+            s.contrastive,
+            s.affiliation
+                .map(|x| format!(" aff {x:.4}"))
+                .unwrap_or_default(),
+            s.lr
+        ));
+        self.bar.set_position(step as u64);
+    }
+
+    fn line(&mut self, line: &str) {
+        self.bar.println(line);
+    }
 }
 
 /// Progress and information lines: from rank 0 only, as open_clip logs on the master.

@@ -667,7 +667,23 @@ fn resume_continues_exactly() {
     // 6 steps cross no epoch boundary; 40 steps cross one (37 batches per epoch). With --accum-freq 2,
     // an epoch is 18 steps (the 37th micro-batch is dropped): 24 steps cross it.
     let accum: &[&str] = &["--accum-freq", "2"];
-    for (n, half, extra) in [("6", "3", &[][..]), ("40", "20", &[]), ("24", "12", accum)] {
+    // The recipe switches of issue #14 §3 resume exactly too: the weight average (and its warm-up
+    // count), the augmentation draws and the smoothed loss.
+    let recipe: &[&str] = &[
+        "--ema-decay",
+        "0.9",
+        "--aug-rotate-flip",
+        "--aug-cfg",
+        "scale=(0.5, 1.0)",
+        "--label-smoothing",
+        "0.1",
+    ];
+    for (n, half, extra) in [
+        ("6", "3", &[][..]),
+        ("40", "20", &[]),
+        ("24", "12", accum),
+        ("8", "4", recipe),
+    ] {
         train(&dir, &format!("straight{n}"), n, extra);
         train(&dir, &format!("split{n}"), half, extra);
         let resume = [extra, &["--resume", "latest"][..]].concat();
@@ -712,6 +728,39 @@ fn resume_continues_exactly() {
             moments(&mut pb),
             "optimizer moments after {n} steps"
         );
+        let average =
+            |p: &mut pirclip_checkpoint::pt::PtArchive<std::io::Cursor<&[u8]>>| -> Option<(Vec<pirclip_checkpoint::TensorData>, Option<i64>)> {
+                let obj = std::mem::replace(&mut p.object, pirclip_checkpoint::pickle::Value::None);
+                let Some(pirclip_checkpoint::pickle::Value::Dict(entries)) = obj.dict_get("state_dict_ema").cloned() else {
+                    return None;
+                };
+                let tensors = entries
+                    .iter()
+                    .map(|(_, v)| match v {
+                        pirclip_checkpoint::pickle::Value::Tensor(t) => p.tensor(t).unwrap(),
+                        _ => panic!("state_dict_ema holds a non-tensor"),
+                    })
+                    .collect();
+                Some((tensors, obj.dict_get("ema_updates").and_then(|v| v.as_int())))
+            };
+        let (ema_a, ema_b) = (
+            average(&mut pirclip_checkpoint::pt::PtArchive::open(&a).unwrap()),
+            average(&mut pirclip_checkpoint::pt::PtArchive::open(&b).unwrap()),
+        );
+        assert_eq!(ema_a.is_some(), extra == recipe);
+        assert_eq!(ema_a, ema_b, "weight average after {n} steps");
+        if let Some((tensors, updates)) = ema_a {
+            assert_eq!(updates, Some(8));
+            assert_ne!(
+                tensors[..],
+                ca.state_dict
+                    .entries
+                    .iter()
+                    .map(|(_, t)| t.clone())
+                    .collect::<Vec<_>>()[..],
+                "the average differs from the weights"
+            );
+        }
     }
     let log = std::fs::read_to_string(dir.join("logs/straight24/out.log")).unwrap();
     assert!(
@@ -1499,6 +1548,7 @@ fn latest_state(
 /// own rows' share, i.e. the gradient / 2, which AdamW's normalisation cancels except where eps dominates.
 /// Elements whose gradient is at float-noise level (attention key biases: mathematically zero) update by
 /// eps-dominated noise in either run; the comparison leaves out elements whose first gradient is below 3e-4.
+/// With --accum-freq 2 each rank takes micro-batches of 1: the same 4 samples per step.
 #[test]
 fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
     ranks_against_one_process(
@@ -1507,6 +1557,7 @@ fn two_cpu_ranks_train_like_one_process_with_twice_the_batch() {
         &[
             ("ddp", &[][..], true),
             ("ddp-gwg", &["--gather-with-grad"][..], true),
+            ("ddp-accum", &["--accum-freq", "2"][..], true),
         ],
     );
 }
@@ -1571,7 +1622,13 @@ fn ranks_against_one_process(tag: &str, lock_instruction: bool, modes: &[(&str, 
             .port();
         let children: Vec<_> = (0..2)
             .map(|rank| {
-                let mut args = base(name, "2", steps, extra);
+                // Micro-batches of 1 with --accum-freq 2: still 2 samples per rank and step.
+                let batch = if extra.contains(&"--accum-freq") {
+                    "1"
+                } else {
+                    "2"
+                };
+                let mut args = base(name, batch, steps, extra);
                 args.extend(["--dist-timeout".into(), "60".into()]);
                 spawn_rank(&args, rank, port)
             })

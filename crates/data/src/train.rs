@@ -65,6 +65,7 @@ pub struct Rng(u64);
 pub mod stream {
     pub const SAMPLE_SHUFFLE: u64 = 1;
     pub const AUGMENT: u64 = 2;
+    pub const CAPTION_PICK: u64 = u64::MAX - 3;
     pub const SHARD_ORDER: u64 = u64::MAX;
     pub const SHUFFLE_BUFFER: u64 = u64::MAX - 1;
     pub const SHARD_WRITE: u64 = u64::MAX - 2;
@@ -158,6 +159,52 @@ pub fn random_resized_crop(
     resize_bicubic(&RgbImage::new(w, h, px), size, size)
 }
 
+/// Train-time augmentation: torchvision's RandomResizedCrop, then optionally one of the eight symmetries
+/// of the square.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Augmentation {
+    /// Crop area as a fraction of the image (open_clip `--aug-cfg scale=(lo,hi)`; PIR-CLIP's 0.9–1).
+    pub scale: (f64, f64),
+    /// Crop aspect ratio range (torchvision's 3/4–4/3).
+    pub ratio: (f64, f64),
+    /// After the crop, one of the 8 rotations by 90° and reflections, uniformly: an overhead image has no
+    /// "up", so each of them is as likely a view of the scene as the original.
+    pub rotate_flip: bool,
+}
+
+impl Default for Augmentation {
+    fn default() -> Self {
+        Augmentation {
+            scale: (0.9, 1.0),
+            ratio: (0.75, 4.0 / 3.0),
+            rotate_flip: false,
+        }
+    }
+}
+
+/// Element `k` (0..8) of the symmetry group of the rectangle-as-grid: bit 2 transposes, then bit 0
+/// mirrors left-right and bit 1 top-bottom. On a square image the eight results are the four 90°
+/// rotations and their mirror images.
+pub fn rotate_flip(img: &RgbImage, k: usize) -> RgbImage {
+    let (transpose, mirror_x, mirror_y) = (k & 4 != 0, k & 1 != 0, k & 2 != 0);
+    let (w, h) = if transpose {
+        (img.height, img.width)
+    } else {
+        (img.width, img.height)
+    };
+    let mut px = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        let y1 = if mirror_y { h - 1 - y } else { y };
+        for x in 0..w {
+            let x1 = if mirror_x { w - 1 - x } else { x };
+            let (sx, sy) = if transpose { (y1, x1) } else { (x1, y1) };
+            let at = (sy * img.width + sx) * 3;
+            px.extend_from_slice(&img.pixels[at..at + 3]);
+        }
+    }
+    RgbImage::new(w, h, px)
+}
+
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
     pub image_size: usize,
@@ -165,8 +212,12 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Reshuffle every epoch (off: samples in order, for debugging).
     pub shuffle: bool,
-    /// Train augmentation (off: the eval transform).
-    pub augment: bool,
+    /// Train augmentation (none: the eval transform).
+    pub augment: Option<Augmentation>,
+    /// A pass over the data is one sample per image, its caption drawn anew each pass, instead of every
+    /// caption once (the images of a caption-rich dataset are then seen equally often, and a batch never
+    /// holds two captions of one image as each other's negatives).
+    pub one_caption_per_image: bool,
     pub workers: usize,
     pub context_length: usize,
     /// Distributed training: this process's rank and the number of ranks. Every global batch of
@@ -195,6 +246,8 @@ pub struct TrainLoader {
     shards: Option<ShardOrder>,
     /// Samples per epoch when it is not one pass over the data (`--train-num-samples`).
     epoch_samples: Option<usize>,
+    /// With `one_caption_per_image`: the samples of each image, images in first-appearance order.
+    images: Option<Arc<Vec<Vec<usize>>>>,
 }
 
 /// How the samples of webdataset shards are ordered into an epoch, as open_clip's webdataset pipeline does:
@@ -230,12 +283,38 @@ pub fn load_image(s: &ImageSource) -> Result<RgbImage, String> {
 
 impl TrainLoader {
     pub fn new(samples: Vec<Sample>, config: LoaderConfig) -> Self {
+        let images = config.one_caption_per_image.then(|| {
+            let mut slot: std::collections::HashMap<String, usize> = Default::default();
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            for (i, s) in samples.iter().enumerate() {
+                let key = match &s.image {
+                    ImageSource::File(p) => p.display().to_string(),
+                    ImageSource::TarMember { path, offset, .. } => {
+                        format!("{}@{offset}", path.display())
+                    }
+                };
+                let g = *slot.entry(key).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push(i);
+            }
+            Arc::new(groups)
+        });
         TrainLoader {
             samples: Arc::new(samples),
             config,
             shards: None,
             epoch_samples: None,
+            images,
         }
+    }
+
+    /// Samples in one pass over the data: every sample, or one per image.
+    pub fn pass_len(&self) -> usize {
+        self.images
+            .as_ref()
+            .map_or(self.samples.len(), |groups| groups.len())
     }
 
     /// open_clip's `--train-num-samples` without resampling: an epoch is `n` samples of an endless stream
@@ -257,7 +336,7 @@ impl TrainLoader {
                 _,
             ) => *n,
             (_, Some(n)) => n,
-            _ => self.samples.len(),
+            _ => self.pass_len(),
         }
     }
 
@@ -265,6 +344,15 @@ impl TrainLoader {
     fn pass_order(&self, pass: usize) -> Vec<usize> {
         if let Some(plan) = &self.shards {
             return shard_epoch_order(plan, self.config.shuffle, self.config.seed, pass);
+        }
+        if let Some(groups) = &self.images {
+            let mut pick = Rng::keyed(self.config.seed, stream::CAPTION_PICK, pass as u64);
+            let mut order: Vec<usize> = groups.iter().map(|g| g[pick.below(g.len())]).collect();
+            if self.config.shuffle {
+                Rng::keyed(self.config.seed, stream::SAMPLE_SHUFFLE, pass as u64)
+                    .shuffle(&mut order);
+            }
+            return order;
         }
         let mut order: Vec<usize> = (0..self.samples.len()).collect();
         if self.config.shuffle {
@@ -276,11 +364,18 @@ impl TrainLoader {
     /// The samples come from webdataset shards: order them the webdataset way.
     pub fn with_shards(mut self, order: ShardOrder) -> Self {
         self.shards = Some(order);
+        // A shard stream is ordered by its shards and buffer; callers refuse one caption per image there.
+        self.images = None;
         self
     }
 
     pub fn len(&self) -> usize {
         self.samples.len()
+    }
+
+    /// Samples per batch of this rank.
+    pub fn batch_size(&self) -> usize {
+        self.config.batch_size
     }
 
     pub fn is_empty(&self) -> bool {
@@ -304,7 +399,7 @@ impl TrainLoader {
                 ..
             })
         );
-        let pass_len = self.samples.len();
+        let pass_len = self.pass_len();
         let n = match self.epoch_samples {
             Some(n) if !resampled && pass_len > 0 => n,
             _ => return self.pass_order(epoch),
@@ -365,21 +460,31 @@ impl TrainLoader {
                         cfg.workers,
                         |&i| -> Result<RgbImage, String> {
                             let img = load_image(&samples[i].image)?;
-                            Ok(if cfg.augment {
-                                let mut rng =
-                                    Rng::keyed(cfg.seed, stream::AUGMENT + epoch as u64, i as u64);
-                                random_resized_crop(
-                                    &img,
-                                    cfg.image_size,
-                                    (0.9, 1.0),
-                                    (0.75, 4.0 / 3.0),
-                                    &mut rng,
-                                )
-                            } else {
-                                center_crop(
+                            Ok(match cfg.augment {
+                                Some(aug) => {
+                                    let mut rng = Rng::keyed(
+                                        cfg.seed,
+                                        stream::AUGMENT + epoch as u64,
+                                        i as u64,
+                                    );
+                                    let crop = random_resized_crop(
+                                        &img,
+                                        cfg.image_size,
+                                        aug.scale,
+                                        aug.ratio,
+                                        &mut rng,
+                                    );
+                                    // Drawn after the crop: runs without it crop exactly as before.
+                                    if aug.rotate_flip {
+                                        rotate_flip(&crop, rng.below(8))
+                                    } else {
+                                        crop
+                                    }
+                                }
+                                None => center_crop(
                                     &resize_shortest_side(&img, cfg.image_size),
                                     cfg.image_size,
-                                )
+                                ),
                             })
                         },
                     );
@@ -553,7 +658,8 @@ mod tests {
             batch_size: 2,
             seed: 3,
             shuffle: true,
-            augment: false,
+            augment: None,
+            one_caption_per_image: false,
             workers: 1,
             context_length: 77,
             rank: 0,
@@ -591,6 +697,103 @@ mod tests {
         assert_eq!(&long.epoch_order(1)[..5], &full.epoch_order(2)[5..]);
         // Without the setting, an epoch is one pass.
         assert_eq!(full.samples_per_epoch(), 10);
+    }
+
+    #[test]
+    fn rotate_flip_gives_the_eight_symmetries_of_the_square() {
+        let n = 5;
+        let img = RgbImage::new(n, n, (0..n * n * 3).map(|v| (v * 7 % 251) as u8).collect());
+        let at = |im: &RgbImage, x: usize, y: usize| im.pixels[(y * im.width + x) * 3];
+        // Rotation by 90° clockwise: out(x, y) = in(y, n-1-x).
+        let rot = |im: &RgbImage| {
+            let mut px = Vec::new();
+            for y in 0..n {
+                for x in 0..n {
+                    let a = (((n - 1 - x) * n) + y) * 3;
+                    px.extend_from_slice(&im.pixels[a..a + 3]);
+                }
+            }
+            RgbImage::new(n, n, px)
+        };
+        let mirror = |im: &RgbImage| rotate_flip(im, 1);
+        assert_eq!(rotate_flip(&img, 0).pixels, img.pixels);
+        assert_eq!(at(&mirror(&img), 0, 2), at(&img, n - 1, 2));
+        let mut expected = Vec::new();
+        let mut r = img.clone();
+        for _ in 0..4 {
+            expected.push(r.pixels.clone());
+            expected.push(mirror(&r).pixels);
+            r = rot(&r);
+        }
+        let mut got: Vec<Vec<u8>> = (0..8).map(|k| rotate_flip(&img, k).pixels).collect();
+        got.sort();
+        expected.sort();
+        assert_eq!(
+            got, expected,
+            "k = 0..8 are the 4 rotations and their mirror images"
+        );
+        got.dedup();
+        assert_eq!(got.len(), 8);
+        // Not square: the transposing half swaps the sides.
+        let wide = RgbImage::new(3, 2, (0..18).collect());
+        let t = rotate_flip(&wide, 4);
+        assert_eq!((t.width, t.height), (2, 3));
+        assert_eq!(at(&t, 1, 2), at(&wide, 2, 1));
+    }
+
+    #[test]
+    fn one_caption_per_image_passes_hold_every_image_once() {
+        // 4 images with 3, 1, 5 and 2 captions, interleaved as a caption list may be.
+        let per_image = [3usize, 1, 5, 2];
+        let mut samples = Vec::new();
+        for round in 0..5 {
+            for (img, &k) in per_image.iter().enumerate() {
+                if round < k {
+                    samples.push(Sample {
+                        image: ImageSource::File(format!("{img}.jpg").into()),
+                        caption: format!("image {img} caption {round}"),
+                        name: format!("c_{img}.jpg"),
+                        label: None,
+                    });
+                }
+            }
+        }
+        let config = LoaderConfig {
+            image_size: 8,
+            batch_size: 2,
+            seed: 1,
+            shuffle: true,
+            augment: None,
+            one_caption_per_image: true,
+            workers: 1,
+            context_length: 77,
+            rank: 0,
+            world: 1,
+        };
+        let loader = TrainLoader::new(samples.clone(), config.clone());
+        assert_eq!(
+            loader.samples_per_epoch(),
+            4,
+            "a pass is one sample per image"
+        );
+        let mut captions_seen = std::collections::HashSet::new();
+        for epoch in 0..40 {
+            let order = loader.epoch_order(epoch);
+            let mut imgs: Vec<String> = order.iter().map(|&i| samples[i].name.clone()).collect();
+            imgs.sort();
+            assert_eq!(imgs, ["c_0.jpg", "c_1.jpg", "c_2.jpg", "c_3.jpg"]);
+            captions_seen.extend(order);
+        }
+        assert_eq!(
+            captions_seen.len(),
+            samples.len(),
+            "every caption gets drawn"
+        );
+        // Epochs of 6 run through passes of 4.
+        let long = TrainLoader::new(samples, config).with_epoch_samples(6);
+        let stream: Vec<usize> = (0..2).flat_map(|e| long.epoch_order(e)).collect();
+        assert_eq!(&stream[..4], &loader.epoch_order(0)[..]);
+        assert_eq!(&stream[4..8], &loader.epoch_order(1)[..]);
     }
 
     #[test]

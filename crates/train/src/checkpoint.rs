@@ -111,6 +111,19 @@ pub fn save(
             ]),
         ),
     ];
+    // timm's key for the weight average; the updates done ride along so the warm-up resumes exactly.
+    if let Some(ema) = &trainer.ema {
+        top.push((
+            PyValue::str("state_dict_ema"),
+            PyValue::OrderedDict(
+                ema.tensors()
+                    .iter()
+                    .map(|(n, t)| (n.clone(), lazy(t)))
+                    .collect(),
+            ),
+        ));
+        top.push((PyValue::str("ema_updates"), PyValue::Int(ema.updates)));
+    }
     // open_clip stores `scaler.state_dict()` under "scaler" for fp16 amp runs.
     if let Some(sc) = &trainer.scaler {
         top.push((
@@ -164,6 +177,32 @@ pub fn resume(path: &Path, trainer: &mut Trainer) -> Result<Position, String> {
             .dict_get("batch_in_epoch")
             .and_then(Value::as_int)
             .unwrap_or(0) as usize;
+    }
+    if let Some(ema) = &mut trainer.ema {
+        match obj.dict_get("state_dict_ema") {
+            Some(Value::Dict(entries)) => {
+                let mut saved = Vec::with_capacity(entries.len());
+                for (k, v) in entries {
+                    let (Some(name), Value::Tensor(t)) = (k.as_str(), v) else {
+                        return Err(format!(
+                            "{}: state_dict_ema holds a non-tensor entry",
+                            path.display()
+                        ));
+                    };
+                    saved.push((
+                        name.to_string(),
+                        archive.tensor(t).map_err(|e| e.to_string())?,
+                    ));
+                }
+                ema.load(&saved, &path.display().to_string())?;
+                ema.updates = obj
+                    .dict_get("ema_updates")
+                    .and_then(Value::as_int)
+                    .unwrap_or(pos.step);
+            }
+            // A checkpoint without an average (a run that had none): it starts from the loaded weights.
+            _ => *ema = crate::ema::Ema::new(&trainer.model, ema.decay),
+        }
     }
     if let (Some(sc), Some(saved)) = (&mut trainer.scaler, obj.dict_get("scaler")) {
         if let Some(Value::Float(x)) = saved.dict_get("scale") {

@@ -3,8 +3,10 @@
 
 pub mod checkpoint;
 pub mod distributed;
+pub mod ema;
 pub mod loss;
 pub mod optim;
+pub mod run;
 pub mod tensorboard;
 
 use pirclip_model::params::EntryKind;
@@ -41,6 +43,9 @@ pub struct TrainOptions {
     pub lock_temporal_pae: bool,
     pub grad_clip_norm: Option<f64>,
     pub precision: TrainPrecision,
+    /// `--label-smoothing`: the contrastive targets put 1−ε on the own pair and spread ε over the batch
+    /// (PyTorch's `cross_entropy(label_smoothing=ε)`). The affiliation term keeps hard targets.
+    pub label_smoothing: f64,
 }
 
 impl Default for TrainOptions {
@@ -55,6 +60,7 @@ impl Default for TrainOptions {
             lock_temporal_pae: false,
             grad_clip_norm: None,
             precision: TrainPrecision::Fp32,
+            label_smoothing: 0.0,
         }
     }
 }
@@ -90,6 +96,8 @@ pub struct Trainer {
     pub scaler: Option<GradScaler>,
     /// Set for data-parallel training over several ranks (`distributed`).
     pub dist: Option<distributed::Distributed>,
+    /// `--ema-decay`: the moving average of the weights, updated after every optimizer step.
+    pub ema: Option<ema::Ema>,
 }
 
 impl Trainer {
@@ -117,6 +125,7 @@ impl Trainer {
             options,
             scaler,
             dist: None,
+            ema: None,
         }
     }
 
@@ -180,8 +189,7 @@ impl Trainer {
     ) -> StepStats {
         assert!(!micro.is_empty(), "no micro-batch");
         if self.dist.as_ref().is_some_and(|d| d.world() > 1) {
-            assert_eq!(micro.len(), 1, "distributed steps take one micro-batch");
-            return self.step_distributed(&micro[0].0, &micro[0].1, labels, lr);
+            return self.step_distributed(micro, labels, lr);
         }
         self.optimizer.zero_grad();
         let cached: Vec<(Tensor, Tensor)> = if micro.len() > 1 {
@@ -220,6 +228,7 @@ impl Trainer {
                     &text,
                     &self.model.logit_scale,
                     self.options.affiliation_loss.then_some(&labels_t),
+                    self.options.label_smoothing,
                 );
                 let total = losses.total();
                 (losses, total)
@@ -239,52 +248,79 @@ impl Trainer {
     /// the group's timeout passed).
     fn step_distributed(
         &mut self,
-        images: &Tensor,
-        ids: &Tensor,
+        micro: &[(Tensor, Tensor)],
         labels: &[i64],
         lr: f64,
     ) -> StepStats {
-        self.try_step_distributed(images, ids, labels, lr)
+        self.try_step_distributed(micro, labels, lr)
             .unwrap_or_else(|e| panic!("distributed step failed: {e}"))
     }
 
+    /// A data-parallel step over this rank's micro-batches (`--accum-freq` with several ranks). Their
+    /// features make this rank's share of the global batch; the loss over all ranks' shares is computed
+    /// once, on gathered leaves, and its gradient is carried back to this rank's features (through the
+    /// class centres too). With one micro-batch the features keep their graph and one backward through
+    /// the towers follows. With several, the features are first computed without gradients, and each
+    /// micro-batch is then recomputed with gradients and back-propagated with its slice of the feature
+    /// gradient, so only one micro-batch's activations are alive. open_clip recomputes the whole loss for
+    /// every micro-batch and all-reduces after each backward; the summed gradient is the same, the
+    /// all-reduce here runs once per step.
     pub fn try_step_distributed(
         &mut self,
-        images: &Tensor,
-        ids: &Tensor,
+        micro: &[(Tensor, Tensor)],
         labels: &[i64],
         lr: f64,
     ) -> Result<StepStats, String> {
+        assert!(!micro.is_empty(), "no micro-batch");
         self.optimizer.zero_grad();
         let d = self.dist.as_ref().expect("a process group");
-        let local_batch = images.size()[0] as usize;
+        let local_batch: usize = micro.iter().map(|(i, _)| i.size()[0] as usize).sum();
         let labels_t = Tensor::from_slice(labels)
             .to_kind(Kind::Int64)
-            .to_device(images.device());
-        let (features, centres, leaves, losses, total) =
-            self.autocast(|| -> Result<_, String> {
-                let (image, text) = self.encode_normalized(images, ids);
-                let centres = self
-                    .options
-                    .affiliation_loss
-                    .then(|| loss::class_centres(&image, &text, &labels_t));
-                let (gi, gt) = (d.gather_leaf(&image)?, d.gather_leaf(&text)?);
-                let gc = match &centres {
-                    Some((ci, ct)) => Some((d.gather_leaf(ci)?, d.gather_leaf(ct)?)),
-                    None => None,
-                };
-                let gathered = loss::Gathered {
-                    image: &gi,
-                    text: &gt,
-                    centres: gc.as_ref().map(|(a, b)| (a, b)),
-                    rank: d.rank(),
-                    local_batch,
-                };
-                let losses =
-                    loss::gathered_losses(&gathered, &self.model.logit_scale, d.local_loss);
-                let total = losses.total();
-                Ok(((image, text), centres, (gi, gt, gc), losses, total))
-            })?;
+            .to_device(micro[0].0.device());
+        let accumulated = micro.len() > 1;
+        let features = if accumulated {
+            let cached: Vec<(Tensor, Tensor)> = tch::no_grad(|| {
+                micro
+                    .iter()
+                    .map(|(i, t)| self.autocast(|| self.encode_normalized(i, t)))
+                    .collect()
+            });
+            let (images, texts): (Vec<Tensor>, Vec<Tensor>) = cached.into_iter().unzip();
+            (
+                Tensor::cat(&images, 0).set_requires_grad(true),
+                Tensor::cat(&texts, 0).set_requires_grad(true),
+            )
+        } else {
+            self.autocast(|| self.encode_normalized(&micro[0].0, &micro[0].1))
+        };
+        let (centres, leaves, losses, total) = self.autocast(|| -> Result<_, String> {
+            let (image, text) = &features;
+            let centres = self
+                .options
+                .affiliation_loss
+                .then(|| loss::class_centres(image, text, &labels_t));
+            let (gi, gt) = (d.gather_leaf(image)?, d.gather_leaf(text)?);
+            let gc = match &centres {
+                Some((ci, ct)) => Some((d.gather_leaf(ci)?, d.gather_leaf(ct)?)),
+                None => None,
+            };
+            let gathered = loss::Gathered {
+                image: &gi,
+                text: &gt,
+                centres: gc.as_ref().map(|(a, b)| (a, b)),
+                rank: d.rank(),
+                local_batch,
+            };
+            let losses = loss::gathered_losses(
+                &gathered,
+                &self.model.logit_scale,
+                d.local_loss,
+                self.options.label_smoothing,
+            );
+            let total = losses.total();
+            Ok((centres, (gi, gt, gc), losses, total))
+        })?;
         match &self.scaler {
             Some(s) => (&total * s.scale).backward(),
             None => total.backward(),
@@ -298,7 +334,24 @@ impl Trainer {
                 + (ct * d.own_gradient(gct, local_batch)?).sum(Kind::Float);
         }
         surrogate.backward();
-        d.average_gradients(&self.optimizer.params)?;
+        if accumulated {
+            // The feature leaves now hold dLoss/dfeatures of this rank's share; send each micro-batch's
+            // slice back through its towers.
+            let (image_grad, text_grad) = (features.0.grad(), features.1.grad());
+            let mut at = 0;
+            for (images, ids) in micro {
+                let n = images.size()[0];
+                let (fi, ft) = self.autocast(|| self.encode_normalized(images, ids));
+                ((&fi * image_grad.narrow(0, at, n)).sum(Kind::Float)
+                    + (&ft * text_grad.narrow(0, at, n)).sum(Kind::Float))
+                .backward();
+                at += n;
+            }
+        }
+        self.dist
+            .as_ref()
+            .expect("a process group")
+            .average_gradients(&self.optimizer.params)?;
         Ok(self.finish_step(losses, total, lr))
     }
 
@@ -316,6 +369,9 @@ impl Trainer {
         if finite {
             self.optimizer.step(lr);
             optim::clamp_logit_scale(&self.model.logit_scale);
+            if let Some(ema) = &mut self.ema {
+                ema.update(&self.model);
+            }
         }
         if let Some(s) = &mut self.scaler {
             s.update(finite);

@@ -30,20 +30,18 @@ pub fn labels_from_strings<S: AsRef<str>>(labels: &[S]) -> Vec<i64> {
         .collect()
 }
 
-fn symmetric_ce(a: &Tensor, b: &Tensor) -> Tensor {
+fn symmetric_ce(a: &Tensor, b: &Tensor, smoothing: f64) -> Tensor {
     let n = a.size()[0];
     let targets = Tensor::arange(n, (Kind::Int64, a.device()));
-    (a.cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, -100, 0.0)
-        + b.cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, -100, 0.0))
-        / 2.0
+    (ce_rows(a, &targets, smoothing) + ce_rows(b, &targets, smoothing)) / 2.0
 }
 
-/// ½[CE(s·I·Tᵀ) + CE(s·T·Iᵀ)] with targets = own index. `image`, `text` are L2-normalised `[B, E]`,
-/// `scale` = exp(logit_scale).
-pub fn contrastive(image: &Tensor, text: &Tensor, scale: &Tensor) -> Tensor {
+/// ½[CE(s·I·Tᵀ) + CE(s·T·Iᵀ)] with targets = own index, label-smoothed by `smoothing` (0: open_clip).
+/// `image`, `text` are L2-normalised `[B, E]`, `scale` = exp(logit_scale).
+pub fn contrastive(image: &Tensor, text: &Tensor, scale: &Tensor, smoothing: f64) -> Tensor {
     let logits_per_image = scale * image.matmul(&text.tr());
     let logits_per_text = scale * text.matmul(&image.tr());
-    symmetric_ce(&logits_per_image, &logits_per_text)
+    symmetric_ce(&logits_per_image, &logits_per_text, smoothing)
 }
 
 /// Class centres of a batch: for every sample, the mean of the features of its class (neither
@@ -63,7 +61,7 @@ pub fn affiliation(image: &Tensor, text: &Tensor, scale: &Tensor, labels: &Tenso
     let (image_centres, text_centres) = class_centres(image, text, labels);
     let i2t = scale * image.matmul(&text_centres.tr());
     let t2i = scale * text.matmul(&image_centres.tr());
-    symmetric_ce(&i2t, &t2i)
+    symmetric_ce(&i2t, &t2i, 0.0)
 }
 
 /// What one rank holds of a distributed batch: every rank's features (and class centres, each rank's
@@ -77,8 +75,8 @@ pub struct Gathered<'a> {
     pub local_batch: usize,
 }
 
-fn ce_rows(logits: &Tensor, targets: &Tensor) -> Tensor {
-    logits.cross_entropy_loss::<Tensor>(targets, None, Reduction::Mean, -100, 0.0)
+fn ce_rows(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Tensor {
+    logits.cross_entropy_loss::<Tensor>(targets, None, Reduction::Mean, -100, smoothing)
 }
 
 /// open_clip's `ClipLoss` over gathered features plus PIR-CLIP's affiliation term.
@@ -88,15 +86,21 @@ fn ce_rows(logits: &Tensor, targets: &Tensor) -> Tensor {
 /// cannot combine it with the affiliation loss (its `[W·B, W·B]` logits meet `[B]` targets); here the
 /// affiliation term is generalised the same way as the contrastive one: own rows against every rank's
 /// centres, targets `arange(B) + B·rank`. With one rank both modes are exactly `clip_losses`.
-pub fn gathered_losses(g: &Gathered, logit_scale_param: &Tensor, local_loss: bool) -> Losses {
+/// `smoothing` label-smooths the contrastive term only, as in `clip_losses`.
+pub fn gathered_losses(
+    g: &Gathered,
+    logit_scale_param: &Tensor,
+    local_loss: bool,
+    smoothing: f64,
+) -> Losses {
     let scale = logit_scale_param.exp();
     if !local_loss {
         return Losses {
-            contrastive: contrastive(g.image, g.text, &scale),
+            contrastive: contrastive(g.image, g.text, &scale, smoothing),
             affiliation: g.centres.map(|(ci, ct)| {
                 let i2t = &scale * g.image.matmul(&ct.tr());
                 let t2i = &scale * g.text.matmul(&ci.tr());
-                symmetric_ce(&i2t, &t2i)
+                symmetric_ce(&i2t, &t2i, 0.0)
             }),
         };
     }
@@ -104,16 +108,16 @@ pub fn gathered_losses(g: &Gathered, logit_scale_param: &Tensor, local_loss: boo
     let targets = Tensor::arange(b, (Kind::Int64, g.image.device())) + at;
     let own_image = g.image.narrow(0, at, b);
     let own_text = g.text.narrow(0, at, b);
-    let pair = |rows_i: &Tensor, cols_t: &Tensor, rows_t: &Tensor, cols_i: &Tensor| {
-        (ce_rows(&(&scale * rows_i.matmul(&cols_t.tr())), &targets)
-            + ce_rows(&(&scale * rows_t.matmul(&cols_i.tr())), &targets))
+    let pair = |rows_i: &Tensor, cols_t: &Tensor, rows_t: &Tensor, cols_i: &Tensor, eps: f64| {
+        (ce_rows(&(&scale * rows_i.matmul(&cols_t.tr())), &targets, eps)
+            + ce_rows(&(&scale * rows_t.matmul(&cols_i.tr())), &targets, eps))
             / 2.0
     };
     Losses {
-        contrastive: pair(&own_image, g.text, &own_text, g.image),
+        contrastive: pair(&own_image, g.text, &own_text, g.image, smoothing),
         affiliation: g
             .centres
-            .map(|(ci, ct)| pair(&own_image, ct, &own_text, ci)),
+            .map(|(ci, ct)| pair(&own_image, ct, &own_text, ci, 0.0)),
     }
 }
 
@@ -136,10 +140,11 @@ pub fn clip_losses(
     text: &Tensor,
     logit_scale_param: &Tensor,
     labels: Option<&Tensor>,
+    smoothing: f64,
 ) -> Losses {
     let scale = logit_scale_param.exp();
     Losses {
-        contrastive: contrastive(image, text, &scale),
+        contrastive: contrastive(image, text, &scale, smoothing),
         affiliation: labels.map(|l| affiliation(image, text, &scale, l)),
     }
 }
@@ -159,7 +164,7 @@ mod tests {
         );
         let labels = Tensor::from_slice(&[0i64, 1, 0, 2, 1, 0]);
         let scale = Tensor::from(2.3f32);
-        let plain = clip_losses(&i, &t, &scale, Some(&labels));
+        let plain = clip_losses(&i, &t, &scale, Some(&labels), 0.0);
         let (ci, ct) = class_centres(&i, &t, &labels);
         for local in [false, true] {
             let g = Gathered {
@@ -169,7 +174,7 @@ mod tests {
                 rank: 0,
                 local_batch: 6,
             };
-            let l = gathered_losses(&g, &scale, local);
+            let l = gathered_losses(&g, &scale, local, 0.0);
             assert!(
                 (l.contrastive.double_value(&[]) - plain.contrastive.double_value(&[])).abs()
                     < 1e-6
@@ -188,10 +193,36 @@ mod tests {
             rank,
             local_batch: 3,
         };
-        let mean = (gathered_losses(&g(0), &scale, true).contrastive
-            + gathered_losses(&g(1), &scale, true).contrastive)
+        let mean = (gathered_losses(&g(0), &scale, true, 0.0).contrastive
+            + gathered_losses(&g(1), &scale, true, 0.0).contrastive)
             / 2.0;
         assert!((mean.double_value(&[]) - plain.contrastive.double_value(&[])).abs() < 1e-6);
+    }
+
+    #[test]
+    fn label_smoothing_matches_its_definition() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(3);
+        let norm = |t: Tensor| &t / t.norm_scalaropt_dim(2, [1], true);
+        let (i, t) = (
+            norm(Tensor::randn([5, 4], tch::kind::DOUBLE_CPU)),
+            norm(Tensor::randn([5, 4], tch::kind::DOUBLE_CPU)),
+        );
+        let scale = Tensor::from(3.0f64);
+        let eps = 0.1;
+        // By hand: −Σ_j q_j log softmax_j with q = (1−ε)·onehot + ε/B, both directions averaged.
+        let by_hand = |logits: &Tensor| {
+            let b = logits.size()[0];
+            let logp = logits.log_softmax(1, Kind::Double);
+            let q = Tensor::eye(b, tch::kind::DOUBLE_CPU) * (1.0 - eps) + eps / b as f64;
+            -(q * logp).sum(Kind::Double).double_value(&[]) / b as f64
+        };
+        let li = &scale * i.matmul(&t.tr());
+        let want = (by_hand(&li) + by_hand(&li.tr())) / 2.0;
+        let got = contrastive(&i, &t, &scale, eps).double_value(&[]);
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        let hard = contrastive(&i, &t, &scale, 0.0).double_value(&[]);
+        assert!((got - hard).abs() > 1e-3, "smoothing changes the loss");
     }
 
     #[test]

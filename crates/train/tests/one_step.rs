@@ -414,7 +414,7 @@ fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
         rank: 0,
         local_batch: 4,
     };
-    gathered_losses(&g, &reference.model.logit_scale, false)
+    gathered_losses(&g, &reference.model.logit_scale, false, 0.0)
         .total()
         .backward();
     let want = grads(&reference);
@@ -439,7 +439,8 @@ fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
                     });
                     let (images, ids) = fixture.batch(2 * rank, 2);
                     let labels = labels_from_names(&NAMES[2 * rank..2 * rank + 2]);
-                    t.try_step_distributed(&images, &ids, &labels, 0.0).unwrap();
+                    t.try_step_distributed(&[(images, ids)], &labels, 0.0)
+                        .unwrap();
                     grads(&t)
                 })
             })
@@ -463,5 +464,70 @@ fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
                 "gather_with_grad {gather_with_grad}, rank {rank}: {worst}"
             );
         }
+    }
+}
+
+#[test]
+fn weight_average_follows_the_warmed_up_recursion_and_swaps_back() {
+    let f = Fixture::load();
+    let (images, ids) = f.batch(0, 4);
+    let labels = labels_from_names(&NAMES);
+    let mut t = f.trainer(TrainOptions::default());
+    t.ema = Some(pirclip_train::ema::Ema::new(&t.model, 0.99));
+    let weights = |t: &Trainer| -> Vec<Tensor> {
+        t.model.registry().with_entries(|e| {
+            e.iter()
+                .map(|e| e.tensor.detach().to_kind(tch::Kind::Double))
+                .collect()
+        })
+    };
+    // The recursion by hand, in double precision: d_n = min(0.99, (1+n)/(10+n)) at update n = 1, 2, 3.
+    let floating: Vec<bool> = t
+        .model
+        .registry()
+        .with_entries(|e| e.iter().map(|e| e.tensor.is_floating_point()).collect());
+    let mut expected = weights(&t);
+    for n in 1..=3 {
+        t.step(&images, &ids, &labels, 1e-3);
+        let d = 0.99f64.min((1.0 + n as f64) / (10.0 + n as f64));
+        let now = weights(&t);
+        for ((e, w), &float) in expected.iter_mut().zip(&now).zip(&floating) {
+            // Integer buffers (BatchNorm's step counts) are copied, not averaged.
+            *e = if float {
+                &*e * d + w * (1.0 - d)
+            } else {
+                w.shallow_clone()
+            };
+        }
+    }
+    let ema = t.ema.as_mut().unwrap();
+    assert_eq!(ema.updates, 3);
+    let mut worst = 0f64;
+    for ((name, s), e) in ema.tensors().iter().zip(&expected) {
+        let diff = (s.to_kind(tch::Kind::Double) - e)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff <= 1e-6, "{name}: {diff}");
+        worst = worst.max(diff);
+    }
+    println!("weight average after 3 steps: worst |Δ| {worst:.2e} against the recursion");
+    // Swapping shows the average through the model, and swapping again restores the trained weights.
+    let trained = weights(&t);
+    let ema = t.ema.as_mut().unwrap();
+    ema.swap(&t.model);
+    for ((name, s), w) in ema.tensors().iter().zip(&trained) {
+        assert!(
+            s.to_kind(tch::Kind::Double).equal(w),
+            "{name}: the shadow now holds the trained weights"
+        );
+    }
+    let averaged = weights(&t);
+    for (a, e) in averaged.iter().zip(&expected) {
+        assert!((a - e).abs().max().double_value(&[]) <= 1e-6);
+    }
+    t.ema.as_mut().unwrap().swap(&t.model);
+    for (a, b) in weights(&t).iter().zip(&trained) {
+        assert!(a.equal(b));
     }
 }
