@@ -49,6 +49,12 @@ enum Precision {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Recipe {
+    Official,
+    Aerial,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
 enum DatasetType {
     /// By the --train-data name: .csv/.tsv is CSV, .json a Karpathy JSON, anything else shards.
     Auto,
@@ -290,8 +296,14 @@ pub struct Args {
     ema_decay: Option<f64>,
     /// Label smoothing ε of the contrastive cross-entropy (targets 1−ε on the pair, ε spread over the
     /// batch); the affiliation loss keeps hard targets.
-    #[arg(long, default_value_t = 0.0, value_parser = parse_unit_closed_open)]
-    label_smoothing: f64,
+    #[arg(long, value_parser = parse_unit_closed_open)]
+    label_smoothing: Option<f64>,
+    /// `official` (default): open_clip's recipe with PIR-CLIP's, exactly what the seed's command lines
+    /// run. `aerial`: plus the switches that trained the pir-small model better on RSICD-AID150
+    /// (models/README.md): --aug-rotate-flip --ema-decay 0.999 --label-smoothing 0.1; flags given
+    /// explicitly win.
+    #[arg(long, value_enum, default_value_t = Recipe::Official)]
+    recipe: Recipe,
     /// Samples in order, every epoch.
     #[arg(long)]
     no_shuffle: bool,
@@ -365,7 +377,7 @@ fn augmentation(a: &Args) -> Result<Option<Augmentation>> {
         return Ok(None);
     }
     let mut aug = Augmentation {
-        rotate_flip: a.aug_rotate_flip,
+        rotate_flip: a.aug_rotate_flip || a.recipe == Recipe::Aerial,
         ..Augmentation::default()
     };
     for item in &a.aug_cfg {
@@ -518,6 +530,8 @@ pub fn run(a: Args) -> Result<()> {
     {
         bail!("--dist-backend {b}: pirclip speaks nccl (CUDA) and gloo (CPU)");
     }
+    // Checked before anything is loaded: a typo in a setting fails at once.
+    let augment = augmentation(&a)?;
     let world = pirclip_model::dist::world_info_from_env();
     let is_master = world.rank == 0;
     let device = parse_device(&a.device)?;
@@ -634,7 +648,10 @@ pub fn run(a: Args) -> Result<()> {
         lock_spatial_pae: a.lock_spatial_pae,
         lock_temporal_pae: a.lock_temporal_pae,
         grad_clip_norm: a.grad_clip_norm,
-        label_smoothing: a.label_smoothing,
+        label_smoothing: a.label_smoothing.unwrap_or(match a.recipe {
+            Recipe::Official => 0.0,
+            Recipe::Aerial => 0.1,
+        }),
         precision: match a.precision {
             Precision::Fp32 => TrainPrecision::Fp32,
             Precision::Amp => TrainPrecision::Amp,
@@ -656,7 +673,10 @@ pub fn run(a: Args) -> Result<()> {
         ForeachArg::On => Foreach::On,
         ForeachArg::Off => Foreach::Off,
     };
-    if let Some(decay) = a.ema_decay {
+    let ema_decay = a
+        .ema_decay
+        .or((a.recipe == Recipe::Aerial).then_some(0.999));
+    if let Some(decay) = ema_decay {
         trainer.ema = Some(pirclip_train::ema::Ema::new(&trainer.model, decay));
     }
     let mut pos = Position::default();
@@ -756,7 +776,7 @@ pub fn run(a: Args) -> Result<()> {
             batch_size: a.batch_size,
             seed: a.seed,
             shuffle: !a.no_shuffle,
-            augment: augmentation(&a)?,
+            augment,
             one_caption_per_image: a.one_caption_per_image,
             workers: a.workers,
             context_length: config.text.context_length,
@@ -870,6 +890,32 @@ pub fn run(a: Args) -> Result<()> {
     );
     say(is_master, &header);
     training.log.line(&header);
+    let recipe = format!(
+        "recipe {}: augmentation {}; label smoothing {}; weight average {}",
+        crate::common::flag_name(&a.recipe),
+        match augment {
+            None => "off".to_string(),
+            Some(aug) => format!(
+                "RandomResizedCrop(scale {}–{}, ratio {:.3}–{:.3}){}",
+                aug.scale.0,
+                aug.scale.1,
+                aug.ratio.0,
+                aug.ratio.1,
+                if aug.rotate_flip {
+                    " + 90° rotations and flips"
+                } else {
+                    ""
+                }
+            ),
+        },
+        training.trainer.options.label_smoothing,
+        match &training.trainer.ema {
+            Some(e) => format!("decay {}", e.decay),
+            None => "off".to_string(),
+        }
+    );
+    say(is_master, &recipe);
+    training.log.line(&recipe);
     let mut validate = validation.map(|(set, images)| {
         let (bn_mode, belief_mode) = (pirclip_model::BnMode::Running, options.belief_mode);
         move |model: &ClipModel| -> std::result::Result<Vec<(String, f64)>, String> {

@@ -2439,3 +2439,101 @@ fn paper_modules_init_inspect_encode_and_fine_tune() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("has no hard-filter Spatial-PAE"));
 }
+
+/// `--recipe aerial` turns on the measured switches (explicit flags win), the log says what is in effect,
+/// the .safetensors checkpoint holds the weight average, and malformed or unimplemented `--aug-cfg`
+/// settings are refused by name.
+#[test]
+fn recipe_switches_are_logged_and_the_checkpoint_holds_the_average() {
+    let dir = tmpdir("recipe");
+    let logs = dir.join("logs");
+    let steps = [
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+    ];
+    let run = train_on_mini(
+        &logs,
+        "aerial",
+        &[
+            &steps[..],
+            &["--recipe", "aerial", "--label-smoothing", "0.05"],
+        ]
+        .concat(),
+    );
+    let log = std::fs::read_to_string(run.join("out.log")).unwrap();
+    assert!(
+        log.contains("recipe aerial: augmentation RandomResizedCrop(scale 0.9–1, ratio 0.750–1.333) + 90° rotations and flips; label smoothing 0.05; weight average decay 0.999"),
+        "{log}"
+    );
+    let run = train_on_mini(&logs, "official", &steps);
+    let log = std::fs::read_to_string(run.join("out.log")).unwrap();
+    assert!(
+        log.contains("recipe official: augmentation RandomResizedCrop(scale 0.9–1, ratio 0.750–1.333); label smoothing 0; weight average off"),
+        "{log}"
+    );
+    // One epoch of 60 images in batches of 8 makes 7 steps; run them all so epoch_1 is written.
+    let run = train_on_mini(
+        &logs,
+        "average",
+        &[
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--ema-decay",
+            "0.5",
+        ],
+    );
+    let ck = run.join("checkpoints");
+    let weights = pirclip_checkpoint::load(&ck.join("epoch_1.safetensors")).unwrap();
+    let state = pirclip_checkpoint::load(&ck.join("epoch_1.pt")).unwrap();
+    assert_ne!(
+        weights.state_dict, state.state_dict,
+        "the .safetensors copy is the average, the .pt state_dict the trained weights"
+    );
+    let bytes = std::fs::read(ck.join("epoch_1.pt")).unwrap();
+    let mut archive = pirclip_checkpoint::pt::PtArchive::open(&bytes).unwrap();
+    let obj = std::mem::replace(&mut archive.object, pirclip_checkpoint::pickle::Value::None);
+    let Some(pirclip_checkpoint::pickle::Value::Dict(avg)) = obj.dict_get("state_dict_ema") else {
+        panic!("epoch_1.pt has no state_dict_ema")
+    };
+    for ((name, t), (k, v)) in weights.state_dict.entries.iter().zip(avg) {
+        assert_eq!(Some(name.as_str()), k.as_str());
+        let pirclip_checkpoint::pickle::Value::Tensor(r) = v else {
+            panic!("{name}")
+        };
+        assert_eq!(&archive.tensor(r).unwrap(), t, "{name}");
+    }
+    let config = fx("config.json");
+    for (flag, want) in [
+        (
+            "color_jitter=0.4",
+            "open_clip's color_jitter augmentation is not implemented",
+        ),
+        ("scale=(0.5)", "expected a pair like (0.5,1.0)"),
+        ("scale=(0.5,1.5)", "the crop cannot exceed the image"),
+        ("scale", "expected KEY=VALUE"),
+    ] {
+        let mut args = vec![
+            "train",
+            "--model",
+            config.to_str().unwrap(),
+            "--train-data",
+            "x.json",
+            "--aug-cfg",
+            flag,
+        ];
+        args.extend(["--logs", logs.to_str().unwrap(), "--name", "refused"]);
+        let out = pirclip(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{flag}: {err}");
+    }
+}
