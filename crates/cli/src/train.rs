@@ -291,7 +291,8 @@ pub struct Args {
     one_caption_per_image: bool,
     /// Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as
     /// min(decay, (1+n)/(10+n)) at update n). The .safetensors copy of each checkpoint and the validation
-    /// use the average; epoch_N.pt holds both (`state_dict`, `state_dict_ema`) and resumes both.
+    /// use the average; epoch_N.pt holds both (`state_dict`, `state_dict_ema`) and resumes both. Costs
+    /// one more copy of the weights in memory, on rank 0 only.
     #[arg(long, value_parser = parse_unit_open)]
     ema_decay: Option<f64>,
     /// Label smoothing ε of the contrastive cross-entropy (targets 1−ε on the pair, ε spread over the
@@ -676,7 +677,8 @@ pub fn run(a: Args) -> Result<()> {
     let ema_decay = a
         .ema_decay
         .or((a.recipe == Recipe::Aerial).then_some(0.999));
-    if let Some(decay) = ema_decay {
+    // Only rank 0 saves and validates, so only rank 0 keeps the average (a copy of the weights).
+    if let (Some(decay), true) = (ema_decay, is_master) {
         trainer.ema = Some(pirclip_train::ema::Ema::new(&trainer.model, decay));
     }
     let mut pos = Position::default();
