@@ -47,8 +47,8 @@ impl Ema {
             for (e, (name, s)) in entries.iter().zip(&mut self.shadow) {
                 debug_assert_eq!(&e.name, name);
                 if e.tensor.is_floating_point() {
-                    let _ = s.g_mul_scalar_(d);
-                    let _ = s.g_add_(&(e.tensor.detach() * (1.0 - d)));
+                    // d·s + (1−d)·w in one kernel, without a temporary the size of the tensor.
+                    let _ = s.lerp_(&e.tensor.detach(), 1.0 - d);
                 } else {
                     s.copy_(&e.tensor);
                 }
