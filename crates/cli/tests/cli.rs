@@ -2471,12 +2471,31 @@ fn recipe_switches_are_logged_and_the_checkpoint_holds_the_average() {
         log.contains("recipe aerial: augmentation RandomResizedCrop(scale 0.9–1, ratio 0.750–1.333) + 90° rotations and flips; label smoothing 0.05; weight average decay 0.999"),
         "{log}"
     );
-    let run = train_on_mini(&logs, "official", &steps);
+    let trace = dir.join("trace.json");
+    let run = train_on_mini(
+        &logs,
+        "official",
+        &[&steps[..], &["--profile", trace.to_str().unwrap()]].concat(),
+    );
     let log = std::fs::read_to_string(run.join("out.log")).unwrap();
     assert!(
         log.contains("recipe official: augmentation RandomResizedCrop(scale 0.9–1, ratio 0.750–1.333); label smoothing 0; weight average off"),
         "{log}"
     );
+    // --profile: a torch.profiler Chrome trace of step 2 (the first is left out), with the step's ops.
+    assert!(log.contains("profile of the steps after the first"), "{log}");
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let ops: Vec<&str> = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["cat"] == "cpu_op")
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for op in ["aten::addmm", "aten::convolution_backward", "aten::addcdiv_"] {
+        assert!(ops.contains(&op), "{op} missing from the profile");
+    }
     // One epoch of 60 images in batches of 8 makes 7 steps; run them all so epoch_1 is written.
     let run = train_on_mini(
         &logs,

@@ -7,6 +7,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -112,6 +113,30 @@ int pirclip_adamw_foreach(at::Tensor *const *params, at::Tensor *const *grads,
   }
 }
 
+// The same update as torch.optim.AdamW(foreach=False) (`_single_tensor_adamw`, PyTorch's default on CPU):
+// tensor by tensor, in place, so the only temporaries are one tensor's sqrt and quotient. tch binds
+// addcmul_/addcdiv_ without their `value`, which is why this lives here.
+int pirclip_adamw_single(at::Tensor *const *params, at::Tensor *const *grads,
+                         at::Tensor *const *exp_avgs, at::Tensor *const *exp_avg_sqs, int n,
+                         double lr, double beta1, double beta2, double weight_decay, double eps,
+                         double bias_correction1, double bias_correction2, char **err) {
+  try {
+    double step_size = lr / bias_correction1, bc2_sqrt = std::sqrt(bias_correction2);
+    for (int i = 0; i < n; i++) {
+      at::Tensor &p = *params[i], &g = *grads[i], &m = *exp_avgs[i], &v = *exp_avg_sqs[i];
+      if (weight_decay != 0) p.mul_(1 - lr * weight_decay);
+      m.lerp_(g, 1 - beta1);
+      v.mul_(beta2).addcmul_(g, g, 1 - beta2);
+      at::Tensor denom = (v.sqrt() / bc2_sqrt).add_(eps);
+      p.addcdiv_(m, denom, -step_size);
+    }
+    return 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return -1;
+  }
+}
+
 // L2 norm of each of n tensors (`torch._foreach_norm`), stacked into one 1-D tensor on their device.
 at::Tensor *pirclip_norms_foreach(at::Tensor *const *ts, int n, char **err) {
   try {
@@ -132,6 +157,33 @@ int pirclip_unscale_foreach(at::Tensor *const *grads, int n, double inv_scale, c
     auto found_inf = at::zeros({1}, opts);
     at::_amp_foreach_non_finite_check_and_unscale_(g, found_inf, at::full({1}, inv_scale, opts));
     return found_inf.item<float>() == 0 ? 1 : 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return -1;
+  }
+}
+
+// PyTorch's own operator profiler (what `torch.profiler.profile(activities=[CPU])` runs), so a pirclip
+// step and a PyTorch step can be compared op by op from the same kind of Chrome trace.
+int pirclip_profiler_start(char **err) {
+  try {
+    using namespace torch::profiler::impl;
+    ProfilerConfig config(ProfilerState::KINETO, /*report_input_shapes=*/true);
+    std::set<ActivityType> activities{ActivityType::CPU};
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return -1;
+  }
+}
+
+// Stops the profiler started by pirclip_profiler_start and writes its Chrome trace to `path`.
+int pirclip_profiler_stop(const char *path, char **err) {
+  try {
+    torch::autograd::profiler::disableProfiler()->save(path);
+    return 0;
   } catch (const std::exception &e) {
     *err = message(e);
     return -1;

@@ -8,6 +8,8 @@ use tch::{Device, Kind, Tensor};
 
 extern "C" {
     fn pirclip_free_message(m: *mut c_char);
+    fn pirclip_profiler_start(err: *mut *mut c_char) -> c_int;
+    fn pirclip_profiler_stop(path: *const c_char, err: *mut *mut c_char) -> c_int;
     fn pirclip_autocast_set(device: c_int, enabled: c_int, dtype: c_int) -> c_int;
     fn pirclip_set_cudnn_tf32(allow: c_int);
     fn pirclip_autocast_enter();
@@ -25,6 +27,21 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn pirclip_adamw_foreach(
+        params: *const *const c_void,
+        grads: *const *const c_void,
+        exp_avgs: *const *const c_void,
+        exp_avg_sqs: *const *const c_void,
+        n: c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        bias_correction1: f64,
+        bias_correction2: f64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn pirclip_adamw_single(
         params: *const *const c_void,
         grads: *const *const c_void,
         exp_avgs: *const *const c_void,
@@ -153,6 +170,52 @@ impl Drop for QuantizedLinear {
     }
 }
 
+/// Makes glibc's malloc keep memory that libtorch frees for the next allocation instead of handing it
+/// back to the kernel: no `mmap` for large blocks (`M_MMAP_MAX` 0) and no trimming of the heap's top
+/// below 2 GiB free (`M_TRIM_THRESHOLD`). libtorch's CPU allocator has no cache of its own, so by default
+/// every activation above 32 MiB is a fresh mapping whose pages fault in (kernel-zeroed) on first write,
+/// once per step: full-size PIR at batch 16 on 2 threads spent about a third of its step time there
+/// (bench/train_step.sh; the note in README "Training speed"). A training step allocates the same sizes
+/// every time, so the heap stops growing after the first steps. Returns whether glibc accepted both
+/// settings (false on other C libraries, which are left as they are).
+pub fn retain_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's parameters; it is thread-safe in glibc.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
+
+/// PyTorch's operator profiler (`torch.profiler`, CPU activity, input shapes recorded) over this process:
+/// `Profiler::start()` begins recording, `stop(path)` writes a Chrome trace of the same format as
+/// `torch.profiler.profile(...).export_chrome_trace`, so traces of pirclip and PyTorch compare op by op.
+pub struct Profiler(());
+
+impl Profiler {
+    pub fn start() -> Result<Profiler, String> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: no pointers cross but the error message, which is freed by take_message.
+        if unsafe { pirclip_profiler_start(&mut err) } != 0 {
+            return Err(format!("profiler: {}", take_message(err)));
+        }
+        Ok(Profiler(()))
+    }
+
+    pub fn stop(self, path: &std::path::Path) -> Result<(), String> {
+        let c_path = std::ffi::CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| format!("profiler: path {} holds a NUL byte", path.display()))?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `c_path` outlives the call; the shim copies it into a std::string.
+        if unsafe { pirclip_profiler_stop(c_path.as_ptr(), &mut err) } != 0 {
+            return Err(format!("profiler: {}: {}", path.display(), take_message(err)));
+        }
+        Ok(())
+    }
+}
+
 /// Multi-tensor kernels over lists of same-device float tensors: one launch per operation for all of
 /// them, which is what keeps an optimizer step of ~500 tensors cheap on a GPU.
 pub mod foreach {
@@ -182,9 +245,50 @@ pub mod foreach {
         exp_avg_sqs: &[&Tensor],
         s: AdamWStep,
     ) -> Result<(), String> {
+        adamw_with(pirclip_adamw_foreach, params, grads, exp_avgs, exp_avg_sqs, s)
+            .map_err(|e| format!("adamw foreach: {e}"))
+    }
+
+    /// torch.optim.AdamW(foreach=False)'s update (`_single_tensor_adamw`, PyTorch's default on CPU):
+    /// tensor by tensor with in-place addcmul_/addcdiv_, so at most one tensor's temporaries are alive.
+    pub fn adamw_single_tensor(
+        params: &[&Tensor],
+        grads: &[&Tensor],
+        exp_avgs: &[&Tensor],
+        exp_avg_sqs: &[&Tensor],
+        s: AdamWStep,
+    ) -> Result<(), String> {
+        adamw_with(pirclip_adamw_single, params, grads, exp_avgs, exp_avg_sqs, s)
+            .map_err(|e| format!("adamw: {e}"))
+    }
+
+    type AdamWKernel = unsafe extern "C" fn(
+        *const *const c_void,
+        *const *const c_void,
+        *const *const c_void,
+        *const *const c_void,
+        c_int,
+        f64,
+        f64,
+        f64,
+        f64,
+        f64,
+        f64,
+        f64,
+        *mut *mut c_char,
+    ) -> c_int;
+
+    fn adamw_with(
+        kernel: AdamWKernel,
+        params: &[&Tensor],
+        grads: &[&Tensor],
+        exp_avgs: &[&Tensor],
+        exp_avg_sqs: &[&Tensor],
+        s: AdamWStep,
+    ) -> Result<(), String> {
         let n = params.len();
         if grads.len() != n || exp_avgs.len() != n || exp_avg_sqs.len() != n {
-            return Err("adamw foreach: lists of different lengths".into());
+            return Err("lists of different lengths".into());
         }
         if n == 0 {
             return Ok(());
@@ -193,7 +297,7 @@ pub mod foreach {
         let mut err = std::ptr::null_mut();
         // SAFETY: arrays of n live `at::Tensor*` borrowed for the call; the shim keeps no pointer.
         let rc = unsafe {
-            pirclip_adamw_foreach(
+            kernel(
                 p.as_ptr(),
                 g.as_ptr(),
                 m.as_ptr(),
@@ -210,7 +314,7 @@ pub mod foreach {
             )
         };
         if rc != 0 {
-            return Err(format!("adamw foreach: {}", take_message(err)));
+            return Err(take_message(err));
         }
         Ok(())
     }

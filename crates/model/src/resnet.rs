@@ -78,6 +78,14 @@ fn channels_last(x: &Tensor) -> Tensor {
     x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
+/// `nn.ReLU(inplace=True)` and the residual `out += identity`, as open_clip's ModifiedResNet: BatchNorm's
+/// and the sum's outputs are not needed by their backward, and writing in place spares a fresh
+/// activation-sized buffer per call, whose page faults cost more than the arithmetic on the CPU.
+fn relu_in_place(mut x: Tensor) -> Tensor {
+    let _ = x.relu_();
+    x
+}
+
 /// `nn.AvgPool2d(k)`: kernel = stride = k, no padding.
 fn avg_pool(x: &Tensor, k: i64) -> Tensor {
     x.avg_pool2d([k, k], [k, k], [0, 0], false, true, None::<i64>)
@@ -127,12 +135,12 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor, bn: BnMode) -> Tensor {
-        let o = self.conv1.forward(x, bn).relu();
-        let mut o = self.conv2.forward(&o, bn).relu();
+        let o = relu_in_place(self.conv1.forward(x, bn));
+        let mut o = relu_in_place(self.conv2.forward(&o, bn));
         if self.stride > 1 {
             o = avg_pool(&o, self.stride);
         }
-        let o = self.conv3.forward(&o, bn);
+        let mut o = self.conv3.forward(&o, bn);
         let identity = match &self.downsample {
             None => x.shallow_clone(),
             Some(d) => {
@@ -144,7 +152,8 @@ impl Bottleneck {
                 d.forward(&pooled, bn)
             }
         };
-        (o + identity).relu()
+        let _ = o.g_add_(&identity);
+        relu_in_place(o)
     }
 }
 
@@ -282,7 +291,7 @@ impl ModifiedResNet {
         };
         let mut x = x;
         for c in &self.stem {
-            x = c.forward(&x, bn).relu();
+            x = relu_in_place(c.forward(&x, bn));
         }
         let mut x = avg_pool(&x, 2);
         for stage in &self.layers {

@@ -115,61 +115,43 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`: PyTorch's `_multi_tensor_adamw` or `_single_tensor_adamw`
-    /// (see [`Foreach`]).
+    /// (see [`Foreach`]). Both run in libtorch with PyTorch's in-place kernels (addcmul_, addcdiv_), so
+    /// the arithmetic is PyTorch's to the bit and the per-tensor path allocates only one tensor's
+    /// temporaries at a time.
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
         self.step += 1;
         let c = self.config;
         let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
-        if self.uses_foreach() {
-            // Per parameter group, as PyTorch groups tensors by device, dtype and group.
-            for decay in [false, true] {
-                let group: Vec<(&ParamState, Tensor)> = self
-                    .params
-                    .iter()
-                    .filter(|p| p.decay == decay)
-                    .map(|p| (p, p.param.grad()))
-                    .filter(|(_, g)| g.defined())
-                    .collect();
-                let params: Vec<&Tensor> = group.iter().map(|(p, _)| &p.param).collect();
-                let grads: Vec<&Tensor> = group.iter().map(|(_, g)| g).collect();
-                let exp_avgs: Vec<&Tensor> = group.iter().map(|(p, _)| &p.exp_avg).collect();
-                let exp_avg_sqs: Vec<&Tensor> = group.iter().map(|(p, _)| &p.exp_avg_sq).collect();
-                let step = foreach::AdamWStep {
-                    lr,
-                    beta1: c.beta1,
-                    beta2: c.beta2,
-                    weight_decay: if decay { c.weight_decay } else { 0.0 },
-                    eps: c.eps,
-                    bias_correction1,
-                    bias_correction2,
-                };
-                foreach::adamw(&params, &grads, &exp_avgs, &exp_avg_sqs, step)
-                    .unwrap_or_else(|e| panic!("{e}"));
-            }
-            return;
-        }
-        let step_size = lr / bias_correction1;
-        let bc2_sqrt = bias_correction2.sqrt();
-        for p in &mut self.params {
-            let grad = p.param.grad();
-            if !grad.defined() {
-                continue;
-            }
-            let wd = if p.decay { c.weight_decay } else { 0.0 };
-            let mut param = p.param.shallow_clone();
-            if wd != 0.0 {
-                let _ = param.g_mul_scalar_(1.0 - lr * wd);
-            }
-            let _ = p.exp_avg.lerp_(&grad, 1.0 - c.beta1);
-            // Same arithmetic order as PyTorch's addcmul/addcdiv kernels: (value·t1)·t2 and (value·t1)/t2.
-            let _ = p
-                .exp_avg_sq
-                .g_mul_scalar_(c.beta2)
-                .g_add_(&((&grad * (1.0 - c.beta2)) * &grad));
-            let denom = (p.exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
-            let _ = param.g_add_(&((&p.exp_avg * -step_size) / denom));
+        let kernel = if self.uses_foreach() {
+            foreach::adamw
+        } else {
+            foreach::adamw_single_tensor
+        };
+        // Per parameter group, as PyTorch groups tensors by device, dtype and group.
+        for decay in [false, true] {
+            let group: Vec<(&ParamState, Tensor)> = self
+                .params
+                .iter()
+                .filter(|p| p.decay == decay)
+                .map(|p| (p, p.param.grad()))
+                .filter(|(_, g)| g.defined())
+                .collect();
+            let params: Vec<&Tensor> = group.iter().map(|(p, _)| &p.param).collect();
+            let grads: Vec<&Tensor> = group.iter().map(|(_, g)| g).collect();
+            let exp_avgs: Vec<&Tensor> = group.iter().map(|(p, _)| &p.exp_avg).collect();
+            let exp_avg_sqs: Vec<&Tensor> = group.iter().map(|(p, _)| &p.exp_avg_sq).collect();
+            let step = foreach::AdamWStep {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                weight_decay: if decay { c.weight_decay } else { 0.0 },
+                eps: c.eps,
+                bias_correction1,
+                bias_correction2,
+            };
+            kernel(&params, &grads, &exp_avgs, &exp_avg_sqs, step).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }

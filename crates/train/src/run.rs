@@ -45,6 +45,8 @@ pub struct RunSettings {
     pub schedule: ScheduleKind,
     /// Stop after this many optimizer steps in total (a checkpoint is written; resume continues exactly).
     pub max_steps: Option<i64>,
+    /// Write a PyTorch profiler Chrome trace of every step after the run's first to this file.
+    pub profile: Option<PathBuf>,
     pub log_every_n_steps: usize,
     /// Save every N epochs (and always at the end).
     pub save_frequency: usize,
@@ -217,6 +219,8 @@ impl TrainingRun {
         let mut lr = self.settings.lr;
         let mut skipped_total = 0usize;
         let mut step = pos.step;
+        // The first step is left out of the profile: it warms allocators and autograd's graph caches.
+        let mut profiler = None;
         'epochs: for epoch in pos.epoch..self.settings.epochs {
             let start = if epoch == pos.epoch {
                 pos.batch_in_epoch
@@ -266,6 +270,9 @@ impl TrainingRun {
                     })
                     .collect();
                 let batch_index = batches.last().map_or(0, |b| b.index);
+                if step == pos.step + 1 && self.settings.profile.is_some() {
+                    profiler = Some(pirclip_model::native::Profiler::start()?);
+                }
                 lr = learning_rate(
                     schedule,
                     self.settings.lr,
@@ -282,6 +289,9 @@ impl TrainingRun {
                 };
                 step += 1;
                 let batch_time = t_batch.elapsed().as_secs_f64() + data_time;
+                if step == stop_at {
+                    self.write_profile(profiler.take())?;
+                }
                 let sps = n as f64 / batch_time;
                 observer.stepped(step, &s, sps);
                 let done_in_epoch = (batch_index + 1) / accum;
@@ -339,6 +349,7 @@ impl TrainingRun {
                 break;
             }
         }
+        self.write_profile(profiler.take())?;
         if let Some(d) = &self.trainer.dist {
             // Rank 0 writes the last checkpoint before any rank reports success.
             d.group.barrier()?;
@@ -387,6 +398,19 @@ impl TrainingRun {
             s.affiliation.map(|x| format!(" Affiliation_loss: {x:.5}")).unwrap_or_default(),
             s.total
         ));
+        Ok(())
+    }
+
+    fn write_profile(
+        &mut self,
+        profiler: Option<pirclip_model::native::Profiler>,
+    ) -> Result<(), String> {
+        let (Some(p), Some(path)) = (profiler, self.settings.profile.as_ref()) else {
+            return Ok(());
+        };
+        p.stop(path)?;
+        self.log
+            .line(&format!("profile of the steps after the first: {}", path.display()));
         Ok(())
     }
 
