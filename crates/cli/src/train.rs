@@ -515,6 +515,7 @@ fn join_group(
         group,
         local_loss: a.local_loss,
         gather_with_grad: a.gather_with_grad,
+        reducer: None,
     }))
 }
 
@@ -703,10 +704,7 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     if let Some(d) = dist {
-        // DDP's start: every rank holds rank 0's weights and buffers.
-        d.broadcast_model(&trainer.model)
-            .map_err(anyhow::Error::msg)?;
-        trainer.dist = Some(d);
+        trainer.join(d).map_err(anyhow::Error::msg)?;
     }
 
     let validation = match (&a.val_data, &a.val_images_dir) {

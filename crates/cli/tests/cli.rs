@@ -1801,6 +1801,8 @@ fn torchrun_launches_two_cpu_ranks() {
             "1",
             "--log-every-n-steps",
             "1",
+            "--profile",
+            dir.join("trace.json").to_str().unwrap(),
         ],
     ));
     let out = Command::new(&torchrun).args(&args).output().unwrap();
@@ -1812,6 +1814,51 @@ fn torchrun_launches_two_cpu_ranks() {
         "{log}"
     );
     assert!(logs.join("mini/checkpoints/epoch_latest.pt").is_file());
+    assert_all_reduce_overlaps_backward(&dir.join("trace.json"));
+}
+
+/// In rank 0's profile of steps 2..5, some bucket's all-reduce (`c10d::allreduce_`, launched by DDP's
+/// reducer) starts while that step's backward still has functions to run, i.e. before the optimizer
+/// step that follows it: the reduction overlaps backward instead of following it.
+fn assert_all_reduce_overlaps_backward(trace: &Path) {
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trace).unwrap()).unwrap();
+    let events: Vec<(&str, f64, i64)> = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .filter_map(|e| Some((e["name"].as_str()?, e["ts"].as_f64()?, e["tid"].as_i64()?)))
+        .collect();
+    let mut per_thread = std::collections::HashMap::new();
+    for (_, _, tid) in &events {
+        *per_thread.entry(*tid).or_insert(0) += 1;
+    }
+    let main = *per_thread.iter().max_by_key(|(_, n)| **n).unwrap().0;
+    let starts = |name: &str| -> Vec<f64> {
+        events
+            .iter()
+            .filter(|(n, _, tid)| n.starts_with(name) && *tid == main)
+            .map(|(_, ts, _)| *ts)
+            .collect()
+    };
+    let (reduces, optimizer, backward) = (
+        starts("c10d::allreduce_"),
+        starts("aten::addcdiv_"),
+        starts("autograd::engine::evaluate_function"),
+    );
+    assert!(!reduces.is_empty(), "no bucket all-reduce in the profile");
+    let still_to_run: Vec<usize> = reduces
+        .iter()
+        .map(|&r| {
+            let next_step = optimizer.iter().copied().filter(|&o| o > r).fold(f64::INFINITY, f64::min);
+            backward.iter().filter(|&&b| b > r && b < next_step).count()
+        })
+        .collect();
+    assert!(
+        still_to_run.iter().any(|&n| n > 0),
+        "every bucket all-reduce started after backward had finished: {still_to_run:?}"
+    );
 }
 
 /// A rank that dies makes the others stop with an error naming the collective, well within

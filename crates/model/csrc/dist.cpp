@@ -7,8 +7,10 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +23,9 @@ char *message(const std::exception &e) { return strdup(e.what()); }
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  // The gloo backend behind a c10d::ProcessGroup, as torch.distributed builds it: the Reducer speaks to
+  // that front end. Made on first use.
+  c10::intrusive_ptr<c10d::ProcessGroup> front;
 };
 
 void all_reduce(Group *g, at::Tensor &t) {
@@ -146,6 +151,70 @@ int pirclip_dist_barrier(void *group, char **err) {
   } catch (const std::exception &e) {
     *err = message(e);
     return 1;
+  }
+}
+
+// DDP's gradient reducer (c10d::Reducer, what torch.nn.parallel.DistributedDataParallel runs): autograd
+// hooks on the n parameters' gradient accumulators copy each gradient into its bucket as soon as it is
+// ready, and a full bucket's all-reduce starts while backward goes on; at the end of backward the engine
+// waits for them and the gradients are the average over ranks. Buckets as DDP's: parameters in reverse
+// order (roughly the order backward produces them), the first bucket_bytes_first, the rest
+// bucket_bytes. Gradients are views into the buckets (DDP's gradient_as_bucket_view), so the buckets cost
+// no memory beyond the gradients. `find_unused`: parameters the backward does not reach count as zero
+// (DDP's find_unused_parameters), found by walking the graph from the outputs given to prepare.
+void *pirclip_dist_reducer_new(void *group, at::Tensor *const *params, int n,
+                               long long bucket_bytes, long long bucket_bytes_first,
+                               int find_unused, char **err) {
+  try {
+    auto *g = static_cast<Group *>(group);
+    if (!g->front) {
+      auto front = c10::make_intrusive<c10d::ProcessGroup>(g->store, g->pg->getRank(),
+                                                           g->pg->getSize());
+      front->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, g->pg);
+      front->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+      g->front = front;
+    }
+    std::vector<at::Tensor> ps;
+    for (int i = 0; i < n; i++) ps.push_back(*params[i]);
+    auto [buckets, limits] = c10d::compute_bucket_assignment_by_size(
+        ps, {static_cast<size_t>(bucket_bytes_first), static_cast<size_t>(bucket_bytes)});
+    std::reverse(buckets.begin(), buckets.end());
+    return new c10d::Reducer(ps, buckets, g->front, std::vector<bool>(n, false), bucket_bytes,
+                             find_unused != 0, /*gradient_as_bucket_view=*/true, {},
+                             bucket_bytes_first, /*skip_all_reduce_unused_params=*/false,
+                             /*use_python_reducer=*/false, {});
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return nullptr;
+  }
+}
+
+// Arms the reducer for the next backward (DDP calls this after a forward whose gradients are to be
+// synchronised). `outputs`: what backward will start from (used with find_unused). Every rank calls
+// it at the same point of a step: the one-time bucket rebuild is a collective.
+int pirclip_dist_reducer_prepare(void *reducer, at::Tensor *const *outputs, int n, char **err) {
+  try {
+    auto *r = static_cast<c10d::Reducer *>(reducer);
+    std::vector<at::Tensor> outs;
+    for (int i = 0; i < n; i++) outs.push_back(*outputs[i]);
+    // After the first reduced backward, the buckets are rebuilt once in the order gradients actually
+    // arrived (rank 0's order, broadcast), as DDP does before its second forward: parameter order alone
+    // does not tell which gradients backward produces first.
+    r->rebuild_buckets();
+    r->prepare_for_forward();
+    r->prepare_for_backward(outs);
+    return 0;
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return 1;
+  }
+}
+
+void pirclip_dist_reducer_free(void *reducer) {
+  try {
+    delete static_cast<c10d::Reducer *>(reducer);
+  } catch (...) {
+    // The destructor may throw (noexcept(false)) when a backward was left unfinished; nothing to do.
   }
 }
 

@@ -91,6 +91,22 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     fn pirclip_dist_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
+    fn pirclip_dist_reducer_new(
+        group: *mut c_void,
+        params: *const *const c_void,
+        n: c_int,
+        bucket_bytes: i64,
+        bucket_bytes_first: i64,
+        find_unused: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn pirclip_dist_reducer_prepare(
+        reducer: *mut c_void,
+        outputs: *const *const c_void,
+        n: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn pirclip_dist_reducer_free(reducer: *mut c_void);
     fn pirclip_dist_sum_over_ranks(
         group: *mut c_void,
         input: *const c_void,
@@ -289,6 +305,97 @@ impl ProcessGroup {
         }
         #[cfg(not(pirclip_dist))]
         unreachable!("no group exists without distributed support")
+    }
+}
+
+/// DDP's gradient averaging overlapped with backward: c10d's own `Reducer` (what
+/// `DistributedDataParallel` runs) with hooks on the parameters' gradient accumulators. After
+/// [`GradientReducer::prepare`], the next backward all-reduces each bucket of gradients as soon as all of
+/// its gradients exist, while the rest of backward runs, and leaves the average over ranks in `.grad`
+/// when it returns. A backward not prepared for (the first micro-batches of an accumulated step) only
+/// accumulates locally, like DDP's `no_sync`.
+pub struct GradientReducer {
+    #[cfg_attr(not(pirclip_dist), allow(dead_code))]
+    reducer: *mut c_void,
+}
+
+impl GradientReducer {
+    /// DDP's default bucket size (`bucket_cap_mb` 25) and its small first bucket (1 MiB).
+    pub const BUCKET_BYTES: i64 = 25 << 20;
+    pub const FIRST_BUCKET_BYTES: i64 = 1 << 20;
+
+    /// Hooks `params` (trainable leaves, in registration order). With `find_unused`, parameters that a
+    /// backward does not reach count as zero gradients instead of stalling the reduction.
+    pub fn new(
+        group: &ProcessGroup,
+        params: &[&Tensor],
+        find_unused: bool,
+    ) -> Result<Self, String> {
+        #[cfg(pirclip_dist)]
+        {
+            let ptrs: Vec<*const c_void> =
+                params.iter().map(|t| t.as_ptr() as *const c_void).collect();
+            let mut err = std::ptr::null_mut();
+            // SAFETY: live tensors borrowed for the call (the reducer keeps its own references).
+            let reducer = unsafe {
+                pirclip_dist_reducer_new(
+                    group.group,
+                    ptrs.as_ptr(),
+                    ptrs.len() as c_int,
+                    Self::BUCKET_BYTES,
+                    Self::FIRST_BUCKET_BYTES,
+                    find_unused as c_int,
+                    &mut err,
+                )
+            };
+            if reducer.is_null() {
+                return Err(format!("gradient reducer: {}", take_message(err)));
+            }
+            Ok(GradientReducer { reducer })
+        }
+        #[cfg(not(pirclip_dist))]
+        {
+            let _ = (group, params, find_unused);
+            unreachable!("no group exists without distributed support")
+        }
+    }
+
+    /// Arms the reducer for the next backward, which starts from `outputs`.
+    pub fn prepare(&self, outputs: &[&Tensor]) -> Result<(), String> {
+        #[cfg(pirclip_dist)]
+        {
+            let ptrs: Vec<*const c_void> =
+                outputs.iter().map(|t| t.as_ptr() as *const c_void).collect();
+            let mut err = std::ptr::null_mut();
+            // SAFETY: the reducer is live; the tensors are borrowed for the call.
+            let rc = unsafe {
+                pirclip_dist_reducer_prepare(
+                    self.reducer,
+                    ptrs.as_ptr(),
+                    ptrs.len() as c_int,
+                    &mut err,
+                )
+            };
+            if rc != 0 {
+                return Err(format!("gradient reducer: {}", take_message(err)));
+            }
+            Ok(())
+        }
+        #[cfg(not(pirclip_dist))]
+        {
+            let _ = outputs;
+            unreachable!("no group exists without distributed support")
+        }
+    }
+}
+
+impl Drop for GradientReducer {
+    fn drop(&mut self) {
+        #[cfg(pirclip_dist)]
+        // SAFETY: created by pirclip_dist_reducer_new, freed once.
+        unsafe {
+            pirclip_dist_reducer_free(self.reducer)
+        };
     }
 }
 

@@ -9,12 +9,15 @@
 //!    Without `--gather-with-grad` the slice is this rank's own loss gradient, as open_clip's plain
 //!    `all_gather` with the local slice put back. With it, the slice is the sum over ranks of every
 //!    rank's loss gradient, which is what the autograd all-gather's backward computes;
-//! 4. parameter gradients are averaged over ranks (DDP's all-reduce), in flat buckets.
+//! 4. parameter gradients are averaged over ranks by c10d's `Reducer`, DDP's own: bucket by bucket while
+//!    backward is still running through the towers (only the last backward of an accumulated step
+//!    reduces, as DDP's `no_sync`). The logit scale's gradient, which comes from the loss's backward
+//!    alone, is averaged after it.
 //!
 //! Splitting backward at the gathered features gives the same gradients as an autograd-aware collective,
 //! with only the plain collectives of the process group.
 
-use pirclip_model::dist::ProcessGroup;
+use pirclip_model::dist::{GradientReducer, ProcessGroup};
 use pirclip_model::ClipModel;
 use tch::Tensor;
 
@@ -26,10 +29,20 @@ pub struct Distributed {
     pub local_loss: bool,
     /// open_clip `--gather-with-grad`.
     pub gather_with_grad: bool,
+    /// The towers' parameters' reducer (`Trainer::join`); without it gradients are averaged after
+    /// backward in flat buckets.
+    pub reducer: Option<TowerReducer>,
 }
 
-/// Gradient bytes per all-reduce (PyTorch DDP's default bucket is 25 MB).
-const BUCKET_BYTES: i64 = 25 << 20;
+/// A reducer over the parameters that the towers' backward reaches, and the rest (the logit scale).
+pub struct TowerReducer {
+    reducer: GradientReducer,
+    /// Parameters outside the reducer: their gradients are averaged after backward.
+    others: Vec<Tensor>,
+}
+
+/// Gradient bytes per all-reduce after backward: DDP's bucket.
+const BUCKET_BYTES: i64 = GradientReducer::BUCKET_BYTES;
 
 impl Distributed {
     pub fn rank(&self) -> usize {
@@ -38,6 +51,47 @@ impl Distributed {
 
     pub fn world(&self) -> usize {
         self.group.world_size
+    }
+
+    /// Hooks DDP's reducer on the parameters the towers' backward reached in the first step (those with
+    /// a gradient), all but `logit_scale`. Like DDP, which runs its first step with one bucket and then
+    /// rebuilds its buckets from the order gradients arrived in, the first step is averaged after
+    /// backward; afterwards every bucket goes as soon as it is full. Fixing the set from a real step keeps
+    /// the reducer's strict accounting (every hooked parameter gets a gradient in every reduced
+    /// backward) without DDP's per-step graph walk for unused parameters: a parameter that a
+    /// configuration leaves idle simply stays outside.
+    pub fn attach_reducer(&mut self, params: &[ParamState], logit_scale: &Tensor) -> Result<(), String> {
+        let (towers, others): (Vec<&ParamState>, Vec<&ParamState>) = params.iter().partition(|p| {
+            p.param.data_ptr() != logit_scale.data_ptr() && p.param.grad().defined()
+        });
+        let towers: Vec<&Tensor> = towers.iter().map(|p| &p.param).collect();
+        self.reducer = Some(TowerReducer {
+            reducer: GradientReducer::new(&self.group, &towers, false)?,
+            others: others.iter().map(|p| p.param.shallow_clone()).collect(),
+        });
+        Ok(())
+    }
+
+    /// Arms the reducer (if any) for the next backward, which starts from `output`.
+    pub fn prepare_reduction(&self, output: &Tensor) -> Result<(), String> {
+        match &self.reducer {
+            Some(r) => r.reducer.prepare(&[output]),
+            None => Ok(()),
+        }
+    }
+
+    /// After the step's last backward: the average over ranks of every gradient the reducer did not
+    /// already average (all of them without a reducer).
+    pub fn finish_reduction(&self, params: &[ParamState]) -> Result<(), String> {
+        match &self.reducer {
+            Some(r) => self.average_gradients_of(&r.others),
+            None => self.average_gradients_of(
+                &params
+                    .iter()
+                    .map(|p| p.param.shallow_clone())
+                    .collect::<Vec<_>>(),
+            ),
+        }
     }
 
     /// The same weights and buffers on every rank: rank 0's (DDP does this when it wraps the model).
@@ -71,12 +125,12 @@ impl Distributed {
         Ok(grad.narrow(0, (self.rank() * local_batch) as i64, local_batch as i64))
     }
 
-    /// DDP's gradient averaging: sum over ranks in flat buckets, divided by the world size.
-    pub fn average_gradients(&self, params: &[ParamState]) -> Result<(), String> {
+    /// Gradient averaging after backward: sum over ranks in flat buckets, divided by the world size.
+    fn average_gradients_of(&self, params: &[Tensor]) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
         let grads: Vec<Tensor> = params
             .iter()
-            .map(|p| p.param.grad())
+            .map(|p| p.grad())
             .filter(|g| g.defined())
             .collect();
         let world = self.world() as f64;

@@ -129,6 +129,15 @@ impl Trainer {
         }
     }
 
+    /// Starts data-parallel training over `d`'s ranks as DDP does when it wraps a model: every rank takes
+    /// rank 0's weights and buffers. From the second step on, gradients are averaged while backward runs
+    /// (see `Distributed::attach_reducer`).
+    pub fn join(&mut self, d: distributed::Distributed) -> Result<(), String> {
+        d.broadcast_model(&self.model)?;
+        self.dist = Some(d);
+        Ok(())
+    }
+
     pub fn trainable_parameter_count(&self) -> usize {
         self.optimizer.params.iter().map(|p| p.param.numel()).sum()
     }
@@ -333,25 +342,34 @@ impl Trainer {
                 + (ci * d.own_gradient(gci, local_batch)?).sum(Kind::Float)
                 + (ct * d.own_gradient(gct, local_batch)?).sum(Kind::Float);
         }
-        surrogate.backward();
+        // A collective that fails inside backward (the reducer's, SyncBatchNorm's) surfaces as its error.
+        let backward = |t: &Tensor| t.f_backward().map_err(|e| format!("backward: {e}"));
+        if !accumulated {
+            d.prepare_reduction(&surrogate)?;
+        }
+        backward(&surrogate)?;
         if accumulated {
             // The feature leaves now hold dLoss/dfeatures of this rank's share; send each micro-batch's
-            // slice back through its towers.
+            // slice back through its towers. Only the last backward reduces over ranks.
             let (image_grad, text_grad) = (features.0.grad(), features.1.grad());
             let mut at = 0;
-            for (images, ids) in micro {
+            for (k, (images, ids)) in micro.iter().enumerate() {
                 let n = images.size()[0];
                 let (fi, ft) = self.autocast(|| self.encode_normalized(images, ids));
-                ((&fi * image_grad.narrow(0, at, n)).sum(Kind::Float)
-                    + (&ft * text_grad.narrow(0, at, n)).sum(Kind::Float))
-                .backward();
+                let tower = (&fi * image_grad.narrow(0, at, n)).sum(Kind::Float)
+                    + (&ft * text_grad.narrow(0, at, n)).sum(Kind::Float);
+                if k + 1 == micro.len() {
+                    d.prepare_reduction(&tower)?;
+                }
+                backward(&tower)?;
                 at += n;
             }
         }
-        self.dist
-            .as_ref()
-            .expect("a process group")
-            .average_gradients(&self.optimizer.params)?;
+        d.finish_reduction(&self.optimizer.params)?;
+        let d = self.dist.as_mut().expect("a process group");
+        if d.reducer.is_none() {
+            d.attach_reducer(&self.optimizer.params, &self.model.logit_scale)?;
+        }
         Ok(self.finish_step(losses, total, lr))
     }
 

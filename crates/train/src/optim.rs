@@ -105,11 +105,17 @@ impl AdamW {
         }
     }
 
+    /// `Optimizer.zero_grad(set_to_none=False)`: gradients are zeroed in place, so gradients that are
+    /// views into the reducer's buckets stay views (detaching one in place is refused by libtorch).
     pub fn zero_grad(&mut self) {
+        let _guard = tch::no_grad_guard();
         for p in &mut self.params {
             let mut g = p.param.grad();
             if g.defined() {
-                let _ = g.detach_().zero_();
+                if g.requires_grad() {
+                    let _ = g.detach_();
+                }
+                let _ = g.zero_();
             }
         }
     }

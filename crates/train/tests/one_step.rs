@@ -432,11 +432,13 @@ fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
                     let mut t = fixture.trainer(options);
                     let group =
                         ProcessGroup::gloo("127.0.0.1", port, rank, 2, rank == 0, 60).unwrap();
-                    t.dist = Some(Distributed {
+                    t.join(Distributed {
                         group,
                         local_loss: false,
                         gather_with_grad,
-                    });
+                        reducer: None,
+                    })
+                    .unwrap();
                     let (images, ids) = fixture.batch(2 * rank, 2);
                     let labels = labels_from_names(&NAMES[2 * rank..2 * rank + 2]);
                     t.try_step_distributed(&[(images, ids)], &labels, 0.0)
