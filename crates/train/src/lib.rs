@@ -343,7 +343,12 @@ impl Trainer {
                 + (ct * d.own_gradient(gct, local_batch)?).sum(Kind::Float);
         }
         // A collective that fails inside backward (the reducer's, SyncBatchNorm's) surfaces as its error.
-        let backward = |t: &Tensor| t.f_backward().map_err(|e| format!("backward: {e}"));
+        let backward = |t: &Tensor| {
+            t.f_backward().map_err(|e| {
+                let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                format!("backward (rank {} of {}): {first}", d.rank(), d.world())
+            })
+        };
         if !accumulated {
             d.prepare_reduction(&surrogate)?;
         }
