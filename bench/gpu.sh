@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # pirclip on a CUDA GPU in one prepared run: correctness against CPU references, then speed next to
 # PyTorch/open_clip on the same card. Built for a lent GPU machine with no Rust and no network: carry a
-# pirclip binary built against the same torch as that machine's python3 (torch/lib on LD_LIBRARY_PATH).
+# pirclip binary built against the same torch as that machine's python3 (torch/lib on LD_LIBRARY_PATH),
+# with target/release/libpirclip_nccl.so beside it (scripts/setup.sh puts it there) for the NCCL check.
 #
 #   bench/gpu.sh refs   on the CPU machine: writes $REF (bundled model's eval, fp32, in both BatchNorm modes,
 #                       with embeddings; the first training steps of a small model)
@@ -12,10 +13,13 @@
 #     3. `pirclip bench` ViT-B-32 and PIR at fp32/fp16/bf16 next to bench/openclip_gpu.py on the same images
 #     4. training s/step: pirclip PIR and ViT-B-32, fp32 and amp, next to open_clip ViT-B-32 (and PIR amp
 #        with the per-tensor optimizer)
+#     5. distributed (section `dist`): the 4 training steps with the instruction encoder locked (BatchNorm
+#        in eval mode) as one process, as one NCCL rank under torchrun, and as two gloo ranks sharing the
+#        GPU with half the batch each: the three loss sequences must agree
 #   Environment (defaults): PIRCLIP (target/release/pirclip), PY (.venv/bin/python, else python3),
 #   JSON + IMAGES (RSICD-AID150 in ../shared), REF (bench/gpu-ref), W (a new temporary folder),
 #   N=1027 images, B=256 per batch, REPS=5, TRAIN_B=128, STEPS=10, PRECISIONS (inference: fp32 fp16 bf16),
-#   TRAIN_RUNS (model:precision:foreach, default below), SECTIONS (default: correctness encode train).
+#   TRAIN_RUNS (model:precision:foreach, default below), SECTIONS (default: correctness dist encode train).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 P=${PIRCLIP:-target/release/pirclip}
@@ -25,7 +29,7 @@ JSON=${JSON:-$A/dataset_rsicd_aid150.json}; IMAGES=${IMAGES:-$A/images}
 REF=${REF:-bench/gpu-ref}; W=${W:-$(mktemp -d)}
 N=${N:-1027}; B=${B:-256}; REPS=${REPS:-5}; TRAIN_B=${TRAIN_B:-128}; STEPS=${STEPS:-10}
 PRECISIONS=${PRECISIONS:-fp32 fp16 bf16}
-SECTIONS=${SECTIONS:-correctness encode train}
+SECTIONS=${SECTIONS:-correctness dist encode train}
 TRAIN_RUNS=${TRAIN_RUNS:-PIR:fp32:auto PIR:amp:auto ViT-B-32:fp32:auto ViT-B-32:amp:auto PIR:amp:off}
 BUNDLED="--model models/pir-small-aid150.json --checkpoint models/pir-small-aid150.safetensors"
 mkdir -p "$W"
@@ -38,10 +42,20 @@ step() { # step NAME CMD...: runs CMD with its output in $W/NAME.log; a failure 
 }
 # The first steps of a small PIR model from the bundled weights; augmentation is seeded per sample on the
 # CPU, so CPU and GPU see the same pixels and the losses are comparable.
-train_small() { # DEVICE PRECISION NAME
+train_small() { # DEVICE PRECISION NAME [MORE TRAIN FLAGS]
+  local device=$1 precision=$2 name=$3; shift 3
   $P train --model models/pir-small-aid150.json --pretrained models/pir-small-aid150.safetensors \
     --train-data "$JSON" --train-split test --images-dir "$IMAGES" --batch-size 32 --max-steps 4 --warmup 1 \
-    --lr 1e-5 --aff-loss --log-every-n-steps 1 --workers 4 --device "$1" --precision "$2" --logs "$W/logs" --name "$3"
+    --lr 1e-5 --aff-loss --log-every-n-steps 1 --workers 4 --device "$device" --precision "$precision" \
+    --logs "$W/logs" --name "$name" "$@"
+}
+# The same under torchrun: NPROC ranks, the global batch of 32 split between them.
+train_small_ranks() { # NPROC DEVICE BACKEND NAME
+  local n=$1 device=$2 backend=$3 name=$4
+  $PY -m torch.distributed.run --nproc_per_node "$n" --no-python -- $P train --model models/pir-small-aid150.json \
+    --pretrained models/pir-small-aid150.safetensors --train-data "$JSON" --train-split test --images-dir "$IMAGES" \
+    --batch-size $((32 / n)) --max-steps 4 --warmup 1 --lr 1e-5 --aff-loss --log-every-n-steps 1 --workers 4 \
+    --device "$device" --dist-backend "$backend" --lock-instruction --logs "$W/logs" --name "$name"
 }
 
 if [ "${1:-}" = refs ]; then
@@ -72,6 +86,12 @@ for p in $PRECISIONS; do
 done
 step train-fp32 train_small $DEV fp32 gpu-fp32
 step train-amp train_small $DEV amp gpu-amp
+fi
+# 5. distributed (run here, before the long speed sections)
+if has dist; then
+step dist-one-process train_small $DEV fp32 dist-one --lock-instruction
+step dist-nccl-1 train_small_ranks 1 cuda nccl dist-nccl-1
+step dist-gloo-2 train_small_ranks 2 cuda:0 gloo dist-gloo-2
 fi
 # 2. encode speed, pirclip then open_clip
 if has encode; then
@@ -125,6 +145,13 @@ def losses(f):
 cpu, gpu, amp = losses(f"{ref}/train-cpu-fp32.log"), losses(f"{w}/logs/gpu-fp32/out.log"), losses(f"{w}/logs/gpu-amp/out.log")
 print(f"train 4 steps, loss per step: cpu fp32 {cpu}\n                              gpu fp32 {gpu}\n                              gpu amp  {amp}")
 if cpu and gpu: print(f"  worst |gpu fp32 - cpu| {max(abs(a - b) for a, b in zip(cpu, gpu)):.2e}")
+one = losses(f"{w}/logs/dist-one/out.log")
+if one:
+    print(f"\n== 5. distributed, 4 steps, instruction encoder locked: one process {one}")
+    for name, label in [("dist-nccl-1", "1 NCCL rank"), ("dist-gloo-2", "2 gloo ranks on one GPU")]:
+        got = losses(f"{w}/logs/{name}/out.log")
+        worst = max((abs(a - b) for a, b in zip(one, got)), default=float("nan")) if len(got) == len(one) else float("nan")
+        print(f"  {label:24} {got}  worst |d| {worst:.2e}")
 print("\n== 2. encode speed, pirclip bench vs open_clip on the same GPU (medians)")
 oc = [json.loads(l) for l in open(f"{w}/openclip.jsonl")] if os.path.exists(f"{w}/openclip.jsonl") else []
 def ocv(what, model, p, k):

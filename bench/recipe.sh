@@ -19,6 +19,7 @@ CONFIG[ls]=$SOFT;       FLAGS[ls]="--label-smoothing 0.1"
 CONFIG[onecap]=$SOFT;   FLAGS[onecap]="--one-caption-per-image"
 CONFIG[res144]=bench/recipe/soft-144.json; FLAGS[res144]=""
 CONFIG[lr1e3]=$SOFT;    FLAGS[lr1e3]="--lr 1e-3"
+CONFIG[wu50]=$SOFT;     FLAGS[wu50]="--warmup 50"
 CONFIG[combined]=${COMBINED_CONFIG:-$SOFT}; FLAGS[combined]=${COMBINED_FLAGS:-}
 [ -d "$LOGS/soft-seed$SEED.emb" ] || bench/ablation.sh "$SEED" 1 soft
 for r in $ROWS; do

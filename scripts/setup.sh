@@ -30,7 +30,22 @@ if [ ! -f /usr/include/gloo/algorithm.h ] && [ -z "${GLOO_INCLUDE_DIR:-}" ] && c
     || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgloo-dev >/dev/null 2>&1; }) \
     || echo "setup: libgloo-dev could not be installed; building without distributed training"
 fi
+# The NCCL backend (multi-GPU training) compiles against the CUDA headers of torch's own nvidia-* wheels;
+# the runtime wheel lacks the compiler-side ones (crt/, nv/target), which come from the nvidia-cuda-crt and
+# nvidia-cuda-cccl wheels of the same CUDA version (~4 MB). Skipped where torch has no CUDA wheels.
+NV=$(.venv/bin/python -c "import importlib.util, os; s = importlib.util.find_spec('nvidia'); print(s.submodule_search_locations[0] if s else '')" 2>/dev/null || true)
+if [ -n "$NV" ] && [ -f "$NV/nccl/include/nccl.h" ] && [ ! -f "$NV/cu13/include/crt/host_config.h" ]; then
+  CUDA_MM=$(.venv/bin/pip show nvidia-cuda-runtime 2>/dev/null | awk '/^Version:/ {split($2, v, "."); print v[1] "." v[2]}')
+  if [ -n "$CUDA_MM" ]; then
+    echo "setup: installing the CUDA $CUDA_MM compiler headers (nvidia-cuda-crt, nvidia-cuda-cccl) for the NCCL backend"
+    .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt==$CUDA_MM.*" "nvidia-cuda-cccl==$CUDA_MM.*" \
+      || echo "setup: CUDA headers could not be installed; building without the NCCL backend"
+  fi
+fi
 source scripts/env.sh
 echo "setup: cargo build --release"
 cargo build --release --quiet -p pirclip
-echo "setup: ready: target/release/pirclip"
+# The NCCL plugin next to the binary, where pirclip looks first (so that both travel together).
+PLUGIN=$(ls -t target/release/build/pirclip-model-*/out/libpirclip_nccl.so 2>/dev/null | head -n 1 || true)
+if [ -n "$PLUGIN" ]; then cp -f "$PLUGIN" target/release/; fi
+echo "setup: ready: target/release/pirclip${PLUGIN:+ (with the NCCL backend)}"

@@ -14,7 +14,9 @@ fn main() {
         // Only the model crate has the shim; naming a missing file would rerun the others every build.
         println!("cargo:rerun-if-changed=csrc/shim.cpp");
         println!("cargo:rerun-if-changed=csrc/dist.cpp");
+        println!("cargo:rerun-if-changed=csrc/nccl.cpp");
         println!("cargo::rustc-check-cfg=cfg(pirclip_dist)");
+        println!("cargo::rustc-check-cfg=cfg(pirclip_nccl)");
     } else {
         println!("cargo:rerun-if-changed=../model/build.rs"); // train and cli share this script
     }
@@ -39,12 +41,60 @@ fn main() {
                 .file("csrc/dist.cpp")
                 .compile("pirclip_dist");
             println!("cargo:rustc-cfg=pirclip_dist");
+            nccl_plugin(&include, &dir);
         } else {
             println!(
                 "cargo:warning=gloo headers not found under {gloo}: pirclip is built without distributed \
                  training (install libgloo-dev, or set GLOO_INCLUDE_DIR, and rebuild)"
             );
         }
+    }
+}
+
+/// The NCCL backend as a shared library of its own (csrc/nccl.cpp), linked against libtorch_cuda, where
+/// the CUDA wheel's headers are installed: torch's `nvidia/cu13` (runtime, plus the crt and cccl headers
+/// that scripts/setup.sh adds from the matching nvidia-cuda-crt / nvidia-cuda-cccl wheels) and
+/// `nvidia/nccl`, or the folders in CUDA_INCLUDE_DIRS. Elsewhere pirclip builds without it and says so
+/// when `--dist-backend nccl` is asked for.
+fn nccl_plugin(include: &std::path::Path, torch_lib: &str) {
+    println!("cargo:rerun-if-env-changed=CUDA_INCLUDE_DIRS");
+    let site = PathBuf::from(torch_lib).join("../..");
+    let mut dirs: Vec<PathBuf> = std::env::var("CUDA_INCLUDE_DIRS")
+        .map(|v| std::env::split_paths(&v).collect())
+        .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+        dirs.extend(entries.flatten().map(|e| e.path().join("include")));
+    }
+    let needed = ["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target"];
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
+        .filter(|f| !dirs.iter().any(|d| d.join(f).exists()))
+        .collect();
+    if !missing.is_empty() {
+        println!(
+            "cargo:warning=NCCL backend not built (missing {}): distributed training runs on gloo only",
+            missing.join(", ")
+        );
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("libpirclip_nccl.so");
+    let mut build = libtorch_cpp(include);
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        build.include(d);
+    }
+    let mut cmd = build.flag("-DUSE_C10D_NCCL").flag("-DUSE_CUDA").get_compiler().to_command();
+    cmd.args(["-shared", "-fPIC", "-O2", "csrc/nccl.cpp", "-o"])
+        .arg(&out)
+        .arg(format!("-L{torch_lib}"))
+        .args(["-ltorch_cuda", "-ltorch_cpu", "-lc10_cuda", "-lc10"])
+        .arg(format!("-Wl,-rpath,{torch_lib}"));
+    match cmd.status() {
+        Ok(s) if s.success() => {
+            println!("cargo:rustc-cfg=pirclip_nccl");
+            println!("cargo:rustc-env=PIRCLIP_NCCL_PLUGIN={}", out.display());
+        }
+        other => println!("cargo:warning=NCCL backend not built: compiling csrc/nccl.cpp failed ({other:?})"),
     }
 }
 

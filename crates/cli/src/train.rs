@@ -491,25 +491,45 @@ fn join_group(
     world: pirclip_model::dist::WorldInfo,
     device: tch::Device,
 ) -> Result<Option<Distributed>> {
-    if world.world_size <= 1 {
+    // One rank joins a group only when a backend is named under a launcher (e.g. to check NCCL with
+    // `torchrun --nproc_per_node 1 … --dist-backend nccl`); otherwise it trains alone, as open_clip does.
+    let launched_alone = world.world_size == 1
+        && a.dist_backend.is_some()
+        && std::env::var_os("MASTER_ADDR").is_some();
+    if world.world_size <= 1 && !launched_alone {
         return Ok(None);
     }
-    if device.is_cuda() || a.dist_backend.as_deref() == Some("nccl") {
-        bail!("distributed training on CUDA needs the NCCL backend, which this pirclip does not have yet: train on CPU ranks with gloo, or on one GPU");
+    let backend = a
+        .dist_backend
+        .as_deref()
+        .unwrap_or(if device.is_cuda() { "nccl" } else { "gloo" });
+    if backend == "nccl" && !device.is_cuda() {
+        bail!("--dist-backend nccl reduces GPU tensors: add --device cuda (each rank takes cuda:LOCAL_RANK), or use gloo on CPU");
     }
     if a.dist_url != "env://" {
         bail!("--dist-url {}: pirclip rendezvous through env:// (MASTER_ADDR, MASTER_PORT), as torchrun and open_clip's srun setup provide", a.dist_url);
     }
     let (addr, port, is_server) =
         pirclip_model::dist::rendezvous_from_env(world.rank).map_err(anyhow::Error::msg)?;
-    let group = ProcessGroup::gloo(
-        &addr,
-        port,
-        world.rank,
-        world.world_size,
-        is_server,
-        a.dist_timeout,
-    )
+    let group = match (backend, device) {
+        ("nccl", tch::Device::Cuda(index)) => ProcessGroup::nccl(
+            &addr,
+            port,
+            world.rank,
+            world.world_size,
+            is_server,
+            a.dist_timeout,
+            index,
+        ),
+        _ => ProcessGroup::gloo(
+            &addr,
+            port,
+            world.rank,
+            world.world_size,
+            is_server,
+            a.dist_timeout,
+        ),
+    }
     .map_err(anyhow::Error::msg)?;
     Ok(Some(Distributed {
         group,
@@ -541,7 +561,16 @@ pub fn run(a: Args) -> Result<()> {
     let augment = augmentation(&a)?;
     let world = pirclip_model::dist::world_info_from_env();
     let is_master = world.rank == 0;
-    let device = parse_device(&a.device)?;
+    let mut device = parse_device(&a.device)?;
+    if world.world_size > 1 && matches!(a.device.as_str(), "cuda" | "gpu") {
+        // open_clip's device for a rank: cuda:LOCAL_RANK (an explicit cuda:N is kept, e.g. to put
+        // several ranks on one GPU).
+        let visible = tch::Cuda::device_count() as usize;
+        if world.local_rank >= visible {
+            bail!("rank {} has LOCAL_RANK {} but only {visible} CUDA device(s) are visible: launch at most {visible} ranks per node", world.rank, world.local_rank);
+        }
+        device = tch::Device::Cuda(world.local_rank);
+    }
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
     }

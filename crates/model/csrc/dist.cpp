@@ -22,11 +22,28 @@ char *message(const std::exception &e) { return strdup(e.what()); }
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
-  // The gloo backend behind a c10d::ProcessGroup, as torch.distributed builds it: the Reducer speaks to
-  // that front end. Made on first use.
+  // ProcessGroupGloo, or ProcessGroupNCCL from the CUDA plugin (csrc/nccl.cpp): every collective here is
+  // a virtual of c10d::Backend.
+  c10::intrusive_ptr<c10d::Backend> pg;
+  bool nccl;
+  // The backend behind a c10d::ProcessGroup, as torch.distributed builds it: the Reducer speaks to that
+  // front end. Made on first use.
   c10::intrusive_ptr<c10d::ProcessGroup> front;
 };
+
+// The TCPStore rendezvous every backend starts from, under the key prefix torch.distributed uses for the
+// default group's store.
+c10::intrusive_ptr<c10d::Store> rendezvous(const char *host, int port, int world, int is_server,
+                                           int timeout_s) {
+  c10d::TCPStoreOptions opts;
+  opts.port = static_cast<std::uint16_t>(port);
+  opts.isServer = is_server != 0;
+  opts.numWorkers = world;
+  opts.waitWorkers = false;
+  opts.timeout = std::chrono::seconds(timeout_s);
+  auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+  return c10::make_intrusive<c10d::PrefixStore>("pirclip", store);
+}
 
 void all_reduce(Group *g, at::Tensor &t) {
   std::vector<at::Tensor> ts{t};
@@ -65,14 +82,7 @@ extern "C" {
 void *pirclip_dist_new_gloo(const char *host, int port, int rank, int world, int is_server,
                             int timeout_s, char **err) {
   try {
-    c10d::TCPStoreOptions opts;
-    opts.port = static_cast<std::uint16_t>(port);
-    opts.isServer = is_server != 0;
-    opts.numWorkers = world;
-    opts.waitWorkers = false;
-    opts.timeout = std::chrono::seconds(timeout_s);
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("pirclip", store);
+    auto store = rendezvous(host, port, world, is_server, timeout_s);
     auto options = c10d::ProcessGroupGloo::Options::create();
     options->timeout = std::chrono::seconds(timeout_s);
     const char *ifname = std::getenv("GLOO_SOCKET_IFNAME");
@@ -83,8 +93,27 @@ void *pirclip_dist_new_gloo(const char *host, int port, int rank, int world, int
     } else {
       options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, options);
-    return new Group{store, pg};
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    return new Group{store, pg, false, {}};
+  } catch (const std::exception &e) {
+    *err = message(e);
+    return nullptr;
+  }
+}
+
+// A ProcessGroupNCCL made by the CUDA plugin's `make_nccl` (libpirclip_nccl.so, which links
+// libtorch_cuda; this library does not, so that CPU-only commands never load CUDA). The plugin returns a
+// c10d::Backend* that owns one reference.
+typedef void *(*MakeBackend)(void *store, int rank, int world, int device, int timeout_s,
+                             char **err);
+void *pirclip_dist_new_nccl(const char *host, int port, int rank, int world, int is_server,
+                            int timeout_s, int device, MakeBackend make_nccl, char **err) {
+  try {
+    auto store = rendezvous(host, port, world, is_server, timeout_s);
+    void *backend = make_nccl(store.get(), rank, world, device, timeout_s, err);
+    if (backend == nullptr) return nullptr;
+    auto pg = c10::intrusive_ptr<c10d::Backend>::reclaim(static_cast<c10d::Backend *>(backend));
+    return new Group{store, pg, true, {}};
   } catch (const std::exception &e) {
     *err = message(e);
     return nullptr;
@@ -168,10 +197,18 @@ void *pirclip_dist_reducer_new(void *group, at::Tensor *const *params, int n,
   try {
     auto *g = static_cast<Group *>(group);
     if (!g->front) {
+      using Type = c10d::ProcessGroup::BackendType;
       auto front = c10::make_intrusive<c10d::ProcessGroup>(g->store, g->pg->getRank(),
                                                            g->pg->getSize());
-      front->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, g->pg);
-      front->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+      if (g->nccl) {
+        front->setBackend(c10::DeviceType::CUDA, Type::NCCL, g->pg);
+        front->setDefaultBackend(Type::NCCL);
+      } else {
+        // gloo reduces CUDA tensors too (through host copies), as torch.distributed's gloo backend.
+        front->setBackend(c10::DeviceType::CPU, Type::GLOO, g->pg);
+        front->setBackend(c10::DeviceType::CUDA, Type::GLOO, g->pg);
+        front->setDefaultBackend(Type::GLOO);
+      }
       g->front = front;
     }
     std::vector<at::Tensor> ps;

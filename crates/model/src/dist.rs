@@ -1,11 +1,13 @@
 //! torch.distributed for pirclip: the launcher's environment read as open_clip's `world_info_from_env`,
-//! and a process group (TCPStore rendezvous + ProcessGroupGloo) from libtorch's c10d through
-//! `csrc/dist.cpp`. Without gloo's headers at build time the group cannot be created and says why;
-//! everything single-process works as before.
+//! and a process group (TCPStore rendezvous + ProcessGroupGloo, or ProcessGroupNCCL from the CUDA plugin
+//! `csrc/nccl.cpp`) from libtorch's c10d through `csrc/dist.cpp`. Without gloo's headers at build time
+//! the group cannot be created and says why; everything single-process works as before.
 
 use std::ffi::c_void;
 #[cfg(pirclip_dist)]
 use std::ffi::{c_char, c_int, CString};
+#[cfg(all(pirclip_dist, pirclip_nccl))]
+use std::ffi::CStr;
 
 use tch::Tensor;
 
@@ -72,6 +74,17 @@ extern "C" {
         timeout_s: c_int,
         err: *mut *mut c_char,
     ) -> *mut c_void;
+    fn pirclip_dist_new_nccl(
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        is_server: c_int,
+        timeout_s: c_int,
+        device: c_int,
+        make_nccl: MakeBackend,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
     fn pirclip_dist_free(group: *mut c_void);
     fn pirclip_dist_all_reduce_sum(
         group: *mut c_void,
@@ -112,6 +125,61 @@ extern "C" {
         input: *const c_void,
         err: *mut *mut c_char,
     ) -> *mut c_void;
+}
+
+/// Whether this build has the NCCL backend (its CUDA plugin was compiled).
+pub const NCCL_BUILT: bool = cfg!(all(pirclip_dist, pirclip_nccl));
+
+/// `pirclip_nccl_new_backend` of the CUDA plugin (csrc/nccl.cpp).
+#[cfg(pirclip_dist)]
+type MakeBackend = unsafe extern "C" fn(
+    store: *mut c_void,
+    rank: c_int,
+    world: c_int,
+    device: c_int,
+    timeout_s: c_int,
+    err: *mut *mut c_char,
+) -> *mut c_void;
+
+/// Opens the NCCL plugin (libpirclip_nccl.so) after libtorch_cuda: `PIRCLIP_NCCL_PLUGIN` if set, else
+/// next to the executable, else where the build left it.
+#[cfg(all(pirclip_dist, pirclip_nccl))]
+fn nccl_plugin() -> Result<MakeBackend, String> {
+    static PLUGIN: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
+    let f = PLUGIN.get_or_init(|| {
+        // libtorch_cuda first (global symbols): the plugin's undefined symbols resolve against it.
+        crate::cuda::load();
+        let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+        if let Some(p) = std::env::var_os("PIRCLIP_NCCL_PLUGIN") {
+            candidates.push(p.into());
+        }
+        if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.to_path_buf())) {
+            candidates.push(dir.join("libpirclip_nccl.so"));
+        }
+        candidates.push(env!("PIRCLIP_NCCL_PLUGIN").into());
+        let mut tried = Vec::new();
+        for path in candidates {
+            let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else { continue };
+            // SAFETY: dlopen/dlsym with valid C strings; the handle is intentionally never closed.
+            unsafe {
+                let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+                if h.is_null() {
+                    let why = CStr::from_ptr(libc::dlerror()).to_string_lossy().to_string();
+                    tried.push(format!("{}: {why}", path.display()));
+                    continue;
+                }
+                let sym = libc::dlsym(h, c"pirclip_nccl_new_backend".as_ptr());
+                if sym.is_null() {
+                    tried.push(format!("{}: no pirclip_nccl_new_backend", path.display()));
+                    continue;
+                }
+                return Ok(sym as usize);
+            }
+        }
+        Err(format!("the NCCL plugin could not be opened ({})", tried.join("; ")))
+    });
+    // SAFETY: the address of `pirclip_nccl_new_backend`, whose C signature is `MakeBackend`.
+    f.clone().map(|addr| unsafe { std::mem::transmute::<usize, MakeBackend>(addr) })
 }
 
 /// A borrowed handle on a live process group, small enough to ride in `BnMode::TrainSync` through a
@@ -200,6 +268,56 @@ impl ProcessGroup {
             rank,
             world_size,
         })
+    }
+
+    /// Joins an NCCL group over a TCPStore at `host:port`, with CUDA device `device` made current (the
+    /// rank's local rank, as open_clip).
+    #[cfg(all(pirclip_dist, pirclip_nccl))]
+    pub fn nccl(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world_size: usize,
+        is_server: bool,
+        timeout_s: u64,
+        device: usize,
+    ) -> Result<Self, String> {
+        let make = nccl_plugin()?;
+        if !tch::Cuda::is_available() {
+            return Err("the NCCL backend needs a CUDA device, and libtorch sees none (driver missing, no GPU, or a CPU-only torch); use --dist-backend gloo on CPU".into());
+        }
+        let host_c = CString::new(host).map_err(|_| "MASTER_ADDR holds a NUL byte".to_string())?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: plain values, a NUL-terminated string borrowed for the call, and the plugin's entry.
+        let group = unsafe {
+            pirclip_dist_new_nccl(
+                host_c.as_ptr(),
+                port as c_int,
+                rank as c_int,
+                world_size as c_int,
+                is_server as c_int,
+                timeout_s.min(i32::MAX as u64) as c_int,
+                device as c_int,
+                make,
+                &mut err,
+            )
+        };
+        if group.is_null() {
+            return Err(format!("joining the NCCL process group at {host}:{port} as rank {rank} of {world_size} on cuda:{device}: {}", take_message(err)));
+        }
+        Ok(ProcessGroup {
+            group,
+            rank,
+            world_size,
+        })
+    }
+
+    #[cfg(not(all(pirclip_dist, pirclip_nccl)))]
+    pub fn nccl(_: &str, _: u16, _: usize, _: usize, _: bool, _: u64, _: usize) -> Result<Self, String> {
+        Err("this pirclip was built without the NCCL backend (nccl.h or the CUDA headers were missing at \
+             build time: scripts/setup.sh installs them from the nvidia-* wheels of a CUDA torch); use \
+             --dist-backend gloo"
+            .into())
     }
 
     #[cfg(not(pirclip_dist))]

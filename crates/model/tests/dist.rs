@@ -44,3 +44,37 @@ fn two_gloo_ranks_reduce_gather_and_broadcast() {
         assert_eq!(b, [6.0, 6.0, 6.0]);
     }
 }
+
+/// The NCCL backend (CUDA plugin): on a machine with a GPU, a one-rank group reduces, gathers and
+/// broadcasts CUDA tensors; without one, joining fails at once with a message that says why (no
+/// rendezvous is attempted, nothing hangs).
+#[test]
+fn nccl_group_works_on_a_gpu_and_says_why_not_elsewhere() {
+    let port = free_port();
+    let started = std::time::Instant::now();
+    let joined = ProcessGroup::nccl("127.0.0.1", port, 0, 1, true, 30, 0);
+    if !pirclip_model::cuda::load() {
+        let e = joined.err().expect("NCCL without a GPU must fail");
+        // With the backend built, reaching the device check means the plugin opened and its entry
+        // point resolved against libtorch_cuda.
+        let why = if pirclip_model::dist::NCCL_BUILT {
+            "needs a CUDA device"
+        } else {
+            "built without the NCCL backend"
+        };
+        assert!(e.contains(why), "{e}");
+        assert!(started.elapsed().as_secs() < 10, "took {:?}", started.elapsed());
+        return;
+    }
+    let pg = joined.unwrap();
+    let gpu = tch::Device::Cuda(0);
+    let t = Tensor::from_slice(&[1.0f32, 10.0]).to_device(gpu);
+    pg.all_reduce_sum(&t).unwrap();
+    let gathered = pg.all_gather(&Tensor::from_slice(&[3.0f32]).to_device(gpu)).unwrap();
+    let b = Tensor::full([2], 7.0, (Kind::Float, gpu));
+    pg.broadcast(&b, 0).unwrap();
+    pg.barrier().unwrap();
+    assert_eq!(Vec::<f32>::try_from(t.to_device(tch::Device::Cpu)).unwrap(), [1.0, 10.0]);
+    assert_eq!(Vec::<f32>::try_from(gathered.to_device(tch::Device::Cpu)).unwrap(), [3.0]);
+    assert_eq!(Vec::<f32>::try_from(b.to_device(tch::Device::Cpu)).unwrap(), [7.0, 7.0]);
+}
