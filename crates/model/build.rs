@@ -65,7 +65,12 @@ fn nccl_plugin(include: &std::path::Path, torch_lib: &str) {
     if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
         dirs.extend(entries.flatten().map(|e| e.path().join("include")));
     }
-    let needed = ["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target"];
+    let needed = [
+        "nccl.h",
+        "cuda_runtime_api.h",
+        "crt/host_config.h",
+        "nv/target",
+    ];
     let missing: Vec<&str> = needed
         .iter()
         .copied()
@@ -83,7 +88,11 @@ fn nccl_plugin(include: &std::path::Path, torch_lib: &str) {
     for d in dirs.iter().filter(|d| d.is_dir()) {
         build.include(d);
     }
-    let mut cmd = build.flag("-DUSE_C10D_NCCL").flag("-DUSE_CUDA").get_compiler().to_command();
+    let mut cmd = build
+        .flag("-DUSE_C10D_NCCL")
+        .flag("-DUSE_CUDA")
+        .get_compiler()
+        .to_command();
     cmd.args(["-shared", "-fPIC", "-O2", "csrc/nccl.cpp", "-o"])
         .arg(&out)
         .arg(format!("-L{torch_lib}"))
@@ -94,7 +103,9 @@ fn nccl_plugin(include: &std::path::Path, torch_lib: &str) {
             println!("cargo:rustc-cfg=pirclip_nccl");
             println!("cargo:rustc-env=PIRCLIP_NCCL_PLUGIN={}", out.display());
         }
-        other => println!("cargo:warning=NCCL backend not built: compiling csrc/nccl.cpp failed ({other:?})"),
+        other => println!(
+            "cargo:warning=NCCL backend not built: compiling csrc/nccl.cpp failed ({other:?})"
+        ),
     }
 }
 

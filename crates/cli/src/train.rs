@@ -499,10 +499,10 @@ fn join_group(
     if world.world_size <= 1 && !launched_alone {
         return Ok(None);
     }
-    let backend = a
-        .dist_backend
-        .as_deref()
-        .unwrap_or(if device.is_cuda() { "nccl" } else { "gloo" });
+    let backend =
+        a.dist_backend
+            .as_deref()
+            .unwrap_or(if device.is_cuda() { "nccl" } else { "gloo" });
     if backend == "nccl" && !device.is_cuda() {
         bail!("--dist-backend nccl reduces GPU tensors: add --device cuda (each rank takes cuda:LOCAL_RANK), or use gloo on CPU");
     }
@@ -511,24 +511,17 @@ fn join_group(
     }
     let (addr, port, is_server) =
         pirclip_model::dist::rendezvous_from_env(world.rank).map_err(anyhow::Error::msg)?;
+    let rendezvous = pirclip_model::dist::Rendezvous {
+        host: &addr,
+        port,
+        rank: world.rank,
+        world_size: world.world_size,
+        is_server,
+        timeout_s: a.dist_timeout,
+    };
     let group = match (backend, device) {
-        ("nccl", tch::Device::Cuda(index)) => ProcessGroup::nccl(
-            &addr,
-            port,
-            world.rank,
-            world.world_size,
-            is_server,
-            a.dist_timeout,
-            index,
-        ),
-        _ => ProcessGroup::gloo(
-            &addr,
-            port,
-            world.rank,
-            world.world_size,
-            is_server,
-            a.dist_timeout,
-        ),
+        ("nccl", tch::Device::Cuda(i)) => ProcessGroup::nccl(&rendezvous, i),
+        _ => ProcessGroup::gloo(&rendezvous),
     }
     .map_err(anyhow::Error::msg)?;
     Ok(Some(Distributed {

@@ -1851,7 +1851,11 @@ fn assert_all_reduce_overlaps_backward(trace: &Path) {
     let still_to_run: Vec<usize> = reduces
         .iter()
         .map(|&r| {
-            let next_step = optimizer.iter().copied().filter(|&o| o > r).fold(f64::INFINITY, f64::min);
+            let next_step = optimizer
+                .iter()
+                .copied()
+                .filter(|&o| o > r)
+                .fold(f64::INFINITY, f64::min);
             backward.iter().filter(|&&b| b > r && b < next_step).count()
         })
         .collect();
@@ -2530,7 +2534,10 @@ fn recipe_switches_are_logged_and_the_checkpoint_holds_the_average() {
         "{log}"
     );
     // --profile: a torch.profiler Chrome trace of step 2 (the first is left out), with the step's ops.
-    assert!(log.contains("profile of the steps after the first"), "{log}");
+    assert!(
+        log.contains("profile of the steps after the first"),
+        "{log}"
+    );
     let trace: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
     let ops: Vec<&str> = trace["traceEvents"]
@@ -2540,7 +2547,11 @@ fn recipe_switches_are_logged_and_the_checkpoint_holds_the_average() {
         .filter(|e| e["cat"] == "cpu_op")
         .filter_map(|e| e["name"].as_str())
         .collect();
-    for op in ["aten::addmm", "aten::convolution_backward", "aten::addcdiv_"] {
+    for op in [
+        "aten::addmm",
+        "aten::convolution_backward",
+        "aten::addcdiv_",
+    ] {
         assert!(ops.contains(&op), "{op} missing from the profile");
     }
     // One epoch of 60 images in batches of 8 makes 7 steps; run them all so epoch_1 is written.

@@ -76,13 +76,26 @@ bool is_loopback(const std::string &host) {
 
 extern "C" {
 
-// Joins the group. `is_server`: this process hosts the store (rank 0, unless a launcher's agent does).
-// The gloo device binds to the loopback address for a single-machine rendezvous, and otherwise to the
-// interface named by GLOO_SOCKET_IFNAME or the one the host name resolves to (as PyTorch's default).
-void *pirclip_dist_new_gloo(const char *host, int port, int rank, int world, int is_server,
-                            int timeout_s, char **err) {
+// A ProcessGroupNCCL is made by the CUDA plugin's `make_nccl` (libpirclip_nccl.so, which links
+// libtorch_cuda; this library does not, so that CPU-only commands never load CUDA). The plugin returns a
+// c10d::Backend* that owns one reference.
+typedef void *(*MakeBackend)(void *store, int rank, int world, int device, int timeout_s,
+                             char **err);
+
+// Joins the group: gloo when `make_nccl` is null, else NCCL on CUDA device `device`. `is_server`: this
+// process hosts the store (rank 0, unless a launcher's agent does). The gloo device binds to the
+// loopback address for a single-machine rendezvous, and otherwise to the interface named by
+// GLOO_SOCKET_IFNAME or the one the host name resolves to (as PyTorch's default).
+void *pirclip_dist_new(const char *host, int port, int rank, int world, int is_server, int timeout_s,
+                       int device, MakeBackend make_nccl, char **err) {
   try {
     auto store = rendezvous(host, port, world, is_server, timeout_s);
+    if (make_nccl != nullptr) {
+      void *backend = make_nccl(store.get(), rank, world, device, timeout_s, err);
+      if (backend == nullptr) return nullptr;
+      auto pg = c10::intrusive_ptr<c10d::Backend>::reclaim(static_cast<c10d::Backend *>(backend));
+      return new Group{store, pg, true, {}};
+    }
     auto options = c10d::ProcessGroupGloo::Options::create();
     options->timeout = std::chrono::seconds(timeout_s);
     const char *ifname = std::getenv("GLOO_SOCKET_IFNAME");
@@ -95,25 +108,6 @@ void *pirclip_dist_new_gloo(const char *host, int port, int rank, int world, int
     }
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
     return new Group{store, pg, false, {}};
-  } catch (const std::exception &e) {
-    *err = message(e);
-    return nullptr;
-  }
-}
-
-// A ProcessGroupNCCL made by the CUDA plugin's `make_nccl` (libpirclip_nccl.so, which links
-// libtorch_cuda; this library does not, so that CPU-only commands never load CUDA). The plugin returns a
-// c10d::Backend* that owns one reference.
-typedef void *(*MakeBackend)(void *store, int rank, int world, int device, int timeout_s,
-                             char **err);
-void *pirclip_dist_new_nccl(const char *host, int port, int rank, int world, int is_server,
-                            int timeout_s, int device, MakeBackend make_nccl, char **err) {
-  try {
-    auto store = rendezvous(host, port, world, is_server, timeout_s);
-    void *backend = make_nccl(store.get(), rank, world, device, timeout_s, err);
-    if (backend == nullptr) return nullptr;
-    auto pg = c10::intrusive_ptr<c10d::Backend>::reclaim(static_cast<c10d::Backend *>(backend));
-    return new Group{store, pg, true, {}};
   } catch (const std::exception &e) {
     *err = message(e);
     return nullptr;

@@ -89,39 +89,29 @@ at::Tensor *pirclip_qlinear_dynamic(const at::Tensor *x, void *packed, int reduc
   }
 }
 
-// One AdamW update of n tensors as torch.optim.AdamW(foreach=True) does it (`_multi_tensor_adamw`, not
-// capturable; PyTorch's default when the parameters are on CUDA): one kernel per operation over all
-// tensors instead of one per tensor. Returns 0, or -1 and *err.
-int pirclip_adamw_foreach(at::Tensor *const *params, at::Tensor *const *grads,
-                          at::Tensor *const *exp_avgs, at::Tensor *const *exp_avg_sqs, int n,
-                          double lr, double beta1, double beta2, double weight_decay, double eps,
-                          double bias_correction1, double bias_correction2, char **err) {
-  try {
-    auto p = list(params, n), g = list(grads, n), m = list(exp_avgs, n), v = list(exp_avg_sqs, n);
-    if (weight_decay != 0) at::_foreach_mul_(p, 1 - lr * weight_decay);
-    at::_foreach_lerp_(m, g, 1 - beta1);
-    at::_foreach_mul_(v, beta2);
-    at::_foreach_addcmul_(v, g, g, 1 - beta2);
-    auto denom = at::_foreach_sqrt(v);
-    at::_foreach_div_(denom, std::sqrt(bias_correction2));
-    at::_foreach_add_(denom, eps);
-    at::_foreach_addcdiv_(p, m, denom, -(lr / bias_correction1));
-    return 0;
-  } catch (const std::exception &e) {
-    *err = message(e);
-    return -1;
-  }
-}
-
-// The same update as torch.optim.AdamW(foreach=False) (`_single_tensor_adamw`, PyTorch's default on CPU):
-// tensor by tensor, in place, so the only temporaries are one tensor's sqrt and quotient. tch binds
-// addcmul_/addcdiv_ without their `value`, which is why this lives here.
-int pirclip_adamw_single(at::Tensor *const *params, at::Tensor *const *grads,
-                         at::Tensor *const *exp_avgs, at::Tensor *const *exp_avg_sqs, int n,
-                         double lr, double beta1, double beta2, double weight_decay, double eps,
-                         double bias_correction1, double bias_correction2, char **err) {
+// One AdamW update of n tensors as torch.optim.AdamW does it, in place. `multi_tensor`: the foreach
+// path (`_multi_tensor_adamw`, not capturable; PyTorch's default when the parameters are on CUDA): one
+// kernel per operation over all tensors. Otherwise `_single_tensor_adamw` (PyTorch's default on CPU):
+// tensor by tensor, so the only temporaries are one tensor's sqrt and quotient. tch binds
+// addcmul_/addcdiv_ without their `value`, which is why this lives here. Returns 0, or -1 and *err.
+int pirclip_adamw(at::Tensor *const *params, at::Tensor *const *grads, at::Tensor *const *exp_avgs,
+                  at::Tensor *const *exp_avg_sqs, int n, double lr, double beta1, double beta2,
+                  double weight_decay, double eps, double bias_correction1,
+                  double bias_correction2, int multi_tensor, char **err) {
   try {
     double step_size = lr / bias_correction1, bc2_sqrt = std::sqrt(bias_correction2);
+    if (multi_tensor) {
+      auto p = list(params, n), g = list(grads, n), m = list(exp_avgs, n), v = list(exp_avg_sqs, n);
+      if (weight_decay != 0) at::_foreach_mul_(p, 1 - lr * weight_decay);
+      at::_foreach_lerp_(m, g, 1 - beta1);
+      at::_foreach_mul_(v, beta2);
+      at::_foreach_addcmul_(v, g, g, 1 - beta2);
+      auto denom = at::_foreach_sqrt(v);
+      at::_foreach_div_(denom, bc2_sqrt);
+      at::_foreach_add_(denom, eps);
+      at::_foreach_addcdiv_(p, m, denom, -step_size);
+      return 0;
+    }
     for (int i = 0; i < n; i++) {
       at::Tensor &p = *params[i], &g = *grads[i], &m = *exp_avgs[i], &v = *exp_avg_sqs[i];
       if (weight_decay != 0) p.mul_(1 - lr * weight_decay);

@@ -4,10 +4,10 @@
 //! the group cannot be created and says why; everything single-process works as before.
 
 use std::ffi::c_void;
-#[cfg(pirclip_dist)]
-use std::ffi::{c_char, c_int, CString};
 #[cfg(all(pirclip_dist, pirclip_nccl))]
 use std::ffi::CStr;
+#[cfg(pirclip_dist)]
+use std::ffi::{c_char, c_int, CString};
 
 use tch::Tensor;
 
@@ -65,16 +65,7 @@ pub fn rendezvous_from_env(rank: usize) -> Result<(String, u16, bool), String> {
 
 #[cfg(pirclip_dist)]
 extern "C" {
-    fn pirclip_dist_new_gloo(
-        host: *const c_char,
-        port: c_int,
-        rank: c_int,
-        world: c_int,
-        is_server: c_int,
-        timeout_s: c_int,
-        err: *mut *mut c_char,
-    ) -> *mut c_void;
-    fn pirclip_dist_new_nccl(
+    fn pirclip_dist_new(
         host: *const c_char,
         port: c_int,
         rank: c_int,
@@ -82,7 +73,7 @@ extern "C" {
         is_server: c_int,
         timeout_s: c_int,
         device: c_int,
-        make_nccl: MakeBackend,
+        make_nccl: Option<MakeBackend>,
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn pirclip_dist_free(group: *mut c_void);
@@ -153,18 +144,25 @@ fn nccl_plugin() -> Result<MakeBackend, String> {
         if let Some(p) = std::env::var_os("PIRCLIP_NCCL_PLUGIN") {
             candidates.push(p.into());
         }
-        if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.to_path_buf())) {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.to_path_buf()))
+        {
             candidates.push(dir.join("libpirclip_nccl.so"));
         }
         candidates.push(env!("PIRCLIP_NCCL_PLUGIN").into());
         let mut tried = Vec::new();
         for path in candidates {
-            let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else { continue };
+            let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else {
+                continue;
+            };
             // SAFETY: dlopen/dlsym with valid C strings; the handle is intentionally never closed.
             unsafe {
                 let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
                 if h.is_null() {
-                    let why = CStr::from_ptr(libc::dlerror()).to_string_lossy().to_string();
+                    let why = CStr::from_ptr(libc::dlerror())
+                        .to_string_lossy()
+                        .to_string();
                     tried.push(format!("{}: {why}", path.display()));
                     continue;
                 }
@@ -176,10 +174,14 @@ fn nccl_plugin() -> Result<MakeBackend, String> {
                 return Ok(sym as usize);
             }
         }
-        Err(format!("the NCCL plugin could not be opened ({})", tried.join("; ")))
+        Err(format!(
+            "the NCCL plugin could not be opened ({})",
+            tried.join("; ")
+        ))
     });
     // SAFETY: the address of `pirclip_nccl_new_backend`, whose C signature is `MakeBackend`.
-    f.clone().map(|addr| unsafe { std::mem::transmute::<usize, MakeBackend>(addr) })
+    f.clone()
+        .map(|addr| unsafe { std::mem::transmute::<usize, MakeBackend>(addr) })
 }
 
 /// A borrowed handle on a live process group, small enough to ride in `BnMode::TrainSync` through a
@@ -226,7 +228,29 @@ impl GroupRef {
     }
 }
 
-/// A c10d process group (gloo). Collectives block until every rank took part, or fail after the
+/// How a rank joins its group: the TCPStore at `host:port`, hosted by this process when `is_server`;
+/// collectives (and the rendezvous itself) give up after `timeout_s`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rendezvous<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub rank: usize,
+    pub world_size: usize,
+    pub is_server: bool,
+    pub timeout_s: u64,
+}
+
+impl std::fmt::Display for Rendezvous<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{} as rank {} of {}",
+            self.host, self.port, self.rank, self.world_size
+        )
+    }
+}
+
+/// A c10d process group (gloo or NCCL). Collectives block until every rank took part, or fail after the
 /// group's timeout (a rank that died never hangs the others forever).
 pub struct ProcessGroup {
     #[cfg_attr(not(pirclip_dist), allow(dead_code))]
@@ -236,84 +260,55 @@ pub struct ProcessGroup {
 }
 
 impl ProcessGroup {
-    /// Joins a gloo group over a TCPStore at `host:port`.
+    /// Joins a gloo group.
     #[cfg(pirclip_dist)]
-    pub fn gloo(
-        host: &str,
-        port: u16,
-        rank: usize,
-        world_size: usize,
-        is_server: bool,
-        timeout_s: u64,
-    ) -> Result<Self, String> {
-        let host_c = CString::new(host).map_err(|_| "MASTER_ADDR holds a NUL byte".to_string())?;
-        let mut err = std::ptr::null_mut();
-        // SAFETY: plain values and a NUL-terminated string borrowed for the call.
-        let group = unsafe {
-            pirclip_dist_new_gloo(
-                host_c.as_ptr(),
-                port as c_int,
-                rank as c_int,
-                world_size as c_int,
-                is_server as c_int,
-                timeout_s.min(i32::MAX as u64) as c_int,
-                &mut err,
-            )
-        };
-        if group.is_null() {
-            return Err(format!("joining the gloo process group at {host}:{port} as rank {rank} of {world_size}: {}", take_message(err)));
-        }
-        Ok(ProcessGroup {
-            group,
-            rank,
-            world_size,
-        })
+    pub fn gloo(r: &Rendezvous) -> Result<Self, String> {
+        Self::join(r, 0, None).map_err(|e| format!("joining the gloo process group at {r}: {e}"))
     }
 
-    /// Joins an NCCL group over a TCPStore at `host:port`, with CUDA device `device` made current (the
-    /// rank's local rank, as open_clip).
+    /// Joins an NCCL group with CUDA device `device` made current (the rank's local rank, as open_clip).
     #[cfg(all(pirclip_dist, pirclip_nccl))]
-    pub fn nccl(
-        host: &str,
-        port: u16,
-        rank: usize,
-        world_size: usize,
-        is_server: bool,
-        timeout_s: u64,
-        device: usize,
-    ) -> Result<Self, String> {
+    pub fn nccl(r: &Rendezvous, device: usize) -> Result<Self, String> {
         let make = nccl_plugin()?;
         if !tch::Cuda::is_available() {
             return Err("the NCCL backend needs a CUDA device, and libtorch sees none (driver missing, no GPU, or a CPU-only torch); use --dist-backend gloo on CPU".into());
         }
-        let host_c = CString::new(host).map_err(|_| "MASTER_ADDR holds a NUL byte".to_string())?;
+        Self::join(r, device, Some(make))
+            .map_err(|e| format!("joining the NCCL process group at {r} on cuda:{device}: {e}"))
+    }
+
+    #[cfg(pirclip_dist)]
+    fn join(r: &Rendezvous, device: usize, make_nccl: Option<MakeBackend>) -> Result<Self, String> {
+        let host_c =
+            CString::new(r.host).map_err(|_| "MASTER_ADDR holds a NUL byte".to_string())?;
         let mut err = std::ptr::null_mut();
-        // SAFETY: plain values, a NUL-terminated string borrowed for the call, and the plugin's entry.
+        // SAFETY: plain values, a NUL-terminated string borrowed for the call, and (for NCCL) the
+        // plugin's entry point.
         let group = unsafe {
-            pirclip_dist_new_nccl(
+            pirclip_dist_new(
                 host_c.as_ptr(),
-                port as c_int,
-                rank as c_int,
-                world_size as c_int,
-                is_server as c_int,
-                timeout_s.min(i32::MAX as u64) as c_int,
+                r.port as c_int,
+                r.rank as c_int,
+                r.world_size as c_int,
+                r.is_server as c_int,
+                r.timeout_s.min(i32::MAX as u64) as c_int,
                 device as c_int,
-                make,
+                make_nccl,
                 &mut err,
             )
         };
         if group.is_null() {
-            return Err(format!("joining the NCCL process group at {host}:{port} as rank {rank} of {world_size} on cuda:{device}: {}", take_message(err)));
+            return Err(take_message(err));
         }
         Ok(ProcessGroup {
             group,
-            rank,
-            world_size,
+            rank: r.rank,
+            world_size: r.world_size,
         })
     }
 
     #[cfg(not(all(pirclip_dist, pirclip_nccl)))]
-    pub fn nccl(_: &str, _: u16, _: usize, _: usize, _: bool, _: u64, _: usize) -> Result<Self, String> {
+    pub fn nccl(_: &Rendezvous, _: usize) -> Result<Self, String> {
         Err("this pirclip was built without the NCCL backend (nccl.h or the CUDA headers were missing at \
              build time: scripts/setup.sh installs them from the nvidia-* wheels of a CUDA torch); use \
              --dist-backend gloo"
@@ -321,7 +316,7 @@ impl ProcessGroup {
     }
 
     #[cfg(not(pirclip_dist))]
-    pub fn gloo(_: &str, _: u16, _: usize, _: usize, _: bool, _: u64) -> Result<Self, String> {
+    pub fn gloo(_: &Rendezvous) -> Result<Self, String> {
         Err("this pirclip was built without distributed training (gloo's headers were missing): install \
              libgloo-dev (scripts/setup.sh does) and rebuild"
             .into())
@@ -482,8 +477,10 @@ impl GradientReducer {
     pub fn prepare(&self, outputs: &[&Tensor]) -> Result<(), String> {
         #[cfg(pirclip_dist)]
         {
-            let ptrs: Vec<*const c_void> =
-                outputs.iter().map(|t| t.as_ptr() as *const c_void).collect();
+            let ptrs: Vec<*const c_void> = outputs
+                .iter()
+                .map(|t| t.as_ptr() as *const c_void)
+                .collect();
             let mut err = std::ptr::null_mut();
             // SAFETY: the reducer is live; the tensors are borrowed for the call.
             let rc = unsafe {
@@ -520,7 +517,7 @@ impl Drop for GradientReducer {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         #[cfg(pirclip_dist)]
-        // SAFETY: created by pirclip_dist_new_gloo, freed once.
+        // SAFETY: created by pirclip_dist_new, freed once.
         unsafe {
             pirclip_dist_free(self.group)
         };

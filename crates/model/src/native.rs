@@ -26,7 +26,7 @@ extern "C" {
         reduce_range: c_int,
         err: *mut *mut c_char,
     ) -> *mut c_void;
-    fn pirclip_adamw_foreach(
+    fn pirclip_adamw(
         params: *const *const c_void,
         grads: *const *const c_void,
         exp_avgs: *const *const c_void,
@@ -39,21 +39,7 @@ extern "C" {
         eps: f64,
         bias_correction1: f64,
         bias_correction2: f64,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn pirclip_adamw_single(
-        params: *const *const c_void,
-        grads: *const *const c_void,
-        exp_avgs: *const *const c_void,
-        exp_avg_sqs: *const *const c_void,
-        n: c_int,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-        bias_correction1: f64,
-        bias_correction2: f64,
+        multi_tensor: c_int,
         err: *mut *mut c_char,
     ) -> c_int;
     fn pirclip_norms_foreach(
@@ -210,7 +196,11 @@ impl Profiler {
         let mut err = std::ptr::null_mut();
         // SAFETY: `c_path` outlives the call; the shim copies it into a std::string.
         if unsafe { pirclip_profiler_stop(c_path.as_ptr(), &mut err) } != 0 {
-            return Err(format!("profiler: {}: {}", path.display(), take_message(err)));
+            return Err(format!(
+                "profiler: {}: {}",
+                path.display(),
+                take_message(err)
+            ));
         }
         Ok(())
     }
@@ -237,49 +227,12 @@ pub mod foreach {
         pub bias_correction2: f64,
     }
 
-    /// torch.optim.AdamW(foreach=True)'s update of one parameter group, in place.
+    /// torch.optim.AdamW's update of one parameter group, in place: with `multi_tensor` its foreach path
+    /// (`_multi_tensor_adamw`, one kernel per operation over all tensors), else `_single_tensor_adamw`
+    /// (PyTorch's default on CPU: tensor by tensor with in-place addcmul_/addcdiv_, so at most one
+    /// tensor's temporaries are alive). Both are PyTorch's arithmetic to the bit.
     pub fn adamw(
-        params: &[&Tensor],
-        grads: &[&Tensor],
-        exp_avgs: &[&Tensor],
-        exp_avg_sqs: &[&Tensor],
-        s: AdamWStep,
-    ) -> Result<(), String> {
-        adamw_with(pirclip_adamw_foreach, params, grads, exp_avgs, exp_avg_sqs, s)
-            .map_err(|e| format!("adamw foreach: {e}"))
-    }
-
-    /// torch.optim.AdamW(foreach=False)'s update (`_single_tensor_adamw`, PyTorch's default on CPU):
-    /// tensor by tensor with in-place addcmul_/addcdiv_, so at most one tensor's temporaries are alive.
-    pub fn adamw_single_tensor(
-        params: &[&Tensor],
-        grads: &[&Tensor],
-        exp_avgs: &[&Tensor],
-        exp_avg_sqs: &[&Tensor],
-        s: AdamWStep,
-    ) -> Result<(), String> {
-        adamw_with(pirclip_adamw_single, params, grads, exp_avgs, exp_avg_sqs, s)
-            .map_err(|e| format!("adamw: {e}"))
-    }
-
-    type AdamWKernel = unsafe extern "C" fn(
-        *const *const c_void,
-        *const *const c_void,
-        *const *const c_void,
-        *const *const c_void,
-        c_int,
-        f64,
-        f64,
-        f64,
-        f64,
-        f64,
-        f64,
-        f64,
-        *mut *mut c_char,
-    ) -> c_int;
-
-    fn adamw_with(
-        kernel: AdamWKernel,
+        multi_tensor: bool,
         params: &[&Tensor],
         grads: &[&Tensor],
         exp_avgs: &[&Tensor],
@@ -288,7 +241,7 @@ pub mod foreach {
     ) -> Result<(), String> {
         let n = params.len();
         if grads.len() != n || exp_avgs.len() != n || exp_avg_sqs.len() != n {
-            return Err("lists of different lengths".into());
+            return Err("adamw: lists of different lengths".into());
         }
         if n == 0 {
             return Ok(());
@@ -297,7 +250,7 @@ pub mod foreach {
         let mut err = std::ptr::null_mut();
         // SAFETY: arrays of n live `at::Tensor*` borrowed for the call; the shim keeps no pointer.
         let rc = unsafe {
-            kernel(
+            pirclip_adamw(
                 p.as_ptr(),
                 g.as_ptr(),
                 m.as_ptr(),
@@ -310,11 +263,12 @@ pub mod foreach {
                 s.eps,
                 s.bias_correction1,
                 s.bias_correction2,
+                multi_tensor as c_int,
                 &mut err,
             )
         };
         if rc != 0 {
-            return Err(take_message(err));
+            return Err(format!("adamw: {}", take_message(err)));
         }
         Ok(())
     }

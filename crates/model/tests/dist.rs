@@ -1,6 +1,6 @@
 //! c10d from Rust: two ranks (threads) over a TCPStore on loopback: all-reduce, all-gather, broadcast.
 
-use pirclip_model::dist::ProcessGroup;
+use pirclip_model::dist::{ProcessGroup, Rendezvous};
 use tch::{Kind, Tensor};
 
 fn free_port() -> u16 {
@@ -17,7 +17,14 @@ fn two_gloo_ranks_reduce_gather_and_broadcast() {
     let ranks: Vec<_> = (0..2usize)
         .map(|rank| {
             std::thread::spawn(move || {
-                let pg = match ProcessGroup::gloo("127.0.0.1", port, rank, 2, rank == 0, 30) {
+                let pg = match ProcessGroup::gloo(&Rendezvous {
+                    host: "127.0.0.1",
+                    port: port,
+                    rank: rank,
+                    world_size: 2,
+                    is_server: rank == 0,
+                    timeout_s: 30,
+                }) {
                     Ok(pg) => pg,
                     Err(e) => panic!("{e}"),
                 };
@@ -52,7 +59,17 @@ fn two_gloo_ranks_reduce_gather_and_broadcast() {
 fn nccl_group_works_on_a_gpu_and_says_why_not_elsewhere() {
     let port = free_port();
     let started = std::time::Instant::now();
-    let joined = ProcessGroup::nccl("127.0.0.1", port, 0, 1, true, 30, 0);
+    let joined = ProcessGroup::nccl(
+        &Rendezvous {
+            host: "127.0.0.1",
+            port: port,
+            rank: 0,
+            world_size: 1,
+            is_server: true,
+            timeout_s: 30,
+        },
+        0,
+    );
     if !pirclip_model::cuda::load() {
         let e = joined.err().expect("NCCL without a GPU must fail");
         // With the backend built, reaching the device check means the plugin opened and its entry
@@ -63,18 +80,33 @@ fn nccl_group_works_on_a_gpu_and_says_why_not_elsewhere() {
             "built without the NCCL backend"
         };
         assert!(e.contains(why), "{e}");
-        assert!(started.elapsed().as_secs() < 10, "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "took {:?}",
+            started.elapsed()
+        );
         return;
     }
     let pg = joined.unwrap();
     let gpu = tch::Device::Cuda(0);
     let t = Tensor::from_slice(&[1.0f32, 10.0]).to_device(gpu);
     pg.all_reduce_sum(&t).unwrap();
-    let gathered = pg.all_gather(&Tensor::from_slice(&[3.0f32]).to_device(gpu)).unwrap();
+    let gathered = pg
+        .all_gather(&Tensor::from_slice(&[3.0f32]).to_device(gpu))
+        .unwrap();
     let b = Tensor::full([2], 7.0, (Kind::Float, gpu));
     pg.broadcast(&b, 0).unwrap();
     pg.barrier().unwrap();
-    assert_eq!(Vec::<f32>::try_from(t.to_device(tch::Device::Cpu)).unwrap(), [1.0, 10.0]);
-    assert_eq!(Vec::<f32>::try_from(gathered.to_device(tch::Device::Cpu)).unwrap(), [3.0]);
-    assert_eq!(Vec::<f32>::try_from(b.to_device(tch::Device::Cpu)).unwrap(), [7.0, 7.0]);
+    assert_eq!(
+        Vec::<f32>::try_from(t.to_device(tch::Device::Cpu)).unwrap(),
+        [1.0, 10.0]
+    );
+    assert_eq!(
+        Vec::<f32>::try_from(gathered.to_device(tch::Device::Cpu)).unwrap(),
+        [3.0]
+    );
+    assert_eq!(
+        Vec::<f32>::try_from(b.to_device(tch::Device::Cpu)).unwrap(),
+        [7.0, 7.0]
+    );
 }

@@ -60,7 +60,11 @@ impl Distributed {
     /// the reducer's strict accounting (every hooked parameter gets a gradient in every reduced
     /// backward) without DDP's per-step graph walk for unused parameters: a parameter that a
     /// configuration leaves idle simply stays outside.
-    pub fn attach_reducer(&mut self, params: &[ParamState], logit_scale: &Tensor) -> Result<(), String> {
+    pub fn attach_reducer(
+        &mut self,
+        params: &[ParamState],
+        logit_scale: &Tensor,
+    ) -> Result<(), String> {
         let (towers, others): (Vec<&ParamState>, Vec<&ParamState>) = params.iter().partition(|p| {
             p.param.data_ptr() != logit_scale.data_ptr() && p.param.grad().defined()
         });

@@ -130,11 +130,7 @@ impl AdamW {
         let c = self.config;
         let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
-        let kernel = if self.uses_foreach() {
-            foreach::adamw
-        } else {
-            foreach::adamw_single_tensor
-        };
+        let multi_tensor = self.uses_foreach();
         // Per parameter group, as PyTorch groups tensors by device, dtype and group.
         for decay in [false, true] {
             let group: Vec<(&ParamState, Tensor)> = self
@@ -157,7 +153,8 @@ impl AdamW {
                 bias_correction1,
                 bias_correction2,
             };
-            kernel(&params, &grads, &exp_avgs, &exp_avg_sqs, step).unwrap_or_else(|e| panic!("{e}"));
+            foreach::adamw(multi_tensor, &params, &grads, &exp_avgs, &exp_avg_sqs, step)
+                .unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }

@@ -409,8 +409,10 @@ impl TrainingRun {
             return Ok(());
         };
         p.stop(path)?;
-        self.log
-            .line(&format!("profile of the steps after the first: {}", path.display()));
+        self.log.line(&format!(
+            "profile of the steps after the first: {}",
+            path.display()
+        ));
         Ok(())
     }
 

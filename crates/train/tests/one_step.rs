@@ -375,7 +375,7 @@ fn grads(t: &Trainer) -> Vec<(String, Tensor)> {
 /// so the towers get half the gradient and the logit scale all of it.
 #[test]
 fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
-    use pirclip_model::dist::ProcessGroup;
+    use pirclip_model::dist::{ProcessGroup, Rendezvous};
     use pirclip_model::{l2_normalize, BnMode, EncodeOptions};
     use pirclip_train::distributed::Distributed;
     use pirclip_train::loss::{class_centres, gathered_losses, Gathered};
@@ -430,8 +430,15 @@ fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
                 std::thread::spawn(move || {
                     let fixture = Fixture::load();
                     let mut t = fixture.trainer(options);
-                    let group =
-                        ProcessGroup::gloo("127.0.0.1", port, rank, 2, rank == 0, 60).unwrap();
+                    let group = ProcessGroup::gloo(&Rendezvous {
+                        host: "127.0.0.1",
+                        port: port,
+                        rank: rank,
+                        world_size: 2,
+                        is_server: rank == 0,
+                        timeout_s: 60,
+                    })
+                    .unwrap();
                     t.join(Distributed {
                         group,
                         local_loss: false,
