@@ -3,6 +3,9 @@ interval over the test images, every row scored on the same draws (so what the r
 sample, cancels out of the difference).
 
     ablation_paired.py REF_DIR ROW_DIR...   (each DIR from `pirclip eval --embeddings-out DIR`)
+    ablation_paired.py --pool REF_DIR:ROW_DIR...   one row over several training seeds: the mean of the
+        per-seed differences, every seed scored on the same draws (the test split is the same), so the
+        interval covers the test sample while averaging over the seeds' training noise
 
 Ranks follow pirclip eval / the official retrieval.py: a text query's rank is the number of images scoring
 strictly higher than its own; an image's, the number of texts scoring strictly higher than its best caption.
@@ -38,6 +41,22 @@ def mean_recall(h, idx):
     b = t2i_hits[idx].sum(-2) / captions[idx].sum(-1)[..., None]
     return 100 * (a.sum(-1) + b.sum(-1)) / (2 * len(KS))
 
+
+if sys.argv[1] == "--pool":
+    pairs = [a.split(":") for a in sys.argv[2:]]
+    hits = [(per_image_hits(r), per_image_hits(w)) for r, w in pairs]
+    n = len(hits[0][0][2])
+    draws = np.random.default_rng(0).integers(0, n, size=(DRAWS, n))
+    all_idx = np.arange(n)
+    diff = np.mean([mean_recall(w, draws) - mean_recall(r, draws) for r, w in hits], axis=0)
+    point = np.mean([mean_recall(w, all_idx) - mean_recall(r, all_idx) for r, w in hits])
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    print(json.dumps({"rows": [os.path.basename(w.rstrip("/")) for _, w in pairs],
+                      "references": [os.path.basename(r.rstrip("/")) for r, _ in pairs],
+                      "seeds": len(pairs), "mean_difference": round(float(point), 2),
+                      "difference_ci95": [round(float(lo), 2), round(float(hi), 2)],
+                      "p_not_better": float((diff <= 0).mean())}))
+    sys.exit(0)
 
 ref, rows = sys.argv[1], sys.argv[2:]
 h_ref = per_image_hits(ref)

@@ -46,7 +46,7 @@ train_small() { # DEVICE PRECISION NAME [MORE TRAIN FLAGS]
   local device=$1 precision=$2 name=$3; shift 3
   $P train --model models/pir-small-aid150.json --pretrained models/pir-small-aid150.safetensors \
     --train-data "$JSON" --train-split test --images-dir "$IMAGES" --batch-size 32 --max-steps 4 --warmup 1 \
-    --lr 1e-5 --aff-loss --log-every-n-steps 1 --workers 4 --device "$device" --precision "$precision" \
+    --lr 1e-5 --aff-loss --recipe official --log-every-n-steps 1 --workers 4 --device "$device" --precision "$precision" \
     --logs "$W/logs" --name "$name" "$@"
 }
 # The same under torchrun: NPROC ranks, the global batch of 32 split between them.
@@ -54,7 +54,7 @@ train_small_ranks() { # NPROC DEVICE BACKEND NAME
   local n=$1 device=$2 backend=$3 name=$4
   $PY -m torch.distributed.run --nproc_per_node "$n" --no-python -- $P train --model models/pir-small-aid150.json \
     --pretrained models/pir-small-aid150.safetensors --train-data "$JSON" --train-split test --images-dir "$IMAGES" \
-    --batch-size $((32 / n)) --max-steps 4 --warmup 1 --lr 1e-5 --aff-loss --log-every-n-steps 1 --workers 4 \
+    --batch-size $((32 / n)) --max-steps 4 --warmup 1 --lr 1e-5 --aff-loss --recipe official --log-every-n-steps 1 --workers 4 \
     --device "$device" --dist-backend "$backend" --lock-instruction --logs "$W/logs" --name "$name"
 }
 
@@ -112,7 +112,7 @@ for run in $TRAIN_RUNS; do
   IFS=: read -r m p fe <<<"$run"
   step "trainspeed-$m-$p-$fe" $P train --model $m --train-data "$JSON" --train-split test --images-dir "$IMAGES" \
     --batch-size $TRAIN_B --max-steps $((STEPS + 2)) --warmup 10 --aff-loss --log-every-n-steps 1 --workers 12 \
-    --device $DEV --precision $p --foreach $fe --logs "$W/logs" --name "speed-$m-$p-$fe"
+    --device $DEV --precision $p --foreach $fe --recipe official --logs "$W/logs" --name "speed-$m-$p-$fe"
 done
 
 PRECISIONS=$PRECISIONS TRAIN_RUNS=$TRAIN_RUNS $PY - "$W" "$REF" <<'PY'

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One row of an RSICD-AID150 table (bench/ablation.sh, bench/recipe.sh): train CONFIG with the shared
 # budget (batch 64, 2 epochs of 32,000 samples from train+val = 1,000 steps, AdamW lr 5e-4, wd 0.2,
-# 200 warm-up steps then cosine, affiliation loss, one thread) plus EXTRA flags, evaluate the test split
+# 200 warm-up steps then cosine, affiliation loss, `--recipe official`, one thread) plus EXTRA flags, evaluate the test split
 # with a bootstrap interval, keep the embeddings for paired comparisons, append one JSON line to OUT.
 #   bench/train_row.sh NAME CONFIG SEED OUT [EXTRA TRAIN FLAGS...]
 set -euo pipefail
@@ -16,7 +16,7 @@ rm -rf "${LOGS:?}/$run"
 /usr/bin/time -f '%e' -o "$LOGS/$run.time" "$BIN" train --model "$config" \
   --train-data "$A/dataset_rsicd_aid150.json" --images-dir "$A/images" --train-split train,val \
   --batch-size 64 --epochs 2 --train-num-samples 32000 --lr 5e-4 --wd 0.2 --warmup 200 \
-  --lr-scheduler cosine --aff-loss --logs "$LOGS" --name "$run" --threads 1 --workers 1 \
+  --lr-scheduler cosine --aff-loss --recipe official --logs "$LOGS" --name "$run" --threads 1 --workers 1 \
   --seed "$seed" --log-every-n-steps 50 "$@" > "$LOGS/$run.train.txt" 2>&1
 "$BIN" eval --model "$config" --checkpoint "$LOGS/$run/checkpoints/epoch_2.safetensors" \
   --json "$A/dataset_rsicd_aid150.json" --images-dir "$A/images" --threads 1 \

@@ -19,7 +19,7 @@ rss() { awk '/Maximum resident/ {printf "%.2f GB", $6 / 1048576}' "$1"; }
 pirclip_step() {  # MODEL RUN-NAME
   /usr/bin/time -v -o "$W/$2.time" target/release/pirclip train --model "$1" --train-data $A/dataset_rsicd_aid150.json \
     --images-dir $A/images --batch-size "$B" --epochs 1 --warmup 10 --aff-loss --max-steps $((STEPS + 1)) \
-    --log-every-n-steps 1 --threads 2 --logs "$W" --name "$2" >/dev/null 2>&1
+    --log-every-n-steps 1 --threads 2 --recipe official --logs "$W" --name "$2" >/dev/null 2>&1
   t=$(grep -o 'Batch (t): [0-9.]*' "$W/$2/out.log" | tail -n "$STEPS" | awk '{print $3}' | median)
   echo "pirclip $1 batch $B: $t s/step, peak $(rss "$W/$2.time")"
 }

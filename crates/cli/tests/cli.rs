@@ -747,20 +747,21 @@ fn resume_continues_exactly() {
             average(&mut pirclip_checkpoint::pt::PtArchive::open(&a).unwrap()),
             average(&mut pirclip_checkpoint::pt::PtArchive::open(&b).unwrap()),
         );
-        assert_eq!(ema_a.is_some(), extra == recipe);
+        // Every run keeps a weight average: the default recipe's (0.999) or the switches' (0.9).
         assert_eq!(ema_a, ema_b, "weight average after {n} steps");
-        if let Some((tensors, updates)) = ema_a {
-            assert_eq!(updates, Some(8));
-            assert_ne!(
-                tensors[..],
-                ca.state_dict
-                    .entries
-                    .iter()
-                    .map(|(_, t)| t.clone())
-                    .collect::<Vec<_>>()[..],
-                "the average differs from the weights"
-            );
-        }
+        let Some((tensors, updates)) = ema_a else {
+            panic!("{n} steps: no state_dict_ema in epoch_latest.pt")
+        };
+        assert_eq!(updates, Some(n.parse().unwrap()));
+        assert_ne!(
+            tensors[..],
+            ca.state_dict
+                .entries
+                .iter()
+                .map(|(_, t)| t.clone())
+                .collect::<Vec<_>>()[..],
+            "the average differs from the weights"
+        );
     }
     let log = std::fs::read_to_string(dir.join("logs/straight24/out.log")).unwrap();
     assert!(
@@ -2491,7 +2492,8 @@ fn paper_modules_init_inspect_encode_and_fine_tune() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("has no hard-filter Spatial-PAE"));
 }
 
-/// `--recipe aerial` turns on the measured switches (explicit flags win), the log says what is in effect,
+/// `--recipe aerial` turns on the measured switches (explicit flags win), the default recipe adds the
+/// weight average to the official one, the log says what is in effect,
 /// the .safetensors checkpoint holds the weight average, and malformed or unimplemented `--aug-cfg`
 /// settings are refused by name.
 #[test]
@@ -2522,17 +2524,30 @@ fn recipe_switches_are_logged_and_the_checkpoint_holds_the_average() {
         log.contains("recipe aerial: augmentation RandomResizedCrop(scale 0.9–1, ratio 0.750–1.333) + 90° rotations and flips; label smoothing 0.05; weight average decay 0.999"),
         "{log}"
     );
+    // The default, `pirclip`: the official recipe plus the weight average; `official` adds nothing, and
+    // `--ema-decay 0` turns the average off under any recipe.
     let trace = dir.join("trace.json");
     let run = train_on_mini(
         &logs,
-        "official",
+        "default",
         &[&steps[..], &["--profile", trace.to_str().unwrap()]].concat(),
     );
     let log = std::fs::read_to_string(run.join("out.log")).unwrap();
     assert!(
-        log.contains("recipe official: augmentation RandomResizedCrop(scale 0.9–1, ratio 0.750–1.333); label smoothing 0; weight average off"),
+        log.contains("recipe pirclip: augmentation RandomResizedCrop(scale 0.9–1, ratio 0.750–1.333); label smoothing 0; weight average decay 0.999"),
         "{log}"
     );
+    for (name, flags) in [
+        ("official", &["--recipe", "official"][..]),
+        ("no-average", &["--ema-decay", "0"][..]),
+    ] {
+        let run = train_on_mini(&logs, name, &[&steps[..], flags].concat());
+        let official = std::fs::read_to_string(run.join("out.log")).unwrap();
+        assert!(
+            official.contains("label smoothing 0; weight average off"),
+            "{name}: {official}"
+        );
+    }
     // --profile: a torch.profiler Chrome trace of step 2 (the first is left out), with the step's ops.
     assert!(
         log.contains("profile of the steps after the first"),

@@ -10,7 +10,9 @@ use pirclip_data::train::{samples_from_karpathy, Augmentation, LoaderConfig, Tra
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: loader_rate JSON IMAGES_DIR [SIZE=224] [BATCH=128] [BATCHES=20] [WORKERS=1,2]");
+        eprintln!(
+            "usage: loader_rate JSON IMAGES_DIR [SIZE=224] [BATCH=128] [BATCHES=20] [WORKERS=1,2]"
+        );
         std::process::exit(2);
     }
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
@@ -19,7 +21,10 @@ fn main() {
     let batches: usize = arg(5, "20").parse().expect("BATCHES");
     let ds = Dataset::load(Path::new(&args[1])).unwrap_or_else(|e| panic!("{e}"));
     let samples = samples_from_karpathy(&ds, &["train"], Path::new(&args[2]));
-    for workers in arg(6, "1,2").split(',').map(|w| w.parse::<usize>().expect("WORKERS")) {
+    for workers in arg(6, "1,2")
+        .split(',')
+        .map(|w| w.parse::<usize>().expect("WORKERS"))
+    {
         let loader = TrainLoader::new(
             samples.clone(),
             LoaderConfig {
