@@ -140,9 +140,10 @@ pub fn reject_unsupported_open_clip_flags(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Train or fine-tune with open_clip's recipe plus PIR-CLIP's affiliation loss. Run folder:
+/// Train or fine-tune with open_clip's recipe plus PIR-CLIP's affiliation loss, keeping a weight average
+/// (--recipe official for exactly the official run). Run folder:
 /// <logs>/<name>/{out.log, params.txt, checkpoints/, tensorboard/}; checkpoints are PyTorch-readable
-/// (epoch_N.pt in open_clip's layout) with a .safetensors copy of the weights.
+/// (epoch_N.pt in open_clip's layout) with a .safetensors copy of the (averaged) weights.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Model preset or open_clip JSON config.
