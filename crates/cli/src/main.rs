@@ -53,6 +53,8 @@ enum Command {
     /// Retrieval evaluation (R@1/5/10 both ways, mean recall) exactly as the official retrieval.py.
     Eval(eval::Args),
     /// Train or fine-tune (contrastive + affiliation loss) from a JSON dataset or webdataset shards.
+    // A repeated flag takes its last value, as in open_clip's argparse (scripts append overrides).
+    #[command(args_override_self = true)]
     Train(Box<train::Args>),
     /// Write webdataset tar shards from a Karpathy-style JSON.
     Shards(shards::Args),

@@ -2539,7 +2539,20 @@ fn recipe_switches_are_logged_and_the_checkpoint_holds_the_average() {
     );
     for (name, flags) in [
         ("official", &["--recipe", "official"][..]),
-        ("no-average", &["--ema-decay", "0"][..]),
+        // A repeated flag takes its last value, as open_clip's argparse does.
+        (
+            "no-average",
+            &[
+                "--ema-decay",
+                "0.5",
+                "--lr",
+                "1e-4",
+                "--ema-decay",
+                "0",
+                "--lr",
+                "2e-4",
+            ][..],
+        ),
     ] {
         let run = train_on_mini(&logs, name, &[&steps[..], flags].concat());
         let official = std::fs::read_to_string(run.join("out.log")).unwrap();
@@ -2548,6 +2561,8 @@ fn recipe_switches_are_logged_and_the_checkpoint_holds_the_average() {
             "{name}: {official}"
         );
     }
+    let params = std::fs::read_to_string(logs.join("no-average/params.txt")).unwrap();
+    assert!(params.contains("lr: 0.0002,"), "{params}");
     // --profile: a torch.profiler Chrome trace of step 2 (the first is left out), with the step's ops.
     assert!(
         log.contains("profile of the steps after the first"),
