@@ -564,6 +564,10 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
     }
+    if let Some(p) = &a.profile {
+        // Kineto only logs a file it cannot write; fail now, not after the training.
+        std::fs::File::create(p).with_context(|| format!("--profile {}", p.display()))?;
+    }
     if a.profile.is_some() && std::env::var_os("KINETO_LOG_LEVEL").is_none() {
         // Kineto (the profiler) logs an error when it finds no GPU; level 5 silences its log, not the
         // trace. Set before the loader's threads start, as the environment must be.

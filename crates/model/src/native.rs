@@ -202,7 +202,14 @@ impl Profiler {
                 take_message(err)
             ));
         }
-        Ok(())
+        // Kineto reports a failed write only in its log.
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > 0 => Ok(()),
+            _ => Err(format!(
+                "profiler: nothing was written to {}",
+                path.display()
+            )),
+        }
     }
 }
 
