@@ -2563,6 +2563,27 @@ fn recipe_switches_are_logged_and_the_checkpoint_holds_the_average() {
     }
     let params = std::fs::read_to_string(logs.join("no-average/params.txt")).unwrap();
     assert!(params.contains("lr: 0.0002,"), "{params}");
+    // A trace that cannot be written fails before any training, naming the flag and the file.
+    let unwritable = dir.join("no-such-folder/trace.json");
+    let args = mini_train_args(
+        &logs,
+        "unwritable-trace",
+        &mini().join("images"),
+        &[
+            "--max-steps",
+            "1",
+            "--profile",
+            unwritable.to_str().unwrap(),
+        ],
+    );
+    let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--profile") && stderr.contains("no-such-folder/trace.json"),
+        "{stderr}"
+    );
+    assert!(!logs.join("unwritable-trace/checkpoints").exists());
     // --profile: a torch.profiler Chrome trace of step 2 (the first is left out), with the step's ops.
     assert!(
         log.contains("profile of the steps after the first"),
