@@ -29,8 +29,8 @@ pub struct Distributed {
     pub local_loss: bool,
     /// open_clip `--gather-with-grad`.
     pub gather_with_grad: bool,
-    /// The towers' parameters' reducer (`Trainer::join`); without it gradients are averaged after
-    /// backward in flat buckets.
+    /// The towers' parameters' reducer, attached after the first step (`attach_reducer`); until then
+    /// gradients are averaged after backward in flat buckets.
     pub reducer: Option<TowerReducer>,
 }
 
