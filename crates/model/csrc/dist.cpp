@@ -31,8 +31,8 @@ struct Group {
   c10::intrusive_ptr<c10d::ProcessGroup> front;
 };
 
-// The TCPStore rendezvous every backend starts from, under the key prefix torch.distributed uses for the
-// default group's store.
+// The TCPStore rendezvous every backend starts from, with pirclip's keys under a prefix of their own
+// (torchrun's agent may host the store and keep keys there too).
 c10::intrusive_ptr<c10d::Store> rendezvous(const char *host, int port, int world, int is_server,
                                            int timeout_s) {
   c10d::TCPStoreOptions opts;
