@@ -33,7 +33,7 @@ fi
 # The NCCL backend (multi-GPU training) compiles against the CUDA headers of torch's own nvidia-* wheels;
 # the runtime wheel lacks the compiler-side ones (crt/, nv/target), which come from the nvidia-cuda-crt and
 # nvidia-cuda-cccl wheels of the same CUDA version (~4 MB). Skipped where torch has no CUDA wheels.
-NV=$(.venv/bin/python -c "import importlib.util, os; s = importlib.util.find_spec('nvidia'); print(s.submodule_search_locations[0] if s else '')" 2>/dev/null || true)
+NV=$(.venv/bin/python -c "import importlib.util; s = importlib.util.find_spec('nvidia'); print(s.submodule_search_locations[0] if s else '')" 2>/dev/null || true)
 if [ -n "$NV" ] && [ -f "$NV/nccl/include/nccl.h" ] && [ ! -f "$NV/cu13/include/crt/host_config.h" ]; then
   CUDA_MM=$(.venv/bin/pip show nvidia-cuda-runtime 2>/dev/null | awk '/^Version:/ {split($2, v, "."); print v[1] "." v[2]}')
   if [ -n "$CUDA_MM" ]; then

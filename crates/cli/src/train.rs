@@ -567,11 +567,11 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.profile {
         // Kineto only logs a file it cannot write; fail now, not after the training.
         std::fs::File::create(p).with_context(|| format!("--profile {}", p.display()))?;
-    }
-    if a.profile.is_some() && std::env::var_os("KINETO_LOG_LEVEL").is_none() {
-        // Kineto (the profiler) logs an error when it finds no GPU; level 5 silences its log, not the
-        // trace. Set before the loader's threads start, as the environment must be.
-        std::env::set_var("KINETO_LOG_LEVEL", "5");
+        if std::env::var_os("KINETO_LOG_LEVEL").is_none() {
+            // Kineto logs an error when it finds no GPU; level 5 silences its log, not the trace. Set
+            // before the loader's threads start, as the environment must be.
+            std::env::set_var("KINETO_LOG_LEVEL", "5");
+        }
     }
     // Before the first tensor: steps reuse freed activation memory instead of faulting in new pages.
     pirclip_model::native::retain_freed_memory();

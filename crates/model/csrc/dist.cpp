@@ -183,11 +183,10 @@ int pirclip_dist_barrier(void *group, char **err) {
 // waits for them and the gradients are the average over ranks. Buckets as DDP's: parameters in reverse
 // order (roughly the order backward produces them), the first bucket_bytes_first, the rest
 // bucket_bytes. Gradients are views into the buckets (DDP's gradient_as_bucket_view), so the buckets cost
-// no memory beyond the gradients. `find_unused`: parameters the backward does not reach count as zero
-// (DDP's find_unused_parameters), found by walking the graph from the outputs given to prepare.
+// no memory beyond the gradients. Every parameter must get a gradient in every reduced backward (DDP
+// without find_unused_parameters): the caller hooks only those its backward reaches.
 void *pirclip_dist_reducer_new(void *group, at::Tensor *const *params, int n,
-                               long long bucket_bytes, long long bucket_bytes_first,
-                               int find_unused, char **err) {
+                               long long bucket_bytes, long long bucket_bytes_first, char **err) {
   try {
     auto *g = static_cast<Group *>(group);
     if (!g->front) {
@@ -211,7 +210,7 @@ void *pirclip_dist_reducer_new(void *group, at::Tensor *const *params, int n,
         ps, {static_cast<size_t>(bucket_bytes_first), static_cast<size_t>(bucket_bytes)});
     std::reverse(buckets.begin(), buckets.end());
     return new c10d::Reducer(ps, buckets, g->front, std::vector<bool>(n, false), bucket_bytes,
-                             find_unused != 0, /*gradient_as_bucket_view=*/true, {},
+                             /*find_unused_parameters=*/false, /*gradient_as_bucket_view=*/true, {},
                              bucket_bytes_first, /*skip_all_reduce_unused_params=*/false,
                              /*use_python_reducer=*/false, {});
   } catch (const std::exception &e) {
@@ -221,19 +220,17 @@ void *pirclip_dist_reducer_new(void *group, at::Tensor *const *params, int n,
 }
 
 // Arms the reducer for the next backward (DDP calls this after a forward whose gradients are to be
-// synchronised). `outputs`: what backward will start from (used with find_unused). Every rank calls
-// it at the same point of a step: the one-time bucket rebuild is a collective.
-int pirclip_dist_reducer_prepare(void *reducer, at::Tensor *const *outputs, int n, char **err) {
+// synchronised). Every rank calls it at the same point of a step: the one-time bucket rebuild is a
+// collective.
+int pirclip_dist_reducer_prepare(void *reducer, char **err) {
   try {
     auto *r = static_cast<c10d::Reducer *>(reducer);
-    std::vector<at::Tensor> outs;
-    for (int i = 0; i < n; i++) outs.push_back(*outputs[i]);
     // After the first reduced backward, the buckets are rebuilt once in the order gradients actually
     // arrived (rank 0's order, broadcast), as DDP does before its second forward: parameter order alone
     // does not tell which gradients backward produces first.
     r->rebuild_buckets();
     r->prepare_for_forward();
-    r->prepare_for_backward(outs);
+    r->prepare_for_backward({});
     return 0;
   } catch (const std::exception &e) {
     *err = message(e);

@@ -101,15 +101,9 @@ extern "C" {
         n: c_int,
         bucket_bytes: i64,
         bucket_bytes_first: i64,
-        find_unused: c_int,
         err: *mut *mut c_char,
     ) -> *mut c_void;
-    fn pirclip_dist_reducer_prepare(
-        reducer: *mut c_void,
-        outputs: *const *const c_void,
-        n: c_int,
-        err: *mut *mut c_char,
-    ) -> c_int;
+    fn pirclip_dist_reducer_prepare(reducer: *mut c_void, err: *mut *mut c_char) -> c_int;
     fn pirclip_dist_reducer_free(reducer: *mut c_void);
     fn pirclip_dist_sum_over_ranks(
         group: *mut c_void,
@@ -437,17 +431,12 @@ impl GradientReducer {
     pub const BUCKET_BYTES: i64 = 25 << 20;
     pub const FIRST_BUCKET_BYTES: i64 = 1 << 20;
 
-    /// Hooks `params` (trainable leaves, in registration order). With `find_unused`, parameters that a
-    /// backward does not reach count as zero gradients instead of stalling the reduction.
-    pub fn new(
-        group: &ProcessGroup,
-        params: &[&Tensor],
-        find_unused: bool,
-    ) -> Result<Self, String> {
+    /// Hooks `params` (trainable leaves, in registration order). Every one of them must get a gradient
+    /// in every backward the reducer is prepared for.
+    pub fn new(group: &ProcessGroup, params: &[&Tensor]) -> Result<Self, String> {
         #[cfg(pirclip_dist)]
         {
-            let ptrs: Vec<*const c_void> =
-                params.iter().map(|t| t.as_ptr() as *const c_void).collect();
+            let ptrs = crate::native::ptrs(params);
             let mut err = std::ptr::null_mut();
             // SAFETY: live tensors borrowed for the call (the reducer keeps its own references).
             let reducer = unsafe {
@@ -457,7 +446,6 @@ impl GradientReducer {
                     ptrs.len() as c_int,
                     Self::BUCKET_BYTES,
                     Self::FIRST_BUCKET_BYTES,
-                    find_unused as c_int,
                     &mut err,
                 )
             };
@@ -468,39 +456,24 @@ impl GradientReducer {
         }
         #[cfg(not(pirclip_dist))]
         {
-            let _ = (group, params, find_unused);
+            let _ = (group, params);
             unreachable!("no group exists without distributed support")
         }
     }
 
-    /// Arms the reducer for the next backward, which starts from `outputs`.
-    pub fn prepare(&self, outputs: &[&Tensor]) -> Result<(), String> {
+    /// Arms the reducer for the next backward.
+    pub fn prepare(&self) -> Result<(), String> {
         #[cfg(pirclip_dist)]
         {
-            let ptrs: Vec<*const c_void> = outputs
-                .iter()
-                .map(|t| t.as_ptr() as *const c_void)
-                .collect();
             let mut err = std::ptr::null_mut();
-            // SAFETY: the reducer is live; the tensors are borrowed for the call.
-            let rc = unsafe {
-                pirclip_dist_reducer_prepare(
-                    self.reducer,
-                    ptrs.as_ptr(),
-                    ptrs.len() as c_int,
-                    &mut err,
-                )
-            };
-            if rc != 0 {
+            // SAFETY: the reducer is live.
+            if unsafe { pirclip_dist_reducer_prepare(self.reducer, &mut err) } != 0 {
                 return Err(format!("gradient reducer: {}", take_message(err)));
             }
             Ok(())
         }
         #[cfg(not(pirclip_dist))]
-        {
-            let _ = outputs;
-            unreachable!("no group exists without distributed support")
-        }
+        unreachable!("no group exists without distributed support")
     }
 }
 

@@ -156,12 +156,18 @@ impl Drop for QuantizedLinear {
     }
 }
 
+/// The `at::Tensor*` of each tensor, for a C array argument of the shim.
+pub(crate) fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
+    ts.iter().map(|t| t.as_ptr() as *const c_void).collect()
+}
+
 /// Makes glibc's malloc keep memory that libtorch frees for the next allocation instead of handing it
 /// back to the kernel: no `mmap` for large blocks (`M_MMAP_MAX` 0) and no trimming of the heap's top
 /// below 2 GiB free (`M_TRIM_THRESHOLD`). libtorch's CPU allocator has no cache of its own, and by default
 /// glibc maps large blocks anew (threshold 128 KiB, rising to at most 32 MiB) and trims a freed heap top,
-/// so activations fault in kernel-zeroed pages on first write, once per step: full-size PIR at batch 16 on 2 threads spent about a third of its step time there
-/// (bench/train_step.sh; the note in README "Training speed"). A training step allocates the same sizes
+/// so activations fault in kernel-zeroed pages on first write, once per step: full-size PIR at batch 16
+/// on 2 threads spent about a third of its step time there (bench/train_step.sh; README "Performance
+/// (CPU, 2 threads …)"). A training step allocates the same sizes
 /// every time, so the heap stops growing after the first steps. Returns whether glibc accepted both
 /// settings (false on other C libraries, which are left as they are).
 pub fn retain_freed_memory() -> bool {
@@ -217,10 +223,6 @@ impl Profiler {
 /// them, which is what keeps an optimizer step of ~500 tensors cheap on a GPU.
 pub mod foreach {
     use super::*;
-
-    fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
-        ts.iter().map(|t| t.as_ptr() as *const c_void).collect()
-    }
 
     /// Parameters of one AdamW group, as `_multi_tensor_adamw` takes them.
     #[derive(Debug, Clone, Copy)]

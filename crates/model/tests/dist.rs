@@ -19,8 +19,8 @@ fn two_gloo_ranks_reduce_gather_and_broadcast() {
             std::thread::spawn(move || {
                 let pg = match ProcessGroup::gloo(&Rendezvous {
                     host: "127.0.0.1",
-                    port: port,
-                    rank: rank,
+                    port,
+                    rank,
                     world_size: 2,
                     is_server: rank == 0,
                     timeout_s: 30,
@@ -62,7 +62,7 @@ fn nccl_group_works_on_a_gpu_and_says_why_not_elsewhere() {
     let joined = ProcessGroup::nccl(
         &Rendezvous {
             host: "127.0.0.1",
-            port: port,
+            port,
             rank: 0,
             world_size: 1,
             is_server: true,

@@ -70,16 +70,16 @@ impl Distributed {
         });
         let towers: Vec<&Tensor> = towers.iter().map(|p| &p.param).collect();
         self.reducer = Some(TowerReducer {
-            reducer: GradientReducer::new(&self.group, &towers, false)?,
+            reducer: GradientReducer::new(&self.group, &towers)?,
             others: others.iter().map(|p| p.param.shallow_clone()).collect(),
         });
         Ok(())
     }
 
-    /// Arms the reducer (if any) for the next backward, which starts from `output`.
-    pub fn prepare_reduction(&self, output: &Tensor) -> Result<(), String> {
+    /// Arms the reducer (if any) for the next backward.
+    pub fn prepare_reduction(&self) -> Result<(), String> {
         match &self.reducer {
-            Some(r) => r.reducer.prepare(&[output]),
+            Some(r) => r.reducer.prepare(),
             None => Ok(()),
         }
     }

@@ -350,7 +350,7 @@ impl Trainer {
             })
         };
         if !accumulated {
-            d.prepare_reduction(&surrogate)?;
+            d.prepare_reduction()?;
         }
         backward(&surrogate)?;
         if accumulated {
@@ -364,7 +364,7 @@ impl Trainer {
                 let tower = (&fi * image_grad.narrow(0, at, n)).sum(Kind::Float)
                     + (&ft * text_grad.narrow(0, at, n)).sum(Kind::Float);
                 if k + 1 == micro.len() {
-                    d.prepare_reduction(&tower)?;
+                    d.prepare_reduction()?;
                 }
                 backward(&tower)?;
                 at += n;

@@ -432,8 +432,8 @@ fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
                     let mut t = fixture.trainer(options);
                     let group = ProcessGroup::gloo(&Rendezvous {
                         host: "127.0.0.1",
-                        port: port,
-                        rank: rank,
+                        port,
+                        rank,
                         world_size: 2,
                         is_server: rank == 0,
                         timeout_s: 60,
