@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Approximate search: pirclip's graph (usearch HNSW, `pirclip index bench`) beside faiss's HNSW (what
-# clip-retrieval uses) on the same vectors, same machine, same run. Issue #13's data: 1 M clustered unit
+# Approximate search: pirclip's inverted lists (the default) and graph (usearch HNSW), both through
+# `pirclip index bench`, beside faiss's HNSW (what clip-retrieval uses) on the same vectors, same machine,
+# same run. Issue #13's data: 1 M clustered unit
 # vectors (1,000 Gaussian centres, sigma 0.5), 256-d and 512-d, 1,000 queries, recall@10 against exact
 # search, single-query p50/p99, build time with 2 threads, index file size. The text-query column times
 # tokenise + encode (bundled model) + search.
@@ -15,11 +16,13 @@ BIN=${PIRCLIP:-target/release/pirclip}
 if [ -n "${ANN_DATA:-}" ]; then W=$ANN_DATA; mkdir -p "$W"; else W=$(mktemp -d); trap 'rm -rf "$W"' EXIT; fi
 OUT=bench/results/ann.jsonl; : > "$OUT"
 export OMP_NUM_THREADS=$THREADS
-QUANTS=${QUANTS:-"f16 f32"}
+QUANTS=${QUANTS:-"f16"}
 for D in $DIMS; do
   .venv/bin/python bench/ann.py "$D" "$N" "$Q" "$W" "$THREADS" | tee -a "$OUT"
+  "$BIN" index bench --vectors "$W/base.npy" --queries "$W/queries.npy" --truth "$W/truth.npy" \
+    --threads "$THREADS" --ann-kind ivf --sweep-probes 1,2,4,32 $( [ "$D" = 512 ] && echo --model ViT-B-32 ) | tee -a "$OUT"
   for QUANT in $QUANTS; do
     "$BIN" index bench --vectors "$W/base.npy" --queries "$W/queries.npy" --truth "$W/truth.npy" \
-      --threads "$THREADS" --ann-quantization "$QUANT" $( [ "$D" = 512 ] && echo --model ViT-B-32 ) | tee -a "$OUT"
+      --threads "$THREADS" --ann-kind hnsw --ann-quantization "$QUANT" $( [ "$D" = 512 ] && echo --model ViT-B-32 ) | tee -a "$OUT"
   done
 done

@@ -31,27 +31,47 @@ enum IndexCommand {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum AnnMode {
-    /// Build the graph when the index holds at least 50,000 rows (exact search is fast enough below).
+    /// Build the approximate index when the index holds at least 50,000 rows (exact search is fast
+    /// enough below), or keep up to date the one it has.
     Auto,
     On,
     Off,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AnnKind {
+    /// Inverted lists (IVF-Flat, float16): rows clustered by k-means, a query scores its nearest lists.
+    Ivf,
+    /// A graph (HNSW, usearch).
+    Hnsw,
+}
+
 #[derive(clap::Args)]
 struct AnnArgs {
-    /// Approximate search graph (HNSW, usearch) in INDEX/image.usearch, memory-mapped by search/serve.
+    /// Approximate search index in INDEX/image.ivf (or image.usearch), memory-mapped by search/serve.
     #[arg(long, value_enum, default_value_t = AnnMode::Auto)]
     ann: AnnMode,
-    /// Graph neighbours per node (faiss's M).
+    /// Which approximate index.
+    #[arg(long, value_enum, default_value_t = AnnKind::Ivf)]
+    ann_kind: AnnKind,
+    /// IVF: number of lists (faiss's nlist); 0 picks √rows, or keeps the lists an index has.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65536))]
+    ann_lists: u32,
+    /// IVF: lists scored per query (faiss's nprobe): more finds more true neighbours, slower. Default:
+    /// 16, or what the index has; changing it rewrites the file without retraining.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    ann_probes: Option<u32>,
+    /// HNSW: graph neighbours per node (faiss's M).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=512))]
     ann_m: u32,
-    /// Candidates kept while inserting (faiss's efConstruction).
+    /// HNSW: candidates kept while inserting (faiss's efConstruction).
     #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u32).range(1..=4096))]
     ann_ef_construction: u32,
-    /// Candidates kept while searching (faiss's efSearch): higher finds more true neighbours, slower.
+    /// HNSW: candidates kept while searching (faiss's efSearch): higher finds more true neighbours,
+    /// slower.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
     ann_ef_search: u32,
-    /// How vectors are stored in the graph.
+    /// HNSW: how vectors are stored in the graph (inverted lists store float16).
     #[arg(long, value_enum, default_value_t = QuantArg::F16)]
     ann_quantization: QuantArg,
 }
@@ -64,16 +84,22 @@ enum QuantArg {
 }
 
 impl AnnArgs {
-    fn options(&self) -> pirclip_store::AnnOptions {
-        pirclip_store::AnnOptions {
-            connectivity: self.ann_m as usize,
-            expansion_add: self.ann_ef_construction as usize,
-            expansion_search: self.ann_ef_search as usize,
-            quantization: match self.ann_quantization {
-                QuantArg::F32 => pirclip_store::Quantization::F32,
-                QuantArg::F16 => pirclip_store::Quantization::F16,
-                QuantArg::I8 => pirclip_store::Quantization::I8,
-            },
+    fn config(&self) -> pirclip_store::AnnConfig {
+        match self.ann_kind {
+            AnnKind::Ivf => pirclip_store::AnnConfig::Ivf(pirclip_store::IvfOptions {
+                lists: self.ann_lists as usize,
+                probes: self.ann_probes.unwrap_or(0) as usize,
+            }),
+            AnnKind::Hnsw => pirclip_store::AnnConfig::Hnsw(pirclip_store::AnnOptions {
+                connectivity: self.ann_m as usize,
+                expansion_add: self.ann_ef_construction as usize,
+                expansion_search: self.ann_ef_search as usize,
+                quantization: match self.ann_quantization {
+                    QuantArg::F32 => pirclip_store::Quantization::F32,
+                    QuantArg::F16 => pirclip_store::Quantization::F16,
+                    QuantArg::I8 => pirclip_store::Quantization::I8,
+                },
+            }),
         }
     }
 }
@@ -105,9 +131,12 @@ pub struct BenchArgs {
     model: ModelArgs,
     #[command(flatten)]
     ann: AnnArgs,
-    /// Also measure these efSearch values on the same graph (one JSON line each), e.g. 96,160,256.
+    /// HNSW: also measure these efSearch values on the same graph (one JSON line each), e.g. 96,160,256.
     #[arg(long, value_delimiter = ',')]
     sweep_ef_search: Vec<usize>,
+    /// IVF: also measure these probe counts on the same lists (one JSON line each), e.g. 1,2,4,16.
+    #[arg(long, value_delimiter = ',')]
+    sweep_probes: Vec<usize>,
 }
 
 #[derive(clap::Args)]
@@ -244,14 +273,14 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
         .iter()
         .map(|&k| dir.entries(k).map(|e| e.len()).unwrap_or(0))
         .sum();
-    let has_graph = pirclip_store::AnnStore::graph_path(out).is_file();
+    let has_graph = pirclip_store::has_ann(out);
     let want_graph = match c.ann.ann {
         AnnMode::On => true,
         AnnMode::Off => false,
         AnnMode::Auto => total >= ANN_AUTO_ROWS || has_graph,
     };
     if want_graph && total > 0 {
-        let bar = indicatif::ProgressBar::new(0).with_message("graph");
+        let bar = indicatif::ProgressBar::new(0).with_message("approximate index");
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} rows ({per_sec})")
                 .unwrap(),
@@ -259,13 +288,23 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let r = pirclip_store::update_ann(out, c.ann.options(), threads, &|done, todo| {
+        let config = c.ann.config();
+        let r = pirclip_store::update_ann(out, config, threads, &|done, todo| {
             bar.set_length(todo as u64);
             bar.set_position(done as u64);
         })?;
         bar.finish_and_clear();
+        let kind = match config {
+            pirclip_store::AnnConfig::Ivf(_) => {
+                format!("IVF, {} lists, {} probes", r.lists, r.probes)
+            }
+            pirclip_store::AnnConfig::Hnsw(o) => format!(
+                "HNSW, M {}, efSearch {}, {:?}",
+                o.connectivity, o.expansion_search, o.quantization
+            ),
+        };
         println!(
-            "{}: approximate search graph: {} rows added, {} in all, {:.1} MB, {:.1} s",
+            "{}: approximate search index ({kind}): {} rows added, {} in all, {:.1} MB, {:.1} s",
             out.display(),
             r.rows_added,
             r.rows,
@@ -274,9 +313,9 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
         );
     } else if has_graph {
         // A graph that no longer covers every row would be ignored by search: remove it.
-        std::fs::remove_file(pirclip_store::AnnStore::graph_path(out))?;
+        pirclip_store::remove_ann(out)?;
         println!(
-            "{}: removed the approximate search graph (--ann off)",
+            "{}: removed the approximate search index (--ann off)",
             out.display()
         );
     }

@@ -70,6 +70,12 @@ fn run_index(a: &Args, root: &std::path::Path) -> Result<()> {
             index.dir.identity.checkpoint
         );
     }
+    eprintln!(
+        "{}: {} rows, {} search",
+        root.display(),
+        index.entries.len(),
+        index.search_kind
+    );
     let txt = encode_texts(&model, &a.queries, 256, true, false)?;
     for (q, row) in a.queries.iter().zip(txt.values.chunks(txt.dim)) {
         println!("\n\u{201c}{q}\u{201d}");

@@ -2192,6 +2192,96 @@ fn index_build_resume_add_and_search() {
     };
     assert_eq!(names(&from_index), names(&fresh));
     assert_eq!(names(&from_index).len(), 3);
+    // Approximate search. Inverted lists probed whole rank as exact search does; a graph replaces them;
+    // `--ann off` removes whichever is there.
+    let ann = |extra: &[&str]| {
+        let mut args = vec![
+            "index",
+            "add",
+            "--index",
+            straight.to_str().unwrap(),
+            "--images",
+            imgs.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        String::from_utf8_lossy(&pirclip_ok(&args).stdout).to_string()
+    };
+    let search = || {
+        pirclip_ok(&[
+            "search",
+            "--index",
+            straight.to_str().unwrap(),
+            "a stadium",
+            "--top-k",
+            "3",
+        ])
+    };
+    let out = ann(&["--ann", "on", "--ann-lists", "4", "--ann-probes", "4"]);
+    assert!(
+        out.contains("approximate search index (IVF, 4 lists, 4 probes): 61 rows added, 61 in all"),
+        "{out}"
+    );
+    assert!(straight.join("image.ivf").is_file());
+    let o = search();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("61 rows, approximate (IVF 4 lists, 4 probes, F16, memory-mapped) search"),
+        "{stderr}"
+    );
+    assert_eq!(names(&o), names(&from_index));
+    // Already up to date: nothing is redone; then only the probes change.
+    let out = ann(&["--ann-lists", "4", "--ann-probes", "4"]);
+    assert!(out.contains("0 rows added, 61 in all"), "{out}");
+    let out = ann(&["--ann-probes", "1"]);
+    assert!(
+        out.contains("(IVF, 4 lists, 1 probes): 0 rows added"),
+        "{out}"
+    );
+    // A new file joins its nearest list; a damaged file is refused by search, and rebuilt by `add`.
+    std::fs::copy(
+        root().join("tests/fixtures/stadium_1_224.jpg"),
+        imgs.join("new_stadium.jpg"),
+    )
+    .unwrap();
+    let out = ann(&[]);
+    assert!(
+        out.contains("(IVF, 4 lists, 1 probes): 1 rows added, 62 in all"),
+        "{out}"
+    );
+    let ivf = straight.join("image.ivf");
+    let mut bytes = std::fs::read(&ivf).unwrap();
+    bytes.truncate(bytes.len() - 1);
+    std::fs::write(&ivf, bytes).unwrap();
+    let o = pirclip(&["search", "--index", straight.to_str().unwrap(), "a stadium"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("image.ivf") && stderr.contains("not the size"),
+        "{stderr}"
+    );
+    let out = ann(&["--ann-lists", "4", "--ann-probes", "4"]);
+    assert!(
+        out.contains("(IVF, 4 lists, 4 probes): 62 rows added, 62 in all"),
+        "{out}"
+    );
+    let with_lists = names(&search());
+    let out = ann(&["--ann-kind", "hnsw"]);
+    assert!(
+        out.contains("(HNSW, M 32, efSearch 128, F16): 62 rows added"),
+        "{out}"
+    );
+    assert!(straight.join("image.usearch").is_file() && !straight.join("image.ivf").exists());
+    let o = search();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("approximate (HNSW M 32"));
+    assert_eq!(names(&o), with_lists);
+    let out = ann(&["--ann", "off"]);
+    assert!(
+        out.contains("removed the approximate search index"),
+        "{out}"
+    );
+    assert!(!straight.join("image.usearch").exists() && !straight.join("image.ivf").exists());
+    let o = search();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("62 rows, exact search"));
+    assert_eq!(names(&o), with_lists);
     // Another model cannot add to it.
     let other = dir.join("other.safetensors");
     let config = root().join("models/pir-small-aid150.json");

@@ -1,12 +1,15 @@
-//! Approximate search for large indexes: an HNSW graph from `usearch`, stored beside the parts as
-//! `image.usearch` and memory-mapped when searched.
+//! Approximate search by a graph: an HNSW index from `usearch`, stored beside the parts as
+//! `image.usearch` and memory-mapped when searched. The inverted lists of [`crate::ivf`] are the default
+//! (`--ann-kind ivf`); the graph is the choice for data without cluster structure, where it reaches a
+//! given recall with fewer distance computations.
 //!
-//! Why usearch (measured with `bench/ann.sh` and a throwaway hnsw_rs harness on the same 1 M clustered
-//! 256-d unit vectors, 2 cores, M 32 / efConstruction 80 / efSearch 128; numbers in the README): usearch
-//! built in 122 s (hnsw_rs 0.3.5: 554 s), reached recall@10 0.975-0.980 (hnsw_rs 0.970) at a single-query
-//! p50 of 0.46 ms (hnsw_rs 1.44 ms), and stores vectors as float16 or int8 inside a graph file that it
-//! can search memory-mapped, without loading it. faiss's HNSW, the peer, answered at 0.35 ms with recall
-//! 0.990: usearch is not yet as fast per query at equal recall (see the README's ANN table).
+//! Why usearch among graph crates (measured with `bench/ann.sh` and a throwaway hnsw_rs harness on the
+//! same 1 M clustered 256-d unit vectors, 2 cores, M 32 / efConstruction 80 / efSearch 128; numbers in
+//! the README): usearch built in 122 s (hnsw_rs 0.3.5: 554 s), reached recall@10 0.975-0.980 (hnsw_rs
+//! 0.970) at a single-query p50 of 0.46 ms (hnsw_rs 1.44 ms), and stores vectors as float16 or int8
+//! inside a graph file that it can search memory-mapped. faiss's HNSW answered at 0.35 ms with recall
+//! 0.990; a faster distance kernel does not close that gap (a Rust AVX-512 float16 kernel swapped in
+//! through `change_metric` gave the same 0.25-0.26 ms on 200 k vectors): it is the graph walk.
 //!
 //! Rows are the keys (row `i` of the index is key `i`), so the graph needs no id map; the sidecar
 //! `image.usearch.json` records how many rows the graph holds, and a graph that holds fewer rows than

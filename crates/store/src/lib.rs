@@ -4,6 +4,8 @@
 //! INDEX/index.json                  model identity (config, checkpoint sha256), dimension, counts
 //! INDEX/img_emb/img_emb_K.npy       part K: [n, dim] float16, rows L2-normalised
 //! INDEX/metadata/metadata_K.parquet part K: image_path, size, mtime (one row per embedding row)
+//! INDEX/image.ivf                   optional approximate index: inverted lists (ivf.rs), or
+//! INDEX/image.usearch(.json)        an HNSW graph (ann.rs); used only while it covers every row
 //! ```
 //!
 //! Parts are written whole and atomically, embeddings first and metadata last: a part counts only once
@@ -11,8 +13,10 @@
 //! `add` appends parts. The parquet file uses the `parquet` crate's column writers (no arrow needed).
 
 pub mod ann;
+pub mod ivf;
 
 pub use ann::{AnnOptions, AnnStore, Quantization};
+pub use ivf::{IvfOptions, IvfStore};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -484,8 +488,23 @@ impl LoadedIndex {
     pub fn load(root: &Path) -> Result<Self, Error> {
         let dir = IndexDir::open(root)?;
         let (entries, _) = read_all(&dir, false)?;
+        let covers = |s: &dyn VectorStore| s.len() == entries.len() && s.dim() == dir.identity.dim;
+        if let Some(ivf) = IvfStore::open(root)? {
+            if covers(&ivf) {
+                let o = ivf.options();
+                return Ok(LoadedIndex {
+                    search_kind: format!(
+                        "approximate (IVF {} lists, {} probes, F16, memory-mapped)",
+                        o.lists, o.probes
+                    ),
+                    dir,
+                    entries,
+                    store: Box::new(ivf),
+                });
+            }
+        }
         if let Some(mut ann) = AnnStore::open(root, true)? {
-            if ann.len() == entries.len() && ann.dim() == dir.identity.dim {
+            if covers(&ann) {
                 let o = ann.options();
                 ann.set_expansion_search(o.expansion_search);
                 return Ok(LoadedIndex {
@@ -510,20 +529,59 @@ impl LoadedIndex {
     }
 }
 
+/// Which approximate index to keep beside the parts, and its parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AnnConfig {
+    /// Inverted lists (`image.ivf`).
+    Ivf(IvfOptions),
+    /// An HNSW graph (`image.usearch`).
+    Hnsw(AnnOptions),
+}
+
+/// The files an approximate index may occupy in `root`.
+fn ann_files(root: &Path) -> Vec<PathBuf> {
+    vec![
+        IvfStore::path(root),
+        AnnStore::graph_path(root),
+        root.join("image.usearch.json"),
+    ]
+}
+
+/// Whether `root` holds an approximate index of either kind.
+pub fn has_ann(root: &Path) -> bool {
+    ann_files(root).iter().any(|p| p.is_file())
+}
+
+/// Removes any approximate index from `root` (exact search takes over); whether one was there.
+pub fn remove_ann(root: &Path) -> Result<bool, Error> {
+    let mut removed = false;
+    for p in ann_files(root) {
+        if p.is_file() {
+            std::fs::remove_file(&p)?;
+            removed = true;
+        }
+    }
+    Ok(removed)
+}
+
 /// What [`update_ann`] did.
 #[derive(Debug)]
 pub struct AnnReport {
     pub rows_added: usize,
+    /// Inverted lists: how many, and how many a query probes (0 for a graph).
+    pub lists: usize,
+    pub probes: usize,
     pub rows: usize,
     pub bytes: usize,
     pub seconds: f64,
 }
 
-/// Brings the index's graph up to date: extends it with the rows added since it was built, or builds it
-/// (anew when `options` differ from the graph's).
+/// Brings the index's approximate index up to date: extends it with the rows added since it was built,
+/// or builds it (anew when `config` differs from what it was built with, or, for inverted lists, when
+/// the rows have outgrown the trained centroids). An index of the other kind is removed.
 pub fn update_ann(
     root: &Path,
-    options: AnnOptions,
+    config: AnnConfig,
     threads: usize,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<AnnReport, Error> {
@@ -532,34 +590,97 @@ pub fn update_ann(
     let (_, vectors) = read_all(&dir, true)?;
     let dim = dir.identity.dim;
     let rows = vectors.len() / dim.max(1);
-    let existing = AnnStore::open(root, false)?.filter(|a| {
-        let (mine, theirs) = (a.options(), options);
-        mine.connectivity == theirs.connectivity
-            && mine.expansion_add == theirs.expansion_add
-            && mine.quantization == theirs.quantization
-            && a.len() <= rows
-    });
-    let (mut ann, from) = match existing {
-        Some(a) => {
-            let from = a.len();
-            (a, from)
+    let (todo, bytes, lists, probes) = match config {
+        AnnConfig::Ivf(options) => {
+            for p in &ann_files(root)[1..] {
+                if p.is_file() {
+                    std::fs::remove_file(p)?;
+                }
+            }
+            // Lists that cannot be opened (damaged, or from another version) are rebuilt, not fatal:
+            // they are derived from the parts.
+            let opened = IvfStore::open(root).ok().flatten();
+            let probes = match options.probes {
+                0 => opened
+                    .as_ref()
+                    .map_or(ivf::DEFAULT_PROBES, |s| s.options().probes),
+                p => p,
+            };
+            let options = IvfOptions { probes, ..options };
+            let existing = opened.filter(|s| {
+                s.dim() == dim
+                    && s.rows() <= rows
+                    && (options.lists == 0 || options.lists == s.lists())
+                    && rows <= ivf::RETRAIN_GROWTH * s.trained_rows().max(1)
+            });
+            let (mut ivf, from) = match existing {
+                Some(s) if s.rows() == rows && s.options().probes == options.probes => {
+                    // Nothing to add or change.
+                    return Ok(AnnReport {
+                        rows_added: 0,
+                        lists: s.lists(),
+                        probes,
+                        rows,
+                        bytes: s.serialized_len(),
+                        seconds: started.elapsed().as_secs_f64(),
+                    });
+                }
+                Some(mut s) => {
+                    let from = s.rows();
+                    s.extend(&vectors[from * dim..], threads, &|d| {
+                        progress(d, rows - from)
+                    })
+                    .map_err(|e| invalid(root, e))?;
+                    (s, from)
+                }
+                None => (
+                    IvfStore::build(dim, &vectors, options, threads, &|d| progress(d, rows))
+                        .map_err(|e| invalid(root, e))?,
+                    0,
+                ),
+            };
+            ivf.set_probes(options.probes);
+            ivf.save(root)?;
+            (rows - from, ivf.serialized_len(), ivf.lists(), probes)
         }
-        None => (
-            AnnStore::build(dim, &[], options, threads, &|_| {}).map_err(|e| invalid(root, e))?,
-            0,
-        ),
+        AnnConfig::Hnsw(options) => {
+            if IvfStore::path(root).is_file() {
+                std::fs::remove_file(IvfStore::path(root))?;
+            }
+            let existing = AnnStore::open(root, false)?.filter(|a| {
+                let (mine, theirs) = (a.options(), options);
+                mine.connectivity == theirs.connectivity
+                    && mine.expansion_add == theirs.expansion_add
+                    && mine.quantization == theirs.quantization
+                    && a.len() <= rows
+            });
+            let (mut ann, from) = match existing {
+                Some(a) => {
+                    let from = a.len();
+                    (a, from)
+                }
+                None => (
+                    AnnStore::build(dim, &[], options, threads, &|_| {})
+                        .map_err(|e| invalid(root, e))?,
+                    0,
+                ),
+            };
+            let todo = rows - from;
+            ann.extend(&vectors[from * dim..], threads, &|done| {
+                progress(done, todo)
+            })
+            .map_err(|e| invalid(root, e))?;
+            ann.set_expansion_search(options.expansion_search);
+            ann.save(root)?;
+            (todo, ann.serialized_len(), 0, 0)
+        }
     };
-    let todo = rows - from;
-    ann.extend(&vectors[from * dim..], threads, &|done| {
-        progress(done, todo)
-    })
-    .map_err(|e| invalid(root, e))?;
-    ann.set_expansion_search(options.expansion_search);
-    ann.save(root)?;
     Ok(AnnReport {
         rows_added: todo,
+        lists,
+        probes,
         rows,
-        bytes: ann.serialized_len(),
+        bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

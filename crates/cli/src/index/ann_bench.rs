@@ -1,9 +1,9 @@
-//! `pirclip index bench`: the approximate graph measured on given vectors, one JSON line out.
+//! `pirclip index bench`: the approximate index measured on given vectors, one JSON line per setting.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use pirclip_store::{AnnStore, VectorStore};
+use pirclip_store::{AnnConfig, AnnStore, IvfStore, VectorStore};
 
 use super::BenchArgs;
 
@@ -30,7 +30,7 @@ fn read_matrix(path: &std::path::Path) -> Result<(usize, Vec<f32>)> {
 /// the page faults of a freshly mapped file (what one `pirclip search --index` call sees), the second is
 /// the steady state of a running server, comparable with an in-memory index such as faiss's.
 fn measure(
-    ann: &AnnStore,
+    ann: &dyn VectorStore,
     queries: &[f32],
     dim: usize,
     k: usize,
@@ -57,6 +57,29 @@ fn measure(
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// The index under test.
+enum Bench {
+    Ivf(IvfStore),
+    Hnsw(AnnStore),
+}
+
+impl Bench {
+    /// Sets the search-time knob: probes for lists, efSearch for a graph.
+    fn set(&mut self, value: usize) {
+        match self {
+            Bench::Ivf(s) => s.set_probes(value),
+            Bench::Hnsw(s) => s.set_expansion_search(value),
+        }
+    }
+
+    fn store(&self) -> &dyn VectorStore {
+        match self {
+            Bench::Ivf(s) => s,
+            Bench::Hnsw(s) => s,
+        }
+    }
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -95,27 +118,50 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     };
 
-    let started = Instant::now();
-    let mut ann = AnnStore::build(dim, &base, a.ann.options(), a.threads, &|_| {})
-        .map_err(anyhow::Error::msg)?;
-    let build_s = started.elapsed().as_secs_f64();
     let scratch = std::env::temp_dir().join(format!("pirclip-ann-bench-{}", std::process::id()));
     let root = a.out.clone().unwrap_or_else(|| scratch.clone());
     std::fs::create_dir_all(&root)?;
-    ann.save(&root)?;
-    let bytes = std::fs::metadata(AnnStore::graph_path(&root))?.len();
+    let started = Instant::now();
+    // Searched the way `search` and `serve` search it: memory-mapped from the saved file.
+    let (mut index, build_s, bytes) = match a.ann.config() {
+        AnnConfig::Ivf(o) => {
+            let built =
+                IvfStore::build(dim, &base, o, a.threads, &|_| {}).map_err(anyhow::Error::msg)?;
+            let build_s = started.elapsed().as_secs_f64();
+            built.save(&root)?;
+            drop(built);
+            let bytes = std::fs::metadata(IvfStore::path(&root))?.len();
+            let ivf = IvfStore::open(&root)?.context("the lists just saved")?;
+            (Bench::Ivf(ivf), build_s, bytes)
+        }
+        AnnConfig::Hnsw(o) => {
+            let built =
+                AnnStore::build(dim, &base, o, a.threads, &|_| {}).map_err(anyhow::Error::msg)?;
+            let build_s = started.elapsed().as_secs_f64();
+            built.save(&root)?;
+            drop(built);
+            let bytes = std::fs::metadata(AnnStore::graph_path(&root))?.len();
+            let ann = AnnStore::open(&root, true)?.context("the graph just saved")?;
+            (Bench::Hnsw(ann), build_s, bytes)
+        }
+    };
     drop(base);
-    // Searched the way `search` and `serve` search it: memory-mapped from the file.
-    ann = AnnStore::open(&root, true)?.context("the graph just saved")?;
 
     // A text query end to end: tokenise + encode with the model, then search (with the given query
     // vectors when the model's dimension differs from the benchmark's).
     let model = crate::bench::load(&a.model).ok();
-    let mut efs = vec![ann.options().expansion_search];
-    efs.extend(a.sweep_ef_search.iter().filter(|&&e| e > 0));
-    for (i, ef) in efs.into_iter().enumerate() {
-        ann.set_expansion_search(ef);
-        let (recall, cold, warm) = measure(&ann, &queries, dim, k, &truth);
+    let settings: Vec<usize> = match &index {
+        Bench::Ivf(s) => std::iter::once(s.options().probes)
+            .chain(a.sweep_probes.iter().copied().filter(|&p| p > 0))
+            .collect(),
+        Bench::Hnsw(s) => std::iter::once(s.options().expansion_search)
+            .chain(a.sweep_ef_search.iter().copied().filter(|&e| e > 0))
+            .collect(),
+    };
+    for (i, setting) in settings.into_iter().enumerate() {
+        index.set(setting);
+        let ann = index.store();
+        let (recall, cold, warm) = measure(ann, &queries, dim, k, &truth);
         let mut text_lat = Vec::new();
         if let Some((model, _)) = &model {
             let texts = [
@@ -138,29 +184,42 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             text_lat.sort_by(|x, y| x.total_cmp(y));
         }
-        let o = ann.options();
-        println!(
-            "{}",
-            serde_json::json!({
-                "engine": "usearch HNSW",
-                "vectors": n, "dim": dim, "queries": q, "k": k,
-                "M": o.connectivity, "ef_construction": o.expansion_add, "ef_search": o.expansion_search,
-                "quantization": format!("{:?}", o.quantization).to_lowercase(),
-                "threads": a.threads,
-                "build_s": (build_s * 10.0).round() / 10.0,
-                "index_mb": (bytes as f64 / 1e6 * 10.0).round() / 10.0,
-                "recall_at_k": recall,
-                "p50_ms": percentile(&warm, 0.5), "p99_ms": percentile(&warm, 0.99),
-                // Only the first pass over a freshly mapped file is cold.
-                "cold_p50_ms": (i == 0).then(|| percentile(&cold, 0.5)),
-                "cold_p99_ms": (i == 0).then(|| percentile(&cold, 0.99)),
-                "text_query_p50_ms": text_lat.first().map(|_| percentile(&text_lat, 0.5)),
-                "text_model": model.as_ref().map(|m| format!("{} ({})", m.0.config.name, m.1)),
-            })
-        );
+        let mut line = serde_json::json!({
+            "vectors": n, "dim": dim, "queries": q, "k": k,
+            "threads": a.threads,
+            "build_s": (build_s * 10.0).round() / 10.0,
+            "index_mb": (bytes as f64 / 1e6 * 10.0).round() / 10.0,
+            "recall_at_k": recall,
+            "p50_ms": percentile(&warm, 0.5), "p99_ms": percentile(&warm, 0.99),
+            // Only the first pass over a freshly mapped file is cold.
+            "cold_p50_ms": (i == 0).then(|| percentile(&cold, 0.5)),
+            "cold_p99_ms": (i == 0).then(|| percentile(&cold, 0.99)),
+            "text_query_p50_ms": text_lat.first().map(|_| percentile(&text_lat, 0.5)),
+            "text_model": model.as_ref().map(|m| format!("{} ({})", m.0.config.name, m.1)),
+        });
+        let fields = match &index {
+            Bench::Ivf(s) => serde_json::json!({
+                "engine": "pirclip IVF-Flat (numkong f16 kernels)",
+                "lists": s.options().lists, "probes": s.options().probes,
+                "trained_rows": s.trained_rows(), "quantization": "f16",
+            }),
+            Bench::Hnsw(s) => {
+                let o = s.options();
+                serde_json::json!({
+                    "engine": "usearch HNSW",
+                    "M": o.connectivity, "ef_construction": o.expansion_add,
+                    "ef_search": o.expansion_search,
+                    "quantization": format!("{:?}", o.quantization).to_lowercase(),
+                })
+            }
+        };
+        let line = line.as_object_mut().unwrap();
+        let mut out = fields.as_object().unwrap().clone();
+        out.append(line);
+        println!("{}", serde_json::Value::Object(out));
     }
     if a.out.is_none() {
-        drop(ann);
+        drop(index);
         let _ = std::fs::remove_dir_all(&scratch);
     }
     Ok(())
