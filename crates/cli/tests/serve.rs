@@ -18,8 +18,8 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-/// An index of the bundled mini set, built once per test.
-fn mini_index(dir: &Path) -> PathBuf {
+/// An index of the bundled mini set, built once per test (`extra`: more `index build` flags).
+fn mini_index(dir: &Path, extra: &[&str]) -> PathBuf {
     let out = dir.join("mini");
     let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
         .args([
@@ -30,6 +30,7 @@ fn mini_index(dir: &Path) -> PathBuf {
             "--out",
             out.to_str().unwrap(),
         ])
+        .args(extra)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -136,7 +137,11 @@ fn base64(bytes: &[u8]) -> String {
 #[test]
 fn the_api_answers_as_clip_retrievals_back_end() {
     let dir = tmpdir("api");
-    let index = mini_index(&dir);
+    // Served through inverted lists (all probed, so results are exact search's).
+    let index = mini_index(
+        &dir,
+        &["--ann", "on", "--ann-lists", "4", "--ann-probes", "4"],
+    );
     let s = start(
         &index,
         &["--max-results", "50", "--max-body-bytes", "200000"],
@@ -148,6 +153,10 @@ fn the_api_answers_as_clip_retrievals_back_end() {
         (status, health["indices"][0]["images"].as_u64()),
         (200, Some(60)),
         "{health}"
+    );
+    assert_eq!(
+        health["indices"][0]["search"],
+        "approximate (IVF 4 lists, 4 probes, F16, memory-mapped)"
     );
     let (_, list) = request(p, "GET", "/indices-list", b"");
     assert_eq!(
@@ -244,7 +253,7 @@ fn the_api_answers_as_clip_retrievals_back_end() {
 #[test]
 fn beyond_the_queue_queries_get_503_and_below_it_none_fail() {
     let dir = tmpdir("load");
-    let index = mini_index(&dir);
+    let index = mini_index(&dir, &[]);
     // Below the limit: 1, 8 and 64 clients with a queue of 64, distinct (uncached) texts. Bounded: 400
     // requests per level; latency is reported, not asserted.
     let s = start(&index, &["--queue", "64"]);
@@ -323,7 +332,7 @@ fn the_page_shows_results_in_headless_chromium() {
         .find(|p| Path::new(p).exists())
         .expect("chromium missing: scripts/test.sh installs Debian's chromium package");
     let dir = tmpdir("page");
-    let index = mini_index(&dir);
+    let index = mini_index(&dir, &[]);
     let s = start(&index, &[]);
     let url = format!(
         "http://127.0.0.1:{}/?q=a%20river%20with%20a%20bridge",
