@@ -51,9 +51,9 @@ struct AnnArgs {
     /// Approximate search index in INDEX/image.ivf (or image.usearch), memory-mapped by search/serve.
     #[arg(long, value_enum, default_value_t = AnnMode::Auto)]
     ann: AnnMode,
-    /// Which approximate index.
-    #[arg(long, value_enum, default_value_t = AnnKind::Ivf)]
-    ann_kind: AnnKind,
+    /// Which approximate index. Default: the kind the index has, else ivf.
+    #[arg(long, value_enum)]
+    ann_kind: Option<AnnKind>,
     /// IVF: number of lists (faiss's nlist); 0 picks √rows, or keeps the lists an index has.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65536))]
     ann_lists: u32,
@@ -84,8 +84,16 @@ enum QuantArg {
 }
 
 impl AnnArgs {
-    fn config(&self) -> pirclip_store::AnnConfig {
-        match self.ann_kind {
+    /// The approximate index asked for, for the index folder `root` (whose kind is kept unless
+    /// `--ann-kind` says otherwise).
+    fn config(&self, root: Option<&std::path::Path>) -> pirclip_store::AnnConfig {
+        let has_graph = root.is_some_and(|r| pirclip_store::AnnStore::graph_path(r).is_file());
+        let kind = self.ann_kind.unwrap_or(if has_graph {
+            AnnKind::Hnsw
+        } else {
+            AnnKind::Ivf
+        });
+        match kind {
             AnnKind::Ivf => pirclip_store::AnnConfig::Ivf(pirclip_store::IvfOptions {
                 lists: self.ann_lists as usize,
                 probes: self.ann_probes.unwrap_or(0) as usize,
@@ -288,7 +296,7 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let config = c.ann.config();
+        let config = c.ann.config(Some(out));
         let r = pirclip_store::update_ann(out, config, threads, &|done, todo| {
             bar.set_length(todo as u64);
             bar.set_position(done as u64);

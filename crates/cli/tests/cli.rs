@@ -2273,6 +2273,12 @@ fn index_build_resume_add_and_search() {
     let o = search();
     assert!(String::from_utf8_lossy(&o.stderr).contains("approximate (HNSW M 32"));
     assert_eq!(names(&o), with_lists);
+    // A plain `add` keeps the kind the index has.
+    let out = ann(&[]);
+    assert!(
+        out.contains("(HNSW, M 32, efSearch 128, F16): 0 rows added"),
+        "{out}"
+    );
     let out = ann(&["--ann", "off"]);
     assert!(
         out.contains("removed the approximate search index"),

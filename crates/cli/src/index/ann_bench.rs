@@ -123,7 +123,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&root)?;
     let started = Instant::now();
     // Searched the way `search` and `serve` search it: memory-mapped from the saved file.
-    let (mut index, build_s, bytes) = match a.ann.config() {
+    let (mut index, build_s, bytes) = match a.ann.config(None) {
         AnnConfig::Ivf(o) => {
             let built =
                 IvfStore::build(dim, &base, o, a.threads, &|_| {}).map_err(anyhow::Error::msg)?;
