@@ -398,6 +398,12 @@ pub trait VectorStore {
     fn vector(&self, row: usize) -> Vec<f32>;
 }
 
+/// Inner product by numkong's SIMD kernel for this CPU (accumulated in f64).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    use numkong::Dot;
+    f32::dot(a, b).map_or(f32::NAN, |d| d as f32)
+}
+
 /// Exact search: every row scored, top-k kept. Right for archives up to a few hundred thousand images.
 pub struct FlatStore {
     dim: usize,
@@ -432,7 +438,7 @@ impl VectorStore for FlatStore {
         let mut scored: Vec<(usize, f32)> = self
             .vectors
             .chunks_exact(self.dim)
-            .map(|row| row.iter().zip(query).map(|(a, b)| a * b).sum::<f32>())
+            .map(|row| dot_f32(row, query))
             .enumerate()
             .collect();
         let k = k.min(scored.len());
