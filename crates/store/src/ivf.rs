@@ -644,9 +644,14 @@ impl IvfStore {
         let u64_at = |at: usize| u64::from_le_bytes(map[at..at + 8].try_into().unwrap());
         let (dim, lists, rows) = (u32_at(8), u32_at(12), u64_at(16));
         let (trained_rows, probes) = (u64_at(24), u32_at(32));
-        if dim == 0 || dim > 1 << 16 || rows >= u32::MAX as u64 || lists as u64 > rows {
+        if dim == 0
+            || dim > 1 << 16
+            || rows >= u32::MAX as u64
+            || lists as u64 > rows
+            || trained_rows > rows
+        {
             return Err(bad(format!(
-                "header: dim {dim}, lists {lists}, rows {rows}"
+                "header: dim {dim}, lists {lists}, rows {rows}, trained on {trained_rows}"
             )));
         }
         let layout = Layout::new(dim, lists, rows as usize)
@@ -862,6 +867,10 @@ mod tests {
             "header",
         );
         damage(
+            &|b| b[24..32].copy_from_slice(&301u64.to_le_bytes()),
+            "trained on 301",
+        );
+        damage(
             &|b| b[l.offsets_at + 8..l.offsets_at + 16].copy_from_slice(&10_000u64.to_le_bytes()),
             "offsets",
         );
@@ -873,6 +882,33 @@ mod tests {
         damage(
             &|b| b[l.ids_at..l.ids_at + 4].copy_from_slice(&7_000u32.to_le_bytes()),
             "out of range",
+        );
+        // Random damage anywhere before the vectors: refused, or searched without a panic.
+        let mut mix = Mix(9);
+        let (mut refused, mut searched) = (0, 0);
+        for _ in 0..400 {
+            let mut b = good.clone();
+            for _ in 0..1 + mix.below(3) {
+                let at = mix.below(b.len().min(l.vectors_at + 64));
+                b[at] = mix.next() as u8;
+            }
+            std::fs::write(IvfStore::path(&root), &b).unwrap();
+            match IvfStore::open(&root) {
+                Err(_) => refused += 1,
+                Ok(s) => {
+                    let s = s.unwrap();
+                    for q in data.chunks(dim).take(5) {
+                        assert!(s.search(q, 10).len() <= 10);
+                    }
+                    assert_eq!(s.vector(299).len(), dim);
+                    searched += 1;
+                }
+            }
+        }
+        println!("random damage: {refused} files refused, {searched} searched");
+        assert!(
+            refused > 100 && searched > 20,
+            "{refused} refused, {searched} searched"
         );
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -617,7 +617,7 @@ pub fn update_ann(
                 s.dim() == dim
                     && s.rows() <= rows
                     && (options.lists == 0 || options.lists == s.lists())
-                    && rows <= ivf::RETRAIN_GROWTH * s.trained_rows().max(1)
+                    && rows <= ivf::RETRAIN_GROWTH.saturating_mul(s.trained_rows().max(1))
             });
             let (mut ivf, from) = match existing {
                 Some(s) if s.rows() == rows && s.options().probes == options.probes => {
