@@ -653,7 +653,8 @@ pub fn update_ann(
             if IvfStore::path(root).is_file() {
                 std::fs::remove_file(IvfStore::path(root))?;
             }
-            let existing = AnnStore::open(root, false)?.filter(|a| {
+            // A graph that cannot be opened (damaged, or without a checksum) is rebuilt.
+            let existing = AnnStore::open(root, false).ok().flatten().filter(|a| {
                 let (mine, theirs) = (a.options(), options);
                 mine.connectivity == theirs.connectivity
                     && mine.expansion_add == theirs.expansion_add
