@@ -93,6 +93,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("no vectors or no queries");
     }
     let k = a.k.clamp(1, n);
+    // A given truth file is checked before the (long) build.
+    let given_truth: Option<Vec<Vec<usize>>> = match &a.truth {
+        Some(p) => {
+            let t = pirclip_checkpoint::npy::read(p).with_context(|| p.display().to_string())?;
+            if t.shape.len() != 2 || t.shape[0] != q || t.shape[1] < k || t.dtype.is_float() {
+                bail!(
+                    "{}: expected [{q}, >={k}] integers, found {:?} {:?}",
+                    p.display(),
+                    t.dtype,
+                    t.shape
+                );
+            }
+            Some(
+                t.to_i64_vec()
+                    .chunks(t.shape[1])
+                    .map(|r| r[..k].iter().map(|&i| i as usize).collect())
+                    .collect(),
+            )
+        }
+        None => None,
+    };
     let scratch = std::env::temp_dir().join(format!("pirclip-ann-bench-{}", std::process::id()));
     let root = a.out.clone().unwrap_or_else(|| scratch.clone());
     std::fs::create_dir_all(&root)?;
@@ -122,27 +143,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     // Exact search over the same rows: the ground truth when none is given, and its own latency.
     let flat = pirclip_store::FlatStore::new(dim, base);
-    let truth: Vec<Vec<usize>> = match &a.truth {
-        Some(p) => {
-            let t = pirclip_checkpoint::npy::read(p).with_context(|| p.display().to_string())?;
-            if t.shape.len() != 2 || t.shape[0] != q || t.shape[1] < k || t.dtype.is_float() {
-                bail!(
-                    "{}: expected [{q}, >={k}] integers, found {:?} {:?}",
-                    p.display(),
-                    t.dtype,
-                    t.shape
-                );
-            }
-            t.to_i64_vec()
-                .chunks(t.shape[1])
-                .map(|r| r[..k].iter().map(|&i| i as usize).collect())
-                .collect()
-        }
-        None => queries
+    let truth = given_truth.unwrap_or_else(|| {
+        queries
             .chunks(dim)
             .map(|qv| flat.search(qv, k).into_iter().map(|h| h.0).collect())
-            .collect(),
-    };
+            .collect()
+    });
     let mut exact_lat: Vec<f64> = queries
         .chunks(dim)
         .take(20)
