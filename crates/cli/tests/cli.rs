@@ -2194,7 +2194,7 @@ fn index_build_resume_add_and_search() {
     assert_eq!(names(&from_index).len(), 3);
     // Approximate search. Inverted lists probed whole rank as exact search does; a graph replaces them;
     // `--ann off` removes whichever is there.
-    let ann = |extra: &[&str]| {
+    let ann_says = |extra: &[&str], expect: &str| {
         let mut args = vec![
             "index",
             "add",
@@ -2204,7 +2204,8 @@ fn index_build_resume_add_and_search() {
             imgs.to_str().unwrap(),
         ];
         args.extend(extra);
-        String::from_utf8_lossy(&pirclip_ok(&args).stdout).to_string()
+        let out = String::from_utf8_lossy(&pirclip_ok(&args).stdout).to_string();
+        assert!(out.contains(expect), "{out}");
     };
     let search = || {
         pirclip_ok(&[
@@ -2216,10 +2217,9 @@ fn index_build_resume_add_and_search() {
             "3",
         ])
     };
-    let out = ann(&["--ann", "on", "--ann-lists", "4", "--ann-probes", "4"]);
-    assert!(
-        out.contains("approximate search index (IVF, 4 lists, 4 probes): 61 rows added, 61 in all"),
-        "{out}"
+    ann_says(
+        &["--ann", "on", "--ann-lists", "4", "--ann-probes", "4"],
+        "approximate search index (IVF, 4 lists, 4 probes): 61 rows added, 61 in all",
     );
     assert!(straight.join("image.ivf").is_file());
     let o = search();
@@ -2230,12 +2230,13 @@ fn index_build_resume_add_and_search() {
     );
     assert_eq!(names(&o), names(&from_index));
     // Already up to date: nothing is redone; then only the probes change.
-    let out = ann(&["--ann-lists", "4", "--ann-probes", "4"]);
-    assert!(out.contains("0 rows added, 61 in all"), "{out}");
-    let out = ann(&["--ann-probes", "1"]);
-    assert!(
-        out.contains("(IVF, 4 lists, 1 probes): 0 rows added"),
-        "{out}"
+    ann_says(
+        &["--ann-lists", "4", "--ann-probes", "4"],
+        "0 rows added, 61 in all",
+    );
+    ann_says(
+        &["--ann-probes", "1"],
+        "(IVF, 4 lists, 1 probes): 0 rows added",
     );
     // A new file joins its nearest list; a damaged file is refused by search, and rebuilt by `add`.
     std::fs::copy(
@@ -2243,11 +2244,7 @@ fn index_build_resume_add_and_search() {
         imgs.join("new_stadium.jpg"),
     )
     .unwrap();
-    let out = ann(&[]);
-    assert!(
-        out.contains("(IVF, 4 lists, 1 probes): 1 rows added, 62 in all"),
-        "{out}"
-    );
+    ann_says(&[], "(IVF, 4 lists, 1 probes): 1 rows added, 62 in all");
     let ivf = straight.join("image.ivf");
     let mut bytes = std::fs::read(&ivf).unwrap();
     bytes.truncate(bytes.len() - 1);
@@ -2258,32 +2255,22 @@ fn index_build_resume_add_and_search() {
         !o.status.success() && stderr.contains("image.ivf") && stderr.contains("not the size"),
         "{stderr}"
     );
-    let out = ann(&["--ann-lists", "4", "--ann-probes", "4"]);
-    assert!(
-        out.contains("(IVF, 4 lists, 4 probes): 62 rows added, 62 in all"),
-        "{out}"
+    ann_says(
+        &["--ann-lists", "4", "--ann-probes", "4"],
+        "(IVF, 4 lists, 4 probes): 62 rows added, 62 in all",
     );
     let with_lists = names(&search());
-    let out = ann(&["--ann-kind", "hnsw"]);
-    assert!(
-        out.contains("(HNSW, M 32, efSearch 128, F16): 62 rows added"),
-        "{out}"
+    ann_says(
+        &["--ann-kind", "hnsw"],
+        "(HNSW, M 32, efSearch 128, F16): 62 rows added",
     );
     assert!(straight.join("image.usearch").is_file() && !straight.join("image.ivf").exists());
     let o = search();
     assert!(String::from_utf8_lossy(&o.stderr).contains("approximate (HNSW M 32"));
     assert_eq!(names(&o), with_lists);
     // A plain `add` keeps the kind the index has.
-    let out = ann(&[]);
-    assert!(
-        out.contains("(HNSW, M 32, efSearch 128, F16): 0 rows added"),
-        "{out}"
-    );
-    let out = ann(&["--ann", "off"]);
-    assert!(
-        out.contains("removed the approximate search index"),
-        "{out}"
-    );
+    ann_says(&[], "(HNSW, M 32, efSearch 128, F16): 0 rows added");
+    ann_says(&["--ann", "off"], "removed the approximate search index");
     assert!(!straight.join("image.usearch").exists() && !straight.join("image.ivf").exists());
     let o = search();
     assert!(String::from_utf8_lossy(&o.stderr).contains("62 rows, exact search"));
