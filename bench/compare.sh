@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-ViT-B-32}; N=${2:-128}; REPS=${3:-3}; PIR_N=${4:-64}; THREADS=2
 scripts/setup.sh --dev >/dev/null
-W=$(mktemp -d)
+W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
 A=../shared/data/rsicd-aid150
 J=$A/dataset_rsicd_aid150.json
 .venv/bin/python - "$J" "$N" "$W/subset.json" <<'PY'

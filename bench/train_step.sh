@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-16}; STEPS=${2:-5}; REPS=${3:-2}
 scripts/setup.sh --dev >/dev/null
-W=$(mktemp -d); A=../shared/data/rsicd-aid150
+W=$(mktemp -d); trap 'rm -rf "$W"' EXIT; A=../shared/data/rsicd-aid150
 SAME_MALLOC=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 rss() { awk '/Maximum resident/ {printf "%.2f GB", $6 / 1048576}' "$1"; }
@@ -40,4 +40,3 @@ for r in $(seq "$REPS"); do
   .venv/bin/python bench/openclip_train_step.py ViT-B-32 "$B" "$STEPS" 2 2>/dev/null \
     | .venv/bin/python -c "import json,sys; j=json.load(sys.stdin); print(f\"open_clip {j['model']} batch {j['batch']}: {j['step_s']:.3f} s/step\")"
 done
-rm -rf "$W"
