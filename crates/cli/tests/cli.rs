@@ -1,5 +1,7 @@
 //! The `pirclip` binary end to end, against the official goldens of fixture set A.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,36 +29,8 @@ fn pirclip_ok(args: &[&str]) -> std::process::Output {
     o
 }
 
-/// A test's scratch folder: removed when the test passes, kept for a look when it fails (some hold
-/// hundreds of MB of checkpoints, and every run would otherwise leave them behind).
-struct TestDir(PathBuf);
-
-impl std::ops::Deref for TestDir {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for TestDir {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn tmpdir(name: &str) -> TestDir {
-    let d = std::env::temp_dir().join(format!("pirclip-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TestDir(d)
+fn tmpdir(name: &str) -> common::TestDir {
+    common::TestDir::new(&format!("pirclip-cli-{name}"))
 }
 
 fn max_diff(a: &Path, b: &Path) -> f32 {

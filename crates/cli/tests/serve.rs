@@ -1,6 +1,8 @@
 //! `pirclip serve` against a real server on a free loopback port: every endpoint, its limits and errors,
 //! 503 beyond the queue, a bounded load run, and the page in headless Chromium.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -11,36 +13,8 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A test's scratch folder: removed when the test passes, kept for a look when it fails (some hold
-/// hundreds of MB of checkpoints, and every run would otherwise leave them behind).
-struct TestDir(PathBuf);
-
-impl std::ops::Deref for TestDir {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for TestDir {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn tmpdir(name: &str) -> TestDir {
-    let d = std::env::temp_dir().join(format!("pirclip-serve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TestDir(d)
+fn tmpdir(name: &str) -> common::TestDir {
+    common::TestDir::new(&format!("pirclip-serve-{name}"))
 }
 
 /// An index of the bundled mini set, built once per test (`extra`: more `index build` flags).
