@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Approximate search: pirclip's inverted lists (the default) and graph (usearch HNSW), both through
 # `pirclip index bench`, beside faiss's HNSW (what clip-retrieval uses) on the same vectors, same machine,
-# same run. Issue #13's data: 1 M clustered unit
-# vectors (1,000 Gaussian centres, sigma 0.5), 256-d and 512-d, 1,000 queries, recall@10 against exact
-# search, single-query p50/p99, build time with 2 threads, index file size. The text-query column times
-# tokenise + encode (bundled model) + search.
+# same run. Issue #13's data: 1 M clustered unit vectors (1,000 Gaussian centres, sigma 0.5), 256-d and
+# 512-d, 1,000 queries, recall@10 against exact search, single-query p50/p99, build time with 2 threads,
+# index file size. The text-query column times tokenise + encode (bundled model) + search.
 #   bench/ann.sh [N=1000000] [Q=1000] [DIMS="256 512"]   -> bench/results/ann.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."

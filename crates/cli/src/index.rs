@@ -296,24 +296,15 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let config = c.ann.config(Some(out));
-        let r = pirclip_store::update_ann(out, config, threads, &|done, todo| {
+        let r = pirclip_store::update_ann(out, c.ann.config(Some(out)), threads, &|done, todo| {
             bar.set_length(todo as u64);
             bar.set_position(done as u64);
         })?;
         bar.finish_and_clear();
-        let kind = match config {
-            pirclip_store::AnnConfig::Ivf(_) => {
-                format!("IVF, {} lists, {} probes", r.lists, r.probes)
-            }
-            pirclip_store::AnnConfig::Hnsw(o) => format!(
-                "HNSW, M {}, efSearch {}, {:?}",
-                o.connectivity, o.expansion_search, o.quantization
-            ),
-        };
         println!(
-            "{}: approximate search index ({kind}): {} rows added, {} in all, {:.1} MB, {:.1} s",
+            "{}: approximate search index ({}): {} rows added, {} in all, {:.1} MB, {:.1} s",
             out.display(),
+            r.kind,
             r.rows_added,
             r.rows,
             r.bytes as f64 / 1e6,

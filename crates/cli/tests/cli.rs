@@ -2218,7 +2218,7 @@ fn index_build_resume_add_and_search() {
     };
     ann_says(
         &["--ann", "on", "--ann-lists", "4", "--ann-probes", "4"],
-        "approximate search index (IVF, 4 lists, 4 probes): 61 rows added, 61 in all",
+        "approximate search index (IVF 4 lists, 4 probes, F16): 61 rows added, 61 in all",
     );
     assert!(straight.join("image.ivf").is_file());
     let o = search();
@@ -2235,7 +2235,7 @@ fn index_build_resume_add_and_search() {
     );
     ann_says(
         &["--ann-probes", "1"],
-        "(IVF, 4 lists, 1 probes): 0 rows added",
+        "(IVF 4 lists, 1 probes, F16): 0 rows added",
     );
     // A new file joins its nearest list; a damaged file is refused by search, and rebuilt by `add`.
     std::fs::copy(
@@ -2243,7 +2243,7 @@ fn index_build_resume_add_and_search() {
         imgs.join("new_stadium.jpg"),
     )
     .unwrap();
-    ann_says(&[], "(IVF, 4 lists, 1 probes): 1 rows added, 62 in all");
+    ann_says(&[], "(IVF 4 lists, 1 probes, F16): 1 rows added, 62 in all");
     let ivf = straight.join("image.ivf");
     let mut bytes = std::fs::read(&ivf).unwrap();
     bytes.truncate(bytes.len() - 1);
@@ -2256,19 +2256,19 @@ fn index_build_resume_add_and_search() {
     );
     ann_says(
         &["--ann-lists", "4", "--ann-probes", "4"],
-        "(IVF, 4 lists, 4 probes): 62 rows added, 62 in all",
+        "(IVF 4 lists, 4 probes, F16): 62 rows added, 62 in all",
     );
     let with_lists = names(&search());
     ann_says(
         &["--ann-kind", "hnsw"],
-        "(HNSW, M 32, efSearch 128, F16): 62 rows added",
+        "(HNSW M 32, efSearch 128, F16): 62 rows added",
     );
     assert!(straight.join("image.usearch").is_file() && !straight.join("image.ivf").exists());
     let o = search();
     assert!(String::from_utf8_lossy(&o.stderr).contains("approximate (HNSW M 32"));
     assert_eq!(names(&o), with_lists);
     // A plain `add` keeps the kind the index has.
-    ann_says(&[], "(HNSW, M 32, efSearch 128, F16): 0 rows added");
+    ann_says(&[], "(HNSW M 32, efSearch 128, F16): 0 rows added");
     ann_says(&["--ann", "off"], "removed the approximate search index");
     assert!(!straight.join("image.usearch").exists() && !straight.join("image.ivf").exists());
     let o = search();

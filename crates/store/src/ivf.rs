@@ -417,17 +417,12 @@ impl IvfStore {
         for (r, &c) in owner.iter().enumerate() {
             members[c as usize].push(r as u32);
         }
-        Ok(Self::lay_out(
-            dim,
-            &centroids,
-            &members,
-            &rows16,
-            n,
-            match options.probes {
-                0 => DEFAULT_PROBES,
-                p => p,
-            },
-        ))
+        let probes = match options.probes {
+            0 => DEFAULT_PROBES,
+            p => p,
+        };
+        let row = |r: usize| &rows16[r * dim..(r + 1) * dim];
+        Ok(Self::lay_out(dim, &centroids, &members, &row, n, probes))
     }
 
     /// Adds `vectors` as the rows after those the lists hold, each to its nearest trained centroid.
@@ -455,34 +450,40 @@ impl IvfStore {
         }
         let new16 = to_f16(vectors);
         let owner = assign(&new16, self.centroids(), dim, threads, progress);
-        let mut rows16 = vec![0u16; (old + added) * dim];
-        let mut members = Vec::with_capacity(self.layout.lists);
-        for c in 0..self.layout.lists {
-            let (ids, vecs) = self.list(c);
-            for (j, &id) in ids.iter().enumerate() {
-                let id = id as usize;
-                rows16[id * dim..(id + 1) * dim].copy_from_slice(&vecs[j * dim..(j + 1) * dim]);
-            }
-            members.push(ids.to_vec());
-        }
-        rows16[old * dim..].copy_from_slice(&new16);
+        let mut members: Vec<Vec<u32>> = (0..self.layout.lists)
+            .map(|c| self.list(c).0.to_vec())
+            .collect();
         for (i, &c) in owner.iter().enumerate() {
             members[c as usize].push((old + i) as u32);
         }
-        let trained = self.trained_rows;
-        let centroids = self.centroids().to_vec();
-        *self = Self::lay_out(dim, &centroids, &members, &rows16, old + added, self.probes);
-        self.trained_rows = trained;
-        self.write_header();
+        // Old rows are copied from where they lie in the current lists, new ones from `new16`.
+        let row = |r: usize| match r.checked_sub(old) {
+            None => {
+                let pos = self.position(r);
+                &self.vectors()[pos * dim..(pos + 1) * dim]
+            }
+            Some(i) => &new16[i * dim..(i + 1) * dim],
+        };
+        let mut grown = Self::lay_out(
+            dim,
+            self.centroids(),
+            &members,
+            &row,
+            old + added,
+            self.probes,
+        );
+        grown.trained_rows = self.trained_rows;
+        *self = grown;
         Ok(())
     }
 
-    /// The file image of these lists: `members[c]` are list c's rows, `rows16` all rows as f16.
-    fn lay_out(
+    /// These lists in the file's layout (the header is written by `save`): `members[c]` are list c's
+    /// rows, `row(r)` is row r's f16 vector. The centroids count as trained on all `rows`.
+    fn lay_out<'a>(
         dim: usize,
         centroids: &[u16],
         members: &[Vec<u32>],
-        rows16: &[u16],
+        row: &dyn Fn(usize) -> &'a [u16],
         rows: usize,
         probes: usize,
     ) -> Self {
@@ -509,39 +510,43 @@ impl IvfStore {
                 bytes[layout.ids_at + pos * 4..layout.ids_at + (pos + m.len()) * 4]
                     .copy_from_slice(bytemuck::cast_slice(m));
                 for &r in m {
-                    let r = r as usize;
-                    put16(
-                        bytes,
-                        layout.vectors_at + pos * dim * 2,
-                        &rows16[r * dim..(r + 1) * dim],
-                    );
+                    put16(bytes, layout.vectors_at + pos * dim * 2, row(r as usize));
                     pos += 1;
                 }
             }
         }
-        let mut store = IvfStore {
+        IvfStore {
             bytes: Bytes::Owned(words, layout.len),
             layout,
             trained_rows: rows,
             probes: probes.max(1),
             positions: OnceLock::new(),
-        };
-        store.write_header();
-        store
+        }
     }
 
-    fn write_header(&mut self) {
-        let Bytes::Owned(words, _) = &mut self.bytes else {
-            return;
-        };
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(words);
+    /// The file's header, from the fields (the bytes held in memory or mapped are not kept current).
+    fn header(&self) -> [u8; HEADER_BYTES] {
+        let mut h = [0u8; HEADER_BYTES];
         let l = &self.layout;
-        bytes[0..8].copy_from_slice(MAGIC);
-        bytes[8..12].copy_from_slice(&(l.dim as u32).to_le_bytes());
-        bytes[12..16].copy_from_slice(&(l.lists as u32).to_le_bytes());
-        bytes[16..24].copy_from_slice(&(l.rows as u64).to_le_bytes());
-        bytes[24..32].copy_from_slice(&(self.trained_rows as u64).to_le_bytes());
-        bytes[32..36].copy_from_slice(&(self.probes as u32).to_le_bytes());
+        h[0..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&(l.dim as u32).to_le_bytes());
+        h[12..16].copy_from_slice(&(l.lists as u32).to_le_bytes());
+        h[16..24].copy_from_slice(&(l.rows as u64).to_le_bytes());
+        h[24..32].copy_from_slice(&(self.trained_rows as u64).to_le_bytes());
+        h[32..36].copy_from_slice(&(self.probes as u32).to_le_bytes());
+        h
+    }
+
+    /// Where row `row` lies in the lists (built on first use).
+    fn position(&self, row: usize) -> usize {
+        let positions = self.positions.get_or_init(|| {
+            let mut p = vec![0u32; self.layout.rows];
+            for (pos, &id) in self.ids().iter().enumerate() {
+                p[id as usize] = pos as u32;
+            }
+            p
+        });
+        positions[row] as usize
     }
 
     fn centroids(&self) -> &[u16] {
@@ -594,9 +599,16 @@ impl IvfStore {
         }
     }
 
+    /// For logs and /health: "IVF 1000 lists, 16 probes, F16".
+    pub fn describe(&self) -> String {
+        format!(
+            "IVF {} lists, {} probes, F16",
+            self.layout.lists, self.probes
+        )
+    }
+
     pub fn set_probes(&mut self, probes: usize) {
         self.probes = probes.max(1);
-        self.write_header();
     }
 
     pub fn serialized_len(&self) -> usize {
@@ -607,13 +619,11 @@ impl IvfStore {
     pub fn save(&self, root: &Path) -> Result<(), Error> {
         let path = Self::path(root);
         let tmp = root.join(".image.ivf.tmp");
-        let mut bytes = self.bytes.as_slice().to_vec();
-        // A mapped file carries the probes it was opened with; the header is rewritten for both.
-        bytes[32..36].copy_from_slice(&(self.probes as u32).to_le_bytes());
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
+            f.write_all(&self.header())?;
+            f.write_all(&self.bytes.as_slice()[HEADER_BYTES..])?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
@@ -731,23 +741,14 @@ impl VectorStore for IvfStore {
 
     fn vector(&self, row: usize) -> Vec<f32> {
         let dim = self.layout.dim;
-        let positions = self.positions.get_or_init(|| {
-            let mut p = vec![0u32; self.layout.rows];
-            for (pos, &id) in self.ids().iter().enumerate() {
-                p[id as usize] = pos as u32;
-            }
-            p
-        });
-        match positions.get(row) {
-            Some(&pos) => {
-                let pos = pos as usize;
-                self.vectors()[pos * dim..(pos + 1) * dim]
-                    .iter()
-                    .map(|&b| half::f16::from_bits(b).to_f32())
-                    .collect()
-            }
-            None => vec![0f32; dim],
+        if row >= self.layout.rows {
+            return vec![0f32; dim];
         }
+        let pos = self.position(row);
+        self.vectors()[pos * dim..(pos + 1) * dim]
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect()
     }
 }
 
@@ -830,6 +831,16 @@ mod tests {
         let mut grown = IvfStore::build(dim, &data[..3000 * dim], opts, 2, &|_| {}).unwrap();
         grown.extend(&data[3000 * dim..], 2, &|_| {}).unwrap();
         assert_eq!((grown.rows(), grown.trained_rows()), (6000, 3000));
+        // Old rows moved into the new layout intact, new rows stored as given (to float16).
+        for r in [17, 2999, 3000, 5999] {
+            let v = grown.vector(r);
+            assert!(
+                v.iter()
+                    .zip(&data[r * dim..])
+                    .all(|(a, b)| (a - b).abs() < 1e-3),
+                "row {r}"
+            );
+        }
         assert!(recall(&grown, &flat, &queries, dim) >= 0.95);
         grown.save(&root).unwrap();
         let reopened = IvfStore::open(&root).unwrap().unwrap();

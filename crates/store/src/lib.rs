@@ -495,34 +495,21 @@ impl LoadedIndex {
         let dir = IndexDir::open(root)?;
         let (entries, _) = read_all(&dir, false)?;
         let covers = |s: &dyn VectorStore| s.len() == entries.len() && s.dim() == dir.identity.dim;
-        if let Some(ivf) = IvfStore::open(root)? {
-            if covers(&ivf) {
-                let o = ivf.options();
-                return Ok(LoadedIndex {
-                    search_kind: format!(
-                        "approximate (IVF {} lists, {} probes, F16, memory-mapped)",
-                        o.lists, o.probes
-                    ),
-                    dir,
-                    entries,
-                    store: Box::new(ivf),
-                });
-            }
-        }
-        if let Some(mut ann) = AnnStore::open(root, true)? {
-            if covers(&ann) {
-                let o = ann.options();
-                ann.set_expansion_search(o.expansion_search);
-                return Ok(LoadedIndex {
-                    search_kind: format!(
-                        "approximate (HNSW M {}, efSearch {}, {:?}, memory-mapped)",
-                        o.connectivity, o.expansion_search, o.quantization
-                    ),
-                    dir,
-                    entries,
-                    store: Box::new(ann),
-                });
-            }
+        let approximate: Option<(String, Box<dyn VectorStore + Send + Sync>)> =
+            match IvfStore::open(root)? {
+                Some(ivf) if covers(&ivf) => Some((ivf.describe(), Box::new(ivf))),
+                _ => match AnnStore::open(root, true)? {
+                    Some(ann) if covers(&ann) => Some((ann.describe(), Box::new(ann))),
+                    _ => None,
+                },
+            };
+        if let Some((kind, store)) = approximate {
+            return Ok(LoadedIndex {
+                search_kind: format!("approximate ({kind}, memory-mapped)"),
+                dir,
+                entries,
+                store,
+            });
         }
         let (entries, vectors) = read_all(&dir, true)?;
         let store = FlatStore::new(dir.identity.dim, vectors);
@@ -544,24 +531,15 @@ pub enum AnnConfig {
     Hnsw(AnnOptions),
 }
 
-/// The files an approximate index may occupy in `root`.
-fn ann_files(root: &Path) -> Vec<PathBuf> {
-    vec![
-        IvfStore::path(root),
-        AnnStore::graph_path(root),
-        root.join("image.usearch.json"),
-    ]
+/// The graph's files in `root` (the inverted lists are one file, [`IvfStore::path`]).
+fn graph_files(root: &Path) -> [PathBuf; 2] {
+    [AnnStore::graph_path(root), AnnStore::sidecar_path(root)]
 }
 
-/// Whether `root` holds an approximate index of either kind.
-pub fn has_ann(root: &Path) -> bool {
-    ann_files(root).iter().any(|p| p.is_file())
-}
-
-/// Removes any approximate index from `root` (exact search takes over); whether one was there.
-pub fn remove_ann(root: &Path) -> Result<bool, Error> {
+/// Removes those of `paths` that exist; whether any did.
+fn remove_present(paths: impl IntoIterator<Item = PathBuf>) -> Result<bool, Error> {
     let mut removed = false;
-    for p in ann_files(root) {
+    for p in paths {
         if p.is_file() {
             std::fs::remove_file(&p)?;
             removed = true;
@@ -570,13 +548,22 @@ pub fn remove_ann(root: &Path) -> Result<bool, Error> {
     Ok(removed)
 }
 
+/// Whether `root` holds an approximate index of either kind.
+pub fn has_ann(root: &Path) -> bool {
+    IvfStore::path(root).is_file() || graph_files(root).iter().any(|p| p.is_file())
+}
+
+/// Removes any approximate index from `root` (exact search takes over); whether one was there.
+pub fn remove_ann(root: &Path) -> Result<bool, Error> {
+    remove_present(graph_files(root).into_iter().chain([IvfStore::path(root)]))
+}
+
 /// What [`update_ann`] did.
 #[derive(Debug)]
 pub struct AnnReport {
     pub rows_added: usize,
-    /// Inverted lists: how many, and how many a query probes (0 for a graph).
-    pub lists: usize,
-    pub probes: usize,
+    /// The index as it now is, e.g. "IVF 100 lists, 16 probes, F16".
+    pub kind: String,
     pub rows: usize,
     pub bytes: usize,
     pub seconds: f64,
@@ -584,7 +571,8 @@ pub struct AnnReport {
 
 /// Brings the index's approximate index up to date: extends it with the rows added since it was built,
 /// or builds it (anew when `config` differs from what it was built with, or, for inverted lists, when
-/// the rows have outgrown the trained centroids). An index of the other kind is removed.
+/// the rows have outgrown the trained centroids). An index of the other kind is removed. The
+/// embeddings are read only when rows are to be added.
 pub fn update_ann(
     root: &Path,
     config: AnnConfig,
@@ -593,16 +581,23 @@ pub fn update_ann(
 ) -> Result<AnnReport, Error> {
     let started = std::time::Instant::now();
     let dir = IndexDir::open(root)?;
-    let (_, vectors) = read_all(&dir, true)?;
+    let rows = read_all(&dir, false)?.0.len();
     let dim = dir.identity.dim;
-    let rows = vectors.len() / dim.max(1);
-    let (todo, bytes, lists, probes) = match config {
+    let vectors_from = |from: usize| -> Result<Vec<f32>, Error> {
+        let mut v = read_all(&dir, true)?.1;
+        v.drain(..from * dim);
+        Ok(v)
+    };
+    let report = |rows_added: usize, kind: String, bytes: usize| AnnReport {
+        rows_added,
+        kind,
+        rows,
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    match config {
         AnnConfig::Ivf(options) => {
-            for p in &ann_files(root)[1..] {
-                if p.is_file() {
-                    std::fs::remove_file(p)?;
-                }
-            }
+            remove_present(graph_files(root))?;
             // Lists that cannot be opened (damaged, or from another version) are rebuilt, not fatal:
             // they are derived from the parts.
             let opened = IvfStore::open(root).ok().flatten();
@@ -612,7 +607,6 @@ pub fn update_ann(
                     .map_or(ivf::DEFAULT_PROBES, |s| s.options().probes),
                 p => p,
             };
-            let options = IvfOptions { probes, ..options };
             let existing = opened.filter(|s| {
                 s.dim() == dim
                     && s.rows() <= rows
@@ -620,39 +614,32 @@ pub fn update_ann(
                     && rows <= ivf::RETRAIN_GROWTH.saturating_mul(s.trained_rows().max(1))
             });
             let (mut ivf, from) = match existing {
-                Some(s) if s.rows() == rows && s.options().probes == options.probes => {
-                    // Nothing to add or change.
-                    return Ok(AnnReport {
-                        rows_added: 0,
-                        lists: s.lists(),
-                        probes,
-                        rows,
-                        bytes: s.serialized_len(),
-                        seconds: started.elapsed().as_secs_f64(),
-                    });
+                Some(s) if s.rows() == rows && s.options().probes == probes => {
+                    return Ok(report(0, s.describe(), s.serialized_len()));
                 }
                 Some(mut s) => {
                     let from = s.rows();
-                    s.extend(&vectors[from * dim..], threads, &|d| {
-                        progress(d, rows - from)
-                    })
-                    .map_err(|e| invalid(root, e))?;
+                    if from < rows {
+                        s.extend(&vectors_from(from)?, threads, &|d| progress(d, rows - from))
+                            .map_err(|e| invalid(root, e))?;
+                    }
                     (s, from)
                 }
-                None => (
-                    IvfStore::build(dim, &vectors, options, threads, &|d| progress(d, rows))
-                        .map_err(|e| invalid(root, e))?,
-                    0,
-                ),
+                None => {
+                    let options = IvfOptions { probes, ..options };
+                    let built = IvfStore::build(dim, &vectors_from(0)?, options, threads, &|d| {
+                        progress(d, rows)
+                    })
+                    .map_err(|e| invalid(root, e))?;
+                    (built, 0)
+                }
             };
-            ivf.set_probes(options.probes);
+            ivf.set_probes(probes);
             ivf.save(root)?;
-            (rows - from, ivf.serialized_len(), ivf.lists(), probes)
+            Ok(report(rows - from, ivf.describe(), ivf.serialized_len()))
         }
         AnnConfig::Hnsw(options) => {
-            if IvfStore::path(root).is_file() {
-                std::fs::remove_file(IvfStore::path(root))?;
-            }
+            remove_present([IvfStore::path(root)])?;
             // A graph that cannot be opened (damaged, or without a checksum) is rebuilt.
             let existing = AnnStore::open(root, false).ok().flatten().filter(|a| {
                 let (mine, theirs) = (a.options(), options);
@@ -661,35 +648,26 @@ pub fn update_ann(
                     && mine.quantization == theirs.quantization
                     && a.len() <= rows
             });
-            let (mut ann, from) = match existing {
-                Some(a) => {
-                    let from = a.len();
-                    (a, from)
+            let mut ann = match existing {
+                Some(a) if a.len() == rows && a.options() == options => {
+                    return Ok(report(0, a.describe(), a.serialized_len()));
                 }
-                None => (
-                    AnnStore::build(dim, &[], options, threads, &|_| {})
-                        .map_err(|e| invalid(root, e))?,
-                    0,
-                ),
+                Some(a) => a,
+                None => AnnStore::build(dim, &[], options, threads, &|_| {})
+                    .map_err(|e| invalid(root, e))?,
             };
-            let todo = rows - from;
-            ann.extend(&vectors[from * dim..], threads, &|done| {
-                progress(done, todo)
-            })
-            .map_err(|e| invalid(root, e))?;
+            let from = ann.len();
+            if from < rows {
+                ann.extend(&vectors_from(from)?, threads, &|done| {
+                    progress(done, rows - from)
+                })
+                .map_err(|e| invalid(root, e))?;
+            }
             ann.set_expansion_search(options.expansion_search);
             ann.save(root)?;
-            (todo, ann.serialized_len(), 0, 0)
+            Ok(report(rows - from, ann.describe(), ann.serialized_len()))
         }
-    };
-    Ok(AnnReport {
-        rows_added: todo,
-        lists,
-        probes,
-        rows,
-        bytes,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -749,6 +727,62 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("cannot share"));
+    }
+
+    /// `update_ann` with inverted lists: new rows join the trained lists until the index has grown
+    /// `RETRAIN_GROWTH` times past the rows they were trained on, then the lists are trained anew;
+    /// with nothing new nothing is redone.
+    #[test]
+    fn inverted_lists_extend_then_retrain_as_the_index_grows() {
+        let root = std::env::temp_dir().join(format!("pirclip-store-ivf-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = IndexDir::open_or_create(&root, identity("aa")).unwrap();
+        let append = |from: usize, n: usize| {
+            let entries: Vec<Entry> = (from..from + n)
+                .map(|i| Entry {
+                    image_path: format!("{i}.jpg"),
+                    ..Default::default()
+                })
+                .collect();
+            let angles = (from..from + n).map(|i| i as f32 * 0.1);
+            let v: Vec<f32> = angles.flat_map(|a| [a.cos(), a.sin()]).collect();
+            dir.append_part(&entries, &v).unwrap();
+        };
+        let update = || {
+            update_ann(
+                &root,
+                AnnConfig::Ivf(IvfOptions {
+                    lists: 0,
+                    probes: 0,
+                }),
+                1,
+                &|_, _| {},
+            )
+            .unwrap()
+        };
+        let trained = || IvfStore::open(&root).unwrap().unwrap().trained_rows();
+        append(0, 100);
+        let r = update();
+        assert_eq!(
+            (r.rows_added, r.kind.as_str()),
+            (100, "IVF 10 lists, 16 probes, F16")
+        );
+        assert_eq!(trained(), 100);
+        append(100, 200);
+        assert_eq!(update().rows_added, 200);
+        assert_eq!(trained(), 100, "300 rows: still the lists trained on 100");
+        let r = update();
+        assert_eq!((r.rows_added, r.rows), (0, 300));
+        append(300, 200);
+        let r = update();
+        assert_eq!(
+            (r.rows_added, r.rows),
+            (500, 500),
+            "500 > 4 x 100: trained anew"
+        );
+        assert_eq!(trained(), 500);
+        assert_eq!(r.kind, "IVF 22 lists, 16 probes, F16");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
