@@ -274,6 +274,22 @@ fn assign(
     out
 }
 
+/// How many rows of `dim` `values` make, checked to fit beside `existing` rows (ids are u32).
+fn rows_to_add(dim: usize, values: usize, existing: usize) -> Result<usize, String> {
+    if dim == 0 || values % dim != 0 {
+        return Err(format!("{values} values are not rows of {dim}"));
+    }
+    let n = values / dim;
+    if existing + n >= u32::MAX as usize {
+        return Err(format!(
+            "{} rows: at most {} fit",
+            existing + n,
+            u32::MAX - 1
+        ));
+    }
+    Ok(n)
+}
+
 /// splitmix64: a seeded, dependency-free stream for the training sample.
 struct Mix(u64);
 impl Mix {
@@ -399,14 +415,8 @@ impl IvfStore {
         threads: usize,
         progress: &(dyn Fn(usize) + Sync),
     ) -> Result<Self, String> {
-        if dim == 0 || vectors.len() % dim != 0 {
-            return Err(format!("{} values are not rows of {dim}", vectors.len()));
-        }
+        let n = rows_to_add(dim, vectors.len(), 0)?;
         let rows16 = to_f16(vectors);
-        let n = vectors.len() / dim;
-        if n >= u32::MAX as usize {
-            return Err(format!("{n} rows: at most {} fit", u32::MAX - 1));
-        }
         let lists = match options.lists {
             0 => auto_lists(n),
             l => l.min(n),
@@ -432,18 +442,8 @@ impl IvfStore {
         threads: usize,
         progress: &(dyn Fn(usize) + Sync),
     ) -> Result<(), String> {
-        let dim = self.layout.dim;
-        if vectors.len() % dim != 0 {
-            return Err(format!("{} values are not rows of {dim}", vectors.len()));
-        }
-        let (old, added) = (self.layout.rows, vectors.len() / dim);
-        if old + added >= u32::MAX as usize {
-            return Err(format!(
-                "{} rows: at most {} fit",
-                old + added,
-                u32::MAX - 1
-            ));
-        }
+        let (dim, old) = (self.layout.dim, self.layout.rows);
+        let added = rows_to_add(dim, vectors.len(), old)?;
         if self.layout.lists == 0 {
             *self = Self::build(dim, vectors, self.options(), threads, progress)?;
             return Ok(());
