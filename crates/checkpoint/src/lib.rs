@@ -38,6 +38,15 @@ impl Error {
     }
 }
 
+/// `text` cut to at most `max` characters for an error message, with how much was left out: a
+/// field of a hostile file can be megabytes long, and a message must not echo it.
+pub fn clip_text(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some((at, _)) => format!("{}… ({} more bytes)", &text[..at], text.len() - at),
+    }
+}
+
 /// An ordered state dict: names in saved order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StateDict {

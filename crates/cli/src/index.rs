@@ -233,6 +233,7 @@ pub fn resolved_identity(
         checkpoint_sha256: pirclip_index::sha256_file(&weights)?,
         dim: config.embed_dim,
         scene: SceneSettings::default(),
+        image_roots: Vec::new(),
     };
     Ok((config, weights, identity))
 }
@@ -253,34 +254,31 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
     let (model, mut identity) = identity_of(&c.model)?;
     let existing = IndexDir::open(out).ok().map(|d| d.identity.scene);
     identity.scene = c.scene(existing.as_ref());
-    let dir = IndexDir::open_or_create(out, identity)?;
+    let mut dir = IndexDir::open_or_create(out, identity)?;
     let workers = c.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
             .min(8)
     });
+    let scene = dir.identity.scene.clone();
     let report = build(
         &model,
         c.model.options(),
-        &dir,
+        &mut dir,
         &c.images,
         &BuildOptions {
             part_size: c.part_size,
             batch_size: c.batch_size,
             workers,
-            scene: dir.identity.scene.clone(),
+            scene,
         },
         &Bar::new(true),
     )?;
     for u in &report.unreadable {
         eprintln!("skipped {u}");
     }
-    let total: usize = dir
-        .parts()
-        .iter()
-        .map(|&k| dir.entries(k).map(|e| e.len()).unwrap_or(0))
-        .sum();
+    let total: usize = dir.check()?.iter().map(|(_, rows)| rows).sum();
     let has_graph = pirclip_store::has_ann(out);
     let want_graph = match c.ann.ann {
         AnnMode::On => true,

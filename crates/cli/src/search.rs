@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::common::ModelArgs;
 use crate::pipeline::{encode_images, encode_texts};
@@ -62,13 +62,17 @@ pub fn print_results(queries: &[String], paths: &[PathBuf], ranked: &[Vec<(usize
 fn run_index(a: &Args, root: &std::path::Path) -> Result<()> {
     let index = pirclip_store::LoadedIndex::load(root)?;
     let (model, identity) = crate::index::identity_of(&a.model)?;
-    if identity.checkpoint_sha256 != index.dir.identity.checkpoint_sha256 {
+    if !identity.same_model(&index.dir.identity) {
         bail!(
-            "{} was built with {} ({}); pass the same --model/--checkpoint to search it",
+            "{} was built with {} ({}, {} dimensions); pass the same --model/--checkpoint to search it",
             root.display(),
             index.dir.identity.model,
-            index.dir.identity.checkpoint
+            index.dir.identity.checkpoint,
+            index.dir.identity.dim
         );
+    }
+    for w in &index.warnings {
+        eprintln!("warning: {w}");
     }
     eprintln!(
         "{}: {} rows, {} search",
@@ -79,7 +83,10 @@ fn run_index(a: &Args, root: &std::path::Path) -> Result<()> {
     let txt = encode_texts(&model, &a.queries, 256, true, false)?;
     for (q, row) in a.queries.iter().zip(txt.values.chunks(txt.dim)) {
         println!("\n\u{201c}{q}\u{201d}");
-        for (r, (i, s)) in index.store.search(row, a.top_k).into_iter().enumerate() {
+        let hits = index
+            .search(row, a.top_k)
+            .with_context(|| format!("searching {}", root.display()))?;
+        for (r, (i, s)) in hits.into_iter().enumerate() {
             let e = &index.entries[i];
             println!("  {}. {:<40} {s:.3}  {}", r + 1, e.image_path, e.location());
         }

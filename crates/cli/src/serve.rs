@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use pirclip_serve::{AppState, Encoder, Limits};
+use pirclip_serve::{AppState, Encoder, Limits, ServedIndex};
 
 use crate::common::ModelArgs;
 
@@ -25,9 +25,18 @@ pub struct Args {
     /// Queries that may wait for the model; more are answered 503.
     #[arg(long, default_value_t = 64)]
     queue: usize,
-    /// Largest request body in bytes (images arrive base64-encoded).
+    /// Largest request body in bytes (images arrive base64-encoded); a larger declared body is
+    /// answered 413 without being read.
     #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
+    /// A folder whose images may be served (repeat for more): overrides the image folders an index
+    /// recorded when it was built (needed for an index built elsewhere, or before they were recorded).
+    #[arg(long, value_name = "DIR", action = clap::ArgAction::Append)]
+    image_root: Vec<PathBuf>,
+    /// Start even when rows of an index point outside its image folders; those files are refused
+    /// (403). Without it such an index is not served.
+    #[arg(long)]
+    allow_outside_roots: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -36,13 +45,17 @@ pub fn run(a: Args) -> Result<()> {
     for root in &a.index {
         let loaded = pirclip_store::LoadedIndex::load(root)
             .with_context(|| format!("loading index {}", root.display()))?;
-        if loaded.dir.identity.checkpoint_sha256 != identity.checkpoint_sha256 {
+        if !loaded.dir.identity.same_model(&identity) {
             bail!(
-                "{} was built with {} ({}); pass the same --model/--checkpoint to serve it",
+                "{} was built with {} ({}, {} dimensions); pass the same --model/--checkpoint to serve it",
                 root.display(),
                 loaded.dir.identity.model,
-                loaded.dir.identity.checkpoint
+                loaded.dir.identity.checkpoint,
+                loaded.dir.identity.dim
             );
+        }
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
         }
         let base = root
             .file_name()
@@ -50,11 +63,17 @@ pub fn run(a: Args) -> Result<()> {
             .unwrap_or_else(|| "index".into());
         let mut name = base.clone();
         let mut n = 2;
-        while indices.iter().any(|(k, _): &(String, _)| *k == name) {
+        while indices.iter().any(|i: &ServedIndex| i.name == name) {
             name = format!("{base}-{n}");
             n += 1;
         }
-        indices.push((name, loaded));
+        let (served, notes) =
+            ServedIndex::new(name, loaded, &a.image_root, a.allow_outside_roots)
+                .map_err(anyhow::Error::msg)?;
+        for note in notes {
+            eprintln!("warning: {note}");
+        }
+        indices.push(served);
     }
     let addr: std::net::SocketAddr =
         format!("{}:{}", a.host, a.port).parse().with_context(|| {
@@ -63,7 +82,7 @@ pub fn run(a: Args) -> Result<()> {
                 a.host, a.port
             )
         })?;
-    let images: usize = indices.iter().map(|(_, i)| i.entries.len()).sum();
+    let images: usize = indices.iter().map(|i| i.index.entries.len()).sum();
     let limits = Limits {
         max_body_bytes: a.max_body_bytes,
         max_results: a.max_results,

@@ -1,6 +1,7 @@
 //! Image decoding and CLIP preprocessing compatible with the official torchvision + Pillow pipeline
 //! (spec §6.2): `Resize(shortest side, bicubic)` → `CenterCrop` → RGB → `/255` → normalise.
 
+mod reader;
 mod resample;
 pub mod scene;
 
@@ -8,8 +9,11 @@ use std::path::Path;
 
 use image::ImageEncoder;
 
-pub use resample::resize_bicubic;
-pub use scene::{decode_scene, decode_scene_file, GeoRef, Scene, SceneOptions, Window};
+pub use resample::{resize_bicubic, resize_bicubic_window};
+pub use reader::{SceneReader, MAX_CHUNK_BYTES};
+pub use scene::{
+    decode_scene, decode_scene_file, open_scene, GeoRef, Scene, SceneOptions, SceneSource, Window,
+};
 
 /// OpenAI CLIP normalisation constants.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -152,6 +156,25 @@ fn decode_jpeg_libjpeg(bytes: &[u8], name: &str) -> Result<Option<RgbImage>, Err
     .flatten())
 }
 
+/// The MIME type of `bytes` when they are an image whose header reads (JPEG, PNG, WebP, GIF, BMP,
+/// TIFF), without decoding its pixels; `None` for anything else.
+pub fn probe(bytes: &[u8]) -> Option<&'static str> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?;
+    let kind = match reader.format()? {
+        image::ImageFormat::Jpeg => "image/jpeg",
+        image::ImageFormat::Png => "image/png",
+        image::ImageFormat::WebP => "image/webp",
+        image::ImageFormat::Gif => "image/gif",
+        image::ImageFormat::Bmp => "image/bmp",
+        image::ImageFormat::Tiff => "image/tiff",
+        _ => return None,
+    };
+    let (w, h) = reader.into_dimensions().ok()?;
+    (w > 0 && h > 0).then_some(kind)
+}
+
 pub fn decode_file(path: &Path) -> Result<RgbImage, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::Decode {
         path: path.display().to_string(),
@@ -220,9 +243,26 @@ pub fn center_crop(img: &RgbImage, size: usize) -> RgbImage {
     RgbImage::new(size, size, out)
 }
 
-/// The eval transform's geometric part: resize shortest side, then center crop.
+/// The eval transform's geometric part: resize shortest side, then center crop. Only the crop is
+/// computed (bit-identical to resizing whole and cropping), so an image of extreme aspect ratio costs
+/// `size × size` pixels, not its resized size.
 pub fn eval_resize_crop(img: &RgbImage, size: usize) -> RgbImage {
-    center_crop(&resize_shortest_side(img, size), size)
+    let (w, h) = (img.width, img.height);
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    if short == size || short == 0 {
+        return center_crop(img, size);
+    }
+    let new_long = (size as f64 * long as f64 / short as f64) as usize;
+    let (nw, nh) = if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
+    if nw < size || nh < size {
+        return center_crop(&resize_bicubic(img, nw, nh), size);
+    }
+    let offset = |total: usize| ((total - size) as f64 / 2.0).round_ties_even() as usize;
+    resample::resize_bicubic_window(img, nw, nh, offset(nw), offset(nh), size, size)
 }
 
 /// `ToTensor` + `Normalize` into a CHW float buffer (appended to `out`).
@@ -266,6 +306,17 @@ mod tests {
         let c = center_crop(&img, 3);
         assert_eq!(c.pixels[(3 + 1) * 3], 9);
         assert_eq!(c.pixels.iter().filter(|&&v| v == 9).count(), 3);
+    }
+
+    /// The cropped-only path equals resizing whole and cropping, for tall, wide and extreme images.
+    #[test]
+    fn eval_crop_equals_resize_then_crop() {
+        for (w, h) in [(300, 200), (200, 300), (1, 900), (900, 3), (224, 500), (225, 225)] {
+            let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i * 31 % 253) as u8).collect();
+            let img = RgbImage::new(w, h, pixels);
+            let slow = center_crop(&resize_shortest_side(&img, 224), 224);
+            assert_eq!(eval_resize_crop(&img, 224), slow, "{w}x{h}");
+        }
     }
 
     #[test]

@@ -41,22 +41,38 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// Image files under `inputs` (folders walked recursively, hidden entries skipped), as absolute paths in
-/// sorted order, duplicates removed.
-pub fn walk(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
+/// sorted order, duplicates removed, and the canonical folders they lie in (see [`Walk::roots`]).
+/// Each folder is entered once by its canonical path, so symbolic links back up the tree (or between
+/// two folders) cannot make the walk endless.
+pub fn walk(inputs: &[PathBuf]) -> Result<Walk, Error> {
     let mut out = Vec::new();
+    let mut roots = Vec::new();
     let mut pending: Vec<PathBuf> = Vec::new();
+    let mut visited = std::collections::HashSet::new();
     for input in inputs {
         let abs = std::fs::canonicalize(input).map_err(|e| Error::Input {
             path: input.display().to_string(),
             message: e.to_string(),
         })?;
         if abs.is_dir() {
+            roots.push(abs.clone());
             pending.push(abs);
         } else {
+            roots.extend(abs.parent().map(Path::to_path_buf));
             out.push(abs);
         }
     }
     while let Some(dir) = pending.pop() {
+        let Ok(canonical) = std::fs::canonicalize(&dir) else {
+            continue;
+        };
+        if !visited.insert(canonical.clone()) {
+            continue;
+        }
+        if !roots.iter().any(|r| canonical.starts_with(r)) {
+            // A link to a folder elsewhere: its images are served from where they are.
+            roots.push(canonical);
+        }
         for e in std::fs::read_dir(&dir)? {
             let p = e?.path();
             if p.file_name()
@@ -67,13 +83,42 @@ pub fn walk(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
             if p.is_dir() {
                 pending.push(p);
             } else if pirclip_data::is_image_path(&p) {
+                if p.is_symlink() {
+                    if let Some(parent) = std::fs::canonicalize(&p)
+                        .ok()
+                        .and_then(|c| c.parent().map(Path::to_path_buf))
+                    {
+                        if !roots.iter().any(|r| parent.starts_with(r)) {
+                            roots.push(parent);
+                        }
+                    }
+                }
                 out.push(p);
             }
         }
     }
     out.sort();
     out.dedup();
-    Ok(out)
+    // Component-wise order puts a folder right before everything inside it.
+    roots.sort();
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for r in roots {
+        if !kept.last().is_some_and(|k| r.starts_with(k)) {
+            kept.push(r);
+        }
+    }
+    Ok(Walk {
+        files: out,
+        roots: kept,
+    })
+}
+
+/// What [`walk`] found.
+pub struct Walk {
+    pub files: Vec<PathBuf>,
+    /// Canonical folders every found file lies in (through symbolic links resolved), none inside
+    /// another: what `pirclip serve` may serve files from.
+    pub roots: Vec<PathBuf>,
 }
 
 pub struct BuildOptions {
@@ -116,14 +161,16 @@ fn entry_of(path: &Path) -> Option<Entry> {
 pub fn build(
     model: &ClipModel,
     opts: EncodeOptions,
-    dir: &IndexDir,
+    dir: &mut IndexDir,
     inputs: &[PathBuf],
     o: &BuildOptions,
     progress: &dyn Progress,
 ) -> Result<BuildReport, Error> {
     let started = Instant::now();
-    let files = walk(inputs)?;
+    let Walk { files, roots } = walk(inputs)?;
+    // The existing parts are checked whole first: an index that search would refuse is not added to.
     let indexed = dir.indexed_keys()?;
+    dir.add_image_roots(&roots)?;
     let mut report = BuildReport {
         found: files.len(),
         ..Default::default()
@@ -139,50 +186,84 @@ pub fn build(
         }
     }
     let size = model.config.image_size;
+    let dim = dir.identity.dim;
     let scene_options = SceneOptions {
         bands: o.scene.bands,
     };
-    // Whole images decode a model batch at a time; scenes cut into tiles, a few at a time (one scene's
-    // tiles can be hundreds of model inputs).
-    let files_per_batch = if o.scene.tile.is_some() {
-        o.workers.max(1)
-    } else {
-        o.batch_size.max(1)
-    };
+    let workers = o.workers.max(1);
     progress.start("images", todo.len() as u64);
     for part in todo.chunks(o.part_size.max(1)) {
         let (mut entries, mut values) = (Vec::new(), Vec::new());
         let mut pending = Pending::default();
-        // Decoding runs one batch ahead of the model on its own threads.
+        // Decoding runs ahead of the model on its own threads, a bounded step ahead: whole images a
+        // model batch at a time, scenes a row of tiles at a time (never a whole scene's tiles).
         std::thread::scope(|s| -> Result<(), Error> {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let (scene_options, scene) = (&scene_options, &o.scene);
             s.spawn(move || {
-                for batch in part.chunks(files_per_batch) {
-                    let decoded = pirclip_data::parallel_map(batch, o.workers.max(1), |(p, e)| {
-                        rows_of(p, e, scene_options, scene, size)
+                let send = |d: Decoded| tx.send(d).is_ok();
+                for batch in part.chunks(o.batch_size.max(1)) {
+                    if scene.tile.is_some() {
+                        for (p, e) in batch {
+                            if !send(Decoded::Start) {
+                                return;
+                            }
+                            let done = tiles_of(p, e, scene_options, scene, size, workers, &|rows| {
+                                send(Decoded::Rows(rows))
+                            });
+                            let end = match done {
+                                Ok(()) => Decoded::Files(1),
+                                Err(err) => Decoded::Failed(err.to_string()),
+                            };
+                            if !send(end) {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    let decoded = pirclip_data::parallel_map(batch, workers, |(p, e)| {
+                        whole_image(p, e, scene_options, size)
                     });
-                    if tx.send((batch.len(), decoded)).is_err() {
-                        return;
+                    for row in decoded {
+                        let sent = send(Decoded::Start)
+                            && match row {
+                                Ok(row) => send(Decoded::Rows(vec![row])) && send(Decoded::Files(1)),
+                                Err(err) => send(Decoded::Failed(err.to_string())),
+                            };
+                        if !sent {
+                            return;
+                        }
                     }
                 }
             });
-            for (files, decoded) in rx {
-                for rows in decoded {
-                    match rows {
-                        Ok(rows) => {
-                            for (entry, pixels) in rows {
-                                pending.entries.push(entry);
-                                pending.pixels.extend(pixels);
-                                if pending.entries.len() >= o.batch_size.max(1) {
-                                    pending.encode(model, opts, size, &mut entries, &mut values);
-                                }
+            // Where the current file's rows begin (in `entries` then `pending`): a file that fails
+            // halfway leaves none of its rows behind.
+            let mut file_start = 0;
+            for decoded in rx {
+                match decoded {
+                    Decoded::Start => file_start = entries.len() + pending.entries.len(),
+                    Decoded::Rows(rows) => {
+                        for (entry, pixels) in rows {
+                            pending.entries.push(entry);
+                            pending.pixels.extend(pixels);
+                            if pending.entries.len() >= o.batch_size.max(1) {
+                                pending.encode(model, opts, size, &mut entries, &mut values);
                             }
                         }
-                        Err(err) => report.unreadable.push(err.to_string()),
                     }
+                    Decoded::Failed(err) => {
+                        if file_start >= entries.len() {
+                            pending.truncate(file_start - entries.len(), size);
+                        } else {
+                            pending.truncate(0, size);
+                            entries.truncate(file_start);
+                            values.truncate(file_start * dim);
+                        }
+                        report.unreadable.push(err);
+                        progress.advance(1);
+                    }
+                    Decoded::Files(n) => progress.advance(n as u64),
                 }
-                progress.advance(files as u64);
             }
             pending.encode(model, opts, size, &mut entries, &mut values);
             Ok(())
@@ -198,6 +279,16 @@ pub fn build(
     Ok(report)
 }
 
+/// What the decoding thread hands the model, in order: each file's `Start`, its rows (one message for
+/// a whole image, a row of tiles per message for a scene), then `Files` or `Failed`.
+enum Decoded {
+    Start,
+    Rows(Vec<(Entry, Vec<f32>)>),
+    /// The file failed: its rows since `Start` are dropped, the reason listed.
+    Failed(String),
+    Files(usize),
+}
+
 /// Model inputs waiting for a full batch.
 #[derive(Default)]
 struct Pending {
@@ -206,6 +297,12 @@ struct Pending {
 }
 
 impl Pending {
+    /// Keeps the first `n` rows.
+    fn truncate(&mut self, n: usize, size: usize) {
+        self.entries.truncate(n);
+        self.pixels.truncate(n * 3 * size * size);
+    }
+
     fn encode(
         &mut self,
         model: &ClipModel,
@@ -225,42 +322,65 @@ impl Pending {
     }
 }
 
-/// The rows one file gives: the whole image, or each tile of it, with its window and map position,
-/// preprocessed for the model.
-fn rows_of(
+/// The row of a whole image, preprocessed for the model, with its map position when it has one.
+fn whole_image(
+    path: &Path,
+    entry: &Entry,
+    options: &SceneOptions,
+    size: usize,
+) -> Result<(Entry, Vec<f32>), pirclip_image::Error> {
+    let decoded = pirclip_image::decode_scene_file(path, options)?;
+    let (w, h) = (decoded.image.width, decoded.image.height);
+    let mut e = entry.clone();
+    e.geo = decoded.geo.as_ref().map(|g| {
+        let (x, y) = g.transform.apply(w as f64 / 2.0, h as f64 / 2.0);
+        GeoPoint {
+            x,
+            y,
+            crs: g.crs.clone(),
+        }
+    });
+    Ok((e, pirclip_image::preprocess_eval(&decoded.image, size)))
+}
+
+/// The tiles of a scene, with their windows and map positions, preprocessed for the model and handed
+/// to `emit` a row of tiles at a time (`emit` returns false to stop). The scene is read through the
+/// bounded reader: a row of tiles reads the strips or tiles of the file it covers, nothing more.
+fn tiles_of(
     path: &Path,
     entry: &Entry,
     options: &SceneOptions,
     scene: &SceneSettings,
     size: usize,
-) -> Result<Vec<(Entry, Vec<f32>)>, pirclip_image::Error> {
-    let decoded = pirclip_image::decode_scene_file(path, options)?;
-    let (w, h) = (decoded.image.width, decoded.image.height);
-    let whole = Window {
-        x: 0,
-        y: 0,
-        width: w,
-        height: h,
-    };
-    let windows = match scene.tile {
-        Some(tile) => {
-            pirclip_image::scene::tile_windows(w, h, tile, scene.tile_stride.unwrap_or(tile))
-        }
-        None => vec![whole],
-    };
-    Ok(windows
-        .into_iter()
-        .map(|win| {
+    workers: usize,
+    emit: &dyn Fn(Vec<(Entry, Vec<f32>)>) -> bool,
+) -> Result<(), pirclip_image::Error> {
+    let tile = scene.tile.unwrap_or(size);
+    let mut source = pirclip_image::open_scene(path, options)?;
+    let (w, h) = (source.width(), source.height());
+    let windows =
+        pirclip_image::scene::tile_windows(w, h, tile, scene.tile_stride.unwrap_or(tile));
+    let mut rest = &windows[..];
+    while let Some(first) = rest.first() {
+        let in_row = rest.iter().take_while(|win| win.y == first.y).count();
+        let (row, next) = rest.split_at(in_row);
+        rest = next;
+        let band = source.read_window(Window {
+            x: 0,
+            y: first.y,
+            width: w,
+            height: first.height,
+        })?;
+        let geo = source.geo().cloned();
+        let rows = pirclip_data::parallel_map(row, workers, |win| {
             let mut e = entry.clone();
-            if scene.tile.is_some() {
-                e.tile = Some(Tile {
-                    x: win.x as i64,
-                    y: win.y as i64,
-                    width: win.width as i64,
-                    height: win.height as i64,
-                });
-            }
-            e.geo = decoded.geo.as_ref().map(|g| {
+            e.tile = Some(Tile {
+                x: win.x as i64,
+                y: win.y as i64,
+                width: win.width as i64,
+                height: win.height as i64,
+            });
+            e.geo = geo.as_ref().map(|g| {
                 let (cx, cy) = win.center();
                 let (x, y) = g.transform.apply(cx, cy);
                 GeoPoint {
@@ -269,15 +389,18 @@ fn rows_of(
                     crs: g.crs.clone(),
                 }
             });
-            let pixels = if win == whole {
-                pirclip_image::preprocess_eval(&decoded.image, size)
-            } else {
-                pirclip_image::preprocess_eval(
-                    &pirclip_image::scene::crop(&decoded.image, win),
-                    size,
-                )
-            };
-            (e, pixels)
-        })
-        .collect())
+            let pixels = pirclip_image::scene::crop(
+                &band,
+                Window {
+                    y: 0,
+                    ..*win
+                },
+            );
+            (e, pirclip_image::preprocess_eval(&pixels, size))
+        });
+        if !emit(rows) {
+            break;
+        }
+    }
+    Ok(())
 }

@@ -3,16 +3,27 @@
 //! `GET /health` and an offline web page at `/`.
 //!
 //! One thread owns the model and encodes queries from a bounded queue: a request that finds the queue
-//! full is answered 503 at once. Text queries are cached. Files are served only by their id in an index
-//! (no path from a URL reaches the disk); bodies are capped, results are capped, and bad input is a 4xx
-//! with a message.
+//! full is answered 503 at once. Text queries are cached. Bad input is a 4xx with a message.
+//!
+//! An index folder may come from someone else, so the server trusts nothing in it:
+//! - files are served only by their id in an index (no path from a URL reaches the disk), only from
+//!   under the index's image roots (recorded at build time or given with `--image-root`, canonical,
+//!   symbolic links resolved at each request), and only when they read as images;
+//! - a body whose declared length is over the limit is answered 413 at once, and one that does not
+//!   arrive within [`BODY_TIMEOUT`] 408, so no client can hold a connection open by promising bytes;
+//! - results are capped, and never allocated beyond the rows an index holds;
+//! - scene renders run at most [`RENDERS`] at a time, each scene decoded once however many requests
+//!   ask for it, and through the bounded scene reader (a tile reads only its part of the file).
 
 use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -127,19 +138,144 @@ impl Encoder {
     }
 }
 
+/// An index as served: its name in the API, and the folders its images may be read from.
+pub struct ServedIndex {
+    pub name: String,
+    pub index: LoadedIndex,
+    /// Canonical folders; a row's file is served only from under one of them.
+    pub image_roots: Vec<PathBuf>,
+}
+
+/// Folders no index may name as its image root: the whole disk, or the system's own.
+const FORBIDDEN_ROOTS: [&str; 13] = [
+    "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin", "/sys",
+    "/usr",
+];
+
+impl ServedIndex {
+    /// Decides where `index`'s images may be read from: the `explicit` folders when given (the person
+    /// running the server names them), else the roots the index recorded when it was built, each of
+    /// which must exist here and be no system folder. Every row must point under them, as a plain
+    /// absolute path; with `allow_outside` the server starts anyway, and those rows' files are
+    /// refused (403) when asked for.
+    pub fn new(
+        name: String,
+        index: LoadedIndex,
+        explicit: &[PathBuf],
+        allow_outside: bool,
+    ) -> Result<(Self, Vec<String>), String> {
+        let mut notes = Vec::new();
+        let from_index = explicit.is_empty();
+        let given: Vec<PathBuf> = if from_index {
+            index.dir.identity.image_roots.iter().map(PathBuf::from).collect()
+        } else {
+            explicit.to_vec()
+        };
+        let mut roots = Vec::new();
+        for r in &given {
+            match std::fs::canonicalize(r) {
+                Ok(c) if c.is_dir() => {
+                    if from_index && FORBIDDEN_ROOTS.iter().any(|f| c == FsPath::new(f)) {
+                        return Err(format!(
+                            "{}: its index.json names {} as an image root; a system folder is never served (name the image folders with --image-root)",
+                            name, c.display()
+                        ));
+                    }
+                    roots.push(c);
+                }
+                _ => notes.push(format!(
+                    "{name}: image root {} is not a folder here; its images are not served",
+                    r.display()
+                )),
+            }
+        }
+        if roots.is_empty() {
+            return Err(format!(
+                "{name}: no image folder to serve from ({}); name them with --image-root DIR",
+                if from_index && given.is_empty() {
+                    "its index.json records none: it was built before pirclip recorded them, or elsewhere".to_string()
+                } else {
+                    "none of the folders exists here".to_string()
+                }
+            ));
+        }
+        // Rows as written, compared lexically (links are resolved per request).
+        let lexical: Vec<PathBuf> = if from_index { given.clone() } else { roots.clone() };
+        let outside: Vec<&str> = index
+            .entries
+            .iter()
+            .map(|e| e.image_path.as_str())
+            .filter(|p| {
+                let p = FsPath::new(p);
+                !pirclip_store::is_plain_absolute(p)
+                    || !lexical.iter().chain(&roots).any(|r| p.starts_with(r))
+            })
+            .collect();
+        if let Some(first) = outside.first() {
+            let what = format!(
+                "{name}: {} of {} rows point outside the image folders ({}), e.g. {:?}",
+                outside.len(),
+                index.entries.len(),
+                roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "),
+                pirclip_store::clip_text(first, 120)
+            );
+            if !allow_outside {
+                return Err(format!(
+                    "{what}; refusing to serve it (--allow-outside-roots starts anyway and refuses those files)"
+                ));
+            }
+            notes.push(format!("{what}; their files are refused"));
+        }
+        Ok((
+            ServedIndex {
+                name,
+                index,
+                image_roots: roots,
+            },
+            notes,
+        ))
+    }
+
+    /// The file of a row, if it may be served: a plain absolute path whose real location (links
+    /// resolved now) lies under an image root.
+    fn file_of(&self, entry: &pirclip_store::Entry) -> Result<PathBuf, ApiError> {
+        let p = FsPath::new(&entry.image_path);
+        let refused = || ApiError(StatusCode::FORBIDDEN, "this row's file lies outside the index's image folders".into());
+        if !pirclip_store::is_plain_absolute(p) {
+            return Err(refused());
+        }
+        let real = std::fs::canonicalize(p).map_err(|e| ApiError::not_found(format!("{}", e)))?;
+        if !self.image_roots.iter().any(|r| real.starts_with(r)) || !real.is_file() {
+            return Err(refused());
+        }
+        Ok(real)
+    }
+}
+
 pub struct AppState {
-    pub indices: Vec<(String, LoadedIndex)>,
+    pub indices: Vec<ServedIndex>,
     pub encoder: Encoder,
     pub model_name: String,
     pub limits: Limits,
     text_cache: Mutex<HashMap<String, Vec<f32>>>,
-    /// The scene decoded last: a page of results is often many tiles of one scene.
-    last_scene: Mutex<Option<(String, Arc<pirclip_image::Scene>)>>,
+    scenes: SceneCache,
+    renders: tokio::sync::Semaphore,
+    /// Renders running or waiting.
+    render_requests: std::sync::atomic::AtomicUsize,
+}
+
+/// Takes one off a count when dropped (a request that ends, however it ends).
+struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl AppState {
     pub fn new(
-        indices: Vec<(String, LoadedIndex)>,
+        indices: Vec<ServedIndex>,
         encoder: Encoder,
         model_name: String,
         limits: Limits,
@@ -150,28 +286,65 @@ impl AppState {
             model_name,
             limits,
             text_cache: Mutex::new(HashMap::new()),
-            last_scene: Mutex::new(None),
+            scenes: SceneCache::default(),
+            renders: tokio::sync::Semaphore::new(RENDERS),
+            render_requests: Default::default(),
         }
     }
 
-    fn index(&self, name: Option<&str>) -> Result<&LoadedIndex, ApiError> {
+    fn index(&self, name: Option<&str>) -> Result<&ServedIndex, ApiError> {
         match name {
             None => self
                 .indices
                 .first()
-                .map(|(_, i)| i)
                 .ok_or_else(|| ApiError::not_found("no index is loaded")),
-            Some(n) => self
-                .indices
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, i)| i)
-                .ok_or_else(|| {
-                    ApiError::not_found(format!(
-                        "unknown indice_name {n:?}; GET /indices-list names the indexes"
-                    ))
-                }),
+            Some(n) => self.indices.iter().find(|i| i.name == n).ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "unknown indice_name {:?}; GET /indices-list names the indexes",
+                    pirclip_store::clip_text(n, 100)
+                ))
+            }),
         }
+    }
+}
+
+/// Scene renders at once (each may decode a scene: CPU and memory bound); more wait their turn, and
+/// beyond [`RENDER_QUEUE`] waiting are answered 503.
+pub const RENDERS: usize = 2;
+const RENDER_QUEUE: usize = 64;
+/// Longest a request body may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest plain image file served as it is (bigger ones are rendered down).
+const MAX_RAW_FILE_BYTES: u64 = 64 << 20;
+
+/// An opened scene: a TIFF's bounded reader (its display mapping computed once), or a decoded image.
+type OpenedScene = Arc<Mutex<pirclip_image::SceneSource>>;
+type SceneSlot = Arc<tokio::sync::OnceCell<Result<OpenedScene, String>>>;
+
+/// Opened scenes, the last [`SCENES_KEPT`] kept; one opening per scene in flight (others asking for the
+/// same scene wait for it rather than open it again).
+#[derive(Default)]
+struct SceneCache {
+    slots: Mutex<Vec<(String, SceneSlot)>>,
+}
+
+const SCENES_KEPT: usize = 2;
+
+impl SceneCache {
+    fn slot(&self, key: &str) -> SceneSlot {
+        let mut slots = self.slots.lock().unwrap();
+        if let Some(at) = slots.iter().position(|(k, _)| k == key) {
+            let hit = slots.remove(at);
+            let cell = hit.1.clone();
+            slots.push(hit);
+            return cell;
+        }
+        if slots.len() >= SCENES_KEPT {
+            slots.remove(0);
+        }
+        let cell = Arc::new(tokio::sync::OnceCell::new());
+        slots.push((key.to_string(), cell.clone()));
+        cell
     }
 }
 
@@ -194,6 +367,40 @@ impl ApiError {
     fn internal(m: impl Into<String>) -> Self {
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, m.into())
     }
+}
+
+/// Holds every request body to the size limit and the time limit before a handler sees it: a declared
+/// length over the limit is answered 413 without reading a byte, a body that grows past it 413, and
+/// one that has not arrived within [`BODY_TIMEOUT`] 408.
+async fn bounded_body(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u128>().ok());
+    let too_large = || {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over the limit of {limit} bytes (--max-body-bytes)"),
+        )
+        .into_response()
+    };
+    if declared.is_some_and(|n| n > limit as u128) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Err(_) => {
+            return ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+            )
+            .into_response()
+        }
+        Ok(Err(_)) => return too_large(),
+        Ok(Ok(b)) => b,
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
 
 impl IntoResponse for ApiError {
@@ -245,46 +452,57 @@ fn entry_json(id: usize, e: &pirclip_store::Entry) -> serde_json::Map<String, Va
 const MAX_RENDERED_SIDE: usize = 1024;
 
 /// A tile cut from its scene, or a TIFF rendered with the index's bands: PNG, or with `geotiff` an 8-bit
-/// GeoTIFF carrying the tile's own georeferencing (full resolution, for a GIS).
-fn render(
-    s: &AppState,
-    path: &std::path::Path,
+/// GeoTIFF carrying the tile's own georeferencing (full resolution, for a GIS). At most [`RENDERS`] run
+/// at once; a scene asked for by many requests is decoded once.
+async fn render(
+    s: &Arc<AppState>,
+    path: PathBuf,
     tile: Option<pirclip_store::Tile>,
     bands: Option<[usize; 3]>,
     geotiff: bool,
 ) -> Result<Vec<u8>, String> {
-    let key = path.display().to_string();
-    let cached = s
-        .last_scene
-        .lock()
-        .unwrap()
-        .as_ref()
-        .filter(|(k, _)| *k == key)
-        .map(|(_, scene)| scene.clone());
-    let scene = match cached {
-        Some(scene) => scene,
-        None => {
-            let decoded =
-                pirclip_image::decode_scene_file(path, &pirclip_image::SceneOptions { bands })
-                    .map_err(|e| e.to_string())?;
-            let scene = Arc::new(decoded);
-            *s.last_scene.lock().unwrap() = Some((key, scene.clone()));
-            scene
-        }
-    };
-    let img = &scene.image;
+    let _permit = s.renders.acquire().await.map_err(|e| e.to_string())?;
+    let key = format!("{}\u{0}{bands:?}", path.display());
+    let cell = s.scenes.slot(&key);
+    let scene = cell
+        .get_or_init(|| {
+            let path = path.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    pirclip_image::open_scene(&path, &pirclip_image::SceneOptions { bands })
+                        .map(|source| Arc::new(Mutex::new(source)))
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+            }
+        })
+        .await
+        .clone()?;
+    tokio::task::spawn_blocking(move || cut(&mut scene.lock().unwrap(), tile, geotiff))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// The window `tile` of `scene` (the whole scene without one), read and encoded.
+fn cut(
+    scene: &mut pirclip_image::SceneSource,
+    tile: Option<pirclip_store::Tile>,
+    geotiff: bool,
+) -> Result<Vec<u8>, String> {
+    let (width, height) = (scene.width(), scene.height());
     let window = match tile {
         Some(t) => {
             let fits = t.x >= 0
                 && t.y >= 0
                 && t.width > 0
                 && t.height > 0
-                && (t.x + t.width) as usize <= img.width
-                && (t.y + t.height) as usize <= img.height;
+                && t.x.checked_add(t.width).is_some_and(|r| r as u64 <= width as u64)
+                && t.y.checked_add(t.height).is_some_and(|b| b as u64 <= height as u64);
             if !fits {
                 return Err(format!(
-                    "tile {},{} {}×{} is outside the {}×{} scene (has the file changed?)",
-                    t.x, t.y, t.width, t.height, img.width, img.height
+                    "tile {},{} {}×{} is outside the {width}×{height} scene (has the file changed?)",
+                    t.x, t.y, t.width, t.height
                 ));
             }
             pirclip_image::Window {
@@ -297,13 +515,23 @@ fn render(
         None => pirclip_image::Window {
             x: 0,
             y: 0,
-            width: img.width,
-            height: img.height,
+            width,
+            height,
         },
     };
-    let mut out = pirclip_image::scene::crop(img, window);
+    let long = window.width.max(window.height);
+    if !geotiff && long > MAX_RENDERED_SIDE {
+        return preview(scene, window).map(|img| pirclip_image::encode_png(&img));
+    }
+    if geotiff && window.width * window.height > MAX_GEOTIFF_PIXELS {
+        return Err(format!(
+            "{}×{} pixels is too large to send whole as GeoTIFF (at most {MAX_GEOTIFF_PIXELS}); index it with --tile and ask for tiles",
+            window.width, window.height
+        ));
+    }
+    let out = scene.read_window(window).map_err(|e| e.to_string())?;
     if geotiff {
-        let geo = scene.geo.as_ref().map(|g| {
+        let geo = scene.geo().map(|g| {
             let (x, y) = g.transform.apply(window.x as f64, window.y as f64);
             let mut t = g.transform;
             t.0[0] = x;
@@ -315,21 +543,56 @@ fn render(
         });
         return pirclip_image::scene::encode_geotiff(&out, geo.as_ref());
     }
-    let long = out.width.max(out.height);
-    if long > MAX_RENDERED_SIDE {
-        let scale = MAX_RENDERED_SIDE as f64 / long as f64;
-        let (w, h) = (
-            ((out.width as f64 * scale).round() as usize).max(1),
-            ((out.height as f64 * scale).round() as usize).max(1),
-        );
-        out = pirclip_image::resize_bicubic(&out, w, h);
-    }
     Ok(pirclip_image::encode_png(&out))
+}
+
+/// Largest window sent whole as a GeoTIFF.
+const MAX_GEOTIFF_PIXELS: usize = 64 << 20;
+
+/// `window` shrunk to at most [`MAX_RENDERED_SIDE`] on its long side by averaging blocks of f × f
+/// pixels, read a band of f rows at a time: a preview of a 400-megapixel scene holds a few rows of it,
+/// not the scene.
+fn preview(
+    scene: &mut pirclip_image::SceneSource,
+    window: pirclip_image::Window,
+) -> Result<pirclip_image::RgbImage, String> {
+    let f = window.width.max(window.height).div_ceil(MAX_RENDERED_SIDE);
+    let (ow, oh) = (window.width.div_ceil(f), window.height.div_ceil(f));
+    let mut out = vec![0u8; ow * oh * 3];
+    for oy in 0..oh {
+        let y = window.y + oy * f;
+        let rows = f.min(window.y + window.height - y);
+        let band = scene
+            .read_window(pirclip_image::Window {
+                x: window.x,
+                y,
+                width: window.width,
+                height: rows,
+            })
+            .map_err(|e| e.to_string())?;
+        for ox in 0..ow {
+            let cols = f.min(window.width - ox * f);
+            let mut sum = [0u64; 3];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let at = (r * window.width + ox * f + c) * 3;
+                    for (k, v) in sum.iter_mut().enumerate() {
+                        *v += band.pixels[at + k] as u64;
+                    }
+                }
+            }
+            let n = (rows * cols) as u64;
+            for k in 0..3 {
+                out[(oy * ow + ox) * 3 + k] = ((sum[k] + n / 2) / n) as u8;
+            }
+        }
+    }
+    Ok(pirclip_image::RgbImage::new(ow, oh, out))
 }
 
 async fn knn(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let r: KnnRequest = parse(&body)?;
-    let index = s.index(r.indice_name.as_deref())?;
+    let index = &s.index(r.indice_name.as_deref())?.index;
     if r.modality.as_deref().is_some_and(|m| m != "image") {
         return Err(ApiError::bad(
             "pirclip indexes hold image embeddings: use modality \"image\"",
@@ -343,8 +606,8 @@ async fn knn(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>,
                 v.len()
             )));
         }
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if !norm.is_finite() || norm == 0.0 {
+        let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32;
+        if !v.iter().all(|x| x.is_finite()) || !norm.is_finite() || norm == 0.0 {
             return Err(ApiError::bad("embedding_input must be finite and non-zero"));
         }
         v.iter().map(|x| x / norm).collect()
@@ -384,19 +647,24 @@ async fn knn(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>,
             query.len()
         )));
     }
+    // Clamped to the rows the index holds before anything is allocated by it.
     let k = r
         .num_images
         .or(r.num_result_ids)
         .unwrap_or(40)
-        .min(s.limits.max_results);
+        .min(s.limits.max_results)
+        .min(index.entries.len());
     let fetch = if r.deduplicate {
-        (k * 2).max(k + 10)
+        k.saturating_mul(2).max(k.saturating_add(10))
     } else {
         k
     };
     let mut kept: Vec<(usize, f32)> = Vec::with_capacity(k);
     let mut kept_vectors: Vec<Vec<f32>> = Vec::new();
-    for (i, score) in index.store.search(&query, fetch) {
+    let hits = index
+        .search(&query, fetch)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    for (i, score) in hits {
         if r.deduplicate {
             let row = index.store.vector(i);
             let twin = kept_vectors.iter().any(|other: &Vec<f32>| {
@@ -431,7 +699,7 @@ struct MetadataRequest {
 
 async fn metadata(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let r: MetadataRequest = parse(&body)?;
-    let index = s.index(r.indice_name.as_deref())?;
+    let index = &s.index(r.indice_name.as_deref())?.index;
     if r.ids.len() > s.limits.max_results {
         return Err(ApiError::bad(format!(
             "at most {} ids per request",
@@ -461,12 +729,13 @@ async fn image(
     Path((indice, id)): Path<(String, usize)>,
     axum::extract::Query(query): axum::extract::Query<ImageQuery>,
 ) -> Result<Response, ApiError> {
-    let index = s.index(Some(&indice))?;
+    let served = s.index(Some(&indice))?;
+    let index = &served.index;
     let entry = index
         .entries
         .get(id)
-        .ok_or_else(|| ApiError::not_found(format!("{indice} has no image {id}")))?;
-    let path = std::path::PathBuf::from(&entry.image_path);
+        .ok_or_else(|| ApiError::not_found(format!("{} has no image {id}", served.name)))?;
+    let path = served.file_of(entry)?;
     let is_tiff = path
         .extension()
         .and_then(|e| e.to_str())
@@ -476,18 +745,22 @@ async fn image(
         Some("geotiff" | "tif" | "tiff") => true,
         Some(other) => {
             return Err(ApiError::bad(format!(
-                "format {other:?}: use png (default) or geotiff"
+                "format {:?}: use png (default) or geotiff",
+                pirclip_store::clip_text(other, 40)
             )))
         }
     };
-    if entry.tile.is_some() || is_tiff || geotiff {
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    if entry.tile.is_some() || is_tiff || geotiff || size > MAX_RAW_FILE_BYTES {
         let (tile, bands) = (entry.tile, index.dir.identity.scene.bands);
-        let state = s.clone();
-        let bytes =
-            tokio::task::spawn_blocking(move || render(&state, &path, tile, bands, geotiff))
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))?
-                .map_err(|e| ApiError::not_found(format!("image {id}: {e}")))?;
+        let waiting = s.render_requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _counted = Counted(&s.render_requests);
+        if waiting >= RENDERS + RENDER_QUEUE {
+            return Err(ApiError::busy());
+        }
+        let bytes = render(&s, path, tile, bands, geotiff)
+            .await
+            .map_err(|e| ApiError::not_found(format!("image {id}: {e}")))?;
         let kind = if geotiff { "image/tiff" } else { "image/png" };
         return Ok((
             [
@@ -501,18 +774,16 @@ async fn image(
     let bytes = tokio::fs::read(&path)
         .await
         .map_err(|e| ApiError::not_found(format!("image {id}: {e}")))?;
-    let kind = match path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("png") => "image/png",
-        Some("webp") => "image/webp",
-        Some("gif") => "image/gif",
-        Some("bmp") => "image/bmp",
-        _ => "application/octet-stream",
+    // Only images leave the server: a file under an image root that is something else (a text file
+    // named .jpg) is refused.
+    let kind = match pirclip_image::probe(&bytes) {
+        Some(kind) => kind,
+        None => {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("image {id}: the file is not an image"),
+            ))
+        }
     };
     Ok((
         [
@@ -525,14 +796,14 @@ async fn image(
 }
 
 async fn indices_list(State(s): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!(s.indices.iter().map(|(n, _)| n).collect::<Vec<_>>()))
+    Json(json!(s.indices.iter().map(|i| &i.name).collect::<Vec<_>>()))
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "status": "ok",
         "model": s.model_name,
-        "indices": s.indices.iter().map(|(n, i)| json!({
+        "indices": s.indices.iter().map(|ServedIndex { name: n, index: i, .. }| json!({
             "name": n,
             "images": i.entries.len(),
             // What a row is: a whole image, or a tile cut from a scene (the index's `--tile`).
@@ -555,6 +826,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/knn-service", post(knn))
         .route("/metadata", post(metadata))
         .route("/image/{indice}/{id}", get(image))
+        .layer(axum::middleware::from_fn_with_state(body_limit, bounded_body))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

@@ -15,8 +15,11 @@
 //! 1-3 random bytes changed ended the process with SIGSEGV). So the sidecar records the file's CRC-32,
 //! and a graph whose bytes do not match, or that has no checksum, is refused before usearch sees it;
 //! `pirclip index add` then rebuilds it from the parts. This catches damage, not a graph crafted with a
-//! matching sidecar: a graph file is trusted like the program itself (the inverted lists are checked
-//! whole instead, one reason they are the default).
+//! matching sidecar, so the graph is also checked whole before usearch sees it ([`check_graph`]):
+//! usearch's file layout (64-byte head, proximity-graph header, node levels, node tapes) is walked,
+//! and every neighbour slot, node level, key and the entry point must lie within the graph. A checksum
+//! proves integrity; this proves the graph cannot send usearch outside its own memory. The sidecar's
+//! options are held to the CLI's ranges (an efSearch of 10^12 is refused, not searched).
 //!
 //! Rows are the keys (row `i` of the index is key `i`), so the graph needs no id map; the sidecar
 //! `image.usearch.json` records how many rows the graph holds, and a graph that holds fewer rows than
@@ -24,7 +27,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{invalid, Error, VectorStore};
+use crate::{invalid, Error, SearchError, VectorStore};
 
 /// How vectors are stored inside the graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -68,9 +71,28 @@ impl Default for AnnOptions {
     }
 }
 
+/// The CLI's ranges for the graph's options (`--ann-m`, `--ann-ef-construction`, `--ann-ef-search`).
+const CONNECTIVITY: std::ops::RangeInclusive<usize> = 2..=512;
+const EXPANSION: std::ops::RangeInclusive<usize> = 1..=4096;
+
+impl AnnOptions {
+    fn validate(&self) -> Result<(), String> {
+        if !CONNECTIVITY.contains(&self.connectivity)
+            || !EXPANSION.contains(&self.expansion_add)
+            || !EXPANSION.contains(&self.expansion_search)
+        {
+            return Err(format!(
+                "options M {}, efConstruction {}, efSearch {} are outside M {CONNECTIVITY:?}, ef {EXPANSION:?}",
+                self.connectivity, self.expansion_add, self.expansion_search
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What the sidecar file records.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Sidecar {
+pub(crate) struct Sidecar {
     rows: usize,
     dim: usize,
     options: AnnOptions,
@@ -250,8 +272,18 @@ impl AnnStore {
         if !graph.is_file() || !side.is_file() {
             return Ok(None);
         }
+        if std::fs::metadata(&side)?.len() > 1 << 16 {
+            return Err(invalid(&side, "larger than a sidecar pirclip writes"));
+        }
         let sidecar: Sidecar = serde_json::from_str(&std::fs::read_to_string(&side)?)
             .map_err(|e| invalid(&side, e.to_string()))?;
+        sidecar.options.validate().map_err(|e| invalid(&side, e))?;
+        if sidecar.dim == 0 || sidecar.dim > crate::limits::MAX_DIM || sidecar.rows >= u32::MAX as usize {
+            return Err(invalid(
+                &side,
+                format!("{} rows of dimension {}", sidecar.rows, sidecar.dim),
+            ));
+        }
         let path = graph
             .to_str()
             .ok_or_else(|| invalid(&graph, "path is not UTF-8"))?;
@@ -278,6 +310,7 @@ impl AnnStore {
                 }
             }
         }
+        check_graph(&graph, &sidecar).map_err(|e| invalid(&graph, format!("{e}; {rebuild}")))?;
         let meta = usearch::Index::metadata(path).map_err(|e| ann_error(&graph, e))?;
         if meta.dimensions as usize != sidecar.dim || meta.count_present as usize != sidecar.rows {
             return Err(invalid(
@@ -308,6 +341,140 @@ impl AnnStore {
     }
 }
 
+/// Walks a usearch `index_dense` file (usearch 2.x, 32-bit slots, vectors inside) as
+/// `index_dense_gt::save_to_stream` and `index_gt::save_to_stream` lay it out, and checks that it is a
+/// graph of exactly `sidecar.rows` nodes of `sidecar.dim` dimensions whose every reference stays inside
+/// it. The layout, little-endian:
+///
+/// ```text
+/// u32 rows, u32 bytes_per_vector; rows × bytes_per_vector    the vectors
+/// 64-byte head: "usearch", u16 ×3 version, u8 metric, scalar, key kind, slot kind,
+///               u64 present, deleted, dimensions, u8 multi
+/// u64 size, connectivity, connectivity_base, max_level, entry_slot
+/// i16 level × size
+/// per node: u64 key, i16 level, then for level 0 and each level above it: u32 count and
+///           connectivity_base (level 0) or connectivity slots of u32
+/// ```
+pub(crate) fn check_graph(path: &Path, sidecar: &Sidecar) -> Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    // SAFETY: read-only map of a file that is only ever replaced by rename.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
+    check_graph_bytes(&map, sidecar)
+}
+
+fn check_graph_bytes(b: &[u8], sidecar: &Sidecar) -> Result<(), String> {
+    let short = || "shorter than its own layout".to_string();
+    let u64_at = |at: usize| -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            b.get(at..at + 8).ok_or_else(short)?.try_into().unwrap(),
+        ))
+    };
+    let u32_at = |at: usize| -> Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            b.get(at..at + 4).ok_or_else(short)?.try_into().unwrap(),
+        ))
+    };
+    let i16_at = |at: usize| -> Result<i16, String> {
+        Ok(i16::from_le_bytes(
+            b.get(at..at + 2).ok_or_else(short)?.try_into().unwrap(),
+        ))
+    };
+    let (rows, dim) = (sidecar.rows, sidecar.dim);
+    let scalar_bytes = match sidecar.options.quantization {
+        Quantization::F32 => 4,
+        Quantization::F16 => 2,
+        Quantization::I8 => 1,
+    };
+    let (matrix_rows, matrix_cols) = (u32_at(0)? as usize, u32_at(4)? as usize);
+    if matrix_rows != rows || matrix_cols != dim * scalar_bytes {
+        return Err(format!(
+            "holds {matrix_rows} vectors of {matrix_cols} bytes, not {rows} of {}",
+            dim * scalar_bytes
+        ));
+    }
+    let head = 8 + rows * matrix_cols;
+    let h = b.get(head..head + 64).ok_or_else(short)?;
+    let (major, slot_kind, key_kind) = (u16::from_le_bytes([h[7], h[8]]), h[16], h[15]);
+    // usearch's scalar kinds: 14 = u64 (keys), 15 = u32 (slots).
+    if &h[..7] != b"usearch" || major != 2 || key_kind != 14 || slot_kind != 15 {
+        return Err("not a usearch 2 graph with 64-bit keys and 32-bit slots".into());
+    }
+    let present = u64::from_le_bytes(h[17..25].try_into().unwrap());
+    let dims = u64::from_le_bytes(h[33..41].try_into().unwrap());
+    if present != rows as u64 || dims != dim as u64 {
+        return Err(format!(
+            "its head says {present} vectors of dimension {dims}, not {rows} of {dim}"
+        ));
+    }
+    let g = head + 64;
+    let (size, m, m0, max_level, entry) = (
+        u64_at(g)?,
+        u64_at(g + 8)?,
+        u64_at(g + 16)?,
+        u64_at(g + 24)?,
+        u64_at(g + 32)?,
+    );
+    if size != rows as u64 {
+        return Err(format!("a graph of {size} nodes for {rows} vectors"));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let (m, m0) = (m as usize, m0 as usize);
+    if !CONNECTIVITY.contains(&m) || m0 < m || m0 > 2 * *CONNECTIVITY.end() {
+        return Err(format!("connectivity {m} / {m0} out of range"));
+    }
+    if max_level > i16::MAX as u64 || entry >= size {
+        return Err(format!("max level {max_level}, entry node {entry} out of range"));
+    }
+    let levels_at = g + 40;
+    let mut node = levels_at + 2 * rows;
+    let node_bytes = |level: usize| 10 + (4 + 4 * m0) + level * (4 + 4 * m);
+    let mut seen = vec![false; rows];
+    for i in 0..rows {
+        let level = i16_at(levels_at + 2 * i)?;
+        if level < 0 || level as u64 > max_level {
+            return Err(format!("node {i} has level {level}, the graph's top is {max_level}"));
+        }
+        let level = level as usize;
+        if i as u64 == entry && level as u64 != max_level {
+            return Err(format!("the entry node {i} is not on the top level"));
+        }
+        let end = node.checked_add(node_bytes(level)).ok_or_else(short)?;
+        if end > b.len() {
+            return Err(short());
+        }
+        let key = u64_at(node)?;
+        match seen.get_mut(key as usize) {
+            Some(s) if key < rows as u64 && !*s => *s = true,
+            _ => return Err(format!("node {i} has key {key}: out of range or repeated")),
+        }
+        if i16_at(node + 8)? as usize != level {
+            return Err(format!("node {i}'s level differs from the level table"));
+        }
+        let mut at = node + 10;
+        for l in 0..=level {
+            let capacity = if l == 0 { m0 } else { m };
+            let count = u32_at(at)? as usize;
+            if count > capacity {
+                return Err(format!("node {i} has {count} neighbours on level {l}, room for {capacity}"));
+            }
+            for j in 0..count {
+                let slot = u32_at(at + 4 + 4 * j)?;
+                if slot as usize >= rows {
+                    return Err(format!("node {i} links to node {slot} of {rows}"));
+                }
+            }
+            at += 4 + 4 * capacity;
+        }
+        node = end;
+    }
+    if node != b.len() {
+        return Err(format!("{} bytes after the last node", b.len() - node));
+    }
+    Ok(())
+}
+
 impl VectorStore for AnnStore {
     fn dim(&self) -> usize {
         self.dim
@@ -317,21 +484,30 @@ impl VectorStore for AnnStore {
         self.rows
     }
 
-    fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
-        assert_eq!(query.len(), self.dim, "query dimension");
+    fn search(&self, query: &[f32], k: usize) -> Result<Vec<(usize, f32)>, SearchError> {
+        crate::check_query(query, self.dim)?;
         if k == 0 || self.rows == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        match self.index.search(query, k.min(self.rows)) {
-            // usearch's inner-product distance is 1 - dot.
-            Ok(m) => m
-                .keys
-                .iter()
-                .zip(&m.distances)
-                .map(|(&key, &d)| (key as usize, 1.0 - d))
-                .collect(),
-            Err(_) => Vec::new(),
+        let m = self
+            .index
+            .search(query, k.min(self.rows))
+            .map_err(|e| SearchError::Engine(e.to_string()))?;
+        let mut out = Vec::with_capacity(m.keys.len());
+        // usearch's inner-product distance is 1 - dot.
+        for (&key, &d) in m.keys.iter().zip(&m.distances) {
+            if key >= self.rows as u64 {
+                return Err(SearchError::Engine(format!(
+                    "the graph answered key {key}, beyond its {} rows",
+                    self.rows
+                )));
+            }
+            let score = 1.0 - d;
+            if score.is_finite() {
+                out.push((key as usize, score));
+            }
         }
+        Ok(out)
     }
 
     fn vector(&self, row: usize) -> Vec<f32> {
@@ -372,7 +548,7 @@ mod tests {
     fn graph_finds_the_exact_neighbours_saves_views_and_extends() {
         let (dim, n) = (32, 3000);
         let vectors = clustered(n, dim, 7);
-        let flat = FlatStore::new(dim, vectors.clone());
+        let flat = FlatStore::new(dim, vectors.clone()).unwrap();
         let half = n / 2 * dim;
         let mut ann =
             AnnStore::build(dim, &vectors[..half], AnnOptions::default(), 1, &|_| {}).unwrap();
@@ -391,9 +567,9 @@ mod tests {
         // exact 10th neighbour (to float16 rounding).
         let mut found = 0;
         for q in queries.chunks(dim) {
-            let truth = flat.search(q, 10);
+            let truth = flat.search(q, 10).unwrap();
             let tenth = truth[9].1;
-            let got = viewed.search(q, 10);
+            let got = viewed.search(q, 10).unwrap();
             assert_eq!(got.len(), 10);
             assert!(got.windows(2).all(|w| w[0].1 >= w[1].1), "best first");
             for (row, score) in &got {

@@ -30,7 +30,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::{invalid, Error, VectorStore};
+use crate::{invalid, Error, SearchError, VectorStore};
 
 const MAGIC: &[u8; 8] = b"PIRIVF01";
 const HEADER_BYTES: usize = 64;
@@ -705,12 +705,14 @@ impl VectorStore for IvfStore {
         self.layout.rows
     }
 
-    fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
+    fn search(&self, query: &[f32], k: usize) -> Result<Vec<(usize, f32)>, SearchError> {
         let dim = self.layout.dim;
-        assert_eq!(query.len(), dim, "query dimension");
+        crate::check_query(query, dim)?;
         let lists = self.layout.lists;
+        // The heap holds k + 1 at most: k beyond the rows would only reserve memory for nothing.
+        let k = k.min(self.layout.rows);
         if k == 0 || lists == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let q = to_f16(query);
         let mut near: Vec<(f32, usize)> = self
@@ -731,12 +733,16 @@ impl VectorStore for IvfStore {
         for &(_, c) in &near {
             let (ids, vecs) = self.list(c);
             for (&id, v) in ids.iter().zip(vecs.chunks_exact(dim)) {
-                top.push(Hit(dot(&q, v), id));
+                let score = dot(&q, v);
+                // A row of a crafted file may hold NaN or infinities: never a result.
+                if score.is_finite() {
+                    top.push(Hit(score, id));
+                }
             }
         }
         let mut hits: Vec<Hit> = top.heap.into_iter().map(|r| r.0).collect();
         hits.sort_by(|a, b| b.cmp(a));
-        hits.into_iter().map(|h| (h.1 as usize, h.0)).collect()
+        Ok(hits.into_iter().map(|h| (h.1 as usize, h.0)).collect())
     }
 
     fn vector(&self, row: usize) -> Vec<f32> {
@@ -780,9 +786,9 @@ mod tests {
     fn recall(store: &dyn VectorStore, flat: &FlatStore, queries: &[f32], dim: usize) -> f64 {
         let mut found = 0;
         for q in queries.chunks(dim) {
-            let truth: Vec<usize> = flat.search(q, 10).into_iter().map(|h| h.0).collect();
+            let truth: Vec<usize> = flat.search(q, 10).unwrap().into_iter().map(|h| h.0).collect();
             found += store
-                .search(q, 10)
+                .search(q, 10).unwrap()
                 .iter()
                 .filter(|h| truth.contains(&h.0))
                 .count();
@@ -796,7 +802,7 @@ mod tests {
         // Queries drawn around the same centres, as in the benchmark.
         let mut data = clustered(6050, dim, 40, 1);
         let queries = data.split_off(6000 * dim);
-        let flat = FlatStore::new(dim, data.clone());
+        let flat = FlatStore::new(dim, data.clone()).unwrap();
         let opts = IvfOptions {
             lists: 0,
             probes: 4,
@@ -810,7 +816,7 @@ mod tests {
         all.set_probes(10_000);
         assert!(recall(&all, &flat, &queries, dim) >= 0.99);
         // Scores are the float16 inner products, best first.
-        let hits = built.search(&queries[..dim], 10);
+        let hits = built.search(&queries[..dim], 10).unwrap();
         assert!(hits.windows(2).all(|w| w[0].1 >= w[1].1));
         let exact: f32 = data[hits[0].0 * dim..][..dim]
             .iter()
@@ -824,7 +830,7 @@ mod tests {
         std::fs::create_dir_all(&root).unwrap();
         built.save(&root).unwrap();
         let mapped = IvfStore::open(&root).unwrap().unwrap();
-        assert_eq!(mapped.search(&queries[..dim], 10), hits);
+        assert_eq!(mapped.search(&queries[..dim], 10).unwrap(), hits);
         assert_eq!(mapped.options(), built.options());
 
         // Extending with the second half equals (in recall) the lists built on all rows.
@@ -909,7 +915,7 @@ mod tests {
                 Ok(s) => {
                     let s = s.unwrap();
                     for q in data.chunks(dim).take(5) {
-                        assert!(s.search(q, 10).len() <= 10);
+                        assert!(s.search(q, 10).unwrap().len() <= 10);
                     }
                     assert_eq!(s.vector(299).len(), dim);
                     searched += 1;

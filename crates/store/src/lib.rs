@@ -11,12 +11,19 @@
 //! Parts are written whole and atomically, embeddings first and metadata last: a part counts only once
 //! its metadata exists, so a build killed halfway leaves complete parts and resumes after them, and
 //! `add` appends parts. The parquet file uses the `parquet` crate's column writers (no arrow needed).
+//!
+//! Index folders are shared like clip-retrieval's, so every file in one is untrusted input: [`IndexDir::open`]
+//! holds index.json to the ranges the CLI itself enforces, [`IndexDir::check`] checks every part (npy
+//! dtype, shape and size, parquet row count, each row's fields) before anything is searched or added,
+//! and the approximate indexes check their own files whole ([`ivf`], [`ann`]). Nothing read from a
+//! folder can index memory unchecked, allocate by a declared size, or be echoed into a message whole.
 
 pub mod ann;
 pub mod ivf;
 
 pub use ann::{AnnOptions, AnnStore, Quantization};
 pub use ivf::{IvfOptions, IvfStore};
+pub use pirclip_checkpoint::clip_text;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -52,6 +59,76 @@ pub struct Identity {
     /// renders tiles by it.
     #[serde(default)]
     pub scene: SceneSettings,
+    /// The folders the indexed images were found under, canonical (symlinks resolved): `pirclip serve`
+    /// serves only files under them. Absent in indexes made before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_roots: Vec<String>,
+}
+
+impl Identity {
+    /// Holds every field to the ranges pirclip itself writes: an index.json from elsewhere must not
+    /// set a tile of 0, a band 0, a dimension of 10^12 or a 50 MB model name.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.dim == 0 || self.dim > limits::MAX_DIM {
+            return Err(format!("dim {} is outside 1..={}", self.dim, limits::MAX_DIM));
+        }
+        for (name, value) in [
+            ("model", &self.model),
+            ("checkpoint", &self.checkpoint),
+            ("checkpoint_sha256", &self.checkpoint_sha256),
+        ] {
+            if value.len() > limits::NAME_BYTES {
+                return Err(format!("{name} is {} bytes long", value.len()));
+            }
+        }
+        let sc = &self.scene;
+        if let Some(t) = sc.tile {
+            if !limits::TILE.contains(&t) {
+                return Err(format!("scene.tile {t} is outside {:?}", limits::TILE));
+            }
+        }
+        if let Some(t) = sc.tile_stride {
+            if !limits::TILE_STRIDE.contains(&t) || sc.tile.is_none() {
+                return Err(format!(
+                    "scene.tile_stride {t}: outside {:?}, or without a tile",
+                    limits::TILE_STRIDE
+                ));
+            }
+        }
+        if let Some(b) = sc.bands {
+            if !b.iter().all(|b| limits::BAND.contains(b)) {
+                return Err(format!("scene.bands {b:?}: bands are 1..=65535"));
+            }
+        }
+        if self.image_roots.len() > limits::IMAGE_ROOTS {
+            return Err(format!("{} image roots", self.image_roots.len()));
+        }
+        for r in &self.image_roots {
+            if r.len() > limits::NAME_BYTES || !is_plain_absolute(Path::new(r)) {
+                return Err(format!(
+                    "image root {:?} is not a plain absolute path",
+                    pirclip_checkpoint::clip_text(r, 200)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `other` made the same embeddings: same model, checkpoint and width.
+    pub fn same_model(&self, other: &Identity) -> bool {
+        self.checkpoint_sha256 == other.checkpoint_sha256
+            && self.model == other.model
+            && self.dim == other.dim
+    }
+}
+
+/// An absolute path without `.` or `..` components (so that its meaning does not depend on what
+/// the folders it names contain).
+pub fn is_plain_absolute(p: &Path) -> bool {
+    use std::path::Component;
+    p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
 /// Tiling and band settings of an index (absent in indexes made before tiling existed: whole images,
@@ -119,11 +196,37 @@ impl Entry {
     }
 }
 
+/// Longest message an error about a file carries (a field of a hostile file can be megabytes long).
+const MAX_MESSAGE_CHARS: usize = 400;
+
 pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> Error {
     Error::Invalid {
         path: path.display().to_string(),
-        message: message.into(),
+        message: pirclip_checkpoint::clip_text(&message.into(), MAX_MESSAGE_CHARS),
     }
+}
+
+/// Limits of an index folder, the same as the CLI's own where it has one.
+pub mod limits {
+    /// Embedding width.
+    pub const MAX_DIM: usize = 1 << 16;
+    /// Tile side and stride (`--tile`, `--tile-stride`).
+    pub const TILE: std::ops::RangeInclusive<usize> = 8..=65_536;
+    pub const TILE_STRIDE: std::ops::RangeInclusive<usize> = 1..=65_536;
+    /// A TIFF has at most 65,535 samples per pixel.
+    pub const BAND: std::ops::RangeInclusive<usize> = 1..=65_535;
+    /// index.json: model identity and settings are small; a larger file is not one pirclip wrote.
+    pub const INDEX_JSON_BYTES: u64 = 4 << 20;
+    /// Length of the model name and checkpoint path in index.json, of an image path and of a CRS name.
+    pub const NAME_BYTES: usize = 4096;
+    /// Folders an index may name as its image roots.
+    pub const IMAGE_ROOTS: usize = 4096;
+    /// Bytes of a metadata part per row, at most (an image path of `NAME_BYTES`, its numbers and
+    /// parquet's framing), and beyond that per part.
+    pub const METADATA_BYTES_PER_ROW: u64 = 2 * NAME_BYTES as u64 + 256;
+    pub const METADATA_BYTES_BASE: u64 = 1 << 20;
+    /// Rows of one part (a part of 2^32 rows is not one pirclip wrote, and ids are u32 in the lists).
+    pub const PART_ROWS: usize = u32::MAX as usize;
 }
 
 pub struct IndexDir {
@@ -141,19 +244,21 @@ const METADATA_SCHEMA: &str = "message metadata {
 
 impl IndexDir {
     /// Opens an index folder, or creates it for `identity`; an existing index must have been made by the
-    /// same model (config and checkpoint hash), or it is refused.
+    /// same model (config, checkpoint hash and width), or it is refused.
     pub fn open_or_create(root: &Path, identity: Identity) -> Result<Self, Error> {
+        identity
+            .validate()
+            .map_err(|e| invalid(&root.join("index.json"), e))?;
         let meta = root.join("index.json");
         if meta.is_file() {
             let existing = Self::open(root)?;
-            if existing.identity.checkpoint_sha256 != identity.checkpoint_sha256
-                || existing.identity.model != identity.model
-            {
+            if !existing.identity.same_model(&identity) {
                 return Err(invalid(
                     &meta,
                     format!(
-                        "made with {} (checkpoint sha256 {}), not with {} ({}): embeddings of two models cannot share an index",
-                        existing.identity.model, existing.identity.checkpoint_sha256, identity.model, identity.checkpoint_sha256
+                        "made with {} (checkpoint sha256 {}, {} dimensions), not with {} ({}, {}): embeddings of two models cannot share an index",
+                        existing.identity.model, existing.identity.checkpoint_sha256, existing.identity.dim,
+                        identity.model, identity.checkpoint_sha256, identity.dim
                     ),
                 ));
             }
@@ -170,26 +275,140 @@ impl IndexDir {
         }
         std::fs::create_dir_all(root.join("img_emb"))?;
         std::fs::create_dir_all(root.join("metadata"))?;
+        let dir = IndexDir {
+            root: root.to_path_buf(),
+            identity,
+        };
+        dir.write_identity()?;
+        Ok(dir)
+    }
+
+    fn write_identity(&self) -> Result<(), Error> {
         pirclip_checkpoint::write_atomic(
-            &meta,
-            serde_json::to_string_pretty(&identity).unwrap().as_bytes(),
+            &self.root.join("index.json"),
+            serde_json::to_string_pretty(&self.identity)
+                .unwrap()
+                .as_bytes(),
         )?;
+        Ok(())
+    }
+
+    /// Records `roots` (canonical folders images were found under) beside those the index has,
+    /// dropping any that lie inside another.
+    pub fn add_image_roots(&mut self, roots: &[PathBuf]) -> Result<(), Error> {
+        let mut all: Vec<PathBuf> = self
+            .identity
+            .image_roots
+            .iter()
+            .map(PathBuf::from)
+            .chain(roots.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        let kept: Vec<String> = all
+            .iter()
+            .filter(|r| !all.iter().any(|o| o != *r && r.starts_with(o)))
+            .map(|r| r.display().to_string())
+            .collect();
+        if kept != self.identity.image_roots {
+            self.identity.image_roots = kept;
+            self.identity
+                .validate()
+                .map_err(|e| invalid(&self.root.join("index.json"), e))?;
+            self.write_identity()?;
+        }
+        Ok(())
+    }
+
+    /// Opens an index folder: index.json read (at most [`limits::INDEX_JSON_BYTES`]) and held to
+    /// [`Identity::validate`]. The parts are checked by [`IndexDir::check`].
+    pub fn open(root: &Path) -> Result<Self, Error> {
+        use std::io::Read;
+        let meta = root.join("index.json");
+        let file =
+            std::fs::File::open(&meta).map_err(|e| invalid(&meta, format!("not an index folder ({e})")))?;
+        let mut text = String::new();
+        file.take(limits::INDEX_JSON_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| invalid(&meta, e.to_string()))?;
+        if text.len() as u64 > limits::INDEX_JSON_BYTES {
+            return Err(invalid(
+                &meta,
+                format!("larger than {} bytes: not an index.json pirclip wrote", limits::INDEX_JSON_BYTES),
+            ));
+        }
+        let identity: Identity =
+            serde_json::from_str(&text).map_err(|e| invalid(&meta, e.to_string()))?;
+        identity.validate().map_err(|e| invalid(&meta, e))?;
         Ok(IndexDir {
             root: root.to_path_buf(),
             identity,
         })
     }
 
-    pub fn open(root: &Path) -> Result<Self, Error> {
-        let meta = root.join("index.json");
-        let text = std::fs::read_to_string(&meta)
-            .map_err(|e| invalid(&meta, format!("not an index folder ({e})")))?;
-        let identity: Identity =
-            serde_json::from_str(&text).map_err(|e| invalid(&meta, e.to_string()))?;
-        Ok(IndexDir {
-            root: root.to_path_buf(),
-            identity,
-        })
+    /// Checks every part without reading its data: the embeddings are `[n, dim]` float16 or float32
+    /// with exactly the bytes that shape calls for, and the metadata declares `n` rows within the
+    /// size such rows can take. Returns the rows of each part. Search, serve, `index add` and the
+    /// approximate indexes all start here, so a folder that one of them refuses is refused by all.
+    pub fn check(&self) -> Result<Vec<(usize, usize)>, Error> {
+        let mut out = Vec::new();
+        for k in self.parts() {
+            out.push((k, self.part_rows(k)?));
+        }
+        Ok(out)
+    }
+
+    /// Rows of part `k`, from its headers, checked as [`IndexDir::check`] says.
+    fn part_rows(&self, k: usize) -> Result<usize, Error> {
+        let path = self.emb_path(k);
+        let h = pirclip_checkpoint::npy::read_header(&path)?;
+        let dim = self.identity.dim;
+        if !matches!(h.dtype, DType::F16 | DType::F32) {
+            return Err(invalid(
+                &path,
+                format!("{} embeddings; an index holds float16 (or float32)", h.dtype),
+            ));
+        }
+        if h.shape.len() != 2 || h.shape[1] != dim || h.shape[0] > limits::PART_ROWS {
+            return Err(invalid(
+                &path,
+                format!("shape {:?}, expected [n, {dim}]", h.shape),
+            ));
+        }
+        let size = std::fs::metadata(&path)?.len();
+        if size != (h.data_offset + h.data_bytes) as u64 {
+            return Err(invalid(
+                &path,
+                format!(
+                    "{size} bytes, but its header calls for {} ({:?} {})",
+                    h.data_offset + h.data_bytes,
+                    h.shape,
+                    h.dtype
+                ),
+            ));
+        }
+        let rows = h.shape[0];
+        let meta = self.meta_path(k);
+        let size = std::fs::metadata(&meta)?.len();
+        let most = limits::METADATA_BYTES_BASE
+            .saturating_add(limits::METADATA_BYTES_PER_ROW.saturating_mul(rows as u64));
+        if size > most {
+            return Err(invalid(
+                &meta,
+                format!("{size} bytes for {rows} rows: more than such rows can take ({most})"),
+            ));
+        }
+        let declared = guarded(&meta, || {
+            let reader = SerializedFileReader::new(std::fs::File::open(&meta)?)?;
+            Ok(reader.metadata().file_metadata().num_rows())
+        })?;
+        if declared != rows as i64 {
+            return Err(invalid(
+                &meta,
+                format!("{declared} rows, but {} has {rows} embeddings", path.display()),
+            ));
+        }
+        Ok(rows)
     }
 
     fn emb_path(&self, k: usize) -> PathBuf {
@@ -228,6 +447,15 @@ impl IndexDir {
                     "{} values for {} entries of dimension {dim}",
                     embeddings.len(),
                     entries.len()
+                ),
+            ));
+        }
+        if let Some(bad) = embeddings.iter().position(|v| !v.is_finite()) {
+            return Err(invalid(
+                &self.root,
+                format!(
+                    "the embedding of {} holds a value that is not a number; nothing was written",
+                    entries[bad / dim.max(1)].image_path
                 ),
             ));
         }
@@ -316,59 +544,41 @@ impl IndexDir {
         Ok(k)
     }
 
-    /// The entries of part `k`, in row order.
-    pub fn entries(&self, k: usize) -> Result<Vec<Entry>, Error> {
+    /// The entries of part `k`, in row order: `rows` of them (from [`IndexDir::check`]), each with an
+    /// image path of at most [`limits::NAME_BYTES`] and a tile window, if any, of positive size.
+    pub fn entries(&self, k: usize, rows: usize) -> Result<Vec<Entry>, Error> {
         let path = self.meta_path(k);
-        let reader = SerializedFileReader::new(std::fs::File::open(&path)?)?;
-        let mut out = Vec::new();
-        for row in reader.get_row_iter(None)? {
-            let row = row?;
-            let mut e = Entry::default();
-            let (mut tile, mut centre) = ([None; 4], [None; 2]);
-            let mut crs = None;
-            for (name, field) in row.get_column_iter() {
-                use parquet::record::Field;
-                match (name.as_str(), field) {
-                    ("image_path", Field::Str(s)) => e.image_path = s.clone(),
-                    ("size", Field::Long(v)) => e.size = *v,
-                    ("mtime", Field::Long(v)) => e.mtime = *v,
-                    ("tile_x", Field::Long(v)) => tile[0] = Some(*v),
-                    ("tile_y", Field::Long(v)) => tile[1] = Some(*v),
-                    ("tile_width", Field::Long(v)) => tile[2] = Some(*v),
-                    ("tile_height", Field::Long(v)) => tile[3] = Some(*v),
-                    ("center_x", Field::Double(v)) => centre[0] = Some(*v),
-                    ("center_y", Field::Double(v)) => centre[1] = Some(*v),
-                    ("crs", Field::Str(s)) => crs = Some(s.clone()),
-                    _ => {}
+        let out = guarded(&path, || {
+            let reader = SerializedFileReader::new(std::fs::File::open(&path)?)?;
+            let mut out = Vec::new();
+            for row in reader.get_row_iter(None)? {
+                if out.len() == rows {
+                    return Err(invalid(&path, format!("more than the {rows} rows it declares")));
                 }
+                out.push(entry_of_row(&path, &row?)?);
             }
-            if e.image_path.is_empty() {
-                return Err(invalid(&path, "a row without image_path"));
-            }
-            if let [Some(x), Some(y), Some(width), Some(height)] = tile {
-                e.tile = Some(Tile {
-                    x,
-                    y,
-                    width,
-                    height,
-                });
-            }
-            if let [Some(x), Some(y)] = centre {
-                e.geo = Some(GeoPoint { x, y, crs });
-            }
-            out.push(e);
+            Ok(out)
+        })?;
+        if out.len() != rows {
+            return Err(invalid(
+                &path,
+                format!("{} rows, but the part has {rows} embeddings", out.len()),
+            ));
         }
         Ok(out)
     }
 
-    /// The `[n, dim]` embeddings of part `k`, as f32.
-    pub fn embeddings(&self, k: usize) -> Result<Vec<f32>, Error> {
+    /// The `[n, dim]` embeddings of part `k`, as f32 (`rows` rows, from [`IndexDir::check`]).
+    pub fn embeddings(&self, k: usize, rows: usize) -> Result<Vec<f32>, Error> {
         let path = self.emb_path(k);
         let t = pirclip_checkpoint::npy::read(&path)?;
-        if t.shape.len() != 2 || t.shape[1] != self.identity.dim {
+        if !matches!(t.dtype, DType::F16 | DType::F32) || t.shape != [rows, self.identity.dim] {
             return Err(invalid(
                 &path,
-                format!("shape {:?}, expected [n, {}]", t.shape, self.identity.dim),
+                format!(
+                    "{} {:?}, expected float16 [{rows}, {}] (did it change while read?)",
+                    t.dtype, t.shape, self.identity.dim
+                ),
             ));
         }
         Ok(t.to_f32_vec())
@@ -377,11 +587,75 @@ impl IndexDir {
     /// Keys (path, size, mtime) of everything indexed.
     pub fn indexed_keys(&self) -> Result<HashSet<(String, i64, i64)>, Error> {
         let mut keys = HashSet::new();
-        for k in self.parts() {
-            keys.extend(self.entries(k)?.iter().map(Entry::key));
+        for (k, rows) in self.check()? {
+            keys.extend(self.entries(k, rows)?.iter().map(Entry::key));
         }
         Ok(keys)
     }
+}
+
+/// Runs a parquet read, turning a panic inside the parquet crate (a crafted page can still reach one)
+/// into an error naming the file.
+fn guarded<T>(path: &Path, read: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            Err(invalid(path, format!("malformed parquet ({why})")))
+        }
+    }
+}
+
+/// One metadata row, its fields checked.
+fn entry_of_row(path: &Path, row: &parquet::record::Row) -> Result<Entry, Error> {
+    use parquet::record::Field;
+    let mut e = Entry::default();
+    let (mut tile, mut centre) = ([None; 4], [None; 2]);
+    let mut crs = None;
+    for (name, field) in row.get_column_iter() {
+        match (name.as_str(), field) {
+            ("image_path", Field::Str(s)) => e.image_path = s.clone(),
+            ("size", Field::Long(v)) => e.size = *v,
+            ("mtime", Field::Long(v)) => e.mtime = *v,
+            ("tile_x", Field::Long(v)) => tile[0] = Some(*v),
+            ("tile_y", Field::Long(v)) => tile[1] = Some(*v),
+            ("tile_width", Field::Long(v)) => tile[2] = Some(*v),
+            ("tile_height", Field::Long(v)) => tile[3] = Some(*v),
+            ("center_x", Field::Double(v)) => centre[0] = Some(*v),
+            ("center_y", Field::Double(v)) => centre[1] = Some(*v),
+            ("crs", Field::Str(s)) => crs = Some(s.clone()),
+            _ => {}
+        }
+    }
+    if e.image_path.is_empty() || e.image_path.len() > limits::NAME_BYTES || e.image_path.contains('\0') {
+        return Err(invalid(
+            path,
+            format!(
+                "a row whose image_path is empty, over {} bytes or holds NUL",
+                limits::NAME_BYTES
+            ),
+        ));
+    }
+    if crs.as_ref().is_some_and(|c: &String| c.len() > 64) {
+        return Err(invalid(path, "a crs name over 64 bytes"));
+    }
+    if let [Some(x), Some(y), Some(width), Some(height)] = tile {
+        let side = 1..=(1i64 << 20);
+        if x < 0 || y < 0 || !side.contains(&width) || !side.contains(&height)
+            || x.checked_add(width).is_none() || y.checked_add(height).is_none()
+        {
+            return Err(invalid(path, format!("tile {x},{y} {width}×{height} is not a window")));
+        }
+        e.tile = Some(Tile { x, y, width, height });
+    }
+    if let [Some(x), Some(y)] = centre {
+        e.geo = Some(GeoPoint { x, y, crs });
+    }
+    Ok(e)
 }
 
 /// Nearest-neighbour search over unit vectors by inner product. The index's one interface, so that an
@@ -392,10 +666,33 @@ pub trait VectorStore {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The `k` best rows for `query` (unit length), best first: (row, inner product).
-    fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)>;
+    /// The `k` best rows for `query` (unit length), best first: (row, inner product). At most
+    /// `min(k, len)` results are allocated whatever `k` is; rows whose score is not a number are never
+    /// returned. An engine's failure is an error, never an empty result.
+    fn search(&self, query: &[f32], k: usize) -> Result<Vec<(usize, f32)>, SearchError>;
     /// Row `row`'s vector (as stored: float16-rounded in an index).
     fn vector(&self, row: usize) -> Vec<f32>;
+}
+
+/// Why a search could not be answered.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SearchError {
+    #[error("the query has {got} values, the index {want}")]
+    Dimension { got: usize, want: usize },
+    /// The approximate index failed or answered with rows it does not hold: its file is not what it
+    /// claims to be.
+    #[error("the approximate index failed: {0}")]
+    Engine(String),
+}
+
+pub(crate) fn check_query(query: &[f32], dim: usize) -> Result<(), SearchError> {
+    if query.len() != dim {
+        return Err(SearchError::Dimension {
+            got: query.len(),
+            want: dim,
+        });
+    }
+    Ok(())
 }
 
 /// Inner product by numkong's SIMD kernel for this CPU (accumulated in f64).
@@ -411,16 +708,25 @@ pub struct FlatStore {
 }
 
 impl FlatStore {
-    pub fn new(dim: usize, vectors: Vec<f32>) -> Self {
-        assert_eq!(vectors.len() % dim.max(1), 0, "vectors of dimension {dim}");
-        FlatStore { dim, vectors }
+    /// `vectors` is `[n, dim]`; a trailing partial row is an error.
+    pub fn new(dim: usize, vectors: Vec<f32>) -> Result<Self, String> {
+        if dim == 0 || vectors.len() % dim != 0 {
+            return Err(format!("{} values are not rows of {dim}", vectors.len()));
+        }
+        Ok(FlatStore { dim, vectors })
     }
-}
 
-impl FlatStore {
     /// Row `i`'s vector.
     pub fn row(&self, i: usize) -> &[f32] {
         &self.vectors[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Rows holding a value that is not a finite number (search never returns them).
+    pub fn non_finite_rows(&self) -> usize {
+        self.vectors
+            .chunks_exact(self.dim)
+            .filter(|r| !r.iter().all(|v| v.is_finite()))
+            .count()
     }
 }
 
@@ -430,62 +736,56 @@ impl VectorStore for FlatStore {
     }
 
     fn len(&self) -> usize {
-        self.vectors.len() / self.dim.max(1)
+        self.vectors.len() / self.dim
     }
 
-    fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
-        assert_eq!(query.len(), self.dim, "query dimension");
+    fn search(&self, query: &[f32], k: usize) -> Result<Vec<(usize, f32)>, SearchError> {
+        check_query(query, self.dim)?;
         let mut scored: Vec<(usize, f32)> = self
             .vectors
             .chunks_exact(self.dim)
             .map(|row| dot_f32(row, query))
             .enumerate()
+            .filter(|(_, s)| s.is_finite())
             .collect();
         let k = k.min(scored.len());
         if k == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         scored.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         scored.truncate(k);
         scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        scored
+        Ok(scored)
     }
 
     fn vector(&self, row: usize) -> Vec<f32> {
+        if row >= self.len() {
+            return vec![0f32; self.dim];
+        }
         self.row(row).to_vec()
     }
 }
 
 /// An index folder loaded for search: every part's entries in part order, and its vectors behind the
-/// approximate graph when one covers every row, else exact search.
+/// approximate index when one covers every row, else exact search.
 pub struct LoadedIndex {
     pub dir: IndexDir,
     pub entries: Vec<Entry>,
     pub store: Box<dyn VectorStore + Send + Sync>,
     /// "approximate (HNSW …)" or "exact", for logs and /health.
     pub search_kind: String,
+    /// What was wrong but not fatal (rows skipped), for the log.
+    pub warnings: Vec<String>,
 }
 
-/// Every part's entries and `[n, dim]` vectors, concatenated.
+/// Every part's entries and `[n, dim]` vectors, concatenated (the parts checked first).
 fn read_all(dir: &IndexDir, with_vectors: bool) -> Result<(Vec<Entry>, Vec<f32>), Error> {
     let (mut entries, mut vectors) = (Vec::new(), Vec::new());
-    for k in dir.parts() {
-        let e = dir.entries(k)?;
+    for (k, rows) in dir.check()? {
+        entries.extend(dir.entries(k, rows)?);
         if with_vectors {
-            let v = dir.embeddings(k)?;
-            if v.len() != e.len() * dir.identity.dim {
-                return Err(invalid(
-                    &dir.root,
-                    format!(
-                        "part {k}: {} metadata rows but {} embeddings",
-                        e.len(),
-                        v.len() / dir.identity.dim.max(1)
-                    ),
-                ));
-            }
-            vectors.extend(v);
+            vectors.extend(dir.embeddings(k, rows)?);
         }
-        entries.extend(e);
     }
     Ok((entries, vectors))
 }
@@ -509,16 +809,38 @@ impl LoadedIndex {
                 dir,
                 entries,
                 store,
+                warnings: Vec::new(),
             });
         }
         let (entries, vectors) = read_all(&dir, true)?;
-        let store = FlatStore::new(dir.identity.dim, vectors);
+        let store = FlatStore::new(dir.identity.dim, vectors).map_err(|e| invalid(root, e))?;
+        let mut warnings = Vec::new();
+        match store.non_finite_rows() {
+            0 => {}
+            n => warnings.push(format!(
+                "{}: {n} rows hold values that are not numbers; search skips them (rebuild the index)",
+                root.display()
+            )),
+        }
         Ok(LoadedIndex {
             dir,
             entries,
             store: Box::new(store),
             search_kind: "exact".into(),
+            warnings,
         })
+    }
+
+    /// The `k` best rows for `query`, each a row this index holds, with a finite score.
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<(usize, f32)>, SearchError> {
+        let hits = self.store.search(query, k.min(self.entries.len()))?;
+        if let Some(&(row, _)) = hits.iter().find(|(row, _)| *row >= self.entries.len()) {
+            return Err(SearchError::Engine(format!(
+                "it answered row {row} of an index of {} rows",
+                self.entries.len()
+            )));
+        }
+        Ok(hits.into_iter().filter(|(_, s)| s.is_finite()).collect())
     }
 }
 
@@ -586,6 +908,12 @@ pub fn update_ann(
     let vectors_from = |from: usize| -> Result<Vec<f32>, Error> {
         let mut v = read_all(&dir, true)?.1;
         v.drain(..from * dim);
+        if let Some(bad) = v.chunks_exact(dim).position(|r| !r.iter().all(|x| x.is_finite())) {
+            return Err(invalid(
+                root,
+                format!("row {} holds values that are not numbers: rebuild the index", from + bad),
+            ));
+        }
         Ok(v)
     };
     let report = |rows_added: usize, kind: String, bytes: usize| AnnReport {
@@ -682,6 +1010,7 @@ mod tests {
             checkpoint_sha256: sha.into(),
             dim: 2,
             scene: SceneSettings::default(),
+            image_roots: Vec::new(),
         }
     }
 
@@ -713,7 +1042,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["a.jpg", "b.jpg", "c.jpg"]
         );
-        let hits = idx.store.search(&[0.0, 1.0], 2);
+        let hits = idx.search(&[0.0, 1.0], 2).unwrap();
         assert_eq!(hits[0].0, 1);
         assert_eq!(hits[1].0, 2);
         assert!((hits[1].1 - 0.8).abs() < 1e-3, "float16 storage");
@@ -821,7 +1150,7 @@ mod tests {
         let rows = [tiled.clone(), whole.clone(), unreferenced.clone()];
         dir.append_part(&rows, &[1.0, 0.0, 0.0, 1.0, 0.6, 0.8])
             .unwrap();
-        assert_eq!(dir.entries(0).unwrap(), rows);
+        assert_eq!(dir.entries(0, 3).unwrap(), rows);
         assert_eq!(
             tiled.location(),
             "tile 160,320 224×224  EPSG:32633 (500163.600000, 4099740.400000)"
@@ -853,7 +1182,7 @@ mod tests {
         w.close().unwrap();
         std::fs::copy(dir.emb_path(0), dir.emb_path(1)).unwrap();
         assert_eq!(
-            dir.entries(1).unwrap(),
+            dir.entries(1, 1).unwrap(),
             [Entry {
                 image_path: "old.jpg".into(),
                 size: 3,

@@ -35,7 +35,7 @@ fn measure(
     dim: usize,
     k: usize,
     truth: &[Vec<usize>],
-) -> (f64, Vec<f64>, Vec<f64>) {
+) -> Result<(f64, Vec<f64>, Vec<f64>)> {
     let mut passes = Vec::new();
     let mut found = 0usize;
     for _ in 0..2 {
@@ -43,7 +43,7 @@ fn measure(
         found = 0;
         for (qv, t) in queries.chunks(dim).zip(truth) {
             let t0 = Instant::now();
-            let hits = ann.search(qv, k);
+            let hits = ann.search(qv, k)?;
             lat.push(t0.elapsed().as_secs_f64() * 1e3);
             found += hits.iter().filter(|h| t.contains(&h.0)).count();
         }
@@ -52,7 +52,7 @@ fn measure(
     }
     let warm = passes.pop().unwrap();
     let cold = passes.pop().unwrap();
-    (found as f64 / (truth.len() * k) as f64, cold, warm)
+    Ok((found as f64 / (truth.len() * k) as f64, cold, warm))
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -142,13 +142,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     };
     // Exact search over the same rows: the ground truth when none is given, and its own latency.
-    let flat = pirclip_store::FlatStore::new(dim, base);
-    let truth = given_truth.unwrap_or_else(|| {
-        queries
+    let flat = pirclip_store::FlatStore::new(dim, base).map_err(anyhow::Error::msg)?;
+    let truth = match given_truth {
+        Some(t) => t,
+        None => queries
             .chunks(dim)
-            .map(|qv| flat.search(qv, k).into_iter().map(|h| h.0).collect())
-            .collect()
-    });
+            .map(|qv| Ok(flat.search(qv, k)?.into_iter().map(|h| h.0).collect()))
+            .collect::<Result<_>>()?,
+    };
     let mut exact_lat: Vec<f64> = queries
         .chunks(dim)
         .take(20)
@@ -175,7 +176,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for (i, setting) in settings.into_iter().enumerate() {
         index.set(setting);
         let ann = index.store();
-        let (recall, cold, warm) = measure(ann, &queries, dim, k, &truth);
+        let (recall, cold, warm) = measure(ann, &queries, dim, k, &truth)?;
         let mut text_lat = Vec::new();
         if let Some((model, _)) = &model {
             let texts = [
@@ -193,7 +194,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     &pirclip_retrieval::Quiet,
                 );
                 let query = if e.dim == dim { &e.values[..] } else { qv };
-                let _ = ann.search(query, k);
+                ann.search(query, k)?;
                 text_lat.push(t0.elapsed().as_secs_f64() * 1e3);
             }
             text_lat.sort_by(|x, y| x.total_cmp(y));
