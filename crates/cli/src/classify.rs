@@ -17,8 +17,9 @@ use crate::pipeline::{encode_images, Bar};
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// An image file or directory to classify; repeat the flag for more.
-    #[arg(long, action = clap::ArgAction::Append)]
+    /// Image files or directories to classify: several after one flag (`--images imgs/*.jpg`), or the
+    /// flag repeated.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     images: Vec<PathBuf>,
     /// Class names, comma separated (e.g. "airport,beach,storage tanks").
     #[arg(long, value_delimiter = ',')]

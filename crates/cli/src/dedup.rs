@@ -19,8 +19,9 @@ pub struct Args {
     /// A Karpathy-style dataset JSON; repeat for more.
     #[arg(long, required = true, action = clap::ArgAction::Append)]
     json: Vec<PathBuf>,
-    /// The images folder of the first, second, … --json; datasets without one are compared by captions.
-    #[arg(long, action = clap::ArgAction::Append)]
+    /// The images folder of the first, second, … --json (several after one flag, or the flag repeated);
+    /// datasets without one are compared by captions.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     images_dir: Vec<PathBuf>,
     /// dHash bits (of 64) two images may differ in to be candidates.
     #[arg(long, default_value_t = 6)]
@@ -39,6 +40,10 @@ pub struct Args {
     write_clean: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Most candidate pairs kept (identical images pair with the first of them, so n copies are n − 1
+    /// pairs); beyond it the rest are left out with a warning.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_pairs: usize,
 }
 
 struct Img {
@@ -101,7 +106,14 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let images = kept;
-    let candidates = near_pairs(&hashes, a.max_hamming);
+    let found = near_pairs(&hashes, a.max_hamming, a.max_pairs);
+    if found.truncated {
+        eprintln!(
+            "warning: more than {} candidate pairs; only the first were confirmed (raise --max-pairs)",
+            a.max_pairs
+        );
+    }
+    let candidates = found.pairs;
     // Confirm candidates by embedding similarity (only the images in a candidate pair are encoded).
     let mut involved: Vec<usize> = candidates.iter().flat_map(|&(i, j, _)| [i, j]).collect();
     involved.sort_unstable();

@@ -13,8 +13,9 @@ use crate::pipeline::{encode_images, encode_texts};
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Image files or directories (a directory is read in sorted file-name order).
-    #[arg(long, action = clap::ArgAction::Append)]
+    /// Image files or directories (a directory is read in sorted file-name order): several after one
+    /// flag (`--images imgs/*.jpg`), or the flag repeated.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     images: Vec<PathBuf>,
     /// Caption file: one caption per line; an empty line is an empty caption.
     #[arg(long)]

@@ -24,8 +24,8 @@ pub struct Args {
     /// Also write the belief and similarity maps (patch grid, row by row) as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Pixels per side of each panel.
-    #[arg(long, default_value_t = 320)]
+    /// Pixels per side of each panel (16 to 4096).
+    #[arg(long, default_value_t = 320, value_parser = clap::value_parser!(u32).range(16..=4096))]
     size: u32,
 }
 

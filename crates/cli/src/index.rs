@@ -151,8 +151,9 @@ pub struct BenchArgs {
 struct Common {
     #[command(flatten)]
     model: ModelArgs,
-    /// An image file or a folder (walked recursively); repeat the flag for more.
-    #[arg(long, required = true, action = clap::ArgAction::Append)]
+    /// Image files or folders (walked recursively): several after one flag (`--images scenes/*.tif`),
+    /// or the flag repeated.
+    #[arg(long, required = true, num_args = 1.., action = clap::ArgAction::Append)]
     images: Vec<PathBuf>,
     /// Images per part: the unit written at once, and what a killed build may redo.
     #[arg(long, default_value_t = 2000)]

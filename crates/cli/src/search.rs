@@ -11,8 +11,8 @@ use crate::pipeline::{encode_images, encode_texts};
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// An image file or directory to search; repeat the flag for more (`--images a --images b`), so the
-    /// queries can follow in any order.
+    /// An image file or directory to search; repeat the flag for more (`--images a --images b`): one
+    /// value per flag, so that the queries that follow are not taken for images.
     #[arg(long, required_unless_present = "index", conflicts_with = "index", action = clap::ArgAction::Append)]
     pub images: Vec<PathBuf>,
     /// Search an index folder (`pirclip index build`) instead of encoding images now.
