@@ -41,7 +41,7 @@ pub fn near_pairs(hashes: &[u64], max_hamming: u32, max_pairs: usize) -> NearPai
         groups[g].1.push(i);
     }
     let mut out = NearPairs::default();
-    let mut push = |out: &mut NearPairs, i: usize, j: usize, d: u32| {
+    let push = |out: &mut NearPairs, i: usize, j: usize, d: u32| {
         if out.pairs.len() == max_pairs {
             out.truncated = true;
             return false;

@@ -370,6 +370,99 @@ pub fn encode_geotiff(img: &RgbImage, geo: Option<&GeoRef>) -> Result<Vec<u8>, S
     Ok(out.into_inner())
 }
 
+/// Writes a `width × height` GeoTIFF of `bands` unsigned 16-bit bands, uncompressed, in 256 × 256 tiles,
+/// one tile in memory at a time: `sample(x, y, band)` gives each value. For scenes larger than memory
+/// (tests, benchmarks, and data converted from another form); `geo` as in [`encode_geotiff`] (north-up).
+pub fn write_geotiff_u16(
+    path: &std::path::Path,
+    width: usize,
+    height: usize,
+    bands: usize,
+    geo: Option<&GeoRef>,
+    mut sample: impl FnMut(usize, usize, usize) -> u16,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    const TILE: usize = 256;
+    let (across, down) = (width.div_ceil(TILE), height.div_ceil(TILE));
+    let tile_bytes = TILE * TILE * bands * 2;
+    let tiles = across * down;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    // Header with the IFD after the tiles.
+    let ifd_at = 8 + (tiles * tile_bytes) as u64;
+    let big = ifd_at + 4096 > u32::MAX as u64;
+    if big {
+        return Err(std::io::Error::other("over 4 GB: BigTIFF is not written"));
+    }
+    out.write_all(b"II*\0")?;
+    out.write_all(&(ifd_at as u32).to_le_bytes())?;
+    let mut tile = vec![0u8; tile_bytes];
+    for ty in 0..down {
+        for tx in 0..across {
+            for y in 0..TILE {
+                for x in 0..TILE {
+                    let (ix, iy) = (tx * TILE + x, ty * TILE + y);
+                    for b in 0..bands {
+                        let v = if ix < width && iy < height { sample(ix, iy, b) } else { 0 };
+                        let at = ((y * TILE + x) * bands + b) * 2;
+                        tile[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            out.write_all(&tile)?;
+        }
+    }
+    let short = |v: u16| v.to_le_bytes().to_vec();
+    let long = |v: u32| v.to_le_bytes().to_vec();
+    let mut entries: Vec<(u16, u16, u32, Vec<u8>)> = vec![
+        (256, 4, 1, long(width as u32)),
+        (257, 4, 1, long(height as u32)),
+        (258, 3, bands as u32, (0..bands).flat_map(|_| short(16)).collect()),
+        (259, 3, 1, short(1)),
+        (262, 3, 1, short(if bands == 3 { 2 } else { 1 })),
+        (277, 3, 1, short(bands as u16)),
+        (284, 3, 1, short(1)),
+        (322, 3, 1, short(TILE as u16)),
+        (323, 3, 1, short(TILE as u16)),
+        (324, 4, tiles as u32, (0..tiles).flat_map(|i| long((8 + i * tile_bytes) as u32)).collect()),
+        (325, 4, tiles as u32, (0..tiles).flat_map(|_| long(tile_bytes as u32)).collect()),
+        (339, 3, bands as u32, (0..bands).flat_map(|_| short(1)).collect()),
+    ];
+    if bands > 3 {
+        entries.push((338, 3, (bands - 3) as u32, (3..bands).flat_map(|_| short(0)).collect()));
+    }
+    if let Some(g) = geo {
+        let t = g.transform.0;
+        let doubles = |v: &[f64]| v.iter().flat_map(|d| d.to_le_bytes()).collect::<Vec<u8>>();
+        entries.push((33550, 12, 3, doubles(&[t[1], -t[5], 0.0])));
+        entries.push((33922, 12, 6, doubles(&[0.0, 0.0, 0.0, t[0], t[3], 0.0])));
+        if let Some(code) = g.crs.as_deref().and_then(|c| c.strip_prefix("EPSG:")).and_then(|c| c.parse::<u16>().ok()) {
+            let keys: Vec<u16> = vec![1, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, code];
+            entries.push((34735, 3, keys.len() as u32, keys.iter().flat_map(|k| k.to_le_bytes()).collect()));
+        }
+    }
+    entries.sort_by_key(|e| e.0);
+    let mut tail_at = ifd_at as usize + 2 + 12 * entries.len() + 4;
+    let mut tail = Vec::new();
+    out.write_all(&(entries.len() as u16).to_le_bytes())?;
+    for (tag, typ, count, bytes) in &entries {
+        out.write_all(&tag.to_le_bytes())?;
+        out.write_all(&typ.to_le_bytes())?;
+        out.write_all(&count.to_le_bytes())?;
+        if bytes.len() <= 4 {
+            let mut b = bytes.clone();
+            b.resize(4, 0);
+            out.write_all(&b)?;
+        } else {
+            out.write_all(&(tail_at as u32).to_le_bytes())?;
+            tail.extend(bytes);
+            tail_at += bytes.len();
+        }
+    }
+    out.write_all(&0u32.to_le_bytes())?;
+    out.write_all(&tail)?;
+    out.flush()
+}
+
 /// A window of a scene, in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Window {
