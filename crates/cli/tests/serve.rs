@@ -545,3 +545,250 @@ fn a_big_georeferenced_scene_is_searched_by_its_tiles() {
         400
     );
 }
+
+/// `pirclip serve` run to fail: its stderr, once it has exited (within a minute).
+fn refused_to_serve(index: &Path, extra: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pirclip"))
+        .args(["serve", "--index", index.to_str().unwrap(), "--port", "0"])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the server started");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    err
+}
+
+/// Raw bytes to the server; (status, seconds until the answer). Status 0 when none came.
+fn raw(port: u16, bytes: &[u8], wait: Duration) -> (u16, f64) {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    let _ = s.write_all(bytes);
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend(&buf[..n]);
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let status = std::str::from_utf8(&answer)
+        .ok()
+        .and_then(|h| h.split(' ').nth(1)?.parse().ok())
+        .unwrap_or(0);
+    (status, started.elapsed().as_secs_f64())
+}
+
+/// Peak resident memory of a process, in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+/// An index someone else made, and clients that misbehave: rows pointing outside the image folders
+/// are not served (the server refuses to start, or with --allow-outside-roots answers 403), an
+/// index.json naming `/` as its image folder is refused, a non-image under the folder is 403, a body
+/// declared over the limit is 413 at once, a body that never arrives 408, malformed embeddings 400,
+/// huge counts are clamped, and the server stays up throughout.
+#[test]
+fn a_hostile_index_and_hostile_clients_leave_the_server_up() {
+    let dir = tmpdir("hostile");
+    let images = dir.join("imgs");
+    std::fs::create_dir_all(&images).unwrap();
+    for e in std::fs::read_dir(root().join("data/rsicd-mini/images")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, images.join(p.file_name().unwrap())).unwrap();
+    }
+    let index = dir.join("mini");
+    let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
+        .args(["index", "build", "--images", images.to_str().unwrap(), "--out"])
+        .arg(&index)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Rows that point at /etc/passwd and at a relative path climbing out.
+    let leak = dir.join("leak");
+    std::fs::create_dir_all(leak.join("img_emb")).unwrap();
+    std::fs::create_dir_all(leak.join("metadata")).unwrap();
+    for f in ["index.json", "img_emb/img_emb_0.npy", "metadata/metadata_0.parquet"] {
+        std::fs::copy(index.join(f), leak.join(f)).unwrap();
+    }
+    let d = pirclip_store::IndexDir::open(&leak).unwrap();
+    let rows = d.check().unwrap()[0].1;
+    let v = d.embeddings(0, rows).unwrap();
+    let outside = |p: &str| pirclip_store::Entry {
+        image_path: p.into(),
+        ..Default::default()
+    };
+    d.append_part(
+        &[outside("/etc/passwd"), outside("imgs/../../../etc/passwd")],
+        &v[..2 * d.identity.dim],
+    )
+    .unwrap();
+    let err = refused_to_serve(&leak, &[]);
+    assert!(
+        err.contains("2 of 62 rows point outside the image folders") && err.contains("--allow-outside-roots"),
+        "{err}"
+    );
+    let s = start(&leak, &["--allow-outside-roots"]);
+    for id in [rows, rows + 1] {
+        let (status, body) = request(s.port, "GET", &format!("/image/leak/{id}"), b"");
+        assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+        assert!(!String::from_utf8_lossy(&body).contains("root:"));
+    }
+    assert_eq!(request(s.port, "GET", "/image/leak/0", b"").0, 200);
+    drop(s);
+
+    // index.json naming the whole disk as its image folder.
+    let roots = dir.join("roots");
+    std::fs::create_dir_all(roots.join("img_emb")).unwrap();
+    std::fs::create_dir_all(roots.join("metadata")).unwrap();
+    for f in ["index.json", "img_emb/img_emb_0.npy", "metadata/metadata_0.parquet"] {
+        std::fs::copy(leak.join(f), roots.join(f)).unwrap();
+    }
+    let meta = roots.join("index.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    j["image_roots"] = serde_json::json!(["/"]);
+    std::fs::write(&meta, j.to_string()).unwrap();
+    assert!(refused_to_serve(&roots, &[]).contains("system folder"));
+
+    // A file under the folder that is not an image any more.
+    let s = start(&index, &["--max-results", "1000000000000"]);
+    let (_, hits) = json(s.port, "/knn-service", serde_json::json!({"text": "a", "num_images": 1}));
+    let first = hits[0]["image_path"].as_str().unwrap().to_string();
+    let id = hits[0]["id"].as_u64().unwrap();
+    std::fs::write(&first, "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+    assert_eq!(request(s.port, "GET", &format!("/image/mini/{id}"), b"").0, 403);
+
+    // Bodies: declared over the limit (answered at once), never arriving, a huge chunk.
+    let (status, took) = raw(
+        s.port,
+        b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000000000\r\n\r\n{",
+        Duration::from_secs(30),
+    );
+    assert_eq!(status, 413);
+    assert!(took < 2.0, "{took} s");
+    let (status, took) = raw(
+        s.port,
+        b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\"",
+        Duration::from_secs(30),
+    );
+    assert_eq!(status, 408);
+    assert!(took < 15.0, "{took} s");
+    let (status, _) = raw(
+        s.port,
+        b"POST /knn-service HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFF\r\nabc",
+        Duration::from_secs(30),
+    );
+    assert!(status == 413 || status == 408 || status == 400, "{status}");
+
+    // Embeddings of the wrong length or not finite; counts far beyond the rows.
+    let dim = 256;
+    for bad in [
+        serde_json::json!({"embedding_input": [0.5; 3]}),
+        serde_json::json!({"embedding_input": vec![1e39; dim]}),
+        serde_json::json!({"embedding_input": vec![0.0; dim]}),
+        serde_json::json!({"text": 5}),
+    ] {
+        let (status, body) = json(s.port, "/knn-service", bad.clone());
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let (status, hits) = json(
+        s.port,
+        "/knn-service",
+        serde_json::json!({"embedding_input": vec![0.1; dim], "num_images": 1_000_000_000_000u64, "deduplicate": true}),
+    );
+    assert_eq!(status, 200);
+    assert!(hits.as_array().unwrap().len() <= 60);
+    let (status, _) = json(s.port, "/metadata", serde_json::json!({"ids": [0, 5, 18446744073709551615u64]}));
+    assert_eq!(status, 200);
+    for path in ["/image/mini/18446744073709551616", "/image/..%2F..%2Fetc%2Fpasswd/0", "/image/mini/-1"] {
+        let status = request(s.port, "GET", path, b"").0;
+        assert!(status == 400 || status == 404, "{path}: {status}");
+    }
+    assert_eq!(request(s.port, "GET", "/health", b"").0, 200);
+}
+
+/// 24 clients at once asking for tiles and whole renders of two 16-bit scenes: every answer 200 within
+/// seconds, each scene opened once, the server's peak memory bounded (bench/hostile.sh measures the
+/// same on two 64-megapixel scenes).
+#[test]
+fn concurrent_scene_renders_are_bounded() {
+    let dir = tmpdir("renders");
+    let scenes = dir.join("scenes");
+    std::fs::create_dir_all(&scenes).unwrap();
+    for k in 0..2 {
+        pirclip_image::scene::write_geotiff_u16(&scenes.join(format!("s{k}.tif")), 3000, 3000, 3, None, |x, y, b| {
+            (((x / 40 + y / 40 + k) % 7) * 900 + b * 30 + (x * y) % 97) as u16
+        })
+        .unwrap();
+    }
+    let tiled = dir.join("tiled");
+    let whole = dir.join("whole");
+    for (out, extra) in [(&tiled, vec!["--tile", "1024"]), (&whole, vec![])] {
+        let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
+            .args(["index", "build", "--images", scenes.to_str().unwrap(), "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let s = start(&tiled, &[]);
+    let port = s.port;
+    let workers: Vec<_> = (0..24)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let status = request(port, "GET", &format!("/image/tiled/{}", i % 18), b"").0;
+                (status, t.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    for w in workers {
+        let (status, took) = w.join().unwrap();
+        assert_eq!(status, 200);
+        assert!(took < 60.0, "{took} s");
+    }
+    let tiles_mb = peak_rss_mb(s.child.id());
+    drop(s);
+    let s = start(&whole, &[]);
+    let port = s.port;
+    let workers: Vec<_> = (0..24)
+        .map(|i| std::thread::spawn(move || request(port, "GET", &format!("/image/whole/{}", i % 2), b"").0))
+        .collect();
+    for w in workers {
+        assert_eq!(w.join().unwrap(), 200);
+    }
+    let (status, png) = request(port, "GET", "/image/whole/0", b"");
+    assert_eq!(status, 200);
+    let preview = image::load_from_memory(&png).unwrap();
+    assert_eq!((preview.width(), preview.height()), (1000, 1000));
+    let whole_mb = peak_rss_mb(s.child.id());
+    println!("peak RSS: {tiles_mb:.0} MB serving tiles, {whole_mb:.0} MB serving whole scenes");
+    // A scene's samples are 54 MB; the model and runtime about 300 MB.
+    assert!(tiles_mb < 700.0 && whole_mb < 700.0, "{tiles_mb} / {whole_mb} MB");
+}
