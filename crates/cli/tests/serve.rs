@@ -708,7 +708,7 @@ fn a_hostile_index_and_hostile_clients_leave_the_server_up() {
     // Embeddings of the wrong length or not finite; counts far beyond the rows.
     let dim = 256;
     for bad in [
-        serde_json::json!({"embedding_input": [0.5; 3]}),
+        serde_json::json!({"embedding_input": [0.5, 0.5, 0.5]}),
         serde_json::json!({"embedding_input": vec![1e39; dim]}),
         serde_json::json!({"embedding_input": vec![0.0; dim]}),
         serde_json::json!({"text": 5}),
