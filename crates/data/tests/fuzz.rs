@@ -1,12 +1,16 @@
 //! Mutation fuzzing of every parser a user's file reaches, on stable Rust: `.pt` (zip + pickle), the
-//! pickle alone, safetensors, npy, webdataset tar, Karpathy JSON, CSV, JPEG and PNG decode, and the
-//! tokenizer. Valid files are mutated (bit flips, interesting bytes, truncation, insertion, deletion,
+//! pickle alone, safetensors, npy, webdataset tar, Karpathy JSON, CSV, JPEG and PNG decode, the
+//! tokenizer, every file of an index folder (embedding part, metadata part, index.json, inverted lists,
+//! HNSW graph with its checksum recomputed so that mutations reach the graph check, and its sidecar),
+//! and scenes (TIFF/GeoTIFF in strips and tiles, PNG) through the bounded scene reader. Valid files are mutated (bit flips, interesting bytes, truncation, insertion, deletion,
 //! duplicated chunks, length fields set to extreme values), seeded, for a time box per format. Every input
 //! must return (Ok or Err) without a panic, within a time bound, and allocating within a bound (a counting
 //! global allocator, per thread).
 //!
 //! CI runs a few seconds per format. The long run: `PIRCLIP_FUZZ_SECONDS=300 cargo test --release -p
-//! pirclip-data --test fuzz -- --nocapture` (or `PIRCLIP_FUZZ_LONG=1 scripts/test.sh`, 120 s per format).
+//! pirclip-data --test fuzz -- --nocapture` (or `PIRCLIP_FUZZ_LONG=1 scripts/test.sh`, 120 s per format);
+//! `PIRCLIP_FUZZ_EXECUTIONS=10000000` runs that many inputs per format instead of a time box, and
+//! `PIRCLIP_FUZZ_FORMATS=ivf,hnsw` runs only those formats (a campaign split over processes).
 //! A failing input is written to `target/fuzz-failures/` and named in the failure.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -176,9 +180,23 @@ fn seconds_per_format() -> f64 {
     }
 }
 
-/// Runs `parse` on mutations of the seeds until the time box closes; returns the executions.
+/// Whether `format` is to be fuzzed in this run (`PIRCLIP_FUZZ_FORMATS`, all by default).
+fn selected(format: &str) -> bool {
+    std::env::var("PIRCLIP_FUZZ_FORMATS")
+        .map(|list| list.split(',').any(|f| f.trim() == format))
+        .unwrap_or(true)
+}
+
+/// Runs `parse` on mutations of the seeds until the time box closes (or, with
+/// `PIRCLIP_FUZZ_EXECUTIONS`, until that many inputs ran); returns the executions.
 fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
     assert!(!seeds.is_empty());
+    if !selected(format) {
+        return 0;
+    }
+    let target: Option<usize> = std::env::var("PIRCLIP_FUZZ_EXECUTIONS")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let budget = Duration::from_secs_f64(seconds_per_format());
     let mut rng = Rng(0x5eed_0000
         ^ format
@@ -193,8 +211,15 @@ fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
         mutate(seed, &mut rng)
     }));
     for input in inputs {
-        if executions >= seeds.len() && started.elapsed() > budget {
+        let done = match target {
+            Some(n) => executions >= n.max(seeds.len()),
+            None => executions >= seeds.len() && started.elapsed() > budget,
+        };
+        if done {
             break;
+        }
+        if target.is_some() && executions % 1_000_000 == 0 && executions > 0 {
+            println!("fuzz {format}: {executions} executions, {:.0} s", started.elapsed().as_secs_f64());
         }
         let live = CURRENT.with(Cell::get);
         PEAK.with(|p| p.set(live));
@@ -258,7 +283,10 @@ fn read(p: &str) -> Vec<u8> {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pirclip-fuzz-{}", std::process::id()));
+    // Memory-backed where there is one: the index formats write a file per input.
+    let base = Path::new("/dev/shm");
+    let base = if base.is_dir() { base.to_path_buf() } else { std::env::temp_dir() };
+    let d = base.join(format!("pirclip-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d.join(name)
 }
@@ -440,5 +468,202 @@ fn fuzz_every_parser_a_users_file_reaches() {
     total += fuzz("tokenizer", &captions, |b| {
         let _ = tok.tokenize(&String::from_utf8_lossy(b), 77);
     });
-    println!("fuzz: {total} executions over 10 formats");
+    total += fuzz_index_folders();
+    total += fuzz_scenes();
+    println!("fuzz: {total} executions over 18 formats");
+    let _ = std::fs::remove_dir_all(scratch("x").parent().unwrap());
+}
+
+/// A small index folder (`rows` rows of dimension 8) with inverted lists or a graph, as seeds.
+fn seed_index(root: &Path, rows: usize, ann: Option<pirclip_store::AnnConfig>) {
+    let _ = std::fs::remove_dir_all(root);
+    let identity = pirclip_store::Identity {
+        model: "m".into(),
+        config: serde_json::json!({"embed_dim": 8}),
+        checkpoint: "c".into(),
+        checkpoint_sha256: "aa".into(),
+        dim: 8,
+        scene: pirclip_store::SceneSettings {
+            tile: Some(224),
+            tile_stride: Some(160),
+            bands: Some([3, 2, 1]),
+        },
+        image_roots: vec!["/images".into()],
+    };
+    let dir = pirclip_store::IndexDir::open_or_create(root, identity).unwrap();
+    let entries: Vec<pirclip_store::Entry> = (0..rows)
+        .map(|i| pirclip_store::Entry {
+            image_path: format!("/images/{i}.tif"),
+            size: 10,
+            mtime: 20,
+            tile: Some(pirclip_store::Tile { x: i as i64 * 160, y: 0, width: 224, height: 224 }),
+            geo: Some(pirclip_store::GeoPoint { x: 1.5, y: 2.5, crs: Some("EPSG:32633".into()) }),
+        })
+        .collect();
+    let values: Vec<f32> = (0..rows * 8)
+        .map(|i| (i * 7919 % 97) as f32 / 48.0 - 1.0)
+        .collect::<Vec<_>>()
+        .chunks(8)
+        .flat_map(|r| {
+            let n = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
+            r.iter().map(move |v| v / n).collect::<Vec<_>>()
+        })
+        .collect();
+    dir.append_part(&entries, &values).unwrap();
+    if let Some(c) = ann {
+        pirclip_store::update_ann(root, c, 1, &|_, _| {}).unwrap();
+    }
+}
+
+/// Loads an index folder as search and serve do, and searches it.
+fn load_and_search(root: &Path) {
+    if let Ok(index) = pirclip_store::LoadedIndex::load(root) {
+        let q = [0.35355338f32; 8];
+        if let Ok(hits) = index.search(&q, 1 << 40) {
+            for (row, _) in hits {
+                let _ = &index.entries[row];
+                let _ = index.store.vector(row);
+            }
+        }
+    }
+}
+
+fn fuzz_index_folders() -> usize {
+    use pirclip_store::{AnnConfig, AnnOptions, IvfOptions};
+    let mut total = 0;
+    let seeds = scratch("index-seeds");
+    let (exact, ivf, hnsw) = (seeds.join("exact"), seeds.join("ivf"), seeds.join("hnsw"));
+    seed_index(&exact, 6, None);
+    seed_index(&ivf, 40, Some(AnnConfig::Ivf(IvfOptions { lists: 0, probes: 0 })));
+    seed_index(&hnsw, 40, Some(AnnConfig::Hnsw(AnnOptions::default())));
+    // Each input replaces one file of a copy of a seed folder.
+    let target = scratch("index");
+    let with_file = |seed: &Path, file: &str, input: &[u8], fix: &dyn Fn(&Path, &[u8])| {
+        let _ = std::fs::remove_dir_all(&target);
+        for f in ["index.json", "img_emb/img_emb_0.npy", "metadata/metadata_0.parquet", "image.ivf",
+                  "image.usearch", "image.usearch.json"] {
+            let from = seed.join(f);
+            if from.is_file() {
+                std::fs::create_dir_all(target.join(f).parent().unwrap()).unwrap();
+                std::fs::copy(&from, target.join(f)).unwrap();
+            }
+        }
+        std::fs::write(target.join(file), input).unwrap();
+        fix(&target, input);
+        load_and_search(&target);
+    };
+    let none = |_: &Path, _: &[u8]| {};
+    for (format, seed, file) in [
+        ("index-npy", &exact, "img_emb/img_emb_0.npy"),
+        ("index-parquet", &exact, "metadata/metadata_0.parquet"),
+        ("index-json", &exact, "index.json"),
+        ("ivf", &ivf, "image.ivf"),
+        ("hnsw-sidecar", &hnsw, "image.usearch.json"),
+    ] {
+        let bytes = std::fs::read(seed.join(file)).unwrap();
+        total += fuzz(format, &[bytes], |b| with_file(seed, file, b, &none));
+    }
+    // The graph with its checksum recomputed: a checksum proves integrity, not validity, so these
+    // inputs reach the graph check and, past it, usearch itself.
+    let graph = std::fs::read(hnsw.join("image.usearch")).unwrap();
+    let recompute = |root: &Path, input: &[u8]| {
+        let side = root.join("image.usearch.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&side).unwrap()).unwrap();
+        v["crc32"] = crc32fast::hash(input).into();
+        std::fs::write(&side, v.to_string()).unwrap();
+    };
+    total += fuzz("hnsw", &[graph], |b| with_file(&hnsw, "image.usearch", b, &recompute));
+    total
+}
+
+/// A `w × h` TIFF of `bands` 16-bit bands, in strips of `rows` rows or (with `tile`) 16 × 16 tiles,
+/// with GeoTIFF tags and a NoData value: the headers and layouts the scene reader walks.
+fn small_tiff(w: u32, h: u32, bands: u16, tile: bool, planar: bool) -> Vec<u8> {
+    let (cw, ch) = if tile { (16, 16) } else { (w, 3) };
+    let (across, down) = (w.div_ceil(cw), h.div_ceil(ch));
+    let planes = if planar { bands as u32 } else { 1 };
+    let per_chunk = (cw * if tile { ch } else { ch } * if planar { 1 } else { bands as u32 } * 2) as usize;
+    let chunks = (across * down * planes) as usize;
+    let mut out = b"II*\0".to_vec();
+    let data_at = 8u32;
+    let ifd_at = data_at + (chunks * per_chunk) as u32;
+    out.extend(ifd_at.to_le_bytes());
+    for c in 0..chunks {
+        out.extend((0..per_chunk / 2).flat_map(|i| (((c * 131 + i * 17) % 4000) as u16).to_le_bytes()));
+    }
+    let s = |v: u16| v.to_le_bytes().to_vec();
+    let l = |v: u32| v.to_le_bytes().to_vec();
+    let offsets: Vec<u8> = (0..chunks).flat_map(|c| l(data_at + (c * per_chunk) as u32)).collect();
+    let counts: Vec<u8> = (0..chunks).flat_map(|_| l(per_chunk as u32)).collect();
+    let doubles = |v: &[f64]| v.iter().flat_map(|d| d.to_le_bytes()).collect::<Vec<u8>>();
+    let mut e: Vec<(u16, u16, u32, Vec<u8>)> = vec![
+        (256, 4, 1, l(w)),
+        (257, 4, 1, l(h)),
+        (258, 3, bands as u32, (0..bands).flat_map(|_| s(16)).collect()),
+        (259, 3, 1, s(1)),
+        (262, 3, 1, s(if bands == 3 { 2 } else { 1 })),
+        (277, 3, 1, s(bands)),
+        (284, 3, 1, s(if planar { 2 } else { 1 })),
+        (339, 3, bands as u32, (0..bands).flat_map(|_| s(1)).collect()),
+        (33550, 12, 3, doubles(&[0.6, 0.6, 0.0])),
+        (33922, 12, 6, doubles(&[0.0, 0.0, 0.0, 500000.0, 4100000.0, 0.0])),
+        (34735, 3, 12, [1u16, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, 32633].iter().flat_map(|k| k.to_le_bytes()).collect()),
+        (42113, 2, 2, b"0\0".to_vec()),
+    ];
+    if tile {
+        e.extend([(322, 3, 1, s(cw as u16)), (323, 3, 1, s(ch as u16)), (324, 4, chunks as u32, offsets), (325, 4, chunks as u32, counts)]);
+    } else {
+        e.extend([(273, 4, chunks as u32, offsets), (278, 3, 1, s(ch as u16)), (279, 4, chunks as u32, counts)]);
+    }
+    if bands > 3 {
+        e.push((338, 3, (bands - 3) as u32, (3..bands).flat_map(|_| s(0)).collect()));
+    }
+    e.sort_by_key(|x| x.0);
+    let mut tail_at = ifd_at as usize + 2 + 12 * e.len() + 4;
+    let mut tail: Vec<u8> = Vec::new();
+    out.extend((e.len() as u16).to_le_bytes());
+    for (tag, typ, count, bytes) in &e {
+        out.extend(tag.to_le_bytes());
+        out.extend(typ.to_le_bytes());
+        out.extend(count.to_le_bytes());
+        if bytes.len() <= 4 {
+            let mut b = bytes.clone();
+            b.resize(4, 0);
+            out.extend(b);
+        } else {
+            out.extend((tail_at as u32).to_le_bytes());
+            tail.extend(bytes);
+            tail_at += bytes.len();
+        }
+    }
+    out.extend(0u32.to_le_bytes());
+    out.extend(tail);
+    out
+}
+
+fn fuzz_scenes() -> usize {
+    let decode = |b: &[u8], opts: &pirclip_image::SceneOptions| {
+        if let Ok(mut r) = pirclip_image::SceneReader::new(std::io::Cursor::new(b), "fuzz.tif", opts) {
+            if let Some(r) = r.as_mut() {
+                let (w, h) = (r.width, r.height);
+                let _ = r.read_window(pirclip_image::Window { x: w / 3, y: h / 3, width: (w / 2).max(1), height: (h / 2).max(1) });
+            }
+        }
+        if let Ok(scene) = pirclip_image::decode_scene(b, "fuzz.tif", opts) {
+            let _ = pirclip_image::preprocess_eval(&scene.image, 32);
+        }
+    };
+    let tiffs = vec![
+        small_tiff(37, 29, 3, false, false),
+        small_tiff(37, 29, 4, true, false),
+        small_tiff(33, 17, 4, true, true),
+        small_tiff(20, 9, 1, false, true),
+    ];
+    let mut total = fuzz("tiff-scene", &tiffs, |b| {
+        decode(b, &Default::default());
+        decode(b, &pirclip_image::SceneOptions { bands: Some([4, 3, 2]) });
+    });
+    total += fuzz("png-scene", &[small_png()], |b| decode(b, &Default::default()));
+    total
 }

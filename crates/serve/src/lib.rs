@@ -559,23 +559,33 @@ fn preview(
     let f = window.width.max(window.height).div_ceil(MAX_RENDERED_SIDE);
     let (ow, oh) = (window.width.div_ceil(f), window.height.div_ceil(f));
     let mut out = vec![0u8; ow * oh * 3];
+    // Bands of about 256 rows (whole output rows of f each): a tiled file's chunks are read once,
+    // not once per output row.
+    let per_band = (256 / f).max(1);
+    let mut band = pirclip_image::RgbImage::new(0, 0, Vec::new());
+    let mut band_y = usize::MAX;
     for oy in 0..oh {
         let y = window.y + oy * f;
         let rows = f.min(window.y + window.height - y);
-        let band = scene
-            .read_window(pirclip_image::Window {
-                x: window.x,
-                y,
-                width: window.width,
-                height: rows,
-            })
-            .map_err(|e| e.to_string())?;
+        if oy % per_band == 0 {
+            band_y = y;
+            let height = (per_band * f).min(window.y + window.height - y);
+            band = scene
+                .read_window(pirclip_image::Window {
+                    x: window.x,
+                    y,
+                    width: window.width,
+                    height,
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        let top = y - band_y;
         for ox in 0..ow {
             let cols = f.min(window.width - ox * f);
             let mut sum = [0u64; 3];
             for r in 0..rows {
                 for c in 0..cols {
-                    let at = (r * window.width + ox * f + c) * 3;
+                    let at = ((top + r) * window.width + ox * f + c) * 3;
                     for (k, v) in sum.iter_mut().enumerate() {
                         *v += band.pixels[at + k] as u64;
                     }
