@@ -399,6 +399,21 @@ fn check_graph_bytes(b: &[u8], sidecar: &Sidecar) -> Result<(), String> {
     if &h[..7] != b"usearch" || major != 2 || key_kind != 14 || slot_kind != 15 {
         return Err("not a usearch 2 graph with 64-bit keys and 32-bit slots".into());
     }
+    // usearch's metric kind 'i' (inner product) and scalar kinds 11 = f32, 12 = f16, 23 = i8: another
+    // metric or scalar picks other kernels and casts (a fuzzed graph whose checksum was recomputed
+    // crashed usearch through them), deleted slots and multi-key graphs are not pirclip's.
+    let scalar = match sidecar.options.quantization {
+        Quantization::F32 => 11,
+        Quantization::F16 => 12,
+        Quantization::I8 => 23,
+    };
+    let deleted = u64::from_le_bytes(h[25..33].try_into().unwrap());
+    if h[13] != b'i' || h[14] != scalar || deleted != 0 || h[41] != 0 {
+        return Err(format!(
+            "metric {}, scalar kind {}, {deleted} deleted, multi {}: not the inner-product {:?} graph its sidecar describes",
+            h[13], h[14], h[41], sidecar.options.quantization
+        ));
+    }
     let present = u64::from_le_bytes(h[17..25].try_into().unwrap());
     let dims = u64::from_le_bytes(h[33..41].try_into().unwrap());
     if present != rows as u64 || dims != dim as u64 {
