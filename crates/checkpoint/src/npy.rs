@@ -104,7 +104,12 @@ fn parse_header(bytes: &[u8]) -> Result<Header, Error> {
         .and_then(|s| s.strip_prefix('('))
         .and_then(|s| s.split(')').next())
         .ok_or_else(|| Error::Format("npy header lacks shape".into()))?;
-    let bad_shape = || Error::Format(format!("bad .npy shape {:?}", crate::clip_text(shape_str, 80)));
+    let bad_shape = || {
+        Error::Format(format!(
+            "bad .npy shape {:?}",
+            crate::clip_text(shape_str, 80)
+        ))
+    };
     let shape: Vec<usize> = shape_str
         .split(',')
         .map(str::trim)

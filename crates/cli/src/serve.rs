@@ -67,9 +67,8 @@ pub fn run(a: Args) -> Result<()> {
             name = format!("{base}-{n}");
             n += 1;
         }
-        let (served, notes) =
-            ServedIndex::new(name, loaded, &a.image_root, a.allow_outside_roots)
-                .map_err(anyhow::Error::msg)?;
+        let (served, notes) = ServedIndex::new(name, loaded, &a.image_root, a.allow_outside_roots)
+            .map_err(anyhow::Error::msg)?;
         for note in notes {
             eprintln!("warning: {note}");
         }

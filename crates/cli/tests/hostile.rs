@@ -90,7 +90,11 @@ fn run(args: &[&str], limit: Duration) -> Outcome {
         "{args:?}: exit {:?} signal {:?}{} in {:.1} s; stderr: {}",
         o.code,
         o.signal,
-        if o.timed_out { " (killed: too long)" } else { "" },
+        if o.timed_out {
+            " (killed: too long)"
+        } else {
+            ""
+        },
         o.seconds,
         pirclip_store::clip_text(o.stderr.trim(), 300)
     );
@@ -138,7 +142,12 @@ fn build(out: &Path, ann: &str) {
     .collect::<Vec<_>>();
     match ann {
         "off" => args.extend(["--ann".into(), "off".into()]),
-        kind => args.extend(["--ann".into(), "on".into(), "--ann-kind".into(), kind.into()]),
+        kind => args.extend([
+            "--ann".into(),
+            "on".into(),
+            "--ann-kind".into(),
+            kind.into(),
+        ]),
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = run(&args, Duration::from_secs(300));
@@ -162,8 +171,12 @@ fn write_f16(index: &Path, rows: usize, dim: usize, values: &[f32]) {
         .iter()
         .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
         .collect();
-    let t = pirclip_checkpoint::TensorData::new(pirclip_checkpoint::DType::F16, vec![rows, dim], halves)
-        .unwrap();
+    let t = pirclip_checkpoint::TensorData::new(
+        pirclip_checkpoint::DType::F16,
+        vec![rows, dim],
+        halves,
+    )
+    .unwrap();
     pirclip_checkpoint::npy::write(index.join("img_emb/img_emb_0.npy"), &t).unwrap();
 }
 
@@ -191,14 +204,21 @@ fn search_and_index_add_refuse_crafted_index_folders() {
     let npy = p.join("img_emb/img_emb_0.npy");
     let mut bytes = std::fs::read(&npy).unwrap();
     let shape = format!("({n}, {dim})");
-    let at = bytes.windows(shape.len()).position(|w| w == shape.as_bytes()).unwrap();
+    let at = bytes
+        .windows(shape.len())
+        .position(|w| w == shape.as_bytes())
+        .unwrap();
     let huge = format!("(4611686018427387904, {dim})");
     bytes.splice(at..at + shape.len(), huge.bytes());
     let header = u16::from_le_bytes([bytes[8], bytes[9]]) as usize + huge.len() - shape.len();
     bytes[8..10].copy_from_slice(&(header as u16).to_le_bytes());
     std::fs::write(&npy, bytes).unwrap();
     let o = search(&p, &[]);
-    check("npy shape overflow", o.refused_with("larger than memory can address"), &o);
+    check(
+        "npy shape overflow",
+        o.refused_with("larger than memory can address"),
+        &o,
+    );
 
     // int64 rows (were searched as if they were floats, exit 0).
     let p = case("int64");
@@ -208,10 +228,21 @@ fn search_and_index_add_refuse_crafted_index_folders() {
     check("int64 part", o.refused_with("int64 embeddings"), &o);
     // index add on it (exited 0, adding to an index search refuses).
     let o = run(
-        &["index", "add", "--index", p.to_str().unwrap(), "--images", mini_images().to_str().unwrap()],
+        &[
+            "index",
+            "add",
+            "--index",
+            p.to_str().unwrap(),
+            "--images",
+            mini_images().to_str().unwrap(),
+        ],
         LIMIT,
     );
-    check("index add on a damaged index", o.refused_with("int64 embeddings"), &o);
+    check(
+        "index add on a damaged index",
+        o.refused_with("int64 embeddings"),
+        &o,
+    );
 
     // index.json's dim made to agree with its parts but not with the model (an assert_eq! in exact
     // search: exit 101, and HTTP 500 on every query in serve).
@@ -219,18 +250,33 @@ fn search_and_index_add_refuse_crafted_index_folders() {
     edit_json(&p.join("index.json"), |v| v["dim"] = 3.into());
     write_f16(&p, n, 3, &vec![0.5; n * 3]);
     let o = search(&p, &[]);
-    check("dim disagreeing with the model", o.refused_with("3 dimensions"), &o);
+    check(
+        "dim disagreeing with the model",
+        o.refused_with("3 dimensions"),
+        &o,
+    );
 
     // Scene settings outside the CLI's ranges (bands 0 wrapped `band - 1`; tile 1 cut a 224-px image
     // into 50,176 rows).
     for (name, scene, says) in [
-        ("bands0", serde_json::json!({"bands": [0, 1, 2]}), "scene.bands"),
+        (
+            "bands0",
+            serde_json::json!({"bands": [0, 1, 2]}),
+            "scene.bands",
+        ),
         ("tile1", serde_json::json!({"tile": 1}), "scene.tile 1"),
     ] {
         let p = case(name);
         edit_json(&p.join("index.json"), |v| v["scene"] = scene.clone());
         let o = run(
-            &["index", "add", "--index", p.to_str().unwrap(), "--images", mini_images().to_str().unwrap()],
+            &[
+                "index",
+                "add",
+                "--index",
+                p.to_str().unwrap(),
+                "--images",
+                mini_images().to_str().unwrap(),
+            ],
             LIMIT,
         );
         check(name, o.refused_with(says), &o);
@@ -238,13 +284,22 @@ fn search_and_index_add_refuse_crafted_index_folders() {
 
     // A 50 MB model name: refused without echoing it.
     let p = case("huge-field");
-    edit_json(&p.join("index.json"), |v| v["model"] = "x".repeat(50 << 20).into());
+    edit_json(&p.join("index.json"), |v| {
+        v["model"] = "x".repeat(50 << 20).into()
+    });
     let o = search(&p, &[]);
-    check("50 MB field", o.code == Some(1) && o.stderr.len() < 2000, &o);
+    check(
+        "50 MB field",
+        o.code == Some(1) && o.stderr.len() < 2000,
+        &o,
+    );
 
     // NaN rows (ranked first with score NaN): skipped with a warning.
     let p = case("nan");
-    let mut values = pirclip_store::IndexDir::open(&p).unwrap().embeddings(0, n).unwrap();
+    let mut values = pirclip_store::IndexDir::open(&p)
+        .unwrap()
+        .embeddings(0, n)
+        .unwrap();
     values[..dim].iter_mut().for_each(|v| *v = f32::NAN);
     write_f16(&p, n, dim, &values);
     let o = search(&p, &["--top-k", "5"]);
@@ -253,7 +308,11 @@ fn search_and_index_add_refuse_crafted_index_folders() {
         o.code == Some(0)
             && o.stderr.contains("1 rows hold values that are not numbers")
             && !o.stdout.contains("NaN")
-            && o.stdout.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).count() == 5,
+            && o.stdout
+                .lines()
+                .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+                .count()
+                == 5,
         &o,
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -286,7 +345,9 @@ fn search_refuses_crafted_approximate_indexes_and_huge_k() {
     let good = std::fs::read(&graph).unwrap();
     let with_checksum = |bytes: &[u8]| {
         std::fs::write(&graph, bytes).unwrap();
-        edit_json(&hnsw.join("image.usearch.json"), |v| v["crc32"] = crc32fast::hash(bytes).into());
+        edit_json(&hnsw.join("image.usearch.json"), |v| {
+            v["crc32"] = crc32fast::hash(bytes).into()
+        });
     };
     let node = 8 + n * dim * 2 + 64 + 40 + 2 * n;
     // Every level-0 neighbour slot of every node pointed far outside the graph.
@@ -300,26 +361,39 @@ fn search_refuses_crafted_approximate_indexes_and_huge_k() {
         let level = i16::from_le_bytes([good[levels + 2 * i], good[levels + 2 * i + 1]]) as usize;
         let count = u32::from_le_bytes(b[at + 10..at + 14].try_into().unwrap()) as usize;
         for j in 0..count {
-            b[at + 14 + 4 * j..at + 18 + 4 * j].copy_from_slice(&(0x4000_0000u32 + j as u32).to_le_bytes());
+            b[at + 14 + 4 * j..at + 18 + 4 * j]
+                .copy_from_slice(&(0x4000_0000u32 + j as u32).to_le_bytes());
         }
         at += 10 + 4 + 4 * m0 + level * (4 + 4 * m);
     }
     with_checksum(&b);
     let o = search(&hnsw, &[]);
-    check("graph slots out of range", o.refused_with("links to node"), &o);
+    check(
+        "graph slots out of range",
+        o.refused_with("links to node"),
+        &o,
+    );
     // Keys beyond the rows.
     let mut b = good.clone();
     b[node..node + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     with_checksum(&b);
     let o = search(&hnsw, &[]);
-    check("graph key out of range", o.refused_with("out of range or repeated"), &o);
+    check(
+        "graph key out of range",
+        o.refused_with("out of range or repeated"),
+        &o,
+    );
     // efSearch 10^12 in the sidecar (an empty result and exit 0).
     with_checksum(&good);
     edit_json(&hnsw.join("image.usearch.json"), |v| {
         v["options"]["expansion_search"] = 1_000_000_000_000u64.into()
     });
     let o = search(&hnsw, &[]);
-    check("efSearch 10^12", o.refused_with("efSearch 1000000000000"), &o);
+    check(
+        "efSearch 10^12",
+        o.refused_with("efSearch 1000000000000"),
+        &o,
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -341,7 +415,14 @@ fn folder_loops_end_and_images_take_several_values() {
     std::os::unix::fs::symlink(dir.join("tree/a"), dir.join("tree/a/up")).unwrap();
     let out = dir.join("idx");
     let o = run(
-        &["index", "build", "--images", dir.join("tree").to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &[
+            "index",
+            "build",
+            "--images",
+            dir.join("tree").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
         LIMIT,
     );
     assert!(
@@ -349,7 +430,13 @@ fn folder_loops_end_and_images_take_several_values() {
         "{o:?}"
     );
     let roots = IndexDir::open(&out).unwrap().identity.image_roots;
-    assert_eq!(roots, [std::fs::canonicalize(dir.join("tree")).unwrap().display().to_string()]);
+    assert_eq!(
+        roots,
+        [std::fs::canonicalize(dir.join("tree"))
+            .unwrap()
+            .display()
+            .to_string()]
+    );
 
     let emb = dir.join("emb");
     let mut args = vec!["embed", "--images"];
@@ -357,11 +444,27 @@ fn folder_loops_end_and_images_take_several_values() {
     args.extend(["--out", emb.to_str().unwrap()]);
     let o = run(&args, LIMIT);
     assert_eq!(o.code, Some(0), "{o:?}");
-    assert_eq!(std::fs::read_to_string(emb.join("images.txt")).unwrap().lines().count(), 3);
+    assert_eq!(
+        std::fs::read_to_string(emb.join("images.txt"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
     // explain's panel size is bounded (0 panicked, 60000 allocated 21 GB).
     for size in ["0", "60000"] {
         let o = run(
-            &["explain", "--image", images[0].to_str().unwrap(), "--text", "a", "--out", "/dev/null", "--size", size],
+            &[
+                "explain",
+                "--image",
+                images[0].to_str().unwrap(),
+                "--text",
+                "a",
+                "--out",
+                "/dev/null",
+                "--size",
+                size,
+            ],
             LIMIT,
         );
         assert!(o.code == Some(2) && o.stderr.contains("--size"), "{o:?}");

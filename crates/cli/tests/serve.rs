@@ -567,7 +567,12 @@ fn refused_to_serve(index: &Path, extra: &[&str]) -> String {
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!status.success(), "{err}");
     err
 }
@@ -623,7 +628,13 @@ fn a_hostile_index_and_hostile_clients_leave_the_server_up() {
     }
     let index = dir.join("mini");
     let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
-        .args(["index", "build", "--images", images.to_str().unwrap(), "--out"])
+        .args([
+            "index",
+            "build",
+            "--images",
+            images.to_str().unwrap(),
+            "--out",
+        ])
         .arg(&index)
         .output()
         .unwrap();
@@ -633,7 +644,11 @@ fn a_hostile_index_and_hostile_clients_leave_the_server_up() {
     let leak = dir.join("leak");
     std::fs::create_dir_all(leak.join("img_emb")).unwrap();
     std::fs::create_dir_all(leak.join("metadata")).unwrap();
-    for f in ["index.json", "img_emb/img_emb_0.npy", "metadata/metadata_0.parquet"] {
+    for f in [
+        "index.json",
+        "img_emb/img_emb_0.npy",
+        "metadata/metadata_0.parquet",
+    ] {
         std::fs::copy(index.join(f), leak.join(f)).unwrap();
     }
     let d = pirclip_store::IndexDir::open(&leak).unwrap();
@@ -650,7 +665,8 @@ fn a_hostile_index_and_hostile_clients_leave_the_server_up() {
     .unwrap();
     let err = refused_to_serve(&leak, &[]);
     assert!(
-        err.contains("2 of 62 rows point outside the image folders") && err.contains("--allow-outside-roots"),
+        err.contains("2 of 62 rows point outside the image folders")
+            && err.contains("--allow-outside-roots"),
         "{err}"
     );
     let s = start(&leak, &["--allow-outside-roots"]);
@@ -666,7 +682,11 @@ fn a_hostile_index_and_hostile_clients_leave_the_server_up() {
     let roots = dir.join("roots");
     std::fs::create_dir_all(roots.join("img_emb")).unwrap();
     std::fs::create_dir_all(roots.join("metadata")).unwrap();
-    for f in ["index.json", "img_emb/img_emb_0.npy", "metadata/metadata_0.parquet"] {
+    for f in [
+        "index.json",
+        "img_emb/img_emb_0.npy",
+        "metadata/metadata_0.parquet",
+    ] {
         std::fs::copy(leak.join(f), roots.join(f)).unwrap();
     }
     let meta = roots.join("index.json");
@@ -677,11 +697,18 @@ fn a_hostile_index_and_hostile_clients_leave_the_server_up() {
 
     // A file under the folder that is not an image any more.
     let s = start(&index, &["--max-results", "1000000000000"]);
-    let (_, hits) = json(s.port, "/knn-service", serde_json::json!({"text": "a", "num_images": 1}));
+    let (_, hits) = json(
+        s.port,
+        "/knn-service",
+        serde_json::json!({"text": "a", "num_images": 1}),
+    );
     let first = hits[0]["image_path"].as_str().unwrap().to_string();
     let id = hits[0]["id"].as_u64().unwrap();
     std::fs::write(&first, "root:x:0:0:root:/root:/bin/bash\n").unwrap();
-    assert_eq!(request(s.port, "GET", &format!("/image/mini/{id}"), b"").0, 403);
+    assert_eq!(
+        request(s.port, "GET", &format!("/image/mini/{id}"), b"").0,
+        403
+    );
 
     // Bodies: declared over the limit (answered at once), never arriving, a huge chunk.
     let (status, took) = raw(
@@ -723,9 +750,17 @@ fn a_hostile_index_and_hostile_clients_leave_the_server_up() {
     );
     assert_eq!(status, 200);
     assert!(hits.as_array().unwrap().len() <= 60);
-    let (status, _) = json(s.port, "/metadata", serde_json::json!({"ids": [0, 5, 18446744073709551615u64]}));
+    let (status, _) = json(
+        s.port,
+        "/metadata",
+        serde_json::json!({"ids": [0, 5, 18446744073709551615u64]}),
+    );
     assert_eq!(status, 200);
-    for path in ["/image/mini/18446744073709551616", "/image/..%2F..%2Fetc%2Fpasswd/0", "/image/mini/-1"] {
+    for path in [
+        "/image/mini/18446744073709551616",
+        "/image/..%2F..%2Fetc%2Fpasswd/0",
+        "/image/mini/-1",
+    ] {
         let status = request(s.port, "GET", path, b"").0;
         assert!(status == 400 || status == 404, "{path}: {status}");
     }
@@ -741,16 +776,27 @@ fn concurrent_scene_renders_are_bounded() {
     let scenes = dir.join("scenes");
     std::fs::create_dir_all(&scenes).unwrap();
     for k in 0..2 {
-        pirclip_image::scene::write_geotiff_u16(&scenes.join(format!("s{k}.tif")), 3000, 3000, 3, None, |x, y, b| {
-            (((x / 40 + y / 40 + k) % 7) * 900 + b * 30 + (x * y) % 97) as u16
-        })
+        pirclip_image::scene::write_geotiff_u16(
+            &scenes.join(format!("s{k}.tif")),
+            3000,
+            3000,
+            3,
+            None,
+            |x, y, b| (((x / 40 + y / 40 + k) % 7) * 900 + b * 30 + (x * y) % 97) as u16,
+        )
         .unwrap();
     }
     let tiled = dir.join("tiled");
     let whole = dir.join("whole");
     for (out, extra) in [(&tiled, vec!["--tile", "1024"]), (&whole, vec![])] {
         let o = Command::new(env!("CARGO_BIN_EXE_pirclip"))
-            .args(["index", "build", "--images", scenes.to_str().unwrap(), "--out"])
+            .args([
+                "index",
+                "build",
+                "--images",
+                scenes.to_str().unwrap(),
+                "--out",
+            ])
             .arg(out)
             .args(extra)
             .output()
@@ -778,7 +824,11 @@ fn concurrent_scene_renders_are_bounded() {
     let s = start(&whole, &[]);
     let port = s.port;
     let workers: Vec<_> = (0..24)
-        .map(|i| std::thread::spawn(move || request(port, "GET", &format!("/image/whole/{}", i % 2), b"").0))
+        .map(|i| {
+            std::thread::spawn(move || {
+                request(port, "GET", &format!("/image/whole/{}", i % 2), b"").0
+            })
+        })
         .collect();
     for w in workers {
         assert_eq!(w.join().unwrap(), 200);
@@ -790,5 +840,8 @@ fn concurrent_scene_renders_are_bounded() {
     let whole_mb = peak_rss_mb(s.child.id());
     println!("peak RSS: {tiles_mb:.0} MB serving tiles, {whole_mb:.0} MB serving whole scenes");
     // A scene's samples are 54 MB; the model and runtime about 300 MB.
-    assert!(tiles_mb < 700.0 && whole_mb < 700.0, "{tiles_mb} / {whole_mb} MB");
+    assert!(
+        tiles_mb < 700.0 && whole_mb < 700.0,
+        "{tiles_mb} / {whole_mb} MB"
+    );
 }

@@ -128,7 +128,9 @@ mod tests {
     /// Many identical images give a pair per copy, not per pair of copies, and the cap holds.
     #[test]
     fn identical_hashes_pair_with_their_first_and_the_cap_holds() {
-        let hashes: Vec<u64> = (0..20_000).map(|i| if i % 2 == 0 { 7 } else { 7 ^ 1 }).collect();
+        let hashes: Vec<u64> = (0..20_000)
+            .map(|i| if i % 2 == 0 { 7 } else { 7 ^ 1 })
+            .collect();
         let found = near_pairs(&hashes, 1, 1_000_000);
         // 9,999 + 9,999 within the groups, 1 between them.
         assert_eq!(found.pairs.len(), 19_999);

@@ -219,7 +219,10 @@ fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
             break;
         }
         if target.is_some() && executions % 1_000_000 == 0 && executions > 0 {
-            println!("fuzz {format}: {executions} executions, {:.0} s", started.elapsed().as_secs_f64());
+            println!(
+                "fuzz {format}: {executions} executions, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
         }
         let live = CURRENT.with(Cell::get);
         PEAK.with(|p| p.set(live));
@@ -285,7 +288,11 @@ fn read(p: &str) -> Vec<u8> {
 fn scratch(name: &str) -> PathBuf {
     // Memory-backed where there is one: the index formats write a file per input.
     let base = Path::new("/dev/shm");
-    let base = if base.is_dir() { base.to_path_buf() } else { std::env::temp_dir() };
+    let base = if base.is_dir() {
+        base.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
     let d = base.join(format!("pirclip-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d.join(name)
@@ -496,8 +503,17 @@ fn seed_index(root: &Path, rows: usize, ann: Option<pirclip_store::AnnConfig>) {
             image_path: format!("/images/{i}.tif"),
             size: 10,
             mtime: 20,
-            tile: Some(pirclip_store::Tile { x: i as i64 * 160, y: 0, width: 224, height: 224 }),
-            geo: Some(pirclip_store::GeoPoint { x: 1.5, y: 2.5, crs: Some("EPSG:32633".into()) }),
+            tile: Some(pirclip_store::Tile {
+                x: i as i64 * 160,
+                y: 0,
+                width: 224,
+                height: 224,
+            }),
+            geo: Some(pirclip_store::GeoPoint {
+                x: 1.5,
+                y: 2.5,
+                crs: Some("EPSG:32633".into()),
+            }),
         })
         .collect();
     let values: Vec<f32> = (0..rows * 8)
@@ -534,14 +550,27 @@ fn fuzz_index_folders() -> usize {
     let seeds = scratch("index-seeds");
     let (exact, ivf, hnsw) = (seeds.join("exact"), seeds.join("ivf"), seeds.join("hnsw"));
     seed_index(&exact, 6, None);
-    seed_index(&ivf, 40, Some(AnnConfig::Ivf(IvfOptions { lists: 0, probes: 0 })));
+    seed_index(
+        &ivf,
+        40,
+        Some(AnnConfig::Ivf(IvfOptions {
+            lists: 0,
+            probes: 0,
+        })),
+    );
     seed_index(&hnsw, 40, Some(AnnConfig::Hnsw(AnnOptions::default())));
     // Each input replaces one file of a copy of a seed folder.
     let target = scratch("index");
     let with_file = |seed: &Path, file: &str, input: &[u8], fix: &dyn Fn(&Path, &[u8])| {
         let _ = std::fs::remove_dir_all(&target);
-        for f in ["index.json", "img_emb/img_emb_0.npy", "metadata/metadata_0.parquet", "image.ivf",
-                  "image.usearch", "image.usearch.json"] {
+        for f in [
+            "index.json",
+            "img_emb/img_emb_0.npy",
+            "metadata/metadata_0.parquet",
+            "image.ivf",
+            "image.usearch",
+            "image.usearch.json",
+        ] {
             let from = seed.join(f);
             if from.is_file() {
                 std::fs::create_dir_all(target.join(f).parent().unwrap()).unwrap();
@@ -573,7 +602,9 @@ fn fuzz_index_folders() -> usize {
         v["crc32"] = crc32fast::hash(input).into();
         std::fs::write(&side, v.to_string()).unwrap();
     };
-    total += fuzz("hnsw", &[graph], |b| with_file(&hnsw, "image.usearch", b, &recompute));
+    total += fuzz("hnsw", &[graph], |b| {
+        with_file(&hnsw, "image.usearch", b, &recompute)
+    });
     total
 }
 
@@ -583,41 +614,83 @@ fn small_tiff(w: u32, h: u32, bands: u16, tile: bool, planar: bool) -> Vec<u8> {
     let (cw, ch) = if tile { (16, 16) } else { (w, 3) };
     let (across, down) = (w.div_ceil(cw), h.div_ceil(ch));
     let planes = if planar { bands as u32 } else { 1 };
-    let per_chunk = (cw * if tile { ch } else { ch } * if planar { 1 } else { bands as u32 } * 2) as usize;
+    let per_chunk =
+        (cw * if tile { ch } else { ch } * if planar { 1 } else { bands as u32 } * 2) as usize;
     let chunks = (across * down * planes) as usize;
     let mut out = b"II*\0".to_vec();
     let data_at = 8u32;
     let ifd_at = data_at + (chunks * per_chunk) as u32;
     out.extend(ifd_at.to_le_bytes());
     for c in 0..chunks {
-        out.extend((0..per_chunk / 2).flat_map(|i| (((c * 131 + i * 17) % 4000) as u16).to_le_bytes()));
+        out.extend(
+            (0..per_chunk / 2).flat_map(|i| (((c * 131 + i * 17) % 4000) as u16).to_le_bytes()),
+        );
     }
     let s = |v: u16| v.to_le_bytes().to_vec();
     let l = |v: u32| v.to_le_bytes().to_vec();
-    let offsets: Vec<u8> = (0..chunks).flat_map(|c| l(data_at + (c * per_chunk) as u32)).collect();
+    let offsets: Vec<u8> = (0..chunks)
+        .flat_map(|c| l(data_at + (c * per_chunk) as u32))
+        .collect();
     let counts: Vec<u8> = (0..chunks).flat_map(|_| l(per_chunk as u32)).collect();
     let doubles = |v: &[f64]| v.iter().flat_map(|d| d.to_le_bytes()).collect::<Vec<u8>>();
     let mut e: Vec<(u16, u16, u32, Vec<u8>)> = vec![
         (256, 4, 1, l(w)),
         (257, 4, 1, l(h)),
-        (258, 3, bands as u32, (0..bands).flat_map(|_| s(16)).collect()),
+        (
+            258,
+            3,
+            bands as u32,
+            (0..bands).flat_map(|_| s(16)).collect(),
+        ),
         (259, 3, 1, s(1)),
         (262, 3, 1, s(if bands == 3 { 2 } else { 1 })),
         (277, 3, 1, s(bands)),
         (284, 3, 1, s(if planar { 2 } else { 1 })),
-        (339, 3, bands as u32, (0..bands).flat_map(|_| s(1)).collect()),
+        (
+            339,
+            3,
+            bands as u32,
+            (0..bands).flat_map(|_| s(1)).collect(),
+        ),
         (33550, 12, 3, doubles(&[0.6, 0.6, 0.0])),
-        (33922, 12, 6, doubles(&[0.0, 0.0, 0.0, 500000.0, 4100000.0, 0.0])),
-        (34735, 3, 12, [1u16, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, 32633].iter().flat_map(|k| k.to_le_bytes()).collect()),
+        (
+            33922,
+            12,
+            6,
+            doubles(&[0.0, 0.0, 0.0, 500000.0, 4100000.0, 0.0]),
+        ),
+        (
+            34735,
+            3,
+            12,
+            [1u16, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, 32633]
+                .iter()
+                .flat_map(|k| k.to_le_bytes())
+                .collect(),
+        ),
         (42113, 2, 2, b"0\0".to_vec()),
     ];
     if tile {
-        e.extend([(322, 3, 1, s(cw as u16)), (323, 3, 1, s(ch as u16)), (324, 4, chunks as u32, offsets), (325, 4, chunks as u32, counts)]);
+        e.extend([
+            (322, 3, 1, s(cw as u16)),
+            (323, 3, 1, s(ch as u16)),
+            (324, 4, chunks as u32, offsets),
+            (325, 4, chunks as u32, counts),
+        ]);
     } else {
-        e.extend([(273, 4, chunks as u32, offsets), (278, 3, 1, s(ch as u16)), (279, 4, chunks as u32, counts)]);
+        e.extend([
+            (273, 4, chunks as u32, offsets),
+            (278, 3, 1, s(ch as u16)),
+            (279, 4, chunks as u32, counts),
+        ]);
     }
     if bands > 3 {
-        e.push((338, 3, (bands - 3) as u32, (3..bands).flat_map(|_| s(0)).collect()));
+        e.push((
+            338,
+            3,
+            (bands - 3) as u32,
+            (3..bands).flat_map(|_| s(0)).collect(),
+        ));
     }
     e.sort_by_key(|x| x.0);
     let mut tail_at = ifd_at as usize + 2 + 12 * e.len() + 4;
@@ -644,10 +717,17 @@ fn small_tiff(w: u32, h: u32, bands: u16, tile: bool, planar: bool) -> Vec<u8> {
 
 fn fuzz_scenes() -> usize {
     let decode = |b: &[u8], opts: &pirclip_image::SceneOptions| {
-        if let Ok(mut r) = pirclip_image::SceneReader::new(std::io::Cursor::new(b), "fuzz.tif", opts) {
+        if let Ok(mut r) =
+            pirclip_image::SceneReader::new(std::io::Cursor::new(b), "fuzz.tif", opts)
+        {
             if let Some(r) = r.as_mut() {
                 let (w, h) = (r.width, r.height);
-                let _ = r.read_window(pirclip_image::Window { x: w / 3, y: h / 3, width: (w / 2).max(1), height: (h / 2).max(1) });
+                let _ = r.read_window(pirclip_image::Window {
+                    x: w / 3,
+                    y: h / 3,
+                    width: (w / 2).max(1),
+                    height: (h / 2).max(1),
+                });
             }
         }
         if let Ok(scene) = pirclip_image::decode_scene(b, "fuzz.tif", opts) {
@@ -662,8 +742,15 @@ fn fuzz_scenes() -> usize {
     ];
     let mut total = fuzz("tiff-scene", &tiffs, |b| {
         decode(b, &Default::default());
-        decode(b, &pirclip_image::SceneOptions { bands: Some([4, 3, 2]) });
+        decode(
+            b,
+            &pirclip_image::SceneOptions {
+                bands: Some([4, 3, 2]),
+            },
+        );
     });
-    total += fuzz("png-scene", &[small_png()], |b| decode(b, &Default::default()));
+    total += fuzz("png-scene", &[small_png()], |b| {
+        decode(b, &Default::default())
+    });
     total
 }

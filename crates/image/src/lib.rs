@@ -9,8 +9,8 @@ use std::path::Path;
 
 use image::ImageEncoder;
 
-pub use resample::{resize_bicubic, resize_bicubic_window};
 pub use reader::{SceneReader, MAX_CHUNK_BYTES};
+pub use resample::{resize_bicubic, resize_bicubic_window};
 pub use scene::{
     decode_scene, decode_scene_file, open_scene, GeoRef, Scene, SceneOptions, SceneSource, Window,
 };
@@ -311,7 +311,14 @@ mod tests {
     /// The cropped-only path equals resizing whole and cropping, for tall, wide and extreme images.
     #[test]
     fn eval_crop_equals_resize_then_crop() {
-        for (w, h) in [(300, 200), (200, 300), (1, 900), (900, 3), (224, 500), (225, 225)] {
+        for (w, h) in [
+            (300, 200),
+            (200, 300),
+            (1, 900),
+            (900, 3),
+            (224, 500),
+            (225, 225),
+        ] {
             let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i * 31 % 253) as u8).collect();
             let img = RgbImage::new(w, h, pixels);
             let slow = center_crop(&resize_shortest_side(&img, 224), 224);

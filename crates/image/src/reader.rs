@@ -307,12 +307,17 @@ impl<R: Read + Seek> SceneReader<R> {
         distinct.sort_unstable();
         distinct.dedup();
         // Per distinct band: its two targets (2nd, 98th percentile); filled after the first pass.
-        let mut targets: Vec<[Target; 2]> = vec![[Target { prefix: 0, rank: 0 }; 2]; distinct.len()];
+        let mut targets: Vec<[Target; 2]> =
+            vec![[Target { prefix: 0, rank: 0 }; 2]; distinct.len()];
         let passes = bits.div_ceil(16);
         for pass in 0..passes {
             let shift = 48 - 16 * pass;
             // Bits above this pass's digit must equal the target's prefix.
-            let above = if pass == 0 { 0 } else { u64::MAX << (64 - 16 * pass) };
+            let above = if pass == 0 {
+                0
+            } else {
+                u64::MAX << (64 - 16 * pass)
+            };
             let mut hist = vec![[vec![0u64; 1 << 16], vec![0u64; 1 << 16]]; distinct.len()];
             for cy in 0..self.down {
                 for cx in 0..self.across {
@@ -325,12 +330,18 @@ impl<R: Read + Seek> SceneReader<R> {
                         }
                     }
                     for (slot, &band) in distinct.iter().enumerate() {
-                        let data = if self.planar { &planes[slot].1 } else { &planes[0].1 };
+                        let data = if self.planar {
+                            &planes[slot].1
+                        } else {
+                            &planes[0].1
+                        };
                         let t = targets[slot];
                         for row in 0..h {
                             for col in 0..w {
                                 let i = self.sample_index(row * w + col, band);
-                                let Some(k) = key(data, i, nodata) else { continue };
+                                let Some(k) = key(data, i, nodata) else {
+                                    continue;
+                                };
                                 let digit = ((k >> shift) & 0xffff) as usize;
                                 for (which, t) in t.iter().enumerate() {
                                     if pass == 0 || k & above == t.prefix {
@@ -347,13 +358,22 @@ impl<R: Read + Seek> SceneReader<R> {
                     let n: u64 = hist[slot][0].iter().sum();
                     if n == 0 {
                         // No valid sample: the band renders black, as the whole-image rule does.
-                        targets[slot] = [Target { prefix: 0, rank: u64::MAX }; 2];
+                        targets[slot] = [Target {
+                            prefix: 0,
+                            rank: u64::MAX,
+                        }; 2];
                         continue;
                     }
                     let rank = |q: f64| ((n - 1) as f64 * q).floor() as u64;
                     targets[slot] = [
-                        Target { prefix: 0, rank: rank(0.02) },
-                        Target { prefix: 0, rank: rank(0.98) },
+                        Target {
+                            prefix: 0,
+                            rank: rank(0.02),
+                        },
+                        Target {
+                            prefix: 0,
+                            rank: rank(0.98),
+                        },
                     ];
                 }
                 for which in 0..2 {
@@ -400,7 +420,10 @@ impl<R: Read + Seek> SceneReader<R> {
         }
         let mut out = vec![0u8; win.width * win.height * 3];
         let (cx0, cx1) = (win.x / self.chunk_w, (win.x + win.width - 1) / self.chunk_w);
-        let (cy0, cy1) = (win.y / self.chunk_h, (win.y + win.height - 1) / self.chunk_h);
+        let (cy0, cy1) = (
+            win.y / self.chunk_h,
+            (win.y + win.height - 1) / self.chunk_h,
+        );
         for cy in cy0..=cy1 {
             for cx in cx0..=cx1 {
                 let mut planes: Vec<(usize, DecodingResult)> = Vec::new();

@@ -178,7 +178,11 @@ mod tests {
         let img = RgbImage::new(w, h, pixels);
         for (ow, oh) in [(80, 50), (12, 9), (37, 60), (90, 23), (5, 5)] {
             let whole = resize_bicubic(&img, ow, oh);
-            for (l, t, ww, wh) in [(0, 0, ow, oh), (1, 2, ow / 2, oh / 3), (ow - 3, oh - 2, 3, 2)] {
+            for (l, t, ww, wh) in [
+                (0, 0, ow, oh),
+                (1, 2, ow / 2, oh / 3),
+                (ow - 3, oh - 2, 3, 2),
+            ] {
                 let win = resize_bicubic_window(&img, ow, oh, l, t, ww, wh);
                 for y in 0..wh {
                     let a = &win.pixels[y * ww * 3..(y + 1) * ww * 3];

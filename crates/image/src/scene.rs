@@ -402,7 +402,11 @@ pub fn write_geotiff_u16(
                 for x in 0..TILE {
                     let (ix, iy) = (tx * TILE + x, ty * TILE + y);
                     for b in 0..bands {
-                        let v = if ix < width && iy < height { sample(ix, iy, b) } else { 0 };
+                        let v = if ix < width && iy < height {
+                            sample(ix, iy, b)
+                        } else {
+                            0
+                        };
                         let at = ((y * TILE + x) * bands + b) * 2;
                         tile[at..at + 2].copy_from_slice(&v.to_le_bytes());
                     }
@@ -416,28 +420,65 @@ pub fn write_geotiff_u16(
     let mut entries: Vec<(u16, u16, u32, Vec<u8>)> = vec![
         (256, 4, 1, long(width as u32)),
         (257, 4, 1, long(height as u32)),
-        (258, 3, bands as u32, (0..bands).flat_map(|_| short(16)).collect()),
+        (
+            258,
+            3,
+            bands as u32,
+            (0..bands).flat_map(|_| short(16)).collect(),
+        ),
         (259, 3, 1, short(1)),
         (262, 3, 1, short(if bands == 3 { 2 } else { 1 })),
         (277, 3, 1, short(bands as u16)),
         (284, 3, 1, short(1)),
         (322, 3, 1, short(TILE as u16)),
         (323, 3, 1, short(TILE as u16)),
-        (324, 4, tiles as u32, (0..tiles).flat_map(|i| long((8 + i * tile_bytes) as u32)).collect()),
-        (325, 4, tiles as u32, (0..tiles).flat_map(|_| long(tile_bytes as u32)).collect()),
-        (339, 3, bands as u32, (0..bands).flat_map(|_| short(1)).collect()),
+        (
+            324,
+            4,
+            tiles as u32,
+            (0..tiles)
+                .flat_map(|i| long((8 + i * tile_bytes) as u32))
+                .collect(),
+        ),
+        (
+            325,
+            4,
+            tiles as u32,
+            (0..tiles).flat_map(|_| long(tile_bytes as u32)).collect(),
+        ),
+        (
+            339,
+            3,
+            bands as u32,
+            (0..bands).flat_map(|_| short(1)).collect(),
+        ),
     ];
     if bands > 3 {
-        entries.push((338, 3, (bands - 3) as u32, (3..bands).flat_map(|_| short(0)).collect()));
+        entries.push((
+            338,
+            3,
+            (bands - 3) as u32,
+            (3..bands).flat_map(|_| short(0)).collect(),
+        ));
     }
     if let Some(g) = geo {
         let t = g.transform.0;
         let doubles = |v: &[f64]| v.iter().flat_map(|d| d.to_le_bytes()).collect::<Vec<u8>>();
         entries.push((33550, 12, 3, doubles(&[t[1], -t[5], 0.0])));
         entries.push((33922, 12, 6, doubles(&[0.0, 0.0, 0.0, t[0], t[3], 0.0])));
-        if let Some(code) = g.crs.as_deref().and_then(|c| c.strip_prefix("EPSG:")).and_then(|c| c.parse::<u16>().ok()) {
+        if let Some(code) = g
+            .crs
+            .as_deref()
+            .and_then(|c| c.strip_prefix("EPSG:"))
+            .and_then(|c| c.parse::<u16>().ok())
+        {
             let keys: Vec<u16> = vec![1, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, code];
-            entries.push((34735, 3, keys.len() as u32, keys.iter().flat_map(|k| k.to_le_bytes()).collect()));
+            entries.push((
+                34735,
+                3,
+                keys.len() as u32,
+                keys.iter().flat_map(|k| k.to_le_bytes()).collect(),
+            ));
         }
     }
     entries.sort_by_key(|e| e.0);

@@ -67,7 +67,11 @@ fn tiff(
                 for y in ty * ch..ty * ch + rows {
                     for x in tx * cw..tx * cw + cw {
                         let inside = x < w && y < h;
-                        let bands_here: Vec<usize> = if planar { vec![p] } else { (0..bands).collect() };
+                        let bands_here: Vec<usize> = if planar {
+                            vec![p]
+                        } else {
+                            (0..bands).collect()
+                        };
                         for b in bands_here {
                             let v = if inside { values[b][y * w + x] } else { 0.0 };
                             chunk.extend(kind.bytes(v));
@@ -92,28 +96,63 @@ fn tiff(
     let long = |v: u32| v.to_le_bytes().to_vec();
     entries.push((256, 4, 1, long(w as u32)));
     entries.push((257, 4, 1, long(h as u32)));
-    entries.push((258, 3, bands as u32, (0..bands).flat_map(|_| short(kind.bits())).collect()));
+    entries.push((
+        258,
+        3,
+        bands as u32,
+        (0..bands).flat_map(|_| short(kind.bits())).collect(),
+    ));
     entries.push((259, 3, 1, short(1)));
     entries.push((262, 3, 1, short(if bands == 3 { 2 } else { 1 })));
     if !tiled {
-        entries.push((273, 4, offsets.len() as u32, offsets.iter().flat_map(|&o| long(o)).collect()));
+        entries.push((
+            273,
+            4,
+            offsets.len() as u32,
+            offsets.iter().flat_map(|&o| long(o)).collect(),
+        ));
     }
     entries.push((277, 3, 1, short(bands as u16)));
     if !tiled {
         entries.push((278, 4, 1, long(ch as u32)));
-        entries.push((279, 4, data.len() as u32, data.iter().flat_map(|c| long(c.len() as u32)).collect()));
+        entries.push((
+            279,
+            4,
+            data.len() as u32,
+            data.iter().flat_map(|c| long(c.len() as u32)).collect(),
+        ));
     }
     entries.push((284, 3, 1, short(if planar { 2 } else { 1 })));
     if tiled {
         entries.push((322, 4, 1, long(cw as u32)));
         entries.push((323, 4, 1, long(ch as u32)));
-        entries.push((324, 4, offsets.len() as u32, offsets.iter().flat_map(|&o| long(o)).collect()));
-        entries.push((325, 4, data.len() as u32, data.iter().flat_map(|c| long(c.len() as u32)).collect()));
+        entries.push((
+            324,
+            4,
+            offsets.len() as u32,
+            offsets.iter().flat_map(|&o| long(o)).collect(),
+        ));
+        entries.push((
+            325,
+            4,
+            data.len() as u32,
+            data.iter().flat_map(|c| long(c.len() as u32)).collect(),
+        ));
     }
     if bands > 3 {
-        entries.push((338, 3, (bands - 3) as u32, (3..bands).flat_map(|_| short(0)).collect()));
+        entries.push((
+            338,
+            3,
+            (bands - 3) as u32,
+            (3..bands).flat_map(|_| short(0)).collect(),
+        ));
     }
-    entries.push((339, 3, bands as u32, (0..bands).flat_map(|_| short(kind.format())).collect()));
+    entries.push((
+        339,
+        3,
+        bands as u32,
+        (0..bands).flat_map(|_| short(kind.format())).collect(),
+    ));
     if let Some(nd) = nodata {
         let mut s = nd.as_bytes().to_vec();
         s.push(0);
@@ -146,12 +185,21 @@ fn tiff(
 }
 
 /// The reference rule: nearest-rank 2nd and 98th percentiles of the valid samples, linear stretch.
-fn reference(values: &[Vec<f64>], bands: [usize; 3], nodata: Option<f64>, eight_bit: bool) -> Vec<u8> {
+fn reference(
+    values: &[Vec<f64>],
+    bands: [usize; 3],
+    nodata: Option<f64>,
+    eight_bit: bool,
+) -> Vec<u8> {
     let n = values[0].len();
     let mut out = vec![0u8; n * 3];
     for (c, &b) in bands.iter().enumerate() {
         let v = &values[b - 1];
-        let mut valid: Vec<f64> = v.iter().copied().filter(|x| x.is_finite() && Some(*x) != nodata).collect();
+        let mut valid: Vec<f64> = v
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite() && Some(*x) != nodata)
+            .collect();
         valid.sort_by(|a, b| a.total_cmp(b));
         let range = if valid.is_empty() {
             (0.0, 0.0)
@@ -165,7 +213,9 @@ fn reference(values: &[Vec<f64>], bands: [usize; 3], nodata: Option<f64>, eight_
             } else if !v[i].is_finite() || range.1 <= range.0 {
                 0
             } else {
-                ((v[i] - range.0) / (range.1 - range.0) * 255.0).round().clamp(0.0, 255.0) as u8
+                ((v[i] - range.0) / (range.1 - range.0) * 255.0)
+                    .round()
+                    .clamp(0.0, 255.0) as u8
             };
         }
     }
@@ -220,27 +270,55 @@ fn windows_of_strips_and_tiles_equal_the_whole_scene_rule() {
             let bytes = tiff(w, h, &v, kind, tiled, chunk, planar, nodata);
             for bands in [[1, 2, 3], [4, 3, 2]] {
                 let opts = SceneOptions { bands: Some(bands) };
-                let what = format!("{kind:?} tiled {tiled} {chunk:?} planar {planar} bands {bands:?}");
+                let what =
+                    format!("{kind:?} tiled {tiled} {chunk:?} planar {planar} bands {bands:?}");
                 let want = reference(&v, bands, nodata.map(|_| 0.0), matches!(kind, Kind::U8));
-                let scene = decode_scene(&bytes, "t.tif", &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let scene =
+                    decode_scene(&bytes, "t.tif", &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!((scene.image.width, scene.image.height), (w, h));
                 assert!(scene.image.pixels == want, "{what}: whole scene");
                 let mut r = SceneReader::new(std::io::Cursor::new(&bytes[..]), "t.tif", &opts)
                     .unwrap()
                     .expect("streamable");
                 for win in [
-                    Window { x: 0, y: 0, width: w, height: 1 },
-                    Window { x: 17, y: 9, width: 30, height: 31 },
-                    Window { x: w - 1, y: h - 1, width: 1, height: 1 },
+                    Window {
+                        x: 0,
+                        y: 0,
+                        width: w,
+                        height: 1,
+                    },
+                    Window {
+                        x: 17,
+                        y: 9,
+                        width: 30,
+                        height: 31,
+                    },
+                    Window {
+                        x: w - 1,
+                        y: h - 1,
+                        width: 1,
+                        height: 1,
+                    },
                 ] {
                     let got = r.read_window(win).unwrap();
                     for y in 0..win.height {
                         let a = &got.pixels[y * win.width * 3..(y + 1) * win.width * 3];
                         let at = ((win.y + y) * w + win.x) * 3;
-                        assert_eq!(a, &want[at..at + win.width * 3], "{what}: window {win:?} row {y}");
+                        assert_eq!(
+                            a,
+                            &want[at..at + win.width * 3],
+                            "{what}: window {win:?} row {y}"
+                        );
                     }
                 }
-                assert!(r.read_window(Window { x: w - 1, y: 0, width: 2, height: 1 }).is_err());
+                assert!(r
+                    .read_window(Window {
+                        x: w - 1,
+                        y: 0,
+                        width: 2,
+                        height: 1
+                    })
+                    .is_err());
             }
         }
     }
@@ -265,7 +343,11 @@ fn a_single_strip_larger_than_the_chunk_limit_is_refused() {
             bytes[at + 8..at + 12].copy_from_slice(&(w.max(h) as u32).to_le_bytes());
         }
     }
-    let e = match SceneReader::new(std::io::Cursor::new(&bytes[..]), "big.tif", &SceneOptions::default()) {
+    let e = match SceneReader::new(
+        std::io::Cursor::new(&bytes[..]),
+        "big.tif",
+        &SceneOptions::default(),
+    ) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("opened"),
     };

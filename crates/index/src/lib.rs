@@ -208,9 +208,10 @@ pub fn build(
                             if !send(Decoded::Start) {
                                 return;
                             }
-                            let done = tiles_of(p, e, scene_options, scene, size, workers, &|rows| {
-                                send(Decoded::Rows(rows))
-                            });
+                            let done =
+                                tiles_of(p, e, scene_options, scene, size, workers, &|rows| {
+                                    send(Decoded::Rows(rows))
+                                });
                             let end = match done {
                                 Ok(()) => Decoded::Files(1),
                                 Err(err) => Decoded::Failed(err.to_string()),
@@ -227,7 +228,9 @@ pub fn build(
                     for row in decoded {
                         let sent = send(Decoded::Start)
                             && match row {
-                                Ok(row) => send(Decoded::Rows(vec![row])) && send(Decoded::Files(1)),
+                                Ok(row) => {
+                                    send(Decoded::Rows(vec![row])) && send(Decoded::Files(1))
+                                }
                                 Err(err) => send(Decoded::Failed(err.to_string())),
                             };
                         if !sent {
@@ -358,8 +361,7 @@ fn tiles_of(
     let tile = scene.tile.unwrap_or(size);
     let mut source = pirclip_image::open_scene(path, options)?;
     let (w, h) = (source.width(), source.height());
-    let windows =
-        pirclip_image::scene::tile_windows(w, h, tile, scene.tile_stride.unwrap_or(tile));
+    let windows = pirclip_image::scene::tile_windows(w, h, tile, scene.tile_stride.unwrap_or(tile));
     let mut rest = &windows[..];
     while let Some(first) = rest.first() {
         let in_row = rest.iter().take_while(|win| win.y == first.y).count();
@@ -389,13 +391,7 @@ fn tiles_of(
                     crs: g.crs.clone(),
                 }
             });
-            let pixels = pirclip_image::scene::crop(
-                &band,
-                Window {
-                    y: 0,
-                    ..*win
-                },
-            );
+            let pixels = pirclip_image::scene::crop(&band, Window { y: 0, ..*win });
             (e, pirclip_image::preprocess_eval(&pixels, size))
         });
         if !emit(rows) {

@@ -148,8 +148,8 @@ pub struct ServedIndex {
 
 /// Folders no index may name as its image root: the whole disk, or the system's own.
 const FORBIDDEN_ROOTS: [&str; 13] = [
-    "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin", "/sys",
-    "/usr",
+    "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin",
+    "/sys", "/usr",
 ];
 
 impl ServedIndex {
@@ -167,7 +167,13 @@ impl ServedIndex {
         let mut notes = Vec::new();
         let from_index = explicit.is_empty();
         let given: Vec<PathBuf> = if from_index {
-            index.dir.identity.image_roots.iter().map(PathBuf::from).collect()
+            index
+                .dir
+                .identity
+                .image_roots
+                .iter()
+                .map(PathBuf::from)
+                .collect()
         } else {
             explicit.to_vec()
         };
@@ -200,7 +206,11 @@ impl ServedIndex {
             ));
         }
         // Rows as written, compared lexically (links are resolved per request).
-        let lexical: Vec<PathBuf> = if from_index { given.clone() } else { roots.clone() };
+        let lexical: Vec<PathBuf> = if from_index {
+            given.clone()
+        } else {
+            roots.clone()
+        };
         let outside: Vec<&str> = index
             .entries
             .iter()
@@ -216,7 +226,11 @@ impl ServedIndex {
                 "{name}: {} of {} rows point outside the image folders ({}), e.g. {:?}",
                 outside.len(),
                 index.entries.len(),
-                roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "),
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 pirclip_store::clip_text(first, 120)
             );
             if !allow_outside {
@@ -240,7 +254,12 @@ impl ServedIndex {
     /// resolved now) lies under an image root.
     fn file_of(&self, entry: &pirclip_store::Entry) -> Result<PathBuf, ApiError> {
         let p = FsPath::new(&entry.image_path);
-        let refused = || ApiError(StatusCode::FORBIDDEN, "this row's file lies outside the index's image folders".into());
+        let refused = || {
+            ApiError(
+                StatusCode::FORBIDDEN,
+                "this row's file lies outside the index's image folders".into(),
+            )
+        };
         if !pirclip_store::is_plain_absolute(p) {
             return Err(refused());
         }
@@ -393,14 +412,18 @@ async fn bounded_body(State(limit): State<usize>, req: Request, next: Next) -> R
         Err(_) => {
             return ApiError(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
             )
             .into_response()
         }
         Ok(Err(_)) => return too_large(),
         Ok(Ok(b)) => b,
     };
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 impl IntoResponse for ApiError {
@@ -497,8 +520,12 @@ fn cut(
                 && t.y >= 0
                 && t.width > 0
                 && t.height > 0
-                && t.x.checked_add(t.width).is_some_and(|r| r as u64 <= width as u64)
-                && t.y.checked_add(t.height).is_some_and(|b| b as u64 <= height as u64);
+                && t.x
+                    .checked_add(t.width)
+                    .is_some_and(|r| r as u64 <= width as u64)
+                && t.y
+                    .checked_add(t.height)
+                    .is_some_and(|b| b as u64 <= height as u64);
             if !fits {
                 return Err(format!(
                     "tile {},{} {}×{} is outside the {width}×{height} scene (has the file changed?)",
@@ -763,7 +790,9 @@ async fn image(
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     if entry.tile.is_some() || is_tiff || geotiff || size > MAX_RAW_FILE_BYTES {
         let (tile, bands) = (entry.tile, index.dir.identity.scene.bands);
-        let waiting = s.render_requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let waiting = s
+            .render_requests
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let _counted = Counted(&s.render_requests);
         if waiting >= RENDERS + RENDER_QUEUE {
             return Err(ApiError::busy());
@@ -836,7 +865,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/knn-service", post(knn))
         .route("/metadata", post(metadata))
         .route("/image/{indice}/{id}", get(image))
-        .layer(axum::middleware::from_fn_with_state(body_limit, bounded_body))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            bounded_body,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

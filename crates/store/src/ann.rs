@@ -278,7 +278,10 @@ impl AnnStore {
         let sidecar: Sidecar = serde_json::from_str(&std::fs::read_to_string(&side)?)
             .map_err(|e| invalid(&side, e.to_string()))?;
         sidecar.options.validate().map_err(|e| invalid(&side, e))?;
-        if sidecar.dim == 0 || sidecar.dim > crate::limits::MAX_DIM || sidecar.rows >= u32::MAX as usize {
+        if sidecar.dim == 0
+            || sidecar.dim > crate::limits::MAX_DIM
+            || sidecar.rows >= u32::MAX as usize
+        {
             return Err(invalid(
                 &side,
                 format!("{} rows of dimension {}", sidecar.rows, sidecar.dim),
@@ -440,7 +443,9 @@ fn check_graph_bytes(b: &[u8], sidecar: &Sidecar) -> Result<(), String> {
         return Err(format!("connectivity {m} / {m0} out of range"));
     }
     if max_level > i16::MAX as u64 || entry >= size {
-        return Err(format!("max level {max_level}, entry node {entry} out of range"));
+        return Err(format!(
+            "max level {max_level}, entry node {entry} out of range"
+        ));
     }
     let levels_at = g + 40;
     let mut node = levels_at + 2 * rows;
@@ -449,7 +454,9 @@ fn check_graph_bytes(b: &[u8], sidecar: &Sidecar) -> Result<(), String> {
     for i in 0..rows {
         let level = i16_at(levels_at + 2 * i)?;
         if level < 0 || level as u64 > max_level {
-            return Err(format!("node {i} has level {level}, the graph's top is {max_level}"));
+            return Err(format!(
+                "node {i} has level {level}, the graph's top is {max_level}"
+            ));
         }
         let level = level as usize;
         if i as u64 == entry && level as u64 != max_level {
@@ -472,7 +479,9 @@ fn check_graph_bytes(b: &[u8], sidecar: &Sidecar) -> Result<(), String> {
             let capacity = if l == 0 { m0 } else { m };
             let count = u32_at(at)? as usize;
             if count > capacity {
-                return Err(format!("node {i} has {count} neighbours on level {l}, room for {capacity}"));
+                return Err(format!(
+                    "node {i} has {count} neighbours on level {l}, room for {capacity}"
+                ));
             }
             for j in 0..count {
                 let slot = u32_at(at + 4 + 4 * j)?;

@@ -786,9 +786,15 @@ mod tests {
     fn recall(store: &dyn VectorStore, flat: &FlatStore, queries: &[f32], dim: usize) -> f64 {
         let mut found = 0;
         for q in queries.chunks(dim) {
-            let truth: Vec<usize> = flat.search(q, 10).unwrap().into_iter().map(|h| h.0).collect();
+            let truth: Vec<usize> = flat
+                .search(q, 10)
+                .unwrap()
+                .into_iter()
+                .map(|h| h.0)
+                .collect();
             found += store
-                .search(q, 10).unwrap()
+                .search(q, 10)
+                .unwrap()
                 .iter()
                 .filter(|h| truth.contains(&h.0))
                 .count();

@@ -70,7 +70,11 @@ impl Identity {
     /// set a tile of 0, a band 0, a dimension of 10^12 or a 50 MB model name.
     pub fn validate(&self) -> Result<(), String> {
         if self.dim == 0 || self.dim > limits::MAX_DIM {
-            return Err(format!("dim {} is outside 1..={}", self.dim, limits::MAX_DIM));
+            return Err(format!(
+                "dim {} is outside 1..={}",
+                self.dim,
+                limits::MAX_DIM
+            ));
         }
         for (name, value) in [
             ("model", &self.model),
@@ -325,8 +329,8 @@ impl IndexDir {
     pub fn open(root: &Path) -> Result<Self, Error> {
         use std::io::Read;
         let meta = root.join("index.json");
-        let file =
-            std::fs::File::open(&meta).map_err(|e| invalid(&meta, format!("not an index folder ({e})")))?;
+        let file = std::fs::File::open(&meta)
+            .map_err(|e| invalid(&meta, format!("not an index folder ({e})")))?;
         let mut text = String::new();
         file.take(limits::INDEX_JSON_BYTES + 1)
             .read_to_string(&mut text)
@@ -334,7 +338,10 @@ impl IndexDir {
         if text.len() as u64 > limits::INDEX_JSON_BYTES {
             return Err(invalid(
                 &meta,
-                format!("larger than {} bytes: not an index.json pirclip wrote", limits::INDEX_JSON_BYTES),
+                format!(
+                    "larger than {} bytes: not an index.json pirclip wrote",
+                    limits::INDEX_JSON_BYTES
+                ),
             ));
         }
         let identity: Identity =
@@ -366,7 +373,10 @@ impl IndexDir {
         if !matches!(h.dtype, DType::F16 | DType::F32) {
             return Err(invalid(
                 &path,
-                format!("{} embeddings; an index holds float16 (or float32)", h.dtype),
+                format!(
+                    "{} embeddings; an index holds float16 (or float32)",
+                    h.dtype
+                ),
             ));
         }
         if h.shape.len() != 2 || h.shape[1] != dim || h.shape[0] > limits::PART_ROWS {
@@ -405,7 +415,10 @@ impl IndexDir {
         if declared != rows as i64 {
             return Err(invalid(
                 &meta,
-                format!("{declared} rows, but {} has {rows} embeddings", path.display()),
+                format!(
+                    "{declared} rows, but {} has {rows} embeddings",
+                    path.display()
+                ),
             ));
         }
         Ok(rows)
@@ -553,7 +566,10 @@ impl IndexDir {
             let mut out = Vec::new();
             for row in reader.get_row_iter(None)? {
                 if out.len() == rows {
-                    return Err(invalid(&path, format!("more than the {rows} rows it declares")));
+                    return Err(invalid(
+                        &path,
+                        format!("more than the {rows} rows it declares"),
+                    ));
                 }
                 out.push(entry_of_row(&path, &row?)?);
             }
@@ -631,7 +647,10 @@ fn entry_of_row(path: &Path, row: &parquet::record::Row) -> Result<Entry, Error>
             _ => {}
         }
     }
-    if e.image_path.is_empty() || e.image_path.len() > limits::NAME_BYTES || e.image_path.contains('\0') {
+    if e.image_path.is_empty()
+        || e.image_path.len() > limits::NAME_BYTES
+        || e.image_path.contains('\0')
+    {
         return Err(invalid(
             path,
             format!(
@@ -645,12 +664,24 @@ fn entry_of_row(path: &Path, row: &parquet::record::Row) -> Result<Entry, Error>
     }
     if let [Some(x), Some(y), Some(width), Some(height)] = tile {
         let side = 1..=(1i64 << 20);
-        if x < 0 || y < 0 || !side.contains(&width) || !side.contains(&height)
-            || x.checked_add(width).is_none() || y.checked_add(height).is_none()
+        if x < 0
+            || y < 0
+            || !side.contains(&width)
+            || !side.contains(&height)
+            || x.checked_add(width).is_none()
+            || y.checked_add(height).is_none()
         {
-            return Err(invalid(path, format!("tile {x},{y} {width}×{height} is not a window")));
+            return Err(invalid(
+                path,
+                format!("tile {x},{y} {width}×{height} is not a window"),
+            ));
         }
-        e.tile = Some(Tile { x, y, width, height });
+        e.tile = Some(Tile {
+            x,
+            y,
+            width,
+            height,
+        });
     }
     if let [Some(x), Some(y)] = centre {
         e.geo = Some(GeoPoint { x, y, crs });
@@ -908,10 +939,16 @@ pub fn update_ann(
     let vectors_from = |from: usize| -> Result<Vec<f32>, Error> {
         let mut v = read_all(&dir, true)?.1;
         v.drain(..from * dim);
-        if let Some(bad) = v.chunks_exact(dim).position(|r| !r.iter().all(|x| x.is_finite())) {
+        if let Some(bad) = v
+            .chunks_exact(dim)
+            .position(|r| !r.iter().all(|x| x.is_finite()))
+        {
             return Err(invalid(
                 root,
-                format!("row {} holds values that are not numbers: rebuild the index", from + bad),
+                format!(
+                    "row {} holds values that are not numbers: rebuild the index",
+                    from + bad
+                ),
             ));
         }
         Ok(v)

@@ -99,10 +99,22 @@ fn index_json_fields_are_held_to_the_clis_ranges() {
         ("dim", serde_json::json!(1u64 << 40), "outside"),
         ("scene", serde_json::json!({"tile": 0}), "scene.tile 0"),
         ("scene", serde_json::json!({"tile": 1}), "scene.tile 1"),
-        ("scene", serde_json::json!({"tile": 224, "tile_stride": 0}), "tile_stride 0"),
+        (
+            "scene",
+            serde_json::json!({"tile": 224, "tile_stride": 0}),
+            "tile_stride 0",
+        ),
         ("scene", serde_json::json!({"bands": [0, 1, 2]}), "bands"),
-        ("image_roots", serde_json::json!(["relative/dir"]), "plain absolute"),
-        ("image_roots", serde_json::json!(["/a/../etc"]), "plain absolute"),
+        (
+            "image_roots",
+            serde_json::json!(["relative/dir"]),
+            "plain absolute",
+        ),
+        (
+            "image_roots",
+            serde_json::json!(["/a/../etc"]),
+            "plain absolute",
+        ),
     ];
     for (field, value, says) in cases {
         std::fs::write(&meta, &good).unwrap();
@@ -133,10 +145,18 @@ fn embedding_parts_must_be_float_rows_of_the_declared_size() {
     index(&root, 4);
     let npy = root.join("img_emb/img_emb_0.npy");
     let good = std::fs::read(&npy).unwrap();
-    let write = |t: &pirclip_checkpoint::TensorData| pirclip_checkpoint::npy::write(&npy, t).unwrap();
+    let write =
+        |t: &pirclip_checkpoint::TensorData| pirclip_checkpoint::npy::write(&npy, t).unwrap();
     // int64 rows of the right shape were searched as if they were floats.
-    write(&pirclip_checkpoint::TensorData::from_i64(vec![4, DIM], &[1; 4 * DIM]));
-    assert!(load_error(&root).contains("int64 embeddings"), "{}", load_error(&root));
+    write(&pirclip_checkpoint::TensorData::from_i64(
+        vec![4, DIM],
+        &[1; 4 * DIM],
+    ));
+    assert!(
+        load_error(&root).contains("int64 embeddings"),
+        "{}",
+        load_error(&root)
+    );
     // A shape whose size overflows.
     let mut bytes = good.clone();
     let at = bytes.windows(6).position(|w| w == b"(4, 8)").unwrap();
@@ -144,7 +164,11 @@ fn embedding_parts_must_be_float_rows_of_the_declared_size() {
     let header = (bytes.len() - 10 - 4 * DIM * 2) as u16;
     bytes[8..10].copy_from_slice(&header.to_le_bytes());
     std::fs::write(&npy, &bytes).unwrap();
-    assert!(load_error(&root).contains("larger than memory"), "{}", load_error(&root));
+    assert!(
+        load_error(&root).contains("larger than memory"),
+        "{}",
+        load_error(&root)
+    );
     // Truncated, or longer than its header says.
     std::fs::write(&npy, &good[..good.len() - 3]).unwrap();
     assert!(load_error(&root).contains("bytes, but its header calls for"));
@@ -153,8 +177,15 @@ fn embedding_parts_must_be_float_rows_of_the_declared_size() {
     std::fs::write(&npy, &long).unwrap();
     assert!(load_error(&root).contains("bytes, but its header calls for"));
     // More rows than the metadata has.
-    write(&pirclip_checkpoint::TensorData::from_f32(vec![5, DIM], &rows(5, 1)));
-    assert!(load_error(&root).contains("has 5 embeddings"), "{}", load_error(&root));
+    write(&pirclip_checkpoint::TensorData::from_f32(
+        vec![5, DIM],
+        &rows(5, 1),
+    ));
+    assert!(
+        load_error(&root).contains("has 5 embeddings"),
+        "{}",
+        load_error(&root)
+    );
     std::fs::write(&npy, &good).unwrap();
     assert_eq!(LoadedIndex::load(&root).unwrap().entries.len(), 4);
 }
@@ -171,7 +202,10 @@ fn non_finite_rows_are_refused_when_written_and_skipped_when_found() {
         image_path: n.into(),
         ..Default::default()
     };
-    let e = dir.append_part(&[two("/a"), two("/b")], &bad).unwrap_err().to_string();
+    let e = dir
+        .append_part(&[two("/a"), two("/b")], &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/b") && e.contains("not a number"), "{e}");
     assert_eq!(dir.parts(), [0], "nothing written");
     // A part written elsewhere with a NaN row: loaded with a warning, never a result.
@@ -181,8 +215,9 @@ fn non_finite_rows_are_refused_when_written_and_skipped_when_found() {
         .iter()
         .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
         .collect();
-    let t = pirclip_checkpoint::TensorData::new(pirclip_checkpoint::DType::F16, vec![4, DIM], halves)
-        .unwrap();
+    let t =
+        pirclip_checkpoint::TensorData::new(pirclip_checkpoint::DType::F16, vec![4, DIM], halves)
+            .unwrap();
     pirclip_checkpoint::npy::write(root.join("img_emb/img_emb_0.npy"), &t).unwrap();
     let loaded = LoadedIndex::load(&root).unwrap();
     assert!(loaded.warnings[0].contains("1 rows hold values that are not numbers"));
@@ -192,9 +227,17 @@ fn non_finite_rows_are_refused_when_written_and_skipped_when_found() {
         assert!(hits.iter().all(|(row, s)| *row != 2 && s.is_finite()));
     }
     // And the approximate index refuses to be built over it.
-    let e = update_ann(&root, AnnConfig::Ivf(IvfOptions { lists: 0, probes: 0 }), 1, &|_, _| {})
-        .unwrap_err()
-        .to_string();
+    let e = update_ann(
+        &root,
+        AnnConfig::Ivf(IvfOptions {
+            lists: 0,
+            probes: 0,
+        }),
+        1,
+        &|_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("row 2 holds values that are not numbers"), "{e}");
 }
 
@@ -205,7 +248,10 @@ fn huge_k_and_wrong_query_widths_cost_nothing_and_are_errors() {
     index(&root, 40);
     for config in [
         None,
-        Some(AnnConfig::Ivf(IvfOptions { lists: 0, probes: 0 })),
+        Some(AnnConfig::Ivf(IvfOptions {
+            lists: 0,
+            probes: 0,
+        })),
         Some(AnnConfig::Hnsw(AnnOptions::default())),
     ] {
         if let Some(c) = config {
@@ -217,7 +263,11 @@ fn huge_k_and_wrong_query_widths_cost_nothing_and_are_errors() {
         assert_eq!(loaded.search(q, 1_000_000_000_000).unwrap().len(), 40);
         assert_eq!(loaded.store.search(q, usize::MAX).unwrap().len(), 40);
         let e = loaded.search(&q[..3], 5).unwrap_err().to_string();
-        assert!(e.contains("3 values, the index 8"), "{}: {e}", loaded.search_kind);
+        assert!(
+            e.contains("3 values, the index 8"),
+            "{}: {e}",
+            loaded.search_kind
+        );
     }
 }
 
@@ -318,7 +368,10 @@ fn a_metadata_part_larger_than_its_rows_can_take_is_not_read() {
     let root = s.0.join("i");
     index(&root, 4);
     let meta = root.join("metadata/metadata_0.parquet");
-    let f = std::fs::OpenOptions::new().append(true).open(&meta).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&meta)
+        .unwrap();
     f.set_len(64 << 20).unwrap();
     assert!(load_error(&root).contains("more than such rows can take"));
 }
