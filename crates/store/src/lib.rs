@@ -810,21 +810,29 @@ pub struct LoadedIndex {
 }
 
 /// Every part's entries and `[n, dim]` vectors, concatenated (the parts checked first).
-fn read_all(dir: &IndexDir, with_vectors: bool) -> Result<(Vec<Entry>, Vec<f32>), Error> {
-    let (mut entries, mut vectors) = (Vec::new(), Vec::new());
-    for (k, rows) in dir.check()? {
+/// Every part's entries, concatenated (`parts` from [`IndexDir::check`]).
+fn read_entries(dir: &IndexDir, parts: &[(usize, usize)]) -> Result<Vec<Entry>, Error> {
+    let mut entries = Vec::new();
+    for &(k, rows) in parts {
         entries.extend(dir.entries(k, rows)?);
-        if with_vectors {
-            vectors.extend(dir.embeddings(k, rows)?);
-        }
     }
-    Ok((entries, vectors))
+    Ok(entries)
+}
+
+/// Every part's `[n, dim]` vectors, concatenated.
+fn read_vectors(dir: &IndexDir, parts: &[(usize, usize)]) -> Result<Vec<f32>, Error> {
+    let mut vectors = Vec::new();
+    for &(k, rows) in parts {
+        vectors.extend(dir.embeddings(k, rows)?);
+    }
+    Ok(vectors)
 }
 
 impl LoadedIndex {
     pub fn load(root: &Path) -> Result<Self, Error> {
         let dir = IndexDir::open(root)?;
-        let (entries, _) = read_all(&dir, false)?;
+        let parts = dir.check()?;
+        let entries = read_entries(&dir, &parts)?;
         let covers = |s: &dyn VectorStore| s.len() == entries.len() && s.dim() == dir.identity.dim;
         let approximate: Option<(String, Box<dyn VectorStore + Send + Sync>)> =
             match IvfStore::open(root)? {
@@ -843,7 +851,7 @@ impl LoadedIndex {
                 warnings: Vec::new(),
             });
         }
-        let (entries, vectors) = read_all(&dir, true)?;
+        let vectors = read_vectors(&dir, &parts)?;
         let store = FlatStore::new(dir.identity.dim, vectors).map_err(|e| invalid(root, e))?;
         let mut warnings = Vec::new();
         match store.non_finite_rows() {
@@ -934,10 +942,11 @@ pub fn update_ann(
 ) -> Result<AnnReport, Error> {
     let started = std::time::Instant::now();
     let dir = IndexDir::open(root)?;
-    let rows = read_all(&dir, false)?.0.len();
+    let parts = dir.check()?;
+    let rows: usize = parts.iter().map(|(_, n)| n).sum();
     let dim = dir.identity.dim;
     let vectors_from = |from: usize| -> Result<Vec<f32>, Error> {
-        let mut v = read_all(&dir, true)?.1;
+        let mut v = read_vectors(&dir, &parts)?;
         v.drain(..from * dim);
         if let Some(bad) = v
             .chunks_exact(dim)
