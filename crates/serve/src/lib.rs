@@ -281,6 +281,7 @@ pub struct AppState {
     renders: tokio::sync::Semaphore,
     /// Renders running or waiting.
     render_requests: std::sync::atomic::AtomicUsize,
+    raw_reads: tokio::sync::Semaphore,
 }
 
 /// Takes one off a count when dropped (a request that ends, however it ends).
@@ -308,6 +309,7 @@ impl AppState {
             scenes: SceneCache::default(),
             renders: tokio::sync::Semaphore::new(RENDERS),
             render_requests: Default::default(),
+            raw_reads: tokio::sync::Semaphore::new(RAW_READS),
         }
     }
 
@@ -333,6 +335,8 @@ pub const RENDERS: usize = 2;
 const RENDER_QUEUE: usize = 64;
 /// Longest a request body may take to arrive.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Plain image files read at once.
+const RAW_READS: usize = 8;
 /// Largest plain image file served as it is (bigger ones are rendered down).
 const MAX_RAW_FILE_BYTES: u64 = 64 << 20;
 
@@ -810,6 +814,12 @@ async fn image(
         )
             .into_response());
     }
+    // Files are read whole: at most RAW_READS at once, so memory stays under RAW_READS × 64 MB.
+    let _permit = s
+        .raw_reads
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let bytes = tokio::fs::read(&path)
         .await
         .map_err(|e| ApiError::not_found(format!("image {id}: {e}")))?;
