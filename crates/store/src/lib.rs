@@ -20,12 +20,14 @@
 
 pub mod ann;
 pub mod ivf;
+mod strict_read;
 
 pub use ann::{AnnOptions, AnnStore, Quantization};
 pub use ivf::{IvfOptions, IvfStore};
 pub use pirclip_checkpoint::clip_text;
 
 use std::collections::HashSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -399,17 +401,9 @@ impl IndexDir {
         }
         let rows = h.shape[0];
         let meta = self.meta_path(k);
-        let size = std::fs::metadata(&meta)?.len();
-        let most = limits::METADATA_BYTES_BASE
-            .saturating_add(limits::METADATA_BYTES_PER_ROW.saturating_mul(rows as u64));
-        if size > most {
-            return Err(invalid(
-                &meta,
-                format!("{size} bytes for {rows} rows: more than such rows can take ({most})"),
-            ));
-        }
+        let source = metadata_source(&meta, rows)?;
         let declared = guarded(&meta, || {
-            let reader = SerializedFileReader::new(std::fs::File::open(&meta)?)?;
+            let reader = SerializedFileReader::new(source)?;
             Ok(reader.metadata().file_metadata().num_rows())
         })?;
         if declared != rows as i64 {
@@ -561,8 +555,11 @@ impl IndexDir {
     /// image path of at most [`limits::NAME_BYTES`] and a tile window, if any, of positive size.
     pub fn entries(&self, k: usize, rows: usize) -> Result<Vec<Entry>, Error> {
         let path = self.meta_path(k);
+        let source = metadata_source(&path, rows)?;
         let out = guarded(&path, || {
-            let reader = SerializedFileReader::new(std::fs::File::open(&path)?)?;
+            let reader = SerializedFileReader::new(source.clone())?;
+            strict_read::check_page_headers(&source, reader.metadata())
+                .map_err(|e| invalid(&path, e))?;
             let mut out = Vec::new();
             for row in reader.get_row_iter(None)? {
                 if out.len() == rows {
@@ -608,6 +605,24 @@ impl IndexDir {
         }
         Ok(keys)
     }
+}
+
+/// The bytes of a metadata part of `rows` rows, if its size is within what such rows can take.
+fn metadata_source(path: &Path, rows: usize) -> Result<strict_read::StrictSource, Error> {
+    let most = limits::METADATA_BYTES_BASE
+        .saturating_add(limits::METADATA_BYTES_PER_ROW.saturating_mul(rows as u64));
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(most + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > most {
+        let size = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Err(invalid(
+            path,
+            format!("{size} bytes for {rows} rows: more than such rows can take ({most})"),
+        ));
+    }
+    Ok(strict_read::StrictSource::new(bytes))
 }
 
 /// Runs a parquet read, turning a panic inside the parquet crate (a crafted page can still reach one)

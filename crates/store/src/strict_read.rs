@@ -1,0 +1,270 @@
+//! A metadata part, held in memory, as the parquet crate reads it — with two bounds the crate lacks.
+//!
+//! The crate skips unknown thrift fields of page headers with `io::copy(take(n))`, which treats the end
+//! of the input as success: a 2 KB page header declaring a list of 2^31 doubles was skipped one empty
+//! read at a time (42 s, found by the fuzzer, `tests/fixtures/fuzz/index-parquet-42s.bin`). Here the end
+//! of the input is an error, as it is for every caller that reads with `read_exact`, and all readers of one
+//! file share a budget of read calls proportional to its size, so no header can make reading outlast
+//! a few passes over the bytes.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parquet::errors::ParquetError;
+use parquet::file::reader::{ChunkReader, Length};
+
+/// Read calls allowed per byte of the file (plus a fixed allowance): a well-formed file needs about
+/// one per value at worst, a crafted one is stopped here.
+const READS_PER_BYTE: u64 = 8;
+const READS_BASE: u64 = 1 << 16;
+
+#[derive(Clone)]
+pub(crate) struct StrictSource {
+    bytes: Bytes,
+    reads_left: Arc<AtomicU64>,
+}
+
+impl StrictSource {
+    pub(crate) fn new(bytes: Vec<u8>) -> StrictSource {
+        let budget = READS_BASE.saturating_add(READS_PER_BYTE.saturating_mul(bytes.len() as u64));
+        StrictSource {
+            bytes: Bytes::from(bytes),
+            reads_left: Arc::new(AtomicU64::new(budget)),
+        }
+    }
+}
+
+impl Length for StrictSource {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+}
+
+impl ChunkReader for StrictSource {
+    type T = StrictReader;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<StrictReader> {
+        let start = usize::try_from(start)
+            .ok()
+            .filter(|s| *s <= self.bytes.len())
+            .ok_or_else(|| ParquetError::EOF(format!("offset {start} is past the file's end")))?;
+        Ok(StrictReader {
+            rest: self.bytes.slice(start..),
+            reads_left: self.reads_left.clone(),
+        })
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        let end = usize::try_from(start)
+            .ok()
+            .and_then(|s| Some((s, s.checked_add(length)?)))
+            .filter(|(_, e)| *e <= self.bytes.len())
+            .ok_or_else(|| {
+                ParquetError::EOF(format!("{length} bytes at {start} are past the file's end"))
+            })?;
+        Ok(self.bytes.slice(end.0..end.1))
+    }
+}
+
+pub(crate) struct StrictReader {
+    rest: Bytes,
+    reads_left: Arc<AtomicU64>,
+}
+
+impl Read for StrictReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let spent = self
+            .reads_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if spent.is_err() {
+            return Err(std::io::Error::other(
+                "more read calls than a file of this size can need",
+            ));
+        }
+        if self.rest.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = buf.len().min(self.rest.len());
+        buf[..n].copy_from_slice(&self.rest[..n]);
+        self.rest = self.rest.slice(n..);
+        Ok(n)
+    }
+}
+
+/// Walks every page header of every column chunk with a strict thrift reader before the parquet crate
+/// reads any: each collection may declare at most as many elements as bytes remain (every element of
+/// the compact protocol takes at least one), which the crate's skipping of unknown fields does not
+/// check (a page header listing 2^31 booleans cost it 3.4 s, and a part can hold many headers).
+pub(crate) fn check_page_headers(
+    source: &StrictSource,
+    metadata: &parquet::file::metadata::ParquetMetaData,
+) -> Result<(), String> {
+    let file = &source.bytes[..];
+    for (g, group) in metadata.row_groups().iter().enumerate() {
+        for (c, chunk) in group.columns().iter().enumerate() {
+            let at = |what: String| format!("row group {g}, column {c}: {what}");
+            let start = chunk
+                .dictionary_page_offset()
+                .map_or(chunk.data_page_offset(), |d| d.min(chunk.data_page_offset()));
+            let range = usize::try_from(start)
+                .ok()
+                .zip(usize::try_from(chunk.compressed_size()).ok())
+                .and_then(|(s, n)| Some(s..s.checked_add(n)?))
+                .filter(|r| r.end <= file.len())
+                .ok_or_else(|| {
+                    at(format!(
+                        "its pages ({} bytes at {start}) are not inside the file",
+                        chunk.compressed_size()
+                    ))
+                })?;
+            let mut pos = range.start;
+            while pos < range.end {
+                let mut input = Compact {
+                    rest: &file[pos..range.end],
+                };
+                let body = input.page_header().map_err(|e| at(format!("page at {pos}: {e}")))?;
+                let header_end = range.end - input.rest.len();
+                pos = header_end
+                    .checked_add(body)
+                    .filter(|end| *end <= range.end)
+                    .ok_or_else(|| at(format!("page at {pos} runs past its column chunk")))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Just enough of thrift's compact protocol to walk a value without trusting any declared size.
+struct Compact<'a> {
+    rest: &'a [u8],
+}
+
+impl Compact<'_> {
+    fn byte(&mut self) -> Result<u8, String> {
+        let (&b, rest) = self.rest.split_first().ok_or("ends inside a page header")?;
+        self.rest = rest;
+        Ok(b)
+    }
+
+    fn skip(&mut self, n: u64) -> Result<(), String> {
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|n| *n <= self.rest.len())
+            .ok_or("a value runs past the end")?;
+        self.rest = &self.rest[n..];
+        Ok(())
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("a varint of more than 10 bytes".into())
+    }
+
+    fn zigzag(&mut self) -> Result<i64, String> {
+        let v = self.varint()?;
+        Ok((v >> 1) as i64 ^ -((v & 1) as i64))
+    }
+
+    /// A declared element count, at most the bytes left.
+    fn count(&mut self, declared: u64) -> Result<u64, String> {
+        if declared > self.rest.len() as u64 {
+            return Err(format!(
+                "a collection of {declared} elements in {} bytes",
+                self.rest.len()
+            ));
+        }
+        Ok(declared)
+    }
+
+    /// Skips one value of compact type `kind`; `in_collection` because a boolean there takes a byte.
+    fn value(&mut self, kind: u8, in_collection: bool, depth: u32) -> Result<(), String> {
+        if depth > 64 {
+            return Err("nested more than 64 deep".into());
+        }
+        match kind {
+            1 | 2 if !in_collection => Ok(()),
+            1..=3 => self.skip(1),
+            4..=6 => self.varint().map(drop),
+            7 => self.skip(8),
+            8 => {
+                let n = self.varint()?;
+                self.skip(n)
+            }
+            9 | 10 => {
+                let head = self.byte()?;
+                let n = match head >> 4 {
+                    15 => self.varint()?,
+                    n => u64::from(n),
+                };
+                for _ in 0..self.count(n)? {
+                    self.value(head & 0x0f, true, depth + 1)?;
+                }
+                Ok(())
+            }
+            11 => {
+                let n = self.varint()?;
+                if self.count(n)? > 0 {
+                    let kinds = self.byte()?;
+                    for _ in 0..n {
+                        self.value(kinds >> 4, true, depth + 1)?;
+                        self.value(kinds & 0x0f, true, depth + 1)?;
+                    }
+                }
+                Ok(())
+            }
+            12 => self.fields(depth + 1, |_, _, _| Ok(false)),
+            13 => self.skip(16),
+            other => Err(format!("unknown thrift type {other}")),
+        }
+    }
+
+    /// Walks a struct's fields; `take(self, id, kind)` reads a field itself when it returns true.
+    fn fields(
+        &mut self,
+        depth: u32,
+        mut take: impl FnMut(&mut Self, i64, u8) -> Result<bool, String>,
+    ) -> Result<(), String> {
+        let mut id = 0i64;
+        loop {
+            let head = self.byte()?;
+            let kind = head & 0x0f;
+            if kind == 0 {
+                return Ok(());
+            }
+            id = match head >> 4 {
+                0 => self.zigzag()?,
+                delta => id + i64::from(delta),
+            };
+            if !take(self, id, kind)? {
+                self.value(kind, false, depth)?;
+            }
+        }
+    }
+
+    /// A page header, returning the size of the page body that follows it (field 3,
+    /// `compressed_page_size`).
+    fn page_header(&mut self) -> Result<usize, String> {
+        let mut body = None;
+        self.fields(1, |input, id, kind| {
+            if id != 3 || kind != 5 {
+                return Ok(false);
+            }
+            body = Some(input.zigzag()?);
+            Ok(true)
+        })?;
+        body.and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| "no compressed_page_size, or a negative one".into())
+    }
+}
