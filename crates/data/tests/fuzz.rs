@@ -187,6 +187,22 @@ fn selected(format: &str) -> bool {
         .unwrap_or(true)
 }
 
+fn past_findings(format: &str) -> Vec<Vec<u8>> {
+    let dir = root().join("tests/fixtures/fuzz");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    paths.retain(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(format)?.strip_prefix('-'))
+            // No further '-': `hnsw-x.bin` is not a finding of `hnsw-sidecar`'s, nor the reverse.
+            .is_some_and(|rest| rest.ends_with(".bin") && !rest.contains('-'))
+    });
+    paths.sort();
+    paths.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
 /// Runs `parse` on mutations of the seeds until the time box closes (or, with
 /// `PIRCLIP_FUZZ_EXECUTIONS`, until that many inputs ran); returns the executions.
 fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
@@ -194,6 +210,9 @@ fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
     if !selected(format) {
         return 0;
     }
+    // Inputs that once failed (tests/fixtures/fuzz/<format>-<name>.bin) run first, as seeds.
+    let found = past_findings(format);
+    let seeds = &[found, seeds.to_vec()].concat();
     let target: Option<usize> = std::env::var("PIRCLIP_FUZZ_EXECUTIONS")
         .ok()
         .and_then(|s| s.parse().ok());
@@ -205,6 +224,9 @@ fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
         | 1);
     let started = Instant::now();
     let mut executions = 0;
+    // In a long campaign each input is kept until it returns, so that one that kills the process
+    // (a crash inside a C++ library) is left behind to reproduce.
+    let in_flight = target.map(|_| scratch(&format!("in-flight-{format}.bin")));
     // The seeds themselves first, then mutations.
     let inputs = seeds.iter().cloned().chain(std::iter::repeat_with(|| {
         let seed = &seeds[rng.below(seeds.len())];
@@ -223,6 +245,9 @@ fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
                 "fuzz {format}: {executions} executions, {:.0} s",
                 started.elapsed().as_secs_f64()
             );
+        }
+        if let Some(path) = &in_flight {
+            std::fs::write(path, &input).unwrap();
         }
         let live = CURRENT.with(Cell::get);
         PEAK.with(|p| p.set(live));
@@ -248,10 +273,13 @@ fn fuzz(format: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8])) -> usize {
             let _ = std::fs::create_dir_all(&dir);
             let path = dir.join(format!("{format}-{executions}.bin"));
             let _ = std::fs::write(&path, &input);
-            panic!(
+            let message = format!(
                 "{format}: input {executions} {why}; saved as {}",
                 path.display()
             );
+            // The quiet hook set for caught panics would swallow this one's message.
+            eprintln!("{message}");
+            panic!("{message}");
         }
         executions += 1;
     }
@@ -559,9 +587,10 @@ fn fuzz_index_folders() -> usize {
         })),
     );
     seed_index(&hnsw, 40, Some(AnnConfig::Hnsw(AnnOptions::default())));
-    // Each input replaces one file of a copy of a seed folder.
+    // Each input replaces one file of a copy of a seed folder, made once per format (loading
+    // writes nothing, so the other files stay as the seed has them).
     let target = scratch("index");
-    let with_file = |seed: &Path, file: &str, input: &[u8], fix: &dyn Fn(&Path, &[u8])| {
+    let copy_seed = |seed: &Path| {
         let _ = std::fs::remove_dir_all(&target);
         for f in [
             "index.json",
@@ -577,6 +606,8 @@ fn fuzz_index_folders() -> usize {
                 std::fs::copy(&from, target.join(f)).unwrap();
             }
         }
+    };
+    let with_file = |file: &str, input: &[u8], fix: &dyn Fn(&Path, &[u8])| {
         std::fs::write(target.join(file), input).unwrap();
         fix(&target, input);
         load_and_search(&target);
@@ -590,7 +621,8 @@ fn fuzz_index_folders() -> usize {
         ("hnsw-sidecar", &hnsw, "image.usearch.json"),
     ] {
         let bytes = std::fs::read(seed.join(file)).unwrap();
-        total += fuzz(format, &[bytes], |b| with_file(seed, file, b, &none));
+        copy_seed(seed);
+        total += fuzz(format, &[bytes], |b| with_file(file, b, &none));
     }
     // The graph with its checksum recomputed: a checksum proves integrity, not validity, so these
     // inputs reach the graph check and, past it, usearch itself.
@@ -602,8 +634,9 @@ fn fuzz_index_folders() -> usize {
         v["crc32"] = crc32fast::hash(input).into();
         std::fs::write(&side, v.to_string()).unwrap();
     };
+    copy_seed(&hnsw);
     total += fuzz("hnsw", &[graph], |b| {
-        with_file(&hnsw, "image.usearch", b, &recompute)
+        with_file("image.usearch", b, &recompute)
     });
     total
 }

@@ -4,6 +4,7 @@
 mod reader;
 mod resample;
 pub mod scene;
+mod tiff_header;
 
 use std::path::Path;
 
@@ -97,6 +98,7 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, Error> {
         path: name.to_string(),
         message,
     };
+    tiff_header::check_first_ifd(&mut std::io::Cursor::new(bytes)).map_err(fail)?;
     let reader = || {
         image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()

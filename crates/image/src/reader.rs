@@ -162,16 +162,16 @@ struct Target {
 impl<R: Read + Seek> SceneReader<R> {
     /// Reads the header and, for bands deeper than 8 bits, the display mapping (passes over the file);
     /// `Ok(None)` when the TIFF is not one [`streamable`] reads.
-    pub fn new(reader: R, name: &str, opts: &SceneOptions) -> Result<Option<Self>, Error> {
+    pub fn new(mut reader: R, name: &str, opts: &SceneOptions) -> Result<Option<Self>, Error> {
         let fail = |message: String| Error::Decode {
             path: name.to_string(),
             message,
         };
+        crate::tiff_header::check_first_ifd(&mut reader).map_err(fail)?;
         let terr = |e: tiff::TiffError| fail(e.to_string());
-        let mut limits = Limits::default();
-        limits.decoding_buffer_size = MAX_CHUNK_BYTES;
-        limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
-        let mut d = Decoder::new(reader).map_err(terr)?.with_limits(limits);
+        let mut d = Decoder::new(reader)
+            .map_err(terr)?
+            .with_limits(crate::scene::tag_limits());
         let (w, h) = d.dimensions().map_err(terr)?;
         crate::check_size(w as u64, h as u64, name)?;
         if w == 0 || h == 0 {
@@ -231,6 +231,11 @@ impl<R: Read + Seek> SceneReader<R> {
             .flatten()
             .and_then(|v| v.into_string().ok())
             .and_then(|s| s.trim().trim_end_matches('\0').parse().ok());
+        // Tags are read; chunks may be larger than a tag may.
+        let mut limits = Limits::default();
+        limits.decoding_buffer_size = MAX_CHUNK_BYTES;
+        limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
+        let d = d.with_limits(limits);
         let mut reader = SceneReader {
             decoder: d,
             name: name.to_string(),

@@ -211,8 +211,10 @@ fn decode_tiff_whole(bytes: &[u8], name: &str, opts: &SceneOptions) -> Result<Sc
         path: name.to_string(),
         message,
     };
+    crate::tiff_header::check_first_ifd(&mut std::io::Cursor::new(bytes)).map_err(fail)?;
     let mut d = tiff::decoder::Decoder::new(std::io::Cursor::new(bytes))
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(e.to_string()))?
+        .with_limits(tag_limits());
     let color = d.colortype().map_err(|e| fail(e.to_string()))?;
     if opts.bands.is_some() || color.bit_depth() > 8 || color.num_samples() > 4 {
         return Err(fail(format!(
@@ -252,6 +254,16 @@ pub(crate) fn stretch(v: f64, (lo, hi): (f64, f64)) -> u8 {
         return 0;
     }
     ((v - lo) / (hi - lo) * 255.0).round().clamp(0.0, 255.0) as u8
+}
+
+/// Limits for reading tags: the tiff crate sizes a tag's buffer by its declared count, up to the limit
+/// for decoded pixels (256 MB by default), before it reads a byte of it. No tag read here is near 1 MB.
+pub(crate) fn tag_limits() -> tiff::decoder::Limits {
+    let mut limits = tiff::decoder::Limits::default();
+    limits.decoding_buffer_size = 1 << 20;
+    limits.ifd_value_size = 1 << 20;
+    limits.intermediate_buffer_size = 1 << 20;
+    limits
 }
 
 /// GeoTIFF: ModelTransformation, or ModelTiepoint + ModelPixelScale; raster type (PixelIsPoint shifts

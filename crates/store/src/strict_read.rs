@@ -110,7 +110,9 @@ pub(crate) fn check_page_headers(
             let at = |what: String| format!("row group {g}, column {c}: {what}");
             let start = chunk
                 .dictionary_page_offset()
-                .map_or(chunk.data_page_offset(), |d| d.min(chunk.data_page_offset()));
+                .map_or(chunk.data_page_offset(), |d| {
+                    d.min(chunk.data_page_offset())
+                });
             let range = usize::try_from(start)
                 .ok()
                 .zip(usize::try_from(chunk.compressed_size()).ok())
@@ -127,7 +129,9 @@ pub(crate) fn check_page_headers(
                 let mut input = Compact {
                     rest: &file[pos..range.end],
                 };
-                let body = input.page_header().map_err(|e| at(format!("page at {pos}: {e}")))?;
+                let body = input
+                    .page_header()
+                    .map_err(|e| at(format!("page at {pos}: {e}")))?;
                 let header_end = range.end - input.rest.len();
                 pos = header_end
                     .checked_add(body)

@@ -411,7 +411,10 @@ fn a_metadata_part_whose_pages_declare_more_than_they_hold_is_refused() {
         .join("../../tests/fixtures/fuzz/index-parquet-42s.bin");
     std::fs::copy(&fixture, root.join("metadata/metadata_0.parquet")).unwrap();
     let e = load_error(&root);
-    assert!(e.contains("metadata_0.parquet: row group 0, column 3: page at 226"), "{e}");
+    assert!(
+        e.contains("metadata_0.parquet: row group 0, column 3: page at 226"),
+        "{e}"
+    );
 }
 
 /// A page header listing 2^31 − 1 booleans as an unknown field: 3.4 s of the crate's skipping per
