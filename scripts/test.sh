@@ -4,7 +4,7 @@
 #   PIRCLIP_FUZZ_LONG=1 scripts/test.sh   also runs the long fuzzing pass (minutes per format)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --dev  # --dev: open_clip for the PyTorch DDP reference test (crates/cli/tests/ddp.rs)
 # The web page's test drives Debian's Chromium headless; install it on a machine that lacks it.
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "test: installing chromium (browser test of pirclip serve's page)"

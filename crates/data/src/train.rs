@@ -221,8 +221,9 @@ pub struct LoaderConfig {
     pub workers: usize,
     pub context_length: usize,
     /// Distributed training: this process's rank and the number of ranks. Every global batch of
-    /// `batch_size × world` consecutive samples of the epoch order is cut into `world` slices; rank r takes
-    /// slice r, so W ranks see exactly the batches one process with W times the batch would.
+    /// `batch_size × world` consecutive samples of the epoch order is shared out as torch's
+    /// DistributedSampler does (rank r takes every world-th sample from the r-th), so W ranks see exactly
+    /// the batches one process with W times the batch would, split across ranks as open_clip splits them.
     pub rank: usize,
     pub world: usize,
 }
@@ -235,6 +236,8 @@ pub struct TrainBatch {
     pub ids: Vec<i64>,
     pub names: Vec<String>,
     pub labels: Vec<Option<String>>,
+    /// Each sample's position in the epoch's order (this rank's share: every world-th position).
+    pub positions: Vec<usize>,
     /// Samples of this batch that could not be decoded and were replaced by the next ones.
     pub skipped: Vec<String>,
 }
@@ -431,17 +434,24 @@ impl TrainLoader {
             let b = cfg.batch_size;
             let per = 3 * cfg.image_size * cfg.image_size;
             let (rank, world) = (cfg.rank, cfg.world.max(1));
+            // This rank's positions of the epoch order: every world-th from its rank, as torch's
+            // DistributedSampler hands them out (open_clip's sampler for these datasets). Global batch
+            // `index` is positions index·b·world.. of the order whichever way it is split, but which
+            // samples share a rank decides what the per-rank class centres and BatchNorm statistics see.
+            let mine: Vec<usize> = (rank..order.len()).step_by(world).collect();
             for index in start..nb {
-                // This rank's slice of global batch `index`. Replacements for undecodable samples come
-                // from the samples after the slice, in order, wrapping around: deterministic whatever the
-                // thread timing.
-                let first = (index * world + rank) * b;
-                let mut candidates = (first..order.len()).chain(0..first).map(|i| order[i]);
-                let mut chosen: Vec<(usize, RgbImage)> = Vec::with_capacity(b);
+                // Replacements for undecodable samples come from this rank's next positions, in order,
+                // wrapping around: deterministic whatever the thread timing.
+                let first = index * b;
+                let mut candidates = mine[first..]
+                    .iter()
+                    .chain(&mine[..first])
+                    .map(|&p| (p, order[p]));
+                let mut chosen: Vec<(usize, usize, RgbImage)> = Vec::with_capacity(b);
                 let mut skipped = Vec::new();
                 while chosen.len() < b {
                     let want = b - chosen.len();
-                    let group: Vec<usize> = candidates.by_ref().take(want).collect();
+                    let group: Vec<(usize, usize)> = candidates.by_ref().take(want).collect();
                     if group.is_empty() {
                         let examples: Vec<&str> =
                             skipped.iter().take(3).map(String::as_str).collect();
@@ -458,7 +468,7 @@ impl TrainLoader {
                     let imgs = crate::parallel_map(
                         &group,
                         cfg.workers,
-                        |&i| -> Result<RgbImage, String> {
+                        |&(_, i)| -> Result<RgbImage, String> {
                             let img = load_image(&samples[i].image)?;
                             Ok(match cfg.augment {
                                 Some(aug) => {
@@ -488,9 +498,9 @@ impl TrainLoader {
                             })
                         },
                     );
-                    for (i, r) in group.into_iter().zip(imgs) {
+                    for ((p, i), r) in group.into_iter().zip(imgs) {
                         match r {
-                            Ok(img) => chosen.push((i, img)),
+                            Ok(img) => chosen.push((p, i, img)),
                             Err(e) => skipped.push(format!("{}: {e}", samples[i].name)),
                         }
                     }
@@ -499,7 +509,8 @@ impl TrainLoader {
                 let mut ids = Vec::with_capacity(b * cfg.context_length);
                 let mut names = Vec::with_capacity(b);
                 let mut labels = Vec::with_capacity(b);
-                for (i, img) in &chosen {
+                let positions = chosen.iter().map(|c| c.0).collect();
+                for (_, i, img) in &chosen {
                     normalize_into(img, &mut pixels);
                     ids.extend(tok.tokenize(&samples[*i].caption, cfg.context_length));
                     names.push(samples[*i].name.clone());
@@ -513,6 +524,7 @@ impl TrainLoader {
                         ids,
                         names,
                         labels,
+                        positions,
                         skipped,
                     }))
                     .is_err()

@@ -334,28 +334,36 @@ impl BatchNorm {
 }
 
 impl BatchNorm {
-    /// SyncBatchNorm: per-channel sums of x and x² and the element count are summed over the ranks, so
-    /// every rank normalises with the mean and (biased) variance of the global batch and stores the
-    /// unbiased one, as one process holding the whole batch would. The sums go through a differentiable
+    /// SyncBatchNorm: every rank normalises with the mean and (biased) variance of the global batch and
+    /// stores the unbiased one, as one process holding the whole batch would. Two sums over the ranks:
+    /// of x (with the element count) for the mean, then of the squared deviations from it for the
+    /// variance. torch's SyncBatchNorm combines per-rank Welford statistics; a single sum of x² would
+    /// lose the variance to cancellation where the mean is large against the spread (deep layers on
+    /// small batches, where BatchNorm then amplifies the error). The sums go through a differentiable
     /// all-reduce, so gradients reach every rank's inputs through the shared statistics.
     fn forward_synchronised(&self, x: &Tensor, group: crate::dist::GroupRef) -> Tensor {
         let channels = x.size()[1];
         let dims: &[i64] = &[0, 2, 3];
+        let shape = [1, channels, 1, 1];
         let count = (x.numel() as i64 / channels) as f64;
+        let sum_over_ranks = |t: &Tensor| {
+            group
+                .sum_over_ranks(t)
+                .unwrap_or_else(|e| panic!("SyncBatchNorm: {e}"))
+        };
         let local = Tensor::cat(
             &[
                 x.sum_dim_intlist(dims, false, Kind::Float),
-                (x * x).sum_dim_intlist(dims, false, Kind::Float),
                 Tensor::full([1], count, (Kind::Float, x.device())),
             ],
             0,
         );
-        let global = group
-            .sum_over_ranks(&local)
-            .unwrap_or_else(|e| panic!("SyncBatchNorm: {e}"));
-        let n = global.narrow(0, 2 * channels, 1);
+        let global = sum_over_ranks(&local);
+        let n = global.narrow(0, channels, 1);
         let mean = global.narrow(0, 0, channels) / &n;
-        let var = global.narrow(0, channels, channels) / &n - &mean * &mean;
+        let centred = x.to_kind(Kind::Float) - mean.view(shape);
+        let var =
+            sum_over_ranks(&(&centred * &centred).sum_dim_intlist(dims, false, Kind::Float)) / &n;
         tch::no_grad(|| {
             let n = n.double_value(&[0]);
             let unbiased = &var * (n / (n - 1.0).max(1.0));
@@ -371,9 +379,7 @@ impl BatchNorm {
                 .g_mul_scalar_(0.9)
                 .g_add_(&(unbiased * 0.1));
         });
-        let shape = [1, channels, 1, 1];
         let scale = (var + 1e-5).rsqrt() * &self.weight;
-        let shift = &self.bias - &mean * &scale;
-        (x * scale.view(shape) + shift.view(shape)).to_kind(x.kind())
+        (centred * scale.view(shape) + self.bias.view(shape)).to_kind(x.kind())
     }
 }
