@@ -38,19 +38,22 @@ for kind in tiles whole; do
   for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 0.1; done
   start=$(date +%s.%N)
   # 24 at once: tiles spread over both scenes (rows 0.. of a and 1296.. of b), or the two whole scenes.
+  clients=()
   for i in $(seq 0 23); do
     if [ $kind = tiles ]; then id=$(( (i % 2) * 1296 + i * 53 )); else id=$((i % 2)); fi
     curl -s -o /dev/null -w '%{http_code} %{time_total}\n' "http://127.0.0.1:$port/image/$kind/$id" >> "$W/$kind.codes" &
+    clients+=($!)
   done
   capped=""
-  while [ -n "$(jobs -p | grep -v "^$pid$")" ]; do
+  running() { for c in "${clients[@]}"; do kill -0 "$c" 2>/dev/null && return 0; done; return 1; }
+  while running; do
     rss=$(awk '/VmRSS/ {print int($2 / 1024)}' /proc/$pid/status 2>/dev/null || echo 0)
     if [ "${rss:-0}" -gt "$CAP_MB" ]; then capped=" (killed: RSS passed $CAP_MB MB)"; kill -9 $pid; fi
     sleep 0.2
   done
   secs=$(echo "$(date +%s.%N) - $start" | bc)
   hwm=$(awk '/VmHWM/ {print int($2 / 1024)}' /proc/$pid/status 2>/dev/null || echo "$CAP_MB+")
-  kill $pid; wait $pid 2>/dev/null || true
+  kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
   codes=$(cut -d' ' -f1 "$W/$kind.codes" | sort | uniq -c | awk '{printf "%s%s: %s", (NR > 1 ? ", " : ""), $2, $1}')
   slowest=$(cut -d' ' -f2 "$W/$kind.codes" | sort -n | tail -n 1)
   echo "{\"case\": \"serve, 24 concurrent /image ($kind) on two 8000x8000x3 uint16 scenes\", \"status\": \"$codes\", \"slowest_s\": $slowest, \"all_s\": $secs, \"peak_rss_mb\": \"$hwm$capped\"}"

@@ -622,6 +622,7 @@ fn metadata_source(path: &Path, rows: usize) -> Result<strict_read::StrictSource
             format!("{size} bytes for {rows} rows: more than such rows can take ({most})"),
         ));
     }
+    strict_read::check_footer(&bytes).map_err(|e| invalid(path, e))?;
     Ok(strict_read::StrictSource::new(bytes))
 }
 

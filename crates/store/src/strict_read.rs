@@ -228,18 +228,25 @@ impl Compact<'_> {
                 }
                 Ok(())
             }
-            12 => self.fields(depth + 1, |_, _, _| Ok(false)),
+            12 => self.fields(&[], depth + 1, &mut |_, _| Ok(false)),
             13 => self.skip(16),
             other => Err(format!("unknown thrift type {other}")),
         }
     }
 
-    /// Walks a struct's fields; `take(self, id, kind)` reads a field itself when it returns true.
+    /// Walks a struct's fields. The parquet crate matches a field by its id alone and reads it as its own
+    /// schema says, whatever type the wire declares, so a known field of the wrong wire type would be
+    /// read differently there than walked here: such a field is refused. `take(self, id)` reads a known
+    /// field itself when it returns true.
     fn fields(
         &mut self,
+        schema: &[(i64, Field)],
         depth: u32,
-        mut take: impl FnMut(&mut Self, i64, u8) -> Result<bool, String>,
+        take: &mut dyn FnMut(&mut Self, i64) -> Result<bool, String>,
     ) -> Result<(), String> {
+        if depth > 64 {
+            return Err("nested more than 64 deep".into());
+        }
         let mut id = 0i64;
         loop {
             let head = self.byte()?;
@@ -251,18 +258,31 @@ impl Compact<'_> {
                 0 => self.zigzag()?,
                 delta => id + i64::from(delta),
             };
-            if !take(self, id, kind)? {
-                self.value(kind, false, depth)?;
+            match schema.iter().find(|(known, _)| *known == id) {
+                Some((_, field)) if !field.accepts(kind) => {
+                    return Err(format!(
+                        "field {id} of wire type {kind} where the format has {field:?}"
+                    ))
+                }
+                Some((_, Field::Struct(inner))) => {
+                    if !take(self, id)? {
+                        self.fields(inner, depth + 1, &mut |_, _| Ok(false))?;
+                    }
+                }
+                _ => {
+                    if !take(self, id)? {
+                        self.value(kind, false, depth)?;
+                    }
+                }
             }
         }
     }
 
-    /// A page header, returning the size of the page body that follows it (field 3,
-    /// `compressed_page_size`).
+    /// A page header, returning the size of the page body that follows it (`compressed_page_size`).
     fn page_header(&mut self) -> Result<usize, String> {
         let mut body = None;
-        self.fields(1, |input, id, kind| {
-            if id != 3 || kind != 5 {
+        self.fields(PAGE_HEADER, 1, &mut |input, id| {
+            if id != 3 {
                 return Ok(false);
             }
             body = Some(input.zigzag()?);
@@ -271,4 +291,145 @@ impl Compact<'_> {
         body.and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| "no compressed_page_size, or a negative one".into())
     }
+}
+
+/// The fields of parquet.thrift's structs that the parquet crate decodes, as it decodes them.
+#[derive(Debug)]
+enum Field {
+    I32,
+    I64,
+    Bool,
+    Binary,
+    List,
+    Struct(&'static [(i64, Field)]),
+}
+
+impl Field {
+    fn accepts(&self, kind: u8) -> bool {
+        match self {
+            Field::I32 => kind == 5,
+            Field::I64 => kind == 6,
+            Field::Bool => kind == 1 || kind == 2,
+            Field::Binary => kind == 8,
+            Field::List => kind == 9,
+            Field::Struct(_) => kind == 12,
+        }
+    }
+}
+
+const STATISTICS: &[(i64, Field)] = &[
+    (1, Field::Binary),
+    (2, Field::Binary),
+    (3, Field::I64),
+    (4, Field::I64),
+    (5, Field::Binary),
+    (6, Field::Binary),
+    (7, Field::Bool),
+    (8, Field::Bool),
+];
+const PAGE_HEADER: &[(i64, Field)] = &[
+    (1, Field::I32),
+    (2, Field::I32),
+    (3, Field::I32),
+    (4, Field::I32),
+    (
+        5,
+        Field::Struct(&[
+            (1, Field::I32),
+            (2, Field::I32),
+            (3, Field::I32),
+            (4, Field::I32),
+            (5, Field::Struct(STATISTICS)),
+        ]),
+    ),
+    (6, Field::Struct(&[])),
+    (
+        7,
+        Field::Struct(&[(1, Field::I32), (2, Field::I32), (3, Field::Bool)]),
+    ),
+    (
+        8,
+        Field::Struct(&[
+            (1, Field::I32),
+            (2, Field::I32),
+            (3, Field::I32),
+            (4, Field::I32),
+            (5, Field::I32),
+            (6, Field::I32),
+            (7, Field::Bool),
+            (8, Field::Struct(STATISTICS)),
+        ]),
+    ),
+];
+const SCHEMA_ELEMENT: &[(i64, Field)] = &[
+    (1, Field::I32),
+    (2, Field::I32),
+    (3, Field::I32),
+    (4, Field::Binary),
+    (5, Field::I32),
+    (6, Field::I32),
+    (7, Field::I32),
+    (8, Field::I32),
+    (9, Field::I32),
+];
+const FILE_METADATA: &[(i64, Field)] = &[
+    (1, Field::I32),
+    (2, Field::List),
+    (3, Field::I64),
+    (4, Field::List),
+    (5, Field::List),
+    (6, Field::Binary),
+    (7, Field::List),
+];
+
+/// Checks the footer's schema before the parquet crate decodes it: the crate reserves a vector of each
+/// schema element's declared `num_children` up front, so a 2.4 KB part declaring 86 M children made it
+/// reserve 692 MB (found by the fuzzer, `tests/fixtures/fuzz/index-parquet-692mb.bin`); 2^31 would be
+/// 16 GB. A schema element can have no more children than the schema has elements.
+pub(crate) fn check_footer(file: &[u8]) -> Result<(), String> {
+    let n = file.len();
+    if n < 12 || &file[n - 4..] != b"PAR1" {
+        return Ok(()); // the crate says what is wrong with it
+    }
+    let len = u32::from_le_bytes(file[n - 8..n - 4].try_into().unwrap()) as usize;
+    let Some(start) = (n - 8).checked_sub(len) else {
+        return Ok(());
+    };
+    let mut input = Compact {
+        rest: &file[start..n - 8],
+    };
+    let mut elements = 0u64;
+    let mut most_children = 0i64;
+    input
+        .fields(FILE_METADATA, 0, &mut |input, id| {
+            if id != 2 {
+                return Ok(false);
+            }
+            let head = input.byte()?;
+            let declared = match head >> 4 {
+                15 => input.varint()?,
+                count => u64::from(count),
+            };
+            elements = input.count(declared)?;
+            if elements > 0 && head & 0x0f != 12 {
+                return Err("a schema that is not a list of elements".into());
+            }
+            for _ in 0..elements {
+                input.fields(SCHEMA_ELEMENT, 1, &mut |input, id| {
+                    if id != 5 {
+                        return Ok(false);
+                    }
+                    most_children = most_children.max(input.zigzag()?.abs());
+                    Ok(true)
+                })?;
+            }
+            Ok(true)
+        })
+        .map_err(|e| format!("footer: {e}"))?;
+    if most_children as u64 > elements {
+        return Err(format!(
+            "footer: a schema element declares {most_children} children, but the schema has {elements} elements"
+        ));
+    }
+    Ok(())
 }

@@ -432,3 +432,44 @@ fn a_page_header_declaring_a_collection_larger_than_the_file_is_refused() {
     let e = load_error(&root);
     assert!(e.contains("a collection of 2147483647 elements"), "{e}");
 }
+
+/// Found by the fuzzer: a 2.4 KB part whose last schema element's `num_children` is sent with a struct's
+/// wire type; the parquet crate reads the field by its id as an i32 anyway and reserved 692 MB for the
+/// children it declares. The same count sent as a proper i32 (2^31 − 1 children: 16 GB of reservation)
+/// is refused too, as more children than the schema has elements.
+#[test]
+fn a_footer_declaring_more_schema_children_than_elements_is_refused() {
+    let s = Scratch::new("children");
+    let root = s.0.join("i");
+    tiled_index(&root);
+    let meta = root.join("metadata/metadata_0.parquet");
+    let good = std::fs::read(&meta).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/fuzz/index-parquet-692mb.bin");
+    std::fs::copy(&fixture, &meta).unwrap();
+    let e = load_error(&root);
+    assert!(e.contains("footer: field 5 of wire type 12"), "{e}");
+
+    // The root element ("metadata", 10 children: zigzag 20) given 2^31 - 1 children, footer resized.
+    let n = good.len();
+    let len = u32::from_le_bytes(good[n - 8..n - 4].try_into().unwrap()) as usize;
+    let footer = &good[n - 8 - len..n - 8];
+    let at = footer
+        .windows(11)
+        .position(|w| w == b"\x48\x08metadata\x15")
+        .unwrap()
+        + 11;
+    assert_eq!(footer[at], 20, "the root's num_children");
+    let mut crafted = good[..n - 8 - len].to_vec();
+    crafted.extend_from_slice(&footer[..at]);
+    crafted.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0x0f]); // zigzag(2^31 - 1)
+    crafted.extend_from_slice(&footer[at + 1..]);
+    crafted.extend_from_slice(&((len + 4) as u32).to_le_bytes());
+    crafted.extend_from_slice(b"PAR1");
+    std::fs::write(&meta, &crafted).unwrap();
+    let e = load_error(&root);
+    assert!(
+        e.contains("declares 2147483647 children, but the schema has 11 elements"),
+        "{e}"
+    );
+}
