@@ -1516,19 +1516,8 @@ fn the_seeds_training_command_lines_run_as_written() {
     );
 }
 
-/// `pirclip` as rank `rank` of 2, launched as torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*).
 fn spawn_rank(args: &[String], rank: usize, port: u16) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_pirclip"))
-        .args(args)
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", "2")
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    common::rank_command(rank, port).args(args).spawn().unwrap()
 }
 
 /// Weights and AdamW second moments of a run's `epoch_latest.pt`.

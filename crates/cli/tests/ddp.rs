@@ -36,7 +36,7 @@ fn pirclip_ranks(dir: &Path, flags: &[&str]) -> PathBuf {
     let mini = root().join("data/rsicd-mini");
     let children: Vec<_> = (0..2)
         .map(|rank| {
-            Command::new(env!("CARGO_BIN_EXE_pirclip"))
+            common::rank_command(rank, port)
                 .args(["train", "--model"])
                 .arg(fx.join("config.json"))
                 .arg("--pretrained")
@@ -52,13 +52,6 @@ fn pirclip_ranks(dir: &Path, flags: &[&str]) -> PathBuf {
                 .args(["--threads", "1", "--workers", "1", "--dist-timeout", "60"])
                 .args(flags)
                 .env("PIRCLIP_DUMP_BATCHES", dir.join("batches"))
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         })

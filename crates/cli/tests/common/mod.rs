@@ -36,3 +36,18 @@ impl Drop for TestDir {
         }
     }
 }
+
+/// `pirclip` as rank `rank` of 2, launched as torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*),
+/// stdout discarded and stderr piped.
+#[allow(dead_code)] // not every test file launches ranks
+pub fn rank_command(rank: usize, port: u16) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pirclip"));
+    c.env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    c
+}
