@@ -1,209 +1,14 @@
-//! Training samples and batches: Karpathy JSON + image folder (every caption a sample) or webdataset
-//! shards; RandomResizedCrop augmentation (spec §6.2); decoding on background threads with a bounded
-//! queue. Everything random derives from (seed, epoch, sample index), so runs are reproducible and a
-//! resumed run sees exactly the batches it would have seen.
+//! Batches of an epoch: the epoch's order (reshuffled passes, or shards through a shuffle buffer), dealt
+//! to the ranks as torch's DistributedSampler deals it, decoded and augmented on background threads
+//! behind a bounded queue.
 
-use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
-use pirclip_image::{
-    center_crop, decode, normalize_into, resize_bicubic, resize_shortest_side, RgbImage,
-};
+use pirclip_image::{center_crop, normalize_into, resize_shortest_side, RgbImage};
 
-#[derive(Debug, Clone)]
-pub enum ImageSource {
-    File(PathBuf),
-    /// `len` bytes at `offset` of a webdataset tar: read when the sample is loaded.
-    TarMember {
-        path: Arc<PathBuf>,
-        offset: u64,
-        len: u64,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct Sample {
-    pub image: ImageSource,
-    pub caption: String,
-    /// Original image file name: the official class label is its prefix before the first `_`.
-    pub name: String,
-    /// Scene label from the JSON, when present (`--label-source json`).
-    pub label: Option<String>,
-}
-
-/// Every caption of the chosen splits is a sample, in JSON order.
-pub fn samples_from_karpathy(
-    ds: &crate::karpathy::Dataset,
-    splits: &[&str],
-    images_dir: &Path,
-) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for e in ds
-        .entries
-        .iter()
-        .filter(|e| splits.contains(&e.split.as_str()))
-    {
-        for c in &e.captions {
-            out.push(Sample {
-                image: ImageSource::File(images_dir.join(&e.filename)),
-                caption: c.clone(),
-                name: e.filename.clone(),
-                label: e.label.clone(),
-            });
-        }
-    }
-    out
-}
-
-/// SplitMix64: small, fast, and its whole state is one integer.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-/// The independent random streams of a run (`Rng::keyed`'s `stream`). Augmentation takes one stream per
-/// epoch, `AUGMENT + epoch`, so the fixed streams sit at the top of the range where no epoch reaches.
-pub mod stream {
-    pub const SAMPLE_SHUFFLE: u64 = 1;
-    pub const AUGMENT: u64 = 2;
-    pub const CAPTION_PICK: u64 = u64::MAX - 3;
-    pub const SHARD_ORDER: u64 = u64::MAX;
-    pub const SHUFFLE_BUFFER: u64 = u64::MAX - 1;
-    pub const SHARD_WRITE: u64 = u64::MAX - 2;
-}
-
-impl Rng {
-    /// A generator for one (seed, stream, index) triple.
-    pub fn keyed(seed: u64, stream: u64, index: u64) -> Self {
-        let mut r = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
-        r.0 ^= r
-            .next_u64()
-            .wrapping_add(stream.wrapping_mul(0xbf58_476d_1ce4_e5b9));
-        r.0 ^= r
-            .next_u64()
-            .wrapping_add(index.wrapping_mul(0x94d0_49bb_1331_11eb));
-        r
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.uniform()
-    }
-
-    /// Uniform integer in [0, n).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize % n.max(1)
-    }
-
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-}
-
-/// torchvision `RandomResizedCrop(size, scale, ratio)` on a PIL image: sample a box (10 tries, then a
-/// centre fallback), crop, bicubic resize to `size × size`.
-pub fn random_resized_crop(
-    img: &RgbImage,
-    size: usize,
-    scale: (f64, f64),
-    ratio: (f64, f64),
-    rng: &mut Rng,
-) -> RgbImage {
-    let (w_img, h_img) = (img.width as f64, img.height as f64);
-    let area = w_img * h_img;
-    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
-    let mut crop = None;
-    for _ in 0..10 {
-        let target = area * rng.range(scale.0, scale.1);
-        let aspect = rng.range(lr0, lr1).exp();
-        let w = (target * aspect).sqrt().round() as usize;
-        let h = (target / aspect).sqrt().round() as usize;
-        if w > 0 && w <= img.width && h > 0 && h <= img.height {
-            let top = rng.below(img.height - h + 1);
-            let left = rng.below(img.width - w + 1);
-            crop = Some((top, left, h, w));
-            break;
-        }
-    }
-    let (top, left, h, w) = crop.unwrap_or_else(|| {
-        let in_ratio = w_img / h_img;
-        let (w, h) = if in_ratio < ratio.0 {
-            (img.width, (w_img / ratio.0).round() as usize)
-        } else if in_ratio > ratio.1 {
-            ((h_img * ratio.1).round() as usize, img.height)
-        } else {
-            (img.width, img.height)
-        };
-        ((img.height - h) / 2, (img.width - w) / 2, h, w)
-    });
-    let mut px = Vec::with_capacity(w * h * 3);
-    for y in top..top + h {
-        px.extend_from_slice(
-            &img.pixels[(y * img.width + left) * 3..(y * img.width + left + w) * 3],
-        );
-    }
-    resize_bicubic(&RgbImage::new(w, h, px), size, size)
-}
-
-/// Train-time augmentation: torchvision's RandomResizedCrop, then optionally one of the eight symmetries
-/// of the square.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Augmentation {
-    /// Crop area as a fraction of the image (open_clip `--aug-cfg scale=(lo,hi)`; PIR-CLIP's 0.9–1).
-    pub scale: (f64, f64),
-    /// Crop aspect ratio range (torchvision's 3/4–4/3).
-    pub ratio: (f64, f64),
-    /// After the crop, one of the 8 rotations by 90° and reflections, uniformly: an overhead image has no
-    /// "up", so each of them is as likely a view of the scene as the original.
-    pub rotate_flip: bool,
-}
-
-impl Default for Augmentation {
-    fn default() -> Self {
-        Augmentation {
-            scale: (0.9, 1.0),
-            ratio: (0.75, 4.0 / 3.0),
-            rotate_flip: false,
-        }
-    }
-}
-
-/// Element `k` (0..8) of the symmetry group of the rectangle-as-grid: bit 2 transposes, then bit 0
-/// mirrors left-right and bit 1 top-bottom. On a square image the eight results are the four 90°
-/// rotations and their mirror images.
-pub fn rotate_flip(img: &RgbImage, k: usize) -> RgbImage {
-    let (transpose, mirror_x, mirror_y) = (k & 4 != 0, k & 1 != 0, k & 2 != 0);
-    let (w, h) = if transpose {
-        (img.height, img.width)
-    } else {
-        (img.width, img.height)
-    };
-    let mut px = Vec::with_capacity(w * h * 3);
-    for y in 0..h {
-        let y1 = if mirror_y { h - 1 - y } else { y };
-        for x in 0..w {
-            let x1 = if mirror_x { w - 1 - x } else { x };
-            let (sx, sy) = if transpose { (y1, x1) } else { (x1, y1) };
-            let at = (sy * img.width + sx) * 3;
-            px.extend_from_slice(&img.pixels[at..at + 3]);
-        }
-    }
-    RgbImage::new(w, h, px)
-}
+use super::augment::{random_resized_crop, rotate_flip, stream, Augmentation, Rng};
+use super::sources::{load_image, ImageSource, Sample};
 
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
@@ -264,24 +69,6 @@ pub struct ShardOrder {
     pub resampled: Option<usize>,
     /// Sample shuffle buffer (webdataset `shuffle(n)`); 0 or 1 keeps the shards' sample order.
     pub buffer: usize,
-}
-
-/// Reads and decodes one sample's image (a file, or a member of a tar at its recorded offset).
-pub fn load_image(s: &ImageSource) -> Result<RgbImage, String> {
-    match s {
-        ImageSource::File(p) => pirclip_image::decode_file(p).map_err(|e| e.to_string()),
-        ImageSource::TarMember { path, offset, len } => {
-            use std::io::{Read, Seek, SeekFrom};
-            let mut bytes = vec![0u8; *len as usize];
-            std::fs::File::open(path.as_path())
-                .and_then(|mut f| {
-                    f.seek(SeekFrom::Start(*offset))?;
-                    f.read_exact(&mut bytes)
-                })
-                .map_err(|e| format!("{} at byte {offset}: {e}", path.display()))?;
-            decode(&bytes, &path.display().to_string()).map_err(|e| e.to_string())
-        }
-    }
 }
 
 impl TrainLoader {
@@ -537,36 +324,60 @@ impl TrainLoader {
     }
 }
 
+/// The sample order of one epoch over webdataset shards (see `ShardOrder`). Computed from indices alone, so
+/// a resumed run can skip to its position without reading the samples before it.
+pub fn shard_epoch_order(plan: &ShardOrder, shuffle: bool, seed: u64, epoch: usize) -> Vec<usize> {
+    let n_shards = plan.shard_of.iter().max().map(|m| m + 1).unwrap_or(0);
+    let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); n_shards];
+    for (i, &s) in plan.shard_of.iter().enumerate() {
+        by_shard[s].push(i);
+    }
+    let mut rng = Rng::keyed(seed, stream::SHARD_ORDER, epoch as u64);
+    let shards: Vec<usize> = match plan.resampled {
+        Some(count) => {
+            let mut drawn = Vec::new();
+            let mut n = 0;
+            while n < count && !plan.shard_of.is_empty() {
+                let s = rng.below(n_shards);
+                n += by_shard[s].len();
+                drawn.push(s);
+            }
+            drawn
+        }
+        None => {
+            let mut all: Vec<usize> = (0..n_shards).collect();
+            if shuffle {
+                rng.shuffle(&mut all);
+            }
+            all
+        }
+    };
+    let stream = shards.iter().flat_map(|&s| by_shard[s].iter().copied());
+    let mut out = Vec::with_capacity(plan.resampled.unwrap_or(plan.shard_of.len()));
+    if (shuffle || plan.resampled.is_some()) && plan.buffer > 1 {
+        let mut rng = Rng::keyed(seed, stream::SHUFFLE_BUFFER, epoch as u64);
+        let mut buffer = Vec::with_capacity(plan.buffer);
+        for i in stream {
+            buffer.push(i);
+            if buffer.len() == plan.buffer {
+                let k = rng.below(buffer.len());
+                out.push(buffer.swap_remove(k));
+            }
+        }
+        rng.shuffle(&mut buffer);
+        out.extend(buffer);
+    } else {
+        out.extend(stream);
+    }
+    if let Some(count) = plan.resampled {
+        out.truncate(count);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crop_stays_in_bounds_and_scale() {
-        let img = RgbImage::new(
-            150,
-            150,
-            (0..150 * 150 * 3).map(|i| (i % 251) as u8).collect(),
-        );
-        for i in 0..50 {
-            let mut rng = Rng::keyed(7, 0, i);
-            let out = random_resized_crop(&img, 64, (0.9, 1.0), (0.75, 4.0 / 3.0), &mut rng);
-            assert_eq!((out.width, out.height), (64, 64));
-        }
-        // Deterministic per key.
-        let crop = |key| {
-            random_resized_crop(
-                &img,
-                32,
-                (0.9, 1.0),
-                (0.75, 4.0 / 3.0),
-                &mut Rng::keyed(1, 2, key),
-            )
-        };
-        let (a, b) = (crop(3), crop(3));
-        assert_ne!(a, crop(4));
-        assert_eq!(a, b);
-    }
 
     fn plan(shard_of: Vec<usize>, resampled: Option<usize>, buffer: usize) -> ShardOrder {
         ShardOrder {
@@ -628,34 +439,6 @@ mod tests {
     }
 
     #[test]
-    fn csv_samples() {
-        let dir = std::env::temp_dir().join(format!("pirclip-csv-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("train.csv");
-        std::fs::write(
-            &f,
-            "filepath\ttitle\nimgs/airport_1.jpg\ta caption\n/abs/beach_2.jpg\tanother one\n",
-        )
-        .unwrap();
-        // An absolute name needs the explicit opt-in.
-        let err = samples_from_csv(&f, "filepath", "title", '\t', &dir, false).unwrap_err();
-        assert!(
-            err.contains("line 3") && err.contains("/abs/beach_2.jpg") && err.contains("absolute"),
-            "{err}"
-        );
-        let s = samples_from_csv(&f, "filepath", "title", '\t', &dir, true).unwrap();
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].name, "airport_1.jpg");
-        assert_eq!(s[1].caption, "another one");
-        assert!(
-            matches!(&s[1].image, ImageSource::File(p) if p == std::path::Path::new("/abs/beach_2.jpg"))
-        );
-        assert!(samples_from_csv(&f, "image", "title", '\t', &dir, true)
-            .unwrap_err()
-            .contains("no column \"image\""));
-    }
-
-    #[test]
     fn train_num_samples_sets_the_epoch_length_and_keeps_every_sample_in_the_pool() {
         let samples: Vec<Sample> = (0..10)
             .map(|i| Sample {
@@ -709,48 +492,6 @@ mod tests {
         assert_eq!(&long.epoch_order(1)[..5], &full.epoch_order(2)[5..]);
         // Without the setting, an epoch is one pass.
         assert_eq!(full.samples_per_epoch(), 10);
-    }
-
-    #[test]
-    fn rotate_flip_gives_the_eight_symmetries_of_the_square() {
-        let n = 5;
-        let img = RgbImage::new(n, n, (0..n * n * 3).map(|v| (v * 7 % 251) as u8).collect());
-        let at = |im: &RgbImage, x: usize, y: usize| im.pixels[(y * im.width + x) * 3];
-        // Rotation by 90° clockwise: out(x, y) = in(y, n-1-x).
-        let rot = |im: &RgbImage| {
-            let mut px = Vec::new();
-            for y in 0..n {
-                for x in 0..n {
-                    let a = (((n - 1 - x) * n) + y) * 3;
-                    px.extend_from_slice(&im.pixels[a..a + 3]);
-                }
-            }
-            RgbImage::new(n, n, px)
-        };
-        let mirror = |im: &RgbImage| rotate_flip(im, 1);
-        assert_eq!(rotate_flip(&img, 0).pixels, img.pixels);
-        assert_eq!(at(&mirror(&img), 0, 2), at(&img, n - 1, 2));
-        let mut expected = Vec::new();
-        let mut r = img.clone();
-        for _ in 0..4 {
-            expected.push(r.pixels.clone());
-            expected.push(mirror(&r).pixels);
-            r = rot(&r);
-        }
-        let mut got: Vec<Vec<u8>> = (0..8).map(|k| rotate_flip(&img, k).pixels).collect();
-        got.sort();
-        expected.sort();
-        assert_eq!(
-            got, expected,
-            "k = 0..8 are the 4 rotations and their mirror images"
-        );
-        got.dedup();
-        assert_eq!(got.len(), 8);
-        // Not square: the transposing half swaps the sides.
-        let wide = RgbImage::new(3, 2, (0..18).collect());
-        let t = rotate_flip(&wide, 4);
-        assert_eq!((t.width, t.height), (2, 3));
-        assert_eq!(at(&t, 1, 2), at(&wide, 2, 1));
     }
 
     #[test]
@@ -808,125 +549,49 @@ mod tests {
         assert_eq!(&stream[4..8], &loader.epoch_order(1)[..]);
     }
 
+    /// Ranks share each global batch as torch's DistributedSampler deals an epoch: rank r takes every
+    /// world-th position from the r-th, so global batch k (positions k·b·w..) is the same set a single
+    /// process with batch b·w would take.
     #[test]
-    fn shuffle_is_a_permutation_and_seeded() {
-        let mut a: Vec<usize> = (0..100).collect();
-        Rng::keyed(3, 1, 0).shuffle(&mut a);
-        let mut s = a.clone();
-        s.sort();
-        assert_eq!(s, (0..100).collect::<Vec<_>>());
-        let mut b: Vec<usize> = (0..100).collect();
-        Rng::keyed(3, 1, 0).shuffle(&mut b);
-        assert_eq!(a, b);
-        assert_ne!(a, (0..100).collect::<Vec<_>>());
-    }
-}
-
-/// open_clip's CSV dataset: one row per sample; image paths are relative to `base` (absolute ones only
-/// with `allow_absolute`; `..` never: see `check_dataset_name`). The label file name is the image's base name.
-pub fn samples_from_csv(
-    path: &Path,
-    img_key: &str,
-    caption_key: &str,
-    separator: char,
-    base: &Path,
-    allow_absolute: bool,
-) -> Result<Vec<Sample>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .ok_or_else(|| format!("{}: empty CSV", path.display()))?
-        .split(separator)
-        .collect();
-    let col = |k: &str| {
-        header.iter().position(|h| h.trim() == k).ok_or_else(|| {
-            format!(
-                "{}: no column {k:?} (columns: {})",
-                path.display(),
-                header.join(", ")
-            )
-        })
-    };
-    let (ic, cc) = (col(img_key)?, col(caption_key)?);
-    let mut out = Vec::new();
-    for (n, line) in lines.enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let f: Vec<&str> = line.split(separator).collect();
-        let (Some(img), Some(cap)) = (f.get(ic), f.get(cc)) else {
-            return Err(format!(
-                "{}: line {} has {} fields",
-                path.display(),
-                n + 2,
-                f.len()
-            ));
+    fn ranks_are_dealt_every_world_th_sample() {
+        let image = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/airport_224.jpg");
+        let samples: Vec<Sample> = (0..12)
+            .map(|i| Sample {
+                image: ImageSource::File(image.clone()),
+                caption: format!("caption {i}"),
+                name: format!("c{i}_{i}.jpg"),
+                label: None,
+            })
+            .collect();
+        let positions = |rank: usize, world: usize| -> Vec<Vec<usize>> {
+            let config = LoaderConfig {
+                image_size: 8,
+                batch_size: 2,
+                seed: 3,
+                shuffle: false,
+                augment: None,
+                one_caption_per_image: false,
+                workers: 1,
+                context_length: 77,
+                rank,
+                world,
+            };
+            let loader = TrainLoader::new(samples.clone(), config);
+            loader
+                .stream(0, 0)
+                .into_iter()
+                .map(|b| b.unwrap().positions)
+                .collect()
         };
-        crate::check_dataset_name(img.trim(), allow_absolute)
-            .map_err(|m| format!("{}: line {}: {m}", path.display(), n + 2))?;
-        let p = base.join(img.trim());
-        let name = p
-            .file_name()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        out.push(Sample {
-            image: ImageSource::File(p),
-            caption: cap.to_string(),
-            name,
-            label: None,
-        });
-    }
-    Ok(out)
-}
-
-/// The sample order of one epoch over webdataset shards (see `ShardOrder`). Computed from indices alone, so
-/// a resumed run can skip to its position without reading the samples before it.
-pub fn shard_epoch_order(plan: &ShardOrder, shuffle: bool, seed: u64, epoch: usize) -> Vec<usize> {
-    let n_shards = plan.shard_of.iter().max().map(|m| m + 1).unwrap_or(0);
-    let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); n_shards];
-    for (i, &s) in plan.shard_of.iter().enumerate() {
-        by_shard[s].push(i);
-    }
-    let mut rng = Rng::keyed(seed, stream::SHARD_ORDER, epoch as u64);
-    let shards: Vec<usize> = match plan.resampled {
-        Some(count) => {
-            let mut drawn = Vec::new();
-            let mut n = 0;
-            while n < count && !plan.shard_of.is_empty() {
-                let s = rng.below(n_shards);
-                n += by_shard[s].len();
-                drawn.push(s);
-            }
-            drawn
+        assert_eq!(positions(0, 2), [[0, 2], [4, 6], [8, 10]]);
+        assert_eq!(positions(1, 2), [[1, 3], [5, 7], [9, 11]]);
+        assert_eq!(positions(2, 3), [[2, 5], [8, 11]]);
+        let single = positions(0, 1);
+        for (k, batch) in single.chunks(2).enumerate().take(3) {
+            let mut two_ranks: Vec<usize> = [positions(0, 2)[k].clone(), positions(1, 2)[k].clone()].concat();
+            two_ranks.sort();
+            assert_eq!(two_ranks, batch.concat(), "global batch {k}");
         }
-        None => {
-            let mut all: Vec<usize> = (0..n_shards).collect();
-            if shuffle {
-                rng.shuffle(&mut all);
-            }
-            all
-        }
-    };
-    let stream = shards.iter().flat_map(|&s| by_shard[s].iter().copied());
-    let mut out = Vec::with_capacity(plan.resampled.unwrap_or(plan.shard_of.len()));
-    if (shuffle || plan.resampled.is_some()) && plan.buffer > 1 {
-        let mut rng = Rng::keyed(seed, stream::SHUFFLE_BUFFER, epoch as u64);
-        let mut buffer = Vec::with_capacity(plan.buffer);
-        for i in stream {
-            buffer.push(i);
-            if buffer.len() == plan.buffer {
-                let k = rng.below(buffer.len());
-                out.push(buffer.swap_remove(k));
-            }
-        }
-        rng.shuffle(&mut buffer);
-        out.extend(buffer);
-    } else {
-        out.extend(stream);
     }
-    if let Some(count) = plan.resampled {
-        out.truncate(count);
-    }
-    out
 }
