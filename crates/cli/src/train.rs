@@ -1,17 +1,14 @@
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use pirclip_data::karpathy::{Dataset, RetrievalSet};
-use pirclip_data::train::{
-    samples_from_karpathy, Augmentation, LoaderConfig, Sample, ShardOrder, TrainLoader,
-};
-use pirclip_model::dist::ProcessGroup;
+use pirclip_data::train::Augmentation;
 use pirclip_model::{ClipModel, EncodeOptions, ModelConfig};
-use pirclip_train::checkpoint::{self, Position};
-use pirclip_train::distributed::Distributed;
-use pirclip_train::run::{self, RunLog, RunObserver, RunSettings, ScheduleKind, TrainingRun};
-use pirclip_train::{optim::Foreach, AdamWConfig, TrainOptions, TrainPrecision, Trainer};
+use pirclip_train::run::{self, RunObserver, RunSettings, ScheduleKind};
+use pirclip_train::setup::{
+    self, CsvColumns, DataSpec, DistSpec, RunConfig, TrainRun, ValidationSpec,
+};
+use pirclip_train::{optim::Foreach, AdamWConfig, TrainOptions, TrainPrecision};
 
 use crate::common::{parse_device, BeliefModeArg};
 
@@ -422,7 +419,6 @@ fn augmentation(a: &Args) -> Result<Option<Augmentation>> {
     Ok(Some(aug))
 }
 
-/// Samples, and the shard of each sample when the data are shards.
 fn is_csv_name(name: &str) -> bool {
     name.ends_with(".csv") || name.ends_with(".tsv")
 }
@@ -435,131 +431,11 @@ fn csv_separator(flag: &str) -> Result<char> {
     }
 }
 
-fn load_samples(a: &Args) -> Result<(Vec<Sample>, Option<Vec<usize>>)> {
-    let by_name_csv = is_csv_name(&a.train_data);
-    let is_csv = match a.dataset_type {
-        DatasetType::Csv => true,
-        DatasetType::Webdataset => false,
-        DatasetType::Auto => by_name_csv,
-    };
-    if is_csv {
-        let path = Path::new(&a.train_data);
-        let base = a
-            .images_dir
-            .clone()
-            .unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf());
-        let sep = csv_separator(&a.csv_separator)?;
-        let samples = pirclip_data::train::samples_from_csv(
-            path,
-            &a.csv_img_key,
-            &a.csv_caption_key,
-            sep,
-            &base,
-            a.allow_absolute_paths,
-        )
-        .map_err(anyhow::Error::msg)?;
-        return Ok((samples, None));
-    }
-    if a.train_data.ends_with(".json") && a.dataset_type != DatasetType::Webdataset {
-        let images = a
-            .images_dir
-            .as_ref()
-            .context("--images-dir is needed with a JSON --train-data")?;
-        let ds = Dataset::load_with(Path::new(&a.train_data), a.allow_absolute_paths)?;
-        let splits: Vec<&str> = a.train_split.split(',').map(str::trim).collect();
-        Ok((samples_from_karpathy(&ds, &splits, images), None))
-    } else {
-        let paths: Vec<PathBuf> = pirclip_data::shards::expand_braces(&a.train_data)?
-            .into_iter()
-            .map(PathBuf::from)
-            .collect();
-        let (samples, shard_of, skipped) = pirclip_data::shards::read_shards_indexed(&paths)?;
-        if skipped > 0 {
-            eprintln!("shards: skipped {skipped} samples lacking an image or a caption");
-        }
-        Ok((samples, Some(shard_of)))
-    }
-}
-
-/// Joins the launch's process group when it has several ranks (torchrun, srun, mpirun: open_clip's
-/// `world_info_from_env`, `env://` rendezvous).
-fn join_group(
-    a: &Args,
-    world: pirclip_model::dist::WorldInfo,
-    device: tch::Device,
-) -> Result<Option<Distributed>> {
-    // One rank joins a group only when a backend is named under a launcher (e.g. to check NCCL with
-    // `torchrun --nproc_per_node 1 … --dist-backend nccl`); otherwise it trains alone, as open_clip does.
-    let launched_alone = world.world_size == 1
-        && a.dist_backend.is_some()
-        && std::env::var_os("MASTER_ADDR").is_some();
-    if world.world_size <= 1 && !launched_alone {
-        return Ok(None);
-    }
-    let backend =
-        a.dist_backend
-            .as_deref()
-            .unwrap_or(if device.is_cuda() { "nccl" } else { "gloo" });
-    if backend == "nccl" && !device.is_cuda() {
-        bail!("--dist-backend nccl reduces GPU tensors: add --device cuda (each rank takes cuda:LOCAL_RANK), or use gloo on CPU");
-    }
-    if a.dist_url != "env://" {
-        bail!("--dist-url {}: pirclip rendezvous through env:// (MASTER_ADDR, MASTER_PORT), as torchrun and open_clip's srun setup provide", a.dist_url);
-    }
-    let (addr, port, is_server) =
-        pirclip_model::dist::rendezvous_from_env(world.rank).map_err(anyhow::Error::msg)?;
-    let rendezvous = pirclip_model::dist::Rendezvous {
-        host: &addr,
-        port,
-        rank: world.rank,
-        world_size: world.world_size,
-        is_server,
-        timeout_s: a.dist_timeout,
-    };
-    let group = match (backend, device) {
-        ("nccl", tch::Device::Cuda(i)) => ProcessGroup::nccl(&rendezvous, i),
-        _ => ProcessGroup::gloo(&rendezvous),
-    }
-    .map_err(anyhow::Error::msg)?;
-    Ok(Some(Distributed {
-        group,
-        local_loss: a.local_loss,
-        gather_with_grad: a.gather_with_grad,
-        reducer: None,
-    }))
-}
-
 pub fn run(a: Args) -> Result<()> {
-    for target in a
-        .report_to
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
-        if target != "tensorboard" {
+    for target in a.report_to.split(',').map(str::trim) {
+        if !target.is_empty() && target != "tensorboard" {
             bail!("--report-to {target} is not supported by pirclip (it works offline): TensorBoard event files are written to <logs>/<name>/tensorboard");
         }
-    }
-    if let Some(b) = a
-        .dist_backend
-        .as_deref()
-        .filter(|b| !["nccl", "gloo"].contains(b))
-    {
-        bail!("--dist-backend {b}: pirclip speaks nccl (CUDA) and gloo (CPU)");
-    }
-    // Checked before anything is loaded: a typo in a setting fails at once.
-    let augment = augmentation(&a)?;
-    let world = pirclip_model::dist::world_info_from_env();
-    let is_master = world.rank == 0;
-    let mut device = parse_device(&a.device)?;
-    if world.world_size > 1 && matches!(a.device.as_str(), "cuda" | "gpu") {
-        // open_clip's device for a rank: cuda:LOCAL_RANK (an explicit cuda:N is kept, e.g. to put
-        // several ranks on one GPU).
-        let visible = tch::Cuda::device_count() as usize;
-        if world.local_rank >= visible {
-            bail!("rank {} has LOCAL_RANK {} but only {visible} CUDA device(s) are visible: launch at most {visible} ranks per node", world.rank, world.local_rank);
-        }
-        device = tch::Device::Cuda(world.local_rank);
     }
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
@@ -573,428 +449,173 @@ pub fn run(a: Args) -> Result<()> {
             std::env::set_var("KINETO_LOG_LEVEL", "5");
         }
     }
-    // Before the first tensor: steps reuse freed activation memory instead of faulting in new pages.
-    pirclip_model::native::retain_freed_memory();
-    let config = ModelConfig::from_name_or_path(&a.model)?;
-    let name = a.name.clone().unwrap_or_else(|| {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        format!(
-            "{secs}-model_{}-lr_{}-b_{}-j_{}-p_{}",
-            config.name,
-            a.lr,
-            a.batch_size,
-            a.workers,
-            crate::common::flag_name(&a.precision)
+    let config = run_config(&a)?;
+    let belief_mode = config.options.belief_mode;
+    if let Some(kind) = config.options.precision.autocast_kind(config.device) {
+        crate::common::warn_slow_half_precision(config.device, kind);
+    }
+    let mut progress = Progress::new(config.world.rank == 0);
+    let mut training = TrainRun::from_config(config, &mut progress).map_err(anyhow::Error::msg)?;
+    let mut validate = training.validation.clone().map(|(set, images)| {
+        move |model: &ClipModel| -> std::result::Result<Vec<(String, f64)>, String> {
+            let opts = EncodeOptions {
+                bn_mode: pirclip_model::BnMode::Running,
+                belief_mode,
+                dropout: false,
+            };
+            let encoded = crate::pipeline::encode_set(model, &set, &images, opts, 64, false)
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(encoded.metrics(&set, &[1, 5, 10]).official())
+        }
+    });
+    training
+        .run(
+            validate.as_mut().map(|v| v as &mut run::Validate),
+            &mut progress,
         )
-    });
-    let run_dir = a.logs.join(&name);
-    let ckpt_dir = run_dir.join("checkpoints");
-    let resume_path = match a.resume.as_deref() {
-        None => {
-            if run_dir.exists() {
-                bail!("run folder {} exists: pick another --name, or continue it with --resume latest", run_dir.display());
-            }
-            None
-        }
-        Some("latest") => {
-            let latest = ckpt_dir.join("epoch_latest.pt");
-            if latest.exists() {
-                Some(latest)
-            } else {
-                let mut best: Option<(usize, PathBuf)> = None;
-                for e in std::fs::read_dir(&ckpt_dir).with_context(|| {
-                    format!("--resume latest: no checkpoints in {}", ckpt_dir.display())
-                })? {
-                    let p = e?.path();
-                    let n = p
-                        .file_name()
-                        .and_then(|f| f.to_str())
-                        .and_then(|f| f.strip_prefix("epoch_"))
-                        .and_then(|f| f.strip_suffix(".pt"))
-                        .and_then(|f| f.parse().ok());
-                    if let Some(n) = n {
-                        if best.as_ref().map(|(b, _)| n > *b).unwrap_or(true) {
-                            best = Some((n, p));
-                        }
-                    }
-                }
-                Some(
-                    best.context(format!(
-                        "--resume latest: no epoch_N.pt in {}",
-                        ckpt_dir.display()
-                    ))?
-                    .1,
-                )
-            }
-        }
-        Some(f) => Some(PathBuf::from(f)),
-    };
-    // Every rank checked the run folder above; only now, once all have joined, does rank 0 create it.
-    let dist = join_group(&a, world, device)?;
-    let mut log = RunLog::none();
-    if is_master {
-        std::fs::create_dir_all(&ckpt_dir)?;
-        log = RunLog::open(&run_dir.join("out.log"))?;
-        std::fs::write(run_dir.join("params.txt"), format!("{a:#?}\n"))?;
-    }
+        .map_err(anyhow::Error::msg)?;
+    progress.bar.finish();
+    Ok(())
+}
 
-    if a.lock_spatial_pae
-        && !config
-            .instruction
-            .as_ref()
-            .is_some_and(|i| i.hard_vir.is_some())
-    {
-        bail!("--lock-spatial-pae: model {} has no hard-filter Spatial-PAE (vision_cfg.vir = \"hard\")", a.model);
-    }
-    if a.lock_temporal_pae && config.text.lca.is_none() {
-        bail!(
-            "--lock-temporal-pae: model {} has no Temporal-PAE (text_cfg.lca)",
-            a.model
-        );
-    }
-    let model = ClipModel::new(&config, device);
-    pirclip_model::init::initialize(model.registry(), a.seed as i64);
-    if let Some(p) = &a.pretrained {
-        let ck = pirclip_checkpoint::load(p)?;
-        let report = pirclip_model::params::load_state_dict(model.registry(), &ck.state_dict);
-        let msg = format!(
-            "pretrained {}: loaded {} tensors; randomly initialised:{}",
-            p.display(),
-            report.loaded.len(),
-            if report.is_clean() {
-                " none".to_string()
-            } else {
-                report.describe()
-            }
-        );
-        say(is_master, &msg);
-        log.line(&msg);
-    }
-    let options = TrainOptions {
-        affiliation_loss: a.aff_loss,
-        belief_mode: match a.belief_mode {
-            BeliefModeArg::BeliefPlusIndex => pirclip_model::BeliefMode::BeliefPlusIndex,
-            BeliefModeArg::BeliefOnly => pirclip_model::BeliefMode::BeliefOnly,
-        },
-        lock_instruction: a.lock_instruction,
-        lock_text: a.lock_text,
-        sync_batchnorm: a.use_bn_sync,
-        lock_spatial_pae: a.lock_spatial_pae,
-        lock_temporal_pae: a.lock_temporal_pae,
-        grad_clip_norm: a.grad_clip_norm,
-        label_smoothing: a.label_smoothing.unwrap_or(match a.recipe {
-            Recipe::Pirclip | Recipe::Official => 0.0,
-            Recipe::Aerial => 0.1,
-        }),
-        precision: match a.precision {
-            Precision::Fp32 => TrainPrecision::Fp32,
-            Precision::Amp => TrainPrecision::Amp,
-            Precision::AmpBf16 => TrainPrecision::AmpBf16,
-        },
-    };
-    let mut trainer = Trainer::new(
-        model,
-        AdamWConfig {
-            beta1: a.beta1,
-            beta2: a.beta2,
-            eps: a.eps,
-            weight_decay: a.wd,
-        },
-        options,
-    );
-    trainer.optimizer.foreach = match a.foreach {
-        ForeachArg::Auto => Foreach::Auto,
-        ForeachArg::On => Foreach::On,
-        ForeachArg::Off => Foreach::Off,
-    };
-    let ema_decay = a.ema_decay.unwrap_or(match a.recipe {
-        Recipe::Official => 0.0,
-        Recipe::Pirclip | Recipe::Aerial => 0.999,
-    });
-    let ema_decay = (ema_decay > 0.0).then_some(ema_decay);
-    // Only rank 0 saves and validates, so only rank 0 keeps the average (a copy of the weights).
-    if let (Some(decay), true) = (ema_decay, is_master) {
-        trainer.ema = Some(pirclip_train::ema::Ema::new(&trainer.model, decay));
-    }
-    let mut pos = Position::default();
-    if let Some(p) = &resume_path {
-        pos = checkpoint::resume(p, &mut trainer).map_err(anyhow::Error::msg)?;
-        let msg = format!(
-            "resumed from {} at epoch {}, batch {}, step {}",
-            p.display(),
-            pos.epoch,
-            pos.batch_in_epoch,
-            pos.step
-        );
-        say(is_master, &msg);
-        log.line(&msg);
-    }
-
-    if let Some(d) = dist {
-        trainer.join(d).map_err(anyhow::Error::msg)?;
-    }
-
+/// The run's settings from the flags (and the launch's environment).
+fn run_config(a: &Args) -> Result<RunConfig> {
+    // Checked before anything is loaded: a typo in a setting fails at once.
+    let augment = augmentation(a)?;
+    let world = pirclip_model::dist::world_info_from_env();
+    let plain_cuda = matches!(a.device.as_str(), "cuda" | "gpu");
+    let device = setup::rank_device(parse_device(&a.device)?, plain_cuda, world)
+        .map_err(anyhow::Error::msg)?;
     let validation = match (&a.val_data, &a.val_images_dir) {
-        (Some(json), Some(images)) => Some((
-            RetrievalSet::build(
-                &Dataset::load_with(json, a.allow_absolute_paths)?,
-                &[a.val_split.as_str()],
-            ),
-            images.clone(),
-        )),
-        // open_clip's CSV validation: the CSV's own image paths (relative to its folder) and captions.
+        (Some(json), Some(images)) => Some(ValidationSpec::Json {
+            path: json.clone(),
+            images_dir: images.clone(),
+            split: a.val_split.clone(),
+        }),
         (Some(csv), None) if is_csv_name(&csv.to_string_lossy()) => {
-            let base = csv.parent().unwrap_or(Path::new(".")).to_path_buf();
-            let samples = pirclip_data::train::samples_from_csv(
-                csv,
-                &a.csv_img_key,
-                &a.csv_caption_key,
-                csv_separator(&a.csv_separator)?,
-                &base,
-                a.allow_absolute_paths,
-            )
-            .map_err(anyhow::Error::msg)?;
-            let paths: Vec<String> = samples
-                .iter()
-                .map(|s| match &s.image {
-                    pirclip_data::train::ImageSource::File(p) => p.display().to_string(),
-                    pirclip_data::train::ImageSource::TarMember { .. } => {
-                        unreachable!("CSV samples are files")
-                    }
-                })
-                .collect();
-            let pairs: Vec<(&str, String)> = paths
-                .iter()
-                .zip(&samples)
-                .map(|(p, s)| (p.as_str(), s.caption.clone()))
-                .collect();
-            Some((RetrievalSet::from_pairs(&pairs), PathBuf::new()))
+            Some(ValidationSpec::Csv { path: csv.clone() })
         }
         (None, None) => None,
         _ => bail!(
             "--val-data needs --val-images-dir, unless it is a CSV (open_clip's --val-data=...csv)"
         ),
     };
-    let (samples, shard_of) = load_samples(&a)?;
-    if a.one_caption_per_image && shard_of.is_some() {
-        bail!("--one-caption-per-image is for JSON and CSV data: webdataset shards hold one caption per sample");
-    }
-    let shard_order = match (a.dataset_resampled, shard_of) {
-        (true, None) => bail!("--dataset-resampled needs webdataset shards as --train-data"),
-        (_, None) => None,
-        (resampled, Some(shard_of)) => {
-            let resampled = if resampled {
-                let paths: Vec<PathBuf> = pirclip_data::shards::expand_braces(&a.train_data)?
-                    .into_iter()
-                    .map(PathBuf::from)
-                    .collect();
-                Some(
-                    a.train_num_samples
-                        .or_else(|| pirclip_data::shards::sizes_json_total(&paths))
-                        .unwrap_or(samples.len()),
-                )
-            } else {
-                None
-            };
-            Some(ShardOrder {
-                shard_of,
-                resampled,
-                buffer: a.shuffle_buffer,
-            })
-        }
-    };
-    let mut loader = TrainLoader::new(
-        samples,
-        LoaderConfig {
-            image_size: config.image_size,
-            batch_size: a.batch_size,
-            seed: a.seed,
+    let ema_decay = a.ema_decay.unwrap_or(match a.recipe {
+        Recipe::Official => 0.0,
+        Recipe::Pirclip | Recipe::Aerial => 0.999,
+    });
+    Ok(RunConfig {
+        model: ModelConfig::from_name_or_path(&a.model)?,
+        pretrained: a.pretrained.clone(),
+        seed: a.seed,
+        data: DataSpec {
+            train_data: a.train_data.clone(),
+            images_dir: a.images_dir.clone(),
+            train_split: a.train_split.clone(),
+            dataset_type: match a.dataset_type {
+                DatasetType::Auto => setup::DatasetType::Auto,
+                DatasetType::Csv => setup::DatasetType::Csv,
+                DatasetType::Webdataset => setup::DatasetType::Webdataset,
+            },
+            csv: CsvColumns {
+                image_key: a.csv_img_key.clone(),
+                caption_key: a.csv_caption_key.clone(),
+                separator: csv_separator(&a.csv_separator)?,
+            },
+            allow_absolute_paths: a.allow_absolute_paths,
+            train_num_samples: a.train_num_samples,
+            dataset_resampled: a.dataset_resampled,
+            shuffle_buffer: a.shuffle_buffer,
+            one_caption_per_image: a.one_caption_per_image,
             shuffle: !a.no_shuffle,
             augment,
-            one_caption_per_image: a.one_caption_per_image,
             workers: a.workers,
-            context_length: config.text.context_length,
-            rank: world.rank,
-            world: world.world_size,
+            batch_size: a.batch_size,
         },
-    );
-    let resampled = matches!(
-        &shard_order,
-        Some(ShardOrder {
-            resampled: Some(_),
-            ..
-        })
-    );
-    if let Some(order) = shard_order {
-        loader = loader.with_shards(order);
-    }
-    if let (Some(n), false) = (a.train_num_samples, resampled) {
-        // open_clip: the epoch length, not a cut of the data. Every sample stays in the pool.
-        loader = loader.with_epoch_samples(n);
-    }
-    if loader.samples_per_epoch() < a.batch_size {
-        bail!(
-            "an epoch of {} samples is less than one batch of {}",
-            loader.samples_per_epoch(),
-            a.batch_size
-        );
-    }
-    let pool = loader.len();
-    let pass = loader.pass_len();
-    let per_epoch_samples = loader.samples_per_epoch();
-    let pass_is = if a.one_caption_per_image {
-        format!("a pass is one caption, drawn anew each pass, of each of {pass} images ({pool} captions)")
-    } else {
-        format!("a pass is all {pool} samples")
-    };
-    let coverage = if resampled {
-        format!("an epoch draws {per_epoch_samples} samples from shards chosen with replacement (pool of {pool})")
-    } else if per_epoch_samples == pass {
-        format!("an epoch is one pass; {pass_is}")
-    } else {
-        format!(
-            "an epoch is {per_epoch_samples} samples ({:.2} passes) of a stream of reshuffled passes; {pass_is}; no sample is left out",
-            per_epoch_samples as f64 / pass as f64
-        )
-    };
-    say(is_master, &format!("data: {coverage}"));
-    log.line(&format!("data: {coverage}"));
-    if let Some(kind) = trainer.autocast_kind() {
-        crate::common::warn_slow_half_precision(device, kind);
-    }
-    let precision = match trainer.autocast_kind() {
-        None => "fp32".to_string(),
-        Some(k) => format!(
-            "{k:?} autocast{}",
-            if trainer.scaler.is_some() {
-                " + gradient scaler"
-            } else {
-                ""
-            }
-        ),
-    };
-    let settings = RunSettings {
-        name: name.clone(),
-        epochs: a.epochs,
-        accum_freq: a.accum_freq as usize,
-        lr: a.lr,
-        warmup: a.warmup,
-        schedule: match a.lr_scheduler {
-            LrScheduler::Cosine => ScheduleKind::Cosine,
-            LrScheduler::Const => ScheduleKind::Const,
-            LrScheduler::ConstCooldown => ScheduleKind::ConstCooldown {
-                epochs: a.epochs_cooldown,
-                end_lr: a.lr_cooldown_end,
+        validation,
+        options: TrainOptions {
+            affiliation_loss: a.aff_loss,
+            belief_mode: match a.belief_mode {
+                BeliefModeArg::BeliefPlusIndex => pirclip_model::BeliefMode::BeliefPlusIndex,
+                BeliefModeArg::BeliefOnly => pirclip_model::BeliefMode::BeliefOnly,
+            },
+            lock_instruction: a.lock_instruction,
+            lock_text: a.lock_text,
+            sync_batchnorm: a.use_bn_sync,
+            lock_spatial_pae: a.lock_spatial_pae,
+            lock_temporal_pae: a.lock_temporal_pae,
+            grad_clip_norm: a.grad_clip_norm,
+            label_smoothing: a.label_smoothing.unwrap_or(match a.recipe {
+                Recipe::Pirclip | Recipe::Official => 0.0,
+                Recipe::Aerial => 0.1,
+            }),
+            precision: match a.precision {
+                Precision::Fp32 => TrainPrecision::Fp32,
+                Precision::Amp => TrainPrecision::Amp,
+                Precision::AmpBf16 => TrainPrecision::AmpBf16,
             },
         },
-        max_steps: a.max_steps,
-        profile: if is_master { a.profile.clone() } else { None },
-        log_every_n_steps: a.log_every_n_steps,
-        save_frequency: a.save_frequency,
-        save_most_recent: a.save_most_recent,
-        val_frequency: a.val_frequency,
-        label_source: match a.label_source {
-            LabelSource::Filename => run::LabelSource::FileName,
-            LabelSource::Json => run::LabelSource::Json,
+        adamw: AdamWConfig {
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: a.eps,
+            weight_decay: a.wd,
         },
-    };
-    let mut training = TrainingRun::new(trainer, loader, settings, run_dir.clone(), log, is_master)
-        .map_err(anyhow::Error::msg)?;
-    let accum = a.accum_freq as usize;
-    let header = format!(
-        "run {name}: model {} ({} parameters, {} trainable), {} samples, {} batches/epoch of {}{}, {} epochs, steps {}..{}, precision {precision}",
-        config.name,
-        crate::inspect::group_thousands(training.trainer.model.parameter_count()),
-        crate::inspect::group_thousands(training.trainer.trainable_parameter_count()),
-        training.loader.len(),
-        training.steps_per_epoch(),
-        a.batch_size,
-        if accum > 1 { format!(" × {accum} accumulated") } else { String::new() }
-            + &if world.world_size > 1 {
-                format!(
-                    " on each of {} ranks (global batch {})",
-                    world.world_size,
-                    a.batch_size * accum * world.world_size
-                )
-            } else {
-                String::new()
-            },
-        a.epochs,
-        pos.step,
-        training.stop_at(),
-    );
-    say(is_master, &header);
-    training.log.line(&header);
-    let recipe = format!(
-        "recipe {}: augmentation {}; label smoothing {}; weight average {}",
-        crate::common::flag_name(&a.recipe),
-        match augment {
-            None => "off".to_string(),
-            Some(aug) => format!(
-                "RandomResizedCrop(scale {}–{}, ratio {:.3}–{:.3}){}",
-                aug.scale.0,
-                aug.scale.1,
-                aug.ratio.0,
-                aug.ratio.1,
-                if aug.rotate_flip {
-                    " + 90° rotations and flips"
-                } else {
-                    ""
-                }
-            ),
+        foreach: match a.foreach {
+            ForeachArg::Auto => Foreach::Auto,
+            ForeachArg::On => Foreach::On,
+            ForeachArg::Off => Foreach::Off,
         },
-        training.trainer.options.label_smoothing,
-        match &training.trainer.ema {
-            Some(e) => format!("decay {}", e.decay),
-            None => "off".to_string(),
-        }
-    );
-    say(is_master, &recipe);
-    training.log.line(&recipe);
-    let mut validate = validation.map(|(set, images)| {
-        let (bn_mode, belief_mode) = (pirclip_model::BnMode::Running, options.belief_mode);
-        move |model: &ClipModel| -> std::result::Result<Vec<(String, f64)>, String> {
-            let encoded = crate::pipeline::encode_set(
-                model,
-                &set,
-                &images,
-                EncodeOptions {
-                    bn_mode,
-                    belief_mode,
-                    dropout: false,
+        ema_decay: (ema_decay > 0.0).then_some(ema_decay),
+        settings: RunSettings {
+            name: a.name.clone().unwrap_or_default(),
+            epochs: a.epochs,
+            accum_freq: a.accum_freq as usize,
+            lr: a.lr,
+            warmup: a.warmup,
+            schedule: match a.lr_scheduler {
+                LrScheduler::Cosine => ScheduleKind::Cosine,
+                LrScheduler::Const => ScheduleKind::Const,
+                LrScheduler::ConstCooldown => ScheduleKind::ConstCooldown {
+                    epochs: a.epochs_cooldown,
+                    end_lr: a.lr_cooldown_end,
                 },
-                64,
-                false,
-            )
-            .map_err(|e| format!("{e:#}"))?;
-            Ok(encoded.metrics(&set, &[1, 5, 10]).official())
-        }
-    });
-    let mut progress = Progress::new(is_master);
-    let end = training
-        .run(
-            pos,
-            validate.as_mut().map(|v| v as &mut run::Validate),
-            &mut progress,
-        )
-        .map_err(anyhow::Error::msg)?;
-    progress.bar.finish();
-    let msg = format!(
-        "done at step {}; run folder {}",
-        end.step,
-        run_dir.display()
-    );
-    say(is_master, &msg);
-    training.log.line(&msg);
-    Ok(())
+            },
+            max_steps: a.max_steps,
+            profile: if world.rank == 0 {
+                a.profile.clone()
+            } else {
+                None
+            },
+            log_every_n_steps: a.log_every_n_steps,
+            save_frequency: a.save_frequency,
+            save_most_recent: a.save_most_recent,
+            val_frequency: a.val_frequency,
+            label_source: match a.label_source {
+                LabelSource::Filename => run::LabelSource::FileName,
+                LabelSource::Json => run::LabelSource::Json,
+            },
+        },
+        logs: a.logs.clone(),
+        resume: a.resume.clone(),
+        device,
+        world,
+        dist: DistSpec {
+            backend: a.dist_backend.clone(),
+            url: a.dist_url.clone(),
+            timeout_s: a.dist_timeout,
+            local_loss: a.local_loss,
+            gather_with_grad: a.gather_with_grad,
+        },
+        params: format!("{a:#?}\n"),
+        recipe: crate::common::flag_name(&a.recipe),
+    })
 }
 
 /// The progress bar of a run (rank 0 only; hidden elsewhere).
 struct Progress {
     bar: indicatif::ProgressBar,
+    is_master: bool,
 }
 
 impl Progress {
@@ -1011,7 +632,7 @@ impl Progress {
             .unwrap()
             .progress_chars("=> "),
         );
-        Progress { bar }
+        Progress { bar, is_master }
     }
 }
 
@@ -1035,13 +656,11 @@ impl RunObserver for Progress {
     }
 
     fn line(&mut self, line: &str) {
-        self.bar.println(line);
-    }
-}
-
-/// Progress and information lines: from rank 0 only, as open_clip logs on the master.
-fn say(is_master: bool, msg: &str) {
-    if is_master {
-        eprintln!("{msg}");
+        // indicatif prints nothing beside a hidden bar (stderr not a terminal, or another rank's).
+        if self.is_master && self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else if self.is_master {
+            self.bar.println(line);
+        }
     }
 }

@@ -7,6 +7,7 @@ pub mod ema;
 pub mod loss;
 pub mod optim;
 pub mod run;
+pub mod setup;
 pub mod tensorboard;
 
 use pirclip_model::params::EntryKind;
@@ -25,6 +26,18 @@ pub enum TrainPrecision {
     Fp32,
     Amp,
     AmpBf16,
+}
+
+impl TrainPrecision {
+    /// The autocast dtype of the forward pass on `device`, if any.
+    pub fn autocast_kind(self, device: tch::Device) -> Option<Kind> {
+        match self {
+            TrainPrecision::Fp32 => None,
+            TrainPrecision::AmpBf16 => Some(Kind::BFloat16),
+            TrainPrecision::Amp if device.is_cuda() => Some(Kind::Half),
+            TrainPrecision::Amp => Some(Kind::BFloat16),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -168,12 +181,7 @@ impl Trainer {
 
     /// The autocast dtype of the forward pass, if any.
     pub fn autocast_kind(&self) -> Option<Kind> {
-        match self.options.precision {
-            TrainPrecision::Fp32 => None,
-            TrainPrecision::AmpBf16 => Some(Kind::BFloat16),
-            TrainPrecision::Amp if self.model.device().is_cuda() => Some(Kind::Half),
-            TrainPrecision::Amp => Some(Kind::BFloat16),
-        }
+        self.options.precision.autocast_kind(self.model.device())
     }
 
     fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {

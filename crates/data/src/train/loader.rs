@@ -589,7 +589,8 @@ mod tests {
         assert_eq!(positions(2, 3), [[2, 5], [8, 11]]);
         let single = positions(0, 1);
         for (k, batch) in single.chunks(2).enumerate().take(3) {
-            let mut two_ranks: Vec<usize> = [positions(0, 2)[k].clone(), positions(1, 2)[k].clone()].concat();
+            let mut two_ranks: Vec<usize> =
+                [positions(0, 2)[k].clone(), positions(1, 2)[k].clone()].concat();
             two_ranks.sort();
             assert_eq!(two_ranks, batch.concat(), "global batch {k}");
         }
