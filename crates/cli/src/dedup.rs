@@ -1,12 +1,11 @@
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use pirclip_data::dedup::{dhash, near_pairs, normalize_caption};
 use pirclip_data::karpathy::Dataset;
+use pirclip_retrieval::dedup::{find, Report, Settings, Source};
 
 use crate::common::ModelArgs;
-use crate::pipeline::encode_images;
+use crate::pipeline::Bar;
 
 /// Find test-set leaks: near-duplicate images within and across splits and datasets (a 64-bit dHash
 /// within --max-hamming bits, confirmed by embedding cosine ≥ --min-cosine), and identical captions
@@ -46,13 +45,6 @@ pub struct Args {
     max_pairs: usize,
 }
 
-struct Img {
-    dataset: usize,
-    filename: String,
-    split: String,
-    path: PathBuf,
-}
-
 pub fn run(a: Args) -> Result<()> {
     if a.images_dir.len() > a.json.len() {
         bail!(
@@ -61,186 +53,47 @@ pub fn run(a: Args) -> Result<()> {
             a.json.len()
         );
     }
-    let datasets: Vec<Dataset> = a
+    let sources = a
         .json
         .iter()
-        .map(|j| Dataset::load(j))
-        .collect::<Result<_, _>>()?;
-    let names: Vec<String> = a
-        .json
-        .iter()
-        .map(|j| {
-            j.file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_default()
+        .enumerate()
+        .map(|(d, j)| -> Result<Source> {
+            Ok(Source {
+                name: j
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                dataset: Dataset::load(j)?,
+                images_dir: a.images_dir.get(d).cloned(),
+            })
         })
-        .collect();
-    let mut images = Vec::new();
-    for (d, dir) in a.images_dir.iter().enumerate() {
-        let mut seen = HashSet::new();
-        for e in &datasets[d].entries {
-            if seen.insert(e.filename.clone()) {
-                images.push(Img {
-                    dataset: d,
-                    filename: e.filename.clone(),
-                    split: e.split.clone(),
-                    path: dir.join(&e.filename),
-                });
-            }
-        }
-    }
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let hashed = pirclip_data::parallel_map(&images, workers, |im| {
-        pirclip_image::decode_file(&im.path).map(|img| dhash(&img))
-    });
-    let (mut hashes, mut kept, mut unreadable) = (Vec::new(), Vec::new(), 0usize);
-    for (im, h) in images.into_iter().zip(hashed) {
-        match h {
-            Ok(h) => {
-                hashes.push(h);
-                kept.push(im);
-            }
-            Err(_) => unreadable += 1,
-        }
-    }
-    let images = kept;
-    let found = near_pairs(&hashes, a.max_hamming, a.max_pairs);
-    if found.truncated {
+        .collect::<Result<Vec<_>>>()?;
+    let settings = Settings {
+        max_hamming: a.max_hamming,
+        min_cosine: a.min_cosine,
+        max_pairs: a.max_pairs,
+        batch_size: a.batch_size,
+        encode: a.model.options(),
+    };
+    let load = || a.model.load().map_err(|e| format!("{e:#}"));
+    let r = find(&sources, load, &settings, &Bar::new(true)).map_err(anyhow::Error::msg)?;
+    if r.truncated {
         eprintln!(
             "warning: more than {} candidate pairs; only the first were confirmed (raise --max-pairs)",
             a.max_pairs
         );
     }
-    let candidates = found.pairs;
-    // Confirm candidates by embedding similarity (only the images in a candidate pair are encoded).
-    let mut involved: Vec<usize> = candidates.iter().flat_map(|&(i, j, _)| [i, j]).collect();
-    involved.sort_unstable();
-    involved.dedup();
-    let mut pairs: Vec<(usize, usize, u32, f32)> = Vec::new();
-    if !involved.is_empty() {
-        let model = a.model.load()?;
-        let paths: Vec<PathBuf> = involved.iter().map(|&i| images[i].path.clone()).collect();
-        let e = encode_images(&model, &paths, a.model.options(), a.batch_size, true, true)?;
-        let row: HashMap<usize, usize> =
-            involved.iter().enumerate().map(|(r, &i)| (i, r)).collect();
-        for &(i, j, d) in &candidates {
-            let (ri, rj) = (row[&i], row[&j]);
-            let cos: f32 = e.values[ri * e.dim..(ri + 1) * e.dim]
-                .iter()
-                .zip(&e.values[rj * e.dim..(rj + 1) * e.dim])
-                .map(|(x, y)| x * y)
-                .sum();
-            if cos >= a.min_cosine {
-                pairs.push((i, j, d, cos));
-            }
-        }
-    }
-    pairs.sort_by(|x, y| y.3.total_cmp(&x.3));
-    let place = |im: &Img| format!("{}:{}", names[im.dataset], im.split);
-    let mut per_split: BTreeMap<String, usize> = BTreeMap::new();
-    let mut leaked: HashSet<(usize, String)> = HashSet::new();
-    for &(i, j, _, _) in &pairs {
-        let (x, y) = (&images[i], &images[j]);
-        let (p, q) = (place(x), place(y));
-        let key = if p <= q {
-            format!("{p} ~ {q}")
-        } else {
-            format!("{q} ~ {p}")
-        };
-        *per_split.entry(key).or_default() += 1;
-        for (t, other) in [(x, y), (y, x)] {
-            if t.split == "test" && other.split != "test" {
-                leaked.insert((t.dataset, t.filename.clone()));
-            }
-        }
-    }
-    println!(
-        "images: {} hashed ({unreadable} unreadable), {} candidate pairs within {} bits, {} confirmed at cosine ≥ {}",
-        hashes.len(),
-        candidates.len(),
-        a.max_hamming,
-        pairs.len(),
-        a.min_cosine
-    );
-    for (k, n) in &per_split {
-        println!("  {k:<40} {n:>6} pairs");
-    }
-    for (d, name) in names.iter().enumerate().take(a.images_dir.len()) {
-        let tests = datasets[d]
-            .entries
-            .iter()
-            .filter(|e| e.split == "test")
-            .count();
-        let l = leaked.iter().filter(|(ds, _)| *ds == d).count();
-        println!(
-            "  {name}: {l} of {tests} test images have a near-duplicate outside the test split"
-        );
-    }
-    // Captions.
-    let mut where_: HashMap<String, HashSet<(usize, String)>> = HashMap::new();
-    for (d, ds) in datasets.iter().enumerate() {
-        for e in &ds.entries {
-            for c in &e.captions {
-                where_
-                    .entry(normalize_caption(c))
-                    .or_default()
-                    .insert((d, e.split.clone()));
-            }
-        }
-    }
-    let mut caption_report = Vec::new();
-    for (d, name) in names.iter().enumerate() {
-        let tests: HashSet<String> = datasets[d]
-            .entries
-            .iter()
-            .filter(|e| e.split == "test")
-            .flat_map(|e| e.captions.iter().map(|c| normalize_caption(c)))
-            .collect();
-        if tests.is_empty() {
-            continue;
-        }
-        let in_train = tests
-            .iter()
-            .filter(|c| where_[*c].iter().any(|(od, s)| *od == d && s != "test"))
-            .count();
-        println!(
-            "captions: {name}: {in_train} of {} distinct test captions also occur in its train/val",
-            tests.len()
-        );
-        caption_report.push(serde_json::json!({"dataset": name, "test_captions": tests.len(), "in_own_train_or_val": in_train}));
-        for (o, other) in names.iter().enumerate() {
-            if o == d {
-                continue;
-            }
-            let shared = tests
-                .iter()
-                .filter(|c| where_[*c].iter().any(|(od, _)| *od == o))
-                .count();
-            println!("          {name} test captions found in {other}: {shared}");
-            caption_report.push(serde_json::json!({"dataset": name, "other": other, "test_captions_in_other": shared}));
-        }
-    }
+    print_report(&a, &r);
     if let Some(out) = &a.out {
-        let report = serde_json::json!({
-            "max_hamming": a.max_hamming,
-            "min_cosine": a.min_cosine,
-            "images_hashed": hashes.len(),
-            "candidate_pairs": candidates.len(),
-            "pairs_by_split": per_split,
-            "leaked_test_images": leaked.iter().map(|(d, f)| format!("{}:{f}", names[*d])).collect::<Vec<_>>(),
-            "captions": caption_report,
-            "pairs": pairs.iter().map(|&(i, j, d, c)| serde_json::json!({"a": format!("{}:{}", place(&images[i]), images[i].filename), "b": format!("{}:{}", place(&images[j]), images[j].filename), "hamming": d, "cosine": c})).collect::<Vec<_>>(),
-        });
+        let json = report_json(&a, &r);
         pirclip_checkpoint::write_atomic(
             out,
-            (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+            (serde_json::to_string_pretty(&json)? + "\n").as_bytes(),
         )?;
         eprintln!("wrote {}", out.display());
     }
     if let Some(png) = &a.plot {
-        contact_sheet(&images, &pairs, png)?;
+        contact_sheet(&r, png)?;
         eprintln!("wrote {}", png.display());
     }
     if let Some(clean) = &a.write_clean {
@@ -250,8 +103,8 @@ pub fn run(a: Args) -> Result<()> {
         let list = v["images"].as_array_mut().context("no images list")?;
         let before = list.len();
         list.retain(|im| {
-            !(im["split"] == "test"
-                && leaked.contains(&(0, im["filename"].as_str().unwrap_or("").to_string())))
+            let name = im["filename"].as_str().unwrap_or("").to_string();
+            !(im["split"] == "test" && r.leaked.contains(&(0, name)))
         });
         let removed = before - list.len();
         pirclip_checkpoint::write_atomic(clean, serde_json::to_string(&v)?.as_bytes())?;
@@ -263,25 +116,82 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
+fn print_report(a: &Args, r: &Report) {
+    println!(
+        "images: {} hashed ({} unreadable), {} candidate pairs within {} bits, {} confirmed at cosine ≥ {}",
+        r.images.len(),
+        r.unreadable,
+        r.candidates,
+        a.max_hamming,
+        r.pairs.len(),
+        a.min_cosine
+    );
+    for (k, n) in &r.pairs_by_split {
+        println!("  {k:<40} {n:>6} pairs");
+    }
+    for &(d, tests) in &r.test_images {
+        let l = r.leaked.iter().filter(|(ds, _)| *ds == d).count();
+        println!(
+            "  {}: {l} of {tests} test images have a near-duplicate outside the test split",
+            r.names[d]
+        );
+    }
+    for c in &r.captions {
+        let name = &r.names[c.source];
+        println!(
+            "captions: {name}: {} of {} distinct test captions also occur in its train/val",
+            c.in_own_train_or_val, c.test_captions
+        );
+        for &(o, shared) in &c.in_others {
+            println!(
+                "          {name} test captions found in {}: {shared}",
+                r.names[o]
+            );
+        }
+    }
+}
+
+fn report_json(a: &Args, r: &Report) -> serde_json::Value {
+    let mut captions = Vec::new();
+    for c in &r.captions {
+        let name = &r.names[c.source];
+        captions.push(serde_json::json!({"dataset": name, "test_captions": c.test_captions, "in_own_train_or_val": c.in_own_train_or_val}));
+        for &(o, shared) in &c.in_others {
+            captions.push(serde_json::json!({"dataset": name, "other": r.names[o], "test_captions_in_other": shared}));
+        }
+    }
+    let image = |i: usize| format!("{}:{}", r.place(i), r.images[i].filename);
+    serde_json::json!({
+        "max_hamming": a.max_hamming,
+        "min_cosine": a.min_cosine,
+        "images_hashed": r.images.len(),
+        "candidate_pairs": r.candidates,
+        "pairs_by_split": r.pairs_by_split,
+        "leaked_test_images": r.leaked.iter().map(|(d, f)| format!("{}:{f}", r.names[*d])).collect::<Vec<_>>(),
+        "captions": captions,
+        "pairs": r.pairs.iter().map(|p| serde_json::json!({"a": image(p.a), "b": image(p.b), "hamming": p.hamming, "cosine": p.cosine})).collect::<Vec<_>>(),
+    })
+}
+
 /// The 16 closest pairs, one per row: left | right at 128 px.
-fn contact_sheet(images: &[Img], pairs: &[(usize, usize, u32, f32)], path: &PathBuf) -> Result<()> {
+fn contact_sheet(r: &Report, path: &PathBuf) -> Result<()> {
     const S: usize = 128;
-    let rows: Vec<_> = pairs.iter().take(16).collect();
+    let rows: Vec<_> = r.pairs.iter().take(16).collect();
     let mut sheet = image::RgbImage::from_pixel(
         (2 * S + 12) as u32,
         (rows.len().max(1) * (S + 6)) as u32,
         image::Rgb([255, 255, 255]),
     );
-    for (r, &&(i, j, _, _)) in rows.iter().enumerate() {
-        for (c, k) in [i, j].into_iter().enumerate() {
-            let img = pirclip_image::decode_file(&images[k].path)?;
+    for (row, p) in rows.iter().enumerate() {
+        for (c, k) in [p.a, p.b].into_iter().enumerate() {
+            let img = pirclip_image::decode_file(&r.images[k].path)?;
             let t = pirclip_image::resize_bicubic(&img, S, S);
             for y in 0..S {
                 for x in 0..S {
                     let p = &t.pixels[(y * S + x) * 3..(y * S + x) * 3 + 3];
                     sheet.put_pixel(
                         (c * (S + 12) + x) as u32,
-                        (r * (S + 6) + y) as u32,
+                        (row * (S + 6) + y) as u32,
                         image::Rgb([p[0], p[1], p[2]]),
                     );
                 }

@@ -4,6 +4,7 @@
 //! Progress is reported through `Progress`, so command-line bars and servers are thin callers.
 
 pub mod classify;
+pub mod dedup;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

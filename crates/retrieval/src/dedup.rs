@@ -1,0 +1,250 @@
+//! Test-set leaks: near-duplicate images within and across the splits of one or more Karpathy datasets
+//! (a 64-bit dHash within `max_hamming` bits, confirmed by embedding cosine), and identical captions
+//! across splits and datasets.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+
+use pirclip_data::dedup::{dhash, near_pairs, normalize_caption};
+use pirclip_data::karpathy::Dataset;
+use pirclip_model::{ClipModel, EncodeOptions};
+
+use crate::Progress;
+
+/// A dataset to compare: its name (in reports), entries, and images folder (without one, only its
+/// captions are compared).
+pub struct Source {
+    pub name: String,
+    pub dataset: Dataset,
+    pub images_dir: Option<PathBuf>,
+}
+
+pub struct Settings {
+    /// dHash bits (of 64) two images may differ in to be candidates.
+    pub max_hamming: u32,
+    /// Embedding cosine that confirms a candidate pair.
+    pub min_cosine: f32,
+    /// Most candidate pairs kept (identical images pair with the first of them).
+    pub max_pairs: usize,
+    pub batch_size: usize,
+    pub encode: EncodeOptions,
+}
+
+/// One image of a source.
+pub struct Image {
+    pub source: usize,
+    pub filename: String,
+    pub split: String,
+    pub path: PathBuf,
+}
+
+/// A confirmed pair of near-duplicates: indices into [`Report::images`].
+#[derive(Debug, Clone, Copy)]
+pub struct Pair {
+    pub a: usize,
+    pub b: usize,
+    pub hamming: u32,
+    pub cosine: f32,
+}
+
+/// Test captions of one source found elsewhere.
+pub struct CaptionOverlap {
+    pub source: usize,
+    pub test_captions: usize,
+    pub in_own_train_or_val: usize,
+    /// (other source, test captions of this one found in it).
+    pub in_others: Vec<(usize, usize)>,
+}
+
+pub struct Report {
+    pub names: Vec<String>,
+    /// The images hashed (unreadable ones left out).
+    pub images: Vec<Image>,
+    pub unreadable: usize,
+    pub candidates: usize,
+    /// More than `max_pairs` candidates: only the first were confirmed.
+    pub truncated: bool,
+    /// Most similar first.
+    pub pairs: Vec<Pair>,
+    /// "a:split ~ b:split" → pairs.
+    pub pairs_by_split: BTreeMap<String, usize>,
+    /// (source, file name) of test images with a near-duplicate outside the test split.
+    pub leaked: HashSet<(usize, String)>,
+    /// (source, test images) for the sources with images.
+    pub test_images: Vec<(usize, usize)>,
+    pub captions: Vec<CaptionOverlap>,
+}
+
+impl Report {
+    /// "name:split" of an image.
+    pub fn place(&self, i: usize) -> String {
+        let im = &self.images[i];
+        format!("{}:{}", self.names[im.source], im.split)
+    }
+}
+
+/// Hashes every image of the sources with a folder, confirms the candidate pairs with the model
+/// (loaded only when there are candidates), and compares captions.
+pub fn find(
+    sources: &[Source],
+    model: impl FnOnce() -> Result<ClipModel, String>,
+    s: &Settings,
+    progress: &dyn Progress,
+) -> Result<Report, String> {
+    let images = images_of(sources);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hashed = pirclip_data::parallel_map(&images, workers, |im| {
+        pirclip_image::decode_file(&im.path).map(|img| dhash(&img))
+    });
+    let (mut hashes, mut kept, mut unreadable) = (Vec::new(), Vec::new(), 0usize);
+    for (im, h) in images.into_iter().zip(hashed) {
+        match h {
+            Ok(h) => {
+                hashes.push(h);
+                kept.push(im);
+            }
+            Err(_) => unreadable += 1,
+        }
+    }
+    let found = near_pairs(&hashes, s.max_hamming, s.max_pairs);
+    let pairs = confirm(&kept, &found.pairs, model, s, progress)?;
+    let mut report = Report {
+        names: sources.iter().map(|x| x.name.clone()).collect(),
+        images: kept,
+        unreadable,
+        candidates: found.pairs.len(),
+        truncated: found.truncated,
+        pairs,
+        pairs_by_split: BTreeMap::new(),
+        leaked: HashSet::new(),
+        test_images: Vec::new(),
+        captions: caption_overlaps(sources),
+    };
+    for p in report.pairs.clone() {
+        let (x, y) = (report.place(p.a), report.place(p.b));
+        let key = if x <= y {
+            format!("{x} ~ {y}")
+        } else {
+            format!("{y} ~ {x}")
+        };
+        *report.pairs_by_split.entry(key).or_default() += 1;
+        for (t, other) in [(p.a, p.b), (p.b, p.a)] {
+            let (t, other) = (&report.images[t], &report.images[other]);
+            if t.split == "test" && other.split != "test" {
+                report.leaked.insert((t.source, t.filename.clone()));
+            }
+        }
+    }
+    report.test_images = sources
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x.images_dir.is_some())
+        .map(|(d, x)| {
+            let tests = x.dataset.entries.iter().filter(|e| e.split == "test");
+            (d, tests.count())
+        })
+        .collect();
+    Ok(report)
+}
+
+/// Each image once per source (a Karpathy JSON lists an image once per caption group).
+fn images_of(sources: &[Source]) -> Vec<Image> {
+    let mut images = Vec::new();
+    for (d, source) in sources.iter().enumerate() {
+        let Some(dir) = &source.images_dir else {
+            continue;
+        };
+        let mut seen = HashSet::new();
+        for e in &source.dataset.entries {
+            if seen.insert(e.filename.clone()) {
+                images.push(Image {
+                    source: d,
+                    filename: e.filename.clone(),
+                    split: e.split.clone(),
+                    path: dir.join(&e.filename),
+                });
+            }
+        }
+    }
+    images
+}
+
+/// The candidate pairs whose embeddings' cosine reaches `min_cosine` (only images in a candidate pair
+/// are encoded), most similar first.
+fn confirm(
+    images: &[Image],
+    candidates: &[(usize, usize, u32)],
+    model: impl FnOnce() -> Result<ClipModel, String>,
+    s: &Settings,
+    progress: &dyn Progress,
+) -> Result<Vec<Pair>, String> {
+    let mut involved: Vec<usize> = candidates.iter().flat_map(|&(i, j, _)| [i, j]).collect();
+    involved.sort_unstable();
+    involved.dedup();
+    if involved.is_empty() {
+        return Ok(Vec::new());
+    }
+    let model = model()?;
+    let paths: Vec<PathBuf> = involved.iter().map(|&i| images[i].path.clone()).collect();
+    let e = crate::encode_images(&model, &paths, s.encode, s.batch_size, true, progress)
+        .map_err(|e| e.to_string())?;
+    let row: HashMap<usize, usize> = involved.iter().enumerate().map(|(r, &i)| (i, r)).collect();
+    let embedding = |i: usize| &e.values[row[&i] * e.dim..(row[&i] + 1) * e.dim];
+    let mut pairs: Vec<Pair> = candidates
+        .iter()
+        .map(|&(a, b, hamming)| Pair {
+            a,
+            b,
+            hamming,
+            cosine: embedding(a)
+                .iter()
+                .zip(embedding(b))
+                .map(|(x, y)| x * y)
+                .sum(),
+        })
+        .filter(|p| p.cosine >= s.min_cosine)
+        .collect();
+    pairs.sort_by(|x, y| y.cosine.total_cmp(&x.cosine));
+    Ok(pairs)
+}
+
+/// For each source with test captions: how many occur in its own train/val and in each other source.
+fn caption_overlaps(sources: &[Source]) -> Vec<CaptionOverlap> {
+    let mut where_: HashMap<String, HashSet<(usize, String)>> = HashMap::new();
+    for (d, x) in sources.iter().enumerate() {
+        for e in &x.dataset.entries {
+            for c in &e.captions {
+                where_
+                    .entry(normalize_caption(c))
+                    .or_default()
+                    .insert((d, e.split.clone()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (d, x) in sources.iter().enumerate() {
+        let tests: HashSet<String> = x
+            .dataset
+            .entries
+            .iter()
+            .filter(|e| e.split == "test")
+            .flat_map(|e| e.captions.iter().map(|c| normalize_caption(c)))
+            .collect();
+        if tests.is_empty() {
+            continue;
+        }
+        let count = |pred: &dyn Fn(&(usize, String)) -> bool| {
+            tests.iter().filter(|c| where_[*c].iter().any(pred)).count()
+        };
+        out.push(CaptionOverlap {
+            source: d,
+            test_captions: tests.len(),
+            in_own_train_or_val: count(&|(od, s)| *od == d && s != "test"),
+            in_others: (0..sources.len())
+                .filter(|&o| o != d)
+                .map(|o| (o, count(&|(od, _)| *od == o)))
+                .collect(),
+        });
+    }
+    out
+}
