@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use pirclip_data::karpathy::{Dataset, RetrievalSet};
 use pirclip_retrieval::classify::{
-    accuracy, readable_class_name, ZeroShot, REMOTE_SENSING_TEMPLATES,
+    labelled_by_prefix, readable_class_name, Evaluation, ZeroShot, REMOTE_SENSING_TEMPLATES,
 };
 
 use crate::common::ModelArgs;
@@ -65,11 +65,6 @@ fn lines(path: &PathBuf, what: &str) -> Result<Vec<String>> {
         .collect())
 }
 
-fn class_prefix(name: &str) -> &str {
-    let base = name.rsplit('/').next().unwrap_or(name);
-    base.split('_').next().unwrap_or(base)
-}
-
 pub fn run(a: Args) -> Result<()> {
     let templates: Vec<String> = match &a.templates {
         Some(f) => lines(f, "templates")?,
@@ -92,20 +87,8 @@ pub fn run(a: Args) -> Result<()> {
             if set.images.is_empty() {
                 bail!("{}: no images in split {}", json.display(), a.split);
             }
-            let mut prefixes: Vec<&str> = set.images.iter().map(|n| class_prefix(n)).collect();
-            prefixes.sort();
-            prefixes.dedup();
-            let truth: Vec<usize> = set
-                .images
-                .iter()
-                .map(|n| {
-                    prefixes
-                        .binary_search(&class_prefix(n))
-                        .expect("listed prefix")
-                })
-                .collect();
-            let classes = prefixes.iter().map(|p| p.to_string()).collect();
-            (set.image_paths(dir), Some(truth), classes)
+            let l = labelled_by_prefix(&set, dir);
+            (l.paths, Some(l.truth), l.classes)
         }
         (Some(_), None) | (None, Some(_)) => bail!("--json and --images-dir go together"),
         (None, None) => {
@@ -146,60 +129,17 @@ pub fn run(a: Args) -> Result<()> {
         }
         return Ok(());
     };
-    let acc = accuracy(&top, &truth, classes.len());
-    let chance = 100.0 / classes.len() as f64;
-    let per_class: Vec<f64> = acc
-        .confusion
-        .iter()
-        .enumerate()
-        .map(|(i, row)| 100.0 * row[i] as f64 / row.iter().sum::<usize>().max(1) as f64)
-        .collect();
-    let mean_per_class = per_class.iter().sum::<f64>() / per_class.len() as f64;
-    println!(
-        "zero-shot classification: {} images, {} classes, {} templates",
-        acc.images,
-        classes.len(),
-        templates.len()
-    );
-    println!("top-1 accuracy   {:6.2} %", acc.top1);
-    println!("top-5 accuracy   {:6.2} %", acc.top5);
-    println!("mean class recall{:6.2} %", mean_per_class);
-    println!(
-        "chance           {:6.2} % (top-1), {:.2} % (top-5)",
-        chance,
-        (5.0 * chance).min(100.0)
-    );
-    let mut order: Vec<usize> = (0..classes.len()).collect();
-    order.sort_by(|&x, &y| per_class[y].total_cmp(&per_class[x]));
-    for i in order {
-        let row = &acc.confusion[i];
-        let (most, n) = row
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .max_by_key(|(_, n)| **n)
-            .map(|(j, n)| (j, *n))
-            .unwrap_or((i, 0));
-        println!(
-            "  {:<24} {:6.1} % of {:>3}{}",
-            names[i],
-            per_class[i],
-            row.iter().sum::<usize>(),
-            if n > 0 {
-                format!("   most confused with {} ({n})", names[most])
-            } else {
-                String::new()
-            }
-        );
-    }
+    let e = Evaluation::new(&top, &truth, classes.len());
+    print_evaluation(&e, &names, templates.len());
+    let acc = &e.accuracy;
     if let Some(out) = &a.out {
         let report = serde_json::json!({
             "dataset": a.json.as_ref().map(|j| j.display().to_string()),
             "split": a.split,
             "task": "zeroshot_classification",
             "model": model.config.name,
-            "metrics": {"acc1": acc.top1 / 100.0, "acc5": acc.top5 / 100.0, "mean_per_class_recall": mean_per_class / 100.0},
-            "chance_acc1": chance / 100.0,
+            "metrics": {"acc1": acc.top1 / 100.0, "acc5": acc.top5 / 100.0, "mean_per_class_recall": e.mean_per_class / 100.0},
+            "chance_acc1": e.chance / 100.0,
             "classes": names,
             "templates": templates,
             "confusion_matrix": acc.confusion,
@@ -215,6 +155,39 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("wrote {}", png.display());
     }
     Ok(())
+}
+
+fn print_evaluation(e: &Evaluation, names: &[String], templates: usize) {
+    let acc = &e.accuracy;
+    println!(
+        "zero-shot classification: {} images, {} classes, {} templates",
+        acc.images,
+        names.len(),
+        templates
+    );
+    println!("top-1 accuracy   {:6.2} %", acc.top1);
+    println!("top-5 accuracy   {:6.2} %", acc.top5);
+    println!("mean class recall{:6.2} %", e.mean_per_class);
+    println!(
+        "chance           {:6.2} % (top-1), {:.2} % (top-5)",
+        e.chance,
+        (5.0 * e.chance).min(100.0)
+    );
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by(|&x, &y| e.per_class[y].total_cmp(&e.per_class[x]));
+    for i in order {
+        let (most, n) = e.most_confused_with(i);
+        let confused = if n > 0 {
+            format!("   most confused with {} ({n})", names[most])
+        } else {
+            String::new()
+        };
+        let count: usize = acc.confusion[i].iter().sum();
+        println!(
+            "  {:<24} {:6.1} % of {count:>3}{confused}",
+            names[i], e.per_class[i]
+        );
+    }
 }
 
 /// The confusion matrix, each row normalised by its count: white (0) to dark blue (1), 16 px cells,

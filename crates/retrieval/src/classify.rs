@@ -129,6 +129,75 @@ pub fn accuracy(top: &[Vec<(usize, f32)>], truth: &[usize], classes: usize) -> A
     }
 }
 
+/// The class of an image file: its name's prefix before the first `_` (the affiliation loss's rule).
+pub fn class_prefix(name: &str) -> &str {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    base.split('_').next().unwrap_or(base)
+}
+
+/// A labelled set: each image's class index (`truth`) into `classes`, the sorted file-name prefixes.
+pub struct Labelled {
+    pub paths: Vec<std::path::PathBuf>,
+    pub truth: Vec<usize>,
+    pub classes: Vec<String>,
+}
+
+/// The images of `set` under `images_dir`, labelled by file-name prefix.
+pub fn labelled_by_prefix(
+    set: &pirclip_data::karpathy::RetrievalSet,
+    images_dir: &std::path::Path,
+) -> Labelled {
+    let mut prefixes: Vec<&str> = set.images.iter().map(|n| class_prefix(n)).collect();
+    prefixes.sort();
+    prefixes.dedup();
+    let truth = set
+        .images
+        .iter()
+        .map(|n| prefixes.binary_search(&class_prefix(n)).unwrap_or(0))
+        .collect();
+    Labelled {
+        paths: set.image_paths(images_dir),
+        truth,
+        classes: prefixes.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+/// A zero-shot evaluation's figures, in percent.
+pub struct Evaluation {
+    pub accuracy: Accuracy,
+    /// Recall of each class (the confusion matrix's diagonal over its row).
+    pub per_class: Vec<f64>,
+    pub mean_per_class: f64,
+    pub chance: f64,
+}
+
+impl Evaluation {
+    pub fn new(top: &[Vec<(usize, f32)>], truth: &[usize], classes: usize) -> Self {
+        let accuracy = accuracy(top, truth, classes);
+        let per_class: Vec<f64> = accuracy
+            .confusion
+            .iter()
+            .enumerate()
+            .map(|(i, row)| 100.0 * row[i] as f64 / row.iter().sum::<usize>().max(1) as f64)
+            .collect();
+        Evaluation {
+            mean_per_class: per_class.iter().sum::<f64>() / per_class.len().max(1) as f64,
+            per_class,
+            chance: 100.0 / classes.max(1) as f64,
+            accuracy,
+        }
+    }
+
+    /// The class most often predicted for class `i` other than itself, and how often (0: none).
+    pub fn most_confused_with(&self, i: usize) -> (usize, usize) {
+        self.accuracy.confusion[i]
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .max_by_key(|(_, n)| **n)
+            .map_or((i, 0), |(j, n)| (j, *n))
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
