@@ -13,7 +13,8 @@
 //!   arrive within [`BODY_TIMEOUT`] 408, so no client can hold a connection open by promising bytes;
 //! - results are capped, and never allocated beyond the rows an index holds;
 //! - scene renders run at most [`RENDERS`] at a time, each scene decoded once however many requests
-//!   ask for it, and through the bounded scene reader (a tile reads only its part of the file).
+//!   ask for it, and through the bounded scene reader (a tile reads only its part of the file); a
+//!   whole-scene preview is rendered once and the last two are kept.
 
 use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
@@ -277,7 +278,8 @@ pub struct AppState {
     pub model_name: String,
     pub limits: Limits,
     text_cache: Mutex<HashMap<String, Vec<f32>>>,
-    scenes: SceneCache,
+    scenes: Kept<OpenedScene>,
+    previews: Kept<Arc<Vec<u8>>>,
     renders: tokio::sync::Semaphore,
     /// Renders running or waiting.
     render_requests: std::sync::atomic::AtomicUsize,
@@ -306,7 +308,8 @@ impl AppState {
             model_name,
             limits,
             text_cache: Mutex::new(HashMap::new()),
-            scenes: SceneCache::default(),
+            scenes: Kept::default(),
+            previews: Kept::default(),
             renders: tokio::sync::Semaphore::new(RENDERS),
             render_requests: Default::default(),
             raw_reads: tokio::sync::Semaphore::new(RAW_READS),
@@ -342,19 +345,28 @@ const MAX_RAW_FILE_BYTES: u64 = 64 << 20;
 
 /// An opened scene: a TIFF's bounded reader (its display mapping computed once), or a decoded image.
 type OpenedScene = Arc<Mutex<pirclip_image::SceneSource>>;
-type SceneSlot = Arc<tokio::sync::OnceCell<Result<OpenedScene, String>>>;
 
-/// Opened scenes, the last [`SCENES_KEPT`] kept; one opening per scene in flight (others asking for the
-/// same scene wait for it rather than open it again).
-#[derive(Default)]
-struct SceneCache {
-    slots: Mutex<Vec<(String, SceneSlot)>>,
+/// The last [`SCENES_KEPT`] values by key, each made once however many requests ask for it at the same
+/// time (the others wait for it rather than make it again): opened scenes, and whole-scene previews
+/// (a preview of a 64-megapixel scene takes seconds; 24 requests for two scenes render it twice).
+struct Kept<T> {
+    slots: Mutex<Vec<(String, Slot<T>)>>,
+}
+
+type Slot<T> = Arc<tokio::sync::OnceCell<Result<T, String>>>;
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Kept {
+            slots: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 const SCENES_KEPT: usize = 2;
 
-impl SceneCache {
-    fn slot(&self, key: &str) -> SceneSlot {
+impl<T> Kept<T> {
+    fn slot(&self, key: &str) -> Slot<T> {
         let mut slots = self.slots.lock().unwrap();
         if let Some(at) = slots.iter().position(|(k, _)| k == key) {
             let hit = slots.remove(at);
@@ -487,10 +499,34 @@ async fn render(
     tile: Option<pirclip_store::Tile>,
     bands: Option<[usize; 3]>,
     geotiff: bool,
+) -> Result<Arc<Vec<u8>>, String> {
+    let key = format!("{}\u{0}{bands:?}", path.display());
+    if tile.is_some() || geotiff {
+        return render_uncached(s, &key, path, tile, bands, geotiff)
+            .await
+            .map(Arc::new);
+    }
+    // A whole-scene preview: rendered once, then served from memory (the last two kept).
+    let cell = s.previews.slot(&key);
+    cell.get_or_init(|| async {
+        render_uncached(s, &key, path, None, bands, false)
+            .await
+            .map(Arc::new)
+    })
+    .await
+    .clone()
+}
+
+async fn render_uncached(
+    s: &Arc<AppState>,
+    key: &str,
+    path: PathBuf,
+    tile: Option<pirclip_store::Tile>,
+    bands: Option<[usize; 3]>,
+    geotiff: bool,
 ) -> Result<Vec<u8>, String> {
     let _permit = s.renders.acquire().await.map_err(|e| e.to_string())?;
-    let key = format!("{}\u{0}{bands:?}", path.display());
-    let cell = s.scenes.slot(&key);
+    let cell = s.scenes.slot(key);
     let scene = cell
         .get_or_init(|| {
             let path = path.clone();
@@ -810,7 +846,7 @@ async fn image(
                 (header::CONTENT_TYPE, kind),
                 (header::CACHE_CONTROL, "max-age=3600"),
             ],
-            bytes,
+            bytes.as_ref().clone(),
         )
             .into_response());
     }
