@@ -508,53 +508,9 @@ fn run_config(a: &Args) -> Result<RunConfig> {
         model: ModelConfig::from_name_or_path(&a.model)?,
         pretrained: a.pretrained.clone(),
         seed: a.seed,
-        data: DataSpec {
-            train_data: a.train_data.clone(),
-            images_dir: a.images_dir.clone(),
-            train_split: a.train_split.clone(),
-            dataset_type: match a.dataset_type {
-                DatasetType::Auto => setup::DatasetType::Auto,
-                DatasetType::Csv => setup::DatasetType::Csv,
-                DatasetType::Webdataset => setup::DatasetType::Webdataset,
-            },
-            csv: CsvColumns {
-                image_key: a.csv_img_key.clone(),
-                caption_key: a.csv_caption_key.clone(),
-                separator: csv_separator(&a.csv_separator)?,
-            },
-            allow_absolute_paths: a.allow_absolute_paths,
-            train_num_samples: a.train_num_samples,
-            dataset_resampled: a.dataset_resampled,
-            shuffle_buffer: a.shuffle_buffer,
-            one_caption_per_image: a.one_caption_per_image,
-            shuffle: !a.no_shuffle,
-            augment,
-            workers: a.workers,
-            batch_size: a.batch_size,
-        },
+        data: data_spec(a, augment)?,
         validation,
-        options: TrainOptions {
-            affiliation_loss: a.aff_loss,
-            belief_mode: match a.belief_mode {
-                BeliefModeArg::BeliefPlusIndex => pirclip_model::BeliefMode::BeliefPlusIndex,
-                BeliefModeArg::BeliefOnly => pirclip_model::BeliefMode::BeliefOnly,
-            },
-            lock_instruction: a.lock_instruction,
-            lock_text: a.lock_text,
-            sync_batchnorm: a.use_bn_sync,
-            lock_spatial_pae: a.lock_spatial_pae,
-            lock_temporal_pae: a.lock_temporal_pae,
-            grad_clip_norm: a.grad_clip_norm,
-            label_smoothing: a.label_smoothing.unwrap_or(match a.recipe {
-                Recipe::Pirclip | Recipe::Official => 0.0,
-                Recipe::Aerial => 0.1,
-            }),
-            precision: match a.precision {
-                Precision::Fp32 => TrainPrecision::Fp32,
-                Precision::Amp => TrainPrecision::Amp,
-                Precision::AmpBf16 => TrainPrecision::AmpBf16,
-            },
-        },
+        options: train_options(a),
         adamw: AdamWConfig {
             beta1: a.beta1,
             beta2: a.beta2,
@@ -567,35 +523,7 @@ fn run_config(a: &Args) -> Result<RunConfig> {
             ForeachArg::Off => Foreach::Off,
         },
         ema_decay: (ema_decay > 0.0).then_some(ema_decay),
-        settings: RunSettings {
-            name: a.name.clone().unwrap_or_default(),
-            epochs: a.epochs,
-            accum_freq: a.accum_freq as usize,
-            lr: a.lr,
-            warmup: a.warmup,
-            schedule: match a.lr_scheduler {
-                LrScheduler::Cosine => ScheduleKind::Cosine,
-                LrScheduler::Const => ScheduleKind::Const,
-                LrScheduler::ConstCooldown => ScheduleKind::ConstCooldown {
-                    epochs: a.epochs_cooldown,
-                    end_lr: a.lr_cooldown_end,
-                },
-            },
-            max_steps: a.max_steps,
-            profile: if world.rank == 0 {
-                a.profile.clone()
-            } else {
-                None
-            },
-            log_every_n_steps: a.log_every_n_steps,
-            save_frequency: a.save_frequency,
-            save_most_recent: a.save_most_recent,
-            val_frequency: a.val_frequency,
-            label_source: match a.label_source {
-                LabelSource::Filename => run::LabelSource::FileName,
-                LabelSource::Json => run::LabelSource::Json,
-            },
-        },
+        settings: run_settings(a, world.rank == 0),
         logs: a.logs.clone(),
         resume: a.resume.clone(),
         device,
@@ -610,6 +538,86 @@ fn run_config(a: &Args) -> Result<RunConfig> {
         params: format!("{a:#?}\n"),
         recipe: crate::common::flag_name(&a.recipe),
     })
+}
+
+fn data_spec(a: &Args, augment: Option<Augmentation>) -> Result<DataSpec> {
+    Ok(DataSpec {
+        train_data: a.train_data.clone(),
+        images_dir: a.images_dir.clone(),
+        train_split: a.train_split.clone(),
+        dataset_type: match a.dataset_type {
+            DatasetType::Auto => setup::DatasetType::Auto,
+            DatasetType::Csv => setup::DatasetType::Csv,
+            DatasetType::Webdataset => setup::DatasetType::Webdataset,
+        },
+        csv: CsvColumns {
+            image_key: a.csv_img_key.clone(),
+            caption_key: a.csv_caption_key.clone(),
+            separator: csv_separator(&a.csv_separator)?,
+        },
+        allow_absolute_paths: a.allow_absolute_paths,
+        train_num_samples: a.train_num_samples,
+        dataset_resampled: a.dataset_resampled,
+        shuffle_buffer: a.shuffle_buffer,
+        one_caption_per_image: a.one_caption_per_image,
+        shuffle: !a.no_shuffle,
+        augment,
+        workers: a.workers,
+        batch_size: a.batch_size,
+    })
+}
+
+fn train_options(a: &Args) -> TrainOptions {
+    TrainOptions {
+        affiliation_loss: a.aff_loss,
+        belief_mode: match a.belief_mode {
+            BeliefModeArg::BeliefPlusIndex => pirclip_model::BeliefMode::BeliefPlusIndex,
+            BeliefModeArg::BeliefOnly => pirclip_model::BeliefMode::BeliefOnly,
+        },
+        lock_instruction: a.lock_instruction,
+        lock_text: a.lock_text,
+        sync_batchnorm: a.use_bn_sync,
+        lock_spatial_pae: a.lock_spatial_pae,
+        lock_temporal_pae: a.lock_temporal_pae,
+        grad_clip_norm: a.grad_clip_norm,
+        label_smoothing: a.label_smoothing.unwrap_or(match a.recipe {
+            Recipe::Pirclip | Recipe::Official => 0.0,
+            Recipe::Aerial => 0.1,
+        }),
+        precision: match a.precision {
+            Precision::Fp32 => TrainPrecision::Fp32,
+            Precision::Amp => TrainPrecision::Amp,
+            Precision::AmpBf16 => TrainPrecision::AmpBf16,
+        },
+    }
+}
+
+fn run_settings(a: &Args, is_master: bool) -> RunSettings {
+    RunSettings {
+        name: a.name.clone().unwrap_or_default(),
+        epochs: a.epochs,
+        accum_freq: a.accum_freq as usize,
+        lr: a.lr,
+        warmup: a.warmup,
+        schedule: match a.lr_scheduler {
+            LrScheduler::Cosine => ScheduleKind::Cosine,
+            LrScheduler::Const => ScheduleKind::Const,
+            LrScheduler::ConstCooldown => ScheduleKind::ConstCooldown {
+                epochs: a.epochs_cooldown,
+                end_lr: a.lr_cooldown_end,
+            },
+        },
+        max_steps: a.max_steps,
+        profile: if is_master { a.profile.clone() } else { None },
+        log_every_n_steps: a.log_every_n_steps,
+        save_frequency: a.save_frequency,
+        save_most_recent: a.save_most_recent,
+        val_frequency: a.val_frequency,
+        label_source: match a.label_source {
+            LabelSource::Filename => run::LabelSource::FileName,
+            LabelSource::Json => run::LabelSource::Json,
+        },
+    }
 }
 
 /// The progress bar of a run (rank 0 only; hidden elsewhere).

@@ -94,53 +94,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let k = a.k.clamp(1, n);
     // A given truth file is checked before the (long) build.
-    let given_truth: Option<Vec<Vec<usize>>> = match &a.truth {
-        Some(p) => {
-            let t = pirclip_checkpoint::npy::read(p).with_context(|| p.display().to_string())?;
-            if t.shape.len() != 2 || t.shape[0] != q || t.shape[1] < k || t.dtype.is_float() {
-                bail!(
-                    "{}: expected [{q}, >={k}] integers, found {:?} {:?}",
-                    p.display(),
-                    t.dtype,
-                    t.shape
-                );
-            }
-            Some(
-                t.to_i64_vec()
-                    .chunks(t.shape[1])
-                    .map(|r| r[..k].iter().map(|&i| i as usize).collect())
-                    .collect(),
-            )
-        }
-        None => None,
-    };
+    let given_truth = a.truth.as_ref().map(|p| read_truth(p, q, k)).transpose()?;
     let scratch = std::env::temp_dir().join(format!("pirclip-ann-bench-{}", std::process::id()));
     let root = a.out.clone().unwrap_or_else(|| scratch.clone());
     std::fs::create_dir_all(&root)?;
-    let started = Instant::now();
-    // Searched the way `search` and `serve` search it: memory-mapped from the saved file.
-    let (mut index, build_s, bytes) = match a.ann.config(None) {
-        AnnConfig::Ivf(o) => {
-            let built =
-                IvfStore::build(dim, &base, o, a.threads, &|_| {}).map_err(anyhow::Error::msg)?;
-            let build_s = started.elapsed().as_secs_f64();
-            built.save(&root)?;
-            drop(built);
-            let bytes = std::fs::metadata(IvfStore::path(&root))?.len();
-            let ivf = IvfStore::open(&root)?.context("the lists just saved")?;
-            (Bench::Ivf(ivf), build_s, bytes)
-        }
-        AnnConfig::Hnsw(o) => {
-            let built =
-                AnnStore::build(dim, &base, o, a.threads, &|_| {}).map_err(anyhow::Error::msg)?;
-            let build_s = started.elapsed().as_secs_f64();
-            built.save(&root)?;
-            drop(built);
-            let bytes = std::fs::metadata(AnnStore::graph_path(&root))?.len();
-            let ann = AnnStore::open(&root, true)?.context("the graph just saved")?;
-            (Bench::Hnsw(ann), build_s, bytes)
-        }
-    };
+    let (mut index, build_s, bytes) = build(&a, dim, &base, &root)?;
     // Exact search over the same rows: the ground truth when none is given, and its own latency.
     let flat = pirclip_store::FlatStore::new(dim, base).map_err(anyhow::Error::msg)?;
     let truth = match given_truth {
@@ -177,28 +135,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         index.set(setting);
         let ann = index.store();
         let (recall, cold, warm) = measure(ann, &queries, dim, k, &truth)?;
-        let mut text_lat = Vec::new();
-        if let Some((model, _)) = &model {
-            let texts = [
-                "a stadium",
-                "storage tanks next to a port",
-                "flooded farmland",
-            ];
-            for (j, qv) in queries.chunks(dim).enumerate().take(200) {
-                let t0 = Instant::now();
-                let e = pirclip_retrieval::encode_texts(
-                    model,
-                    &[texts[j % texts.len()].to_string()],
-                    1,
-                    true,
-                    &pirclip_retrieval::Quiet,
-                );
-                let query = if e.dim == dim { &e.values[..] } else { qv };
-                ann.search(query, k)?;
-                text_lat.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-            text_lat.sort_by(|x, y| x.total_cmp(y));
-        }
+        let text_lat = match &model {
+            Some((model, _)) => text_latency(model, ann, &queries, dim, k)?,
+            None => Vec::new(),
+        };
         let mut line = serde_json::json!({
             "vectors": n, "dim": dim, "queries": q, "k": k,
             "threads": a.threads,
@@ -240,4 +180,86 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&scratch);
     }
     Ok(())
+}
+
+/// Ground-truth neighbours from an `.npy` of `[queries, >= k]` integers.
+fn read_truth(p: &std::path::Path, q: usize, k: usize) -> Result<Vec<Vec<usize>>> {
+    let t = pirclip_checkpoint::npy::read(p).with_context(|| p.display().to_string())?;
+    if t.shape.len() != 2 || t.shape[0] != q || t.shape[1] < k || t.dtype.is_float() {
+        bail!(
+            "{}: expected [{q}, >={k}] integers, found {:?} {:?}",
+            p.display(),
+            t.dtype,
+            t.shape
+        );
+    }
+    Ok(t.to_i64_vec()
+        .chunks(t.shape[1])
+        .map(|r| r[..k].iter().map(|&i| i as usize).collect())
+        .collect())
+}
+
+/// Builds the approximate index, saves it under `root` and opens it again memory-mapped, the way
+/// `search` and `serve` search it; with the build's seconds and the file's bytes.
+fn build(
+    a: &BenchArgs,
+    dim: usize,
+    base: &[f32],
+    root: &std::path::Path,
+) -> Result<(Bench, f64, u64)> {
+    let started = Instant::now();
+    Ok(match a.ann.config(None) {
+        AnnConfig::Ivf(o) => {
+            let built =
+                IvfStore::build(dim, base, o, a.threads, &|_| {}).map_err(anyhow::Error::msg)?;
+            let build_s = started.elapsed().as_secs_f64();
+            built.save(root)?;
+            drop(built);
+            let bytes = std::fs::metadata(IvfStore::path(root))?.len();
+            let ivf = IvfStore::open(root)?.context("the lists just saved")?;
+            (Bench::Ivf(ivf), build_s, bytes)
+        }
+        AnnConfig::Hnsw(o) => {
+            let built =
+                AnnStore::build(dim, base, o, a.threads, &|_| {}).map_err(anyhow::Error::msg)?;
+            let build_s = started.elapsed().as_secs_f64();
+            built.save(root)?;
+            drop(built);
+            let bytes = std::fs::metadata(AnnStore::graph_path(root))?.len();
+            let ann = AnnStore::open(root, true)?.context("the graph just saved")?;
+            (Bench::Hnsw(ann), build_s, bytes)
+        }
+    })
+}
+
+/// Milliseconds of a text query end to end, sorted: tokenise and encode with the model, then search
+/// (with the given query vectors when the model's dimension differs from the benchmark's).
+fn text_latency(
+    model: &pirclip_model::ClipModel,
+    ann: &dyn pirclip_store::VectorStore,
+    queries: &[f32],
+    dim: usize,
+    k: usize,
+) -> Result<Vec<f64>> {
+    let texts = [
+        "a stadium",
+        "storage tanks next to a port",
+        "flooded farmland",
+    ];
+    let mut lat = Vec::new();
+    for (j, qv) in queries.chunks(dim).enumerate().take(200) {
+        let t0 = Instant::now();
+        let e = pirclip_retrieval::encode_texts(
+            model,
+            &[texts[j % texts.len()].to_string()],
+            1,
+            true,
+            &pirclip_retrieval::Quiet,
+        );
+        let query = if e.dim == dim { &e.values[..] } else { qv };
+        ann.search(query, k)?;
+        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(|x, y| x.total_cmp(y));
+    Ok(lat)
 }
