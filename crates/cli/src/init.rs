@@ -38,7 +38,7 @@ pub fn run(a: Args) -> Result<()> {
         "wrote {} ({} entries, {} parameters, model {}, seed {})",
         a.out.display(),
         sd.len(),
-        crate::inspect::group_thousands(model.parameter_count()),
+        pirclip_model::inspect::group_thousands(model.parameter_count()),
         config.name,
         a.seed
     );

@@ -8,6 +8,7 @@ pub mod clip;
 pub mod config;
 pub mod dist;
 pub mod init;
+pub mod inspect;
 pub mod layers;
 pub mod native;
 pub mod pae;

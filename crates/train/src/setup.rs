@@ -12,6 +12,7 @@ use pirclip_data::train::{
     ShardOrder, TrainLoader,
 };
 use pirclip_model::dist::{ProcessGroup, Rendezvous, WorldInfo};
+use pirclip_model::inspect::group_thousands;
 use pirclip_model::{ClipModel, ModelConfig};
 
 use crate::checkpoint::{self, Position};
@@ -342,19 +343,6 @@ impl TrainRun {
             c.recipe, c.options.label_smoothing
         )
     }
-}
-
-/// 1,202,291.
-pub fn group_thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
 }
 
 fn check_model_options(c: &RunConfig) -> Result<(), String> {
