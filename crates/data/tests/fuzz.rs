@@ -652,8 +652,7 @@ fn small_tiff(w: u32, h: u32, bands: u16, tile: bool, planar: bool) -> Vec<u8> {
     let chunks = (across * down * planes) as usize;
     let mut out = b"II*\0".to_vec();
     let data_at = 8u32;
-    let ifd_at = data_at + (chunks * per_chunk) as u32;
-    out.extend(ifd_at.to_le_bytes());
+    out.extend(0u32.to_le_bytes()); // the directory's offset, set by append_ifd
     for c in 0..chunks {
         out.extend(
             (0..per_chunk / 2).flat_map(|i| (((c * 131 + i * 17) % 4000) as u16).to_le_bytes()),
@@ -725,26 +724,7 @@ fn small_tiff(w: u32, h: u32, bands: u16, tile: bool, planar: bool) -> Vec<u8> {
             (3..bands).flat_map(|_| s(0)).collect(),
         ));
     }
-    e.sort_by_key(|x| x.0);
-    let mut tail_at = ifd_at as usize + 2 + 12 * e.len() + 4;
-    let mut tail: Vec<u8> = Vec::new();
-    out.extend((e.len() as u16).to_le_bytes());
-    for (tag, typ, count, bytes) in &e {
-        out.extend(tag.to_le_bytes());
-        out.extend(typ.to_le_bytes());
-        out.extend(count.to_le_bytes());
-        if bytes.len() <= 4 {
-            let mut b = bytes.clone();
-            b.resize(4, 0);
-            out.extend(b);
-        } else {
-            out.extend((tail_at as u32).to_le_bytes());
-            tail.extend(bytes);
-            tail_at += bytes.len();
-        }
-    }
-    out.extend(0u32.to_le_bytes());
-    out.extend(tail);
+    pirclip_image::tiff_header::append_ifd(&mut out, &mut e);
     out
 }
 

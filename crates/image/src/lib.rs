@@ -4,7 +4,8 @@
 mod reader;
 mod resample;
 pub mod scene;
-mod tiff_header;
+#[doc(hidden)]
+pub mod tiff_header;
 
 use std::path::Path;
 

@@ -112,3 +112,33 @@ fn walk<R: Read>(r: &mut R, len: u64) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Appends a little-endian classic TIFF directory of `entries` (tag, type, count, value bytes) to
+/// `out` (which starts with `II*\0` and four bytes for the directory's offset, patched here), values of
+/// more than four bytes after it. For tests that build TIFFs field by field.
+#[doc(hidden)]
+pub fn append_ifd(out: &mut Vec<u8>, entries: &mut [(u16, u16, u32, Vec<u8>)]) {
+    entries.sort_by_key(|e| e.0);
+    let ifd_at = out.len() + out.len() % 2;
+    out.resize(ifd_at, 0);
+    out[4..8].copy_from_slice(&(ifd_at as u32).to_le_bytes());
+    let mut tail_at = ifd_at + 2 + 12 * entries.len() + 4;
+    let mut tail: Vec<u8> = Vec::new();
+    out.extend((entries.len() as u16).to_le_bytes());
+    for (tag, kind, count, bytes) in entries.iter() {
+        out.extend(tag.to_le_bytes());
+        out.extend(kind.to_le_bytes());
+        out.extend(count.to_le_bytes());
+        if bytes.len() <= 4 {
+            let mut b = bytes.clone();
+            b.resize(4, 0);
+            out.extend(b);
+        } else {
+            out.extend((tail_at as u32).to_le_bytes());
+            tail.extend(bytes);
+            tail_at += bytes.len();
+        }
+    }
+    out.extend(0u32.to_le_bytes());
+    out.extend(tail);
+}

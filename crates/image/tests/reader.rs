@@ -89,8 +89,6 @@ fn tiff(
         offsets.push(out.len() as u32);
         out.extend(c);
     }
-    // Values that do not fit in an entry's 4 bytes, written after the IFD.
-    let mut extra: Vec<u8> = Vec::new();
     let mut entries: Vec<(u16, u16, u32, Vec<u8>)> = Vec::new();
     let short = |v: u16| v.to_le_bytes().to_vec();
     let long = |v: u32| v.to_le_bytes().to_vec();
@@ -158,29 +156,7 @@ fn tiff(
         s.push(0);
         entries.push((42113, 2, s.len() as u32, s));
     }
-    entries.sort_by_key(|e| e.0);
-    let ifd_at = out.len() + out.len() % 2;
-    out.resize(ifd_at, 0);
-    out[4..8].copy_from_slice(&(ifd_at as u32).to_le_bytes());
-    let ifd_len = 2 + 12 * entries.len() + 4;
-    let mut tail_at = ifd_at + ifd_len;
-    out.extend((entries.len() as u16).to_le_bytes());
-    for (tag, typ, count, bytes) in &entries {
-        out.extend(tag.to_le_bytes());
-        out.extend(typ.to_le_bytes());
-        out.extend(count.to_le_bytes());
-        if bytes.len() <= 4 {
-            let mut b = bytes.clone();
-            b.resize(4, 0);
-            out.extend(b);
-        } else {
-            out.extend((tail_at as u32).to_le_bytes());
-            extra.extend(bytes);
-            tail_at += bytes.len();
-        }
-    }
-    out.extend(0u32.to_le_bytes());
-    out.extend(extra);
+    pirclip_image::tiff_header::append_ifd(&mut out, &mut entries);
     out
 }
 
