@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::ValueEnum;
 use pirclip_model::{BeliefMode, BnMode, ClipModel, EncodeOptions, ModelConfig};
 use tch::Device;
@@ -63,54 +63,15 @@ impl From<PrecisionArg> for pirclip_model::Precision {
     }
 }
 
-/// The model pirclip trained itself and ships (models/README.md): the default when no --checkpoint is given.
-pub const BUNDLED_MODEL: &str = "pir-small-aid150";
-
-/// Finds a file shipped with pirclip (models/, data/): next to the executable's repository (when run
-/// from target/release) or in the source tree it was built from.
 pub fn bundled_file(relative: &str) -> Result<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        for up in exe.ancestors().skip(1).take(4) {
-            candidates.push(up.join(relative));
-        }
-    }
-    candidates.push(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../..")
-            .join(relative),
-    );
-    candidates
-        .into_iter()
-        .find(|p| p.exists())
-        .with_context(|| format!("bundled file {relative} not found next to the pirclip executable nor in its source tree"))
+    pirclip_model::resolve::bundled_file(relative).map_err(anyhow::Error::msg)
 }
 
-/// `--model` / `--checkpoint` resolution: no checkpoint means the bundled model (and its config, unless
-/// --model says otherwise); a checkpoint without --model means the PIR preset.
 pub fn resolve_model(
     model: Option<&str>,
     checkpoint: Option<&Path>,
 ) -> Result<(ModelConfig, PathBuf)> {
-    match checkpoint {
-        Some(c) => Ok((
-            ModelConfig::from_name_or_path(model.unwrap_or("PIR"))?,
-            c.to_path_buf(),
-        )),
-        None => {
-            let weights = bundled_file(&format!("models/{BUNDLED_MODEL}.safetensors"))?;
-            let config = match model {
-                Some(m) => ModelConfig::from_name_or_path(m)?,
-                None => {
-                    let path = bundled_file(&format!("models/{BUNDLED_MODEL}.json"))?;
-                    let mut c = ModelConfig::from_name_or_path(path.to_str().unwrap())?;
-                    c.name = BUNDLED_MODEL.to_string();
-                    c
-                }
-            };
-            Ok((config, weights))
-        }
-    }
+    pirclip_model::resolve::resolve_model(model, checkpoint).map_err(anyhow::Error::msg)
 }
 
 pub fn load_model(config: &ModelConfig, checkpoint: &Path, device: &str) -> Result<ClipModel> {
@@ -214,46 +175,14 @@ impl ModelArgs {
     }
 }
 
-/// Warns when autocast to `kind` would run on a CPU without native arithmetic for it (AVX-512 BF16/FP16 or
-/// AMX): PyTorch then emulates it, much slower than fp32 (19× for a training step on a Zen 3).
 pub fn warn_slow_half_precision(device: Device, kind: tch::Kind) {
-    let (name, flags) = match kind {
-        tch::Kind::Half => ("fp16", ["avx512_fp16", "amx_fp16"]),
-        _ => ("bf16", ["avx512_bf16", "amx_bf16"]),
-    };
-    if device != Device::Cpu {
-        return;
-    }
-    let native = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| flags.iter().any(|f| s.contains(f)))
-        .unwrap_or(false);
-    if !native {
-        eprintln!("warning: {name} on this CPU (no {} / {}) is emulated and much slower than fp32; it is meant for CUDA or CPUs that have it", flags[0], flags[1]);
+    if let Some(w) = pirclip_model::resolve::slow_half_precision_warning(device, kind) {
+        eprintln!("{w}");
     }
 }
 
 pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => {
-            if !pirclip_model::cuda::load() {
-                bail!("--device cuda: no CUDA device is visible to libtorch (driver missing, or a CPU-only torch build)");
-            }
-            Ok(Device::Cuda(0))
-        }
-        s if s.starts_with("cuda:") => {
-            let i: usize = s[5..]
-                .parse()
-                .with_context(|| format!("bad device {s:?}"))?;
-            pirclip_model::cuda::load();
-            let n = tch::Cuda::device_count() as usize;
-            if i >= n {
-                bail!("--device {s}: only {n} CUDA device(s) visible");
-            }
-            Ok(Device::Cuda(i))
-        }
-        _ => bail!("unknown device {s:?}: use cpu, cuda or cuda:N"),
-    }
+    pirclip_model::resolve::parse_device(s).map_err(anyhow::Error::msg)
 }
 
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {

@@ -14,6 +14,7 @@ pub mod native;
 pub mod pae;
 pub mod params;
 pub mod resnet;
+pub mod resolve;
 pub mod text;
 pub mod vit;
 
