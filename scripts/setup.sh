@@ -46,6 +46,6 @@ source scripts/env.sh
 echo "setup: cargo build --release"
 cargo build --release --quiet -p pirclip
 # The NCCL plugin next to the binary, where pirclip looks first (so that both travel together).
-PLUGIN=$(ls -t target/release/build/pirclip-model-*/out/libpirclip_nccl.so 2>/dev/null | head -n 1 || true)
+PLUGIN=$(ls -t target/release/build/pirclip-dist-*/out/libpirclip_nccl.so 2>/dev/null | head -n 1 || true)
 if [ -n "$PLUGIN" ]; then cp -f "$PLUGIN" target/release/; fi
 echo "setup: ready: target/release/pirclip${PLUGIN:+ (with the NCCL backend)}"

@@ -4,32 +4,37 @@
 //! drops it anyway because no symbol of it is referenced (tch-rs #980).
 //!
 //! The model crate also compiles `csrc/shim.cpp` (libtorch calls tch does not bind) against the same
-//! libtorch headers; the train and cli crates share this script only for the rpath.
+//! libtorch headers, and the dist crate its `csrc/dist.cpp` (c10d) and the NCCL plugin `csrc/nccl.cpp`;
+//! the other crates share this script only for the rpath.
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let is_model_crate = std::env::var("CARGO_PKG_NAME").as_deref() == Ok("pirclip-model");
+    let package = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
+    let (is_model_crate, is_dist_crate) = (package == "pirclip-model", package == "pirclip-dist");
+    // Only the crates with C++ name it; naming a missing file would rerun the others every build.
     if is_model_crate {
-        // Only the model crate has the shim; naming a missing file would rerun the others every build.
         println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    } else if is_dist_crate {
         println!("cargo:rerun-if-changed=csrc/dist.cpp");
         println!("cargo:rerun-if-changed=csrc/nccl.cpp");
         println!("cargo::rustc-check-cfg=cfg(pirclip_dist)");
         println!("cargo::rustc-check-cfg=cfg(pirclip_nccl)");
     } else {
-        println!("cargo:rerun-if-changed=../model/build.rs"); // train and cli share this script
+        println!("cargo:rerun-if-changed=../model/build.rs"); // the other crates share this script
     }
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
     println!("cargo:rustc-env=PIRCLIP_TORCH_LIB={dir}");
+    let include = PathBuf::from(&dir).join("../include");
     if is_model_crate {
-        let include = PathBuf::from(&dir).join("../include");
         libtorch_cpp(&include)
             .file("csrc/shim.cpp")
             .compile("pirclip_shim");
+    }
+    if is_dist_crate {
         // torch.distributed (gloo): only where gloo's headers are installed (Debian's libgloo-dev, which
         // scripts/setup.sh installs); without them pirclip builds and runs single-process.
         let gloo = std::env::var("GLOO_INCLUDE_DIR").unwrap_or_else(|_| "/usr/include".into());

@@ -482,7 +482,7 @@ pub fn run(a: Args) -> Result<()> {
 fn run_config(a: &Args) -> Result<RunConfig> {
     // Checked before anything is loaded: a typo in a setting fails at once.
     let augment = augmentation(a)?;
-    let world = pirclip_model::dist::world_info_from_env();
+    let world = pirclip_dist::world_info_from_env();
     let plain_cuda = matches!(a.device.as_str(), "cuda" | "gpu");
     let device = setup::rank_device(parse_device(&a.device)?, plain_cuda, world)
         .map_err(anyhow::Error::msg)?;

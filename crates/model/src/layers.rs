@@ -18,8 +18,65 @@ pub enum BnMode {
     Train,
     /// Training with statistics over the global batch of every rank (`--use-bn-sync`, PyTorch's
     /// SyncBatchNorm): sums are added up over the ranks, differentiably.
-    TrainSync(crate::dist::GroupRef),
+    TrainSync(RankSum),
 }
+
+/// How SyncBatchNorm adds a tensor up over the ranks of a data-parallel run: a differentiable
+/// all-reduce that the data-parallel layer (`pirclip-dist`) hands in. The model knows nothing of process
+/// groups; this is a borrowed handle (a context and a function) small enough to ride in a [`BnMode`].
+#[derive(Clone, Copy)]
+pub struct RankSum {
+    context: *mut std::ffi::c_void,
+    pub rank: usize,
+    pub world_size: usize,
+    sum: fn(&RankSum, &Tensor) -> Result<Tensor, String>,
+}
+
+// SAFETY: `RankSum::new`'s contract: the context is usable from any thread while the handle lives.
+unsafe impl Send for RankSum {}
+unsafe impl Sync for RankSum {}
+
+impl RankSum {
+    /// # Safety
+    /// `context` must stay valid, and usable from any thread, for as long as the handle is used; `sum`
+    /// must accept it.
+    pub unsafe fn new(
+        context: *mut std::ffi::c_void,
+        rank: usize,
+        world_size: usize,
+        sum: fn(&RankSum, &Tensor) -> Result<Tensor, String>,
+    ) -> Self {
+        RankSum {
+            context,
+            rank,
+            world_size,
+            sum,
+        }
+    }
+
+    pub fn context(&self) -> *mut std::ffi::c_void {
+        self.context
+    }
+
+    /// The sum over ranks of `t`; the gradient reaching `t` is the sum of every rank's gradient.
+    pub fn sum_over_ranks(&self, t: &Tensor) -> Result<Tensor, String> {
+        (self.sum)(self, t)
+    }
+}
+
+impl std::fmt::Debug for RankSum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RankSum(rank {} of {})", self.rank, self.world_size)
+    }
+}
+
+impl PartialEq for RankSum {
+    fn eq(&self, other: &Self) -> bool {
+        self.context == other.context
+    }
+}
+
+impl Eq for RankSum {}
 
 pub struct LayerNorm {
     weight: Tensor,
@@ -341,7 +398,7 @@ impl BatchNorm {
     /// lose the variance to cancellation where the mean is large against the spread (deep layers on
     /// small batches, where BatchNorm then amplifies the error). The sums go through a differentiable
     /// all-reduce, so gradients reach every rank's inputs through the shared statistics.
-    fn forward_synchronised(&self, x: &Tensor, group: crate::dist::GroupRef) -> Tensor {
+    fn forward_synchronised(&self, x: &Tensor, group: RankSum) -> Tensor {
         let channels = x.size()[1];
         let dims: &[i64] = &[0, 2, 3];
         let shape = [1, channels, 1, 1];

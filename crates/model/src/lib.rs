@@ -6,7 +6,6 @@
 
 pub mod clip;
 pub mod config;
-pub mod dist;
 pub mod init;
 pub mod inspect;
 pub mod layers;

@@ -55,7 +55,9 @@ extern "C" {
     ) -> c_int;
 }
 
-pub(crate) fn take_message(err: *mut c_char) -> String {
+/// A message the shim (or the dist crate's) allocated, taken and freed.
+#[doc(hidden)]
+pub fn take_message(err: *mut c_char) -> String {
     if err.is_null() {
         return "unknown libtorch error".into();
     }
@@ -157,7 +159,8 @@ impl Drop for QuantizedLinear {
 }
 
 /// The `at::Tensor*` of each tensor, for a C array argument of the shim.
-pub(crate) fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
+#[doc(hidden)]
+pub fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
     ts.iter().map(|t| t.as_ptr() as *const c_void).collect()
 }
 

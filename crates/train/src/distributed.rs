@@ -17,7 +17,7 @@
 //! Splitting backward at the gathered features gives the same gradients as an autograd-aware collective,
 //! with only the plain collectives of the process group.
 
-use pirclip_model::dist::{GradientReducer, ProcessGroup};
+use pirclip_dist::{GradientReducer, ProcessGroup};
 use pirclip_model::ClipModel;
 use tch::Tensor;
 

@@ -164,7 +164,7 @@ impl Trainer {
         let bn_mode = match &self.dist {
             _ if self.options.lock_instruction => BnMode::Running,
             Some(d) if self.options.sync_batchnorm && d.world() > 1 => {
-                BnMode::TrainSync(d.group.handle())
+                BnMode::TrainSync(d.group.handle().rank_sum())
             }
             _ => BnMode::Train,
         };

@@ -11,7 +11,7 @@ use pirclip_data::train::{
     samples_from_csv, samples_from_karpathy, Augmentation, ImageSource, LoaderConfig, Sample,
     ShardOrder, TrainLoader,
 };
-use pirclip_model::dist::{ProcessGroup, Rendezvous, WorldInfo};
+use pirclip_dist::{ProcessGroup, Rendezvous, WorldInfo};
 use pirclip_model::inspect::group_thousands;
 use pirclip_model::{ClipModel, ModelConfig};
 
@@ -452,7 +452,7 @@ fn join_group(
     if d.url != "env://" {
         return Err(format!("--dist-url {}: pirclip rendezvous through env:// (MASTER_ADDR, MASTER_PORT), as torchrun and open_clip's srun setup provide", d.url));
     }
-    let (addr, port, is_server) = pirclip_model::dist::rendezvous_from_env(world.rank)?;
+    let (addr, port, is_server) = pirclip_dist::rendezvous_from_env(world.rank)?;
     let rendezvous = Rendezvous {
         host: &addr,
         port,

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pirclip_model::dist::WorldInfo;
+use pirclip_dist::WorldInfo;
 use pirclip_model::ModelConfig;
 use pirclip_train::optim::Foreach;
 use pirclip_train::run::{LabelSource, RunObserver, RunSettings, ScheduleKind};

@@ -375,7 +375,7 @@ fn grads(t: &Trainer) -> Vec<(String, Tensor)> {
 /// so the towers get half the gradient and the logit scale all of it.
 #[test]
 fn two_ranks_with_the_affiliation_loss_use_per_rank_class_centres() {
-    use pirclip_model::dist::{ProcessGroup, Rendezvous};
+    use pirclip_dist::{ProcessGroup, Rendezvous};
     use pirclip_model::{l2_normalize, BnMode, EncodeOptions};
     use pirclip_train::distributed::Distributed;
     use pirclip_train::loss::{class_centres, gathered_losses, Gathered};

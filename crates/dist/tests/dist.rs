@@ -1,6 +1,6 @@
 //! c10d from Rust: two ranks (threads) over a TCPStore on loopback: all-reduce, all-gather, broadcast.
 
-use pirclip_model::dist::{ProcessGroup, Rendezvous};
+use pirclip_dist::{ProcessGroup, Rendezvous};
 use tch::{Kind, Tensor};
 
 fn free_port() -> u16 {
@@ -74,7 +74,7 @@ fn nccl_group_works_on_a_gpu_and_says_why_not_elsewhere() {
         let e = joined.err().expect("NCCL without a GPU must fail");
         // With the backend built, reaching the device check means the plugin opened and its entry
         // point resolved against libtorch_cuda.
-        let why = if pirclip_model::dist::NCCL_BUILT {
+        let why = if pirclip_dist::NCCL_BUILT {
             "needs a CUDA device"
         } else {
             "built without the NCCL backend"

@@ -9,10 +9,11 @@ use std::ffi::CStr;
 #[cfg(pirclip_dist)]
 use std::ffi::{c_char, c_int, CString};
 
+use pirclip_model::layers::RankSum;
 use tch::Tensor;
 
 #[cfg(pirclip_dist)]
-use crate::native::take_message;
+use pirclip_model::native::take_message;
 
 /// Where this process sits in a launch (`torchrun`, `srun`, `mpirun`), as open_clip reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +134,7 @@ fn nccl_plugin() -> Result<MakeBackend, String> {
     static PLUGIN: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
     let f = PLUGIN.get_or_init(|| {
         // libtorch_cuda first (global symbols): the plugin's undefined symbols resolve against it.
-        crate::cuda::load();
+        pirclip_model::cuda::load();
         let mut candidates: Vec<std::path::PathBuf> = Vec::new();
         if let Some(p) = std::env::var_os("PIRCLIP_NCCL_PLUGIN") {
             candidates.push(p.into());
@@ -178,8 +179,8 @@ fn nccl_plugin() -> Result<MakeBackend, String> {
         .map(|addr| unsafe { std::mem::transmute::<usize, MakeBackend>(addr) })
 }
 
-/// A borrowed handle on a live process group, small enough to ride in `BnMode::TrainSync` through a
-/// forward pass: what SyncBatchNorm needs to sum its statistics over the ranks.
+/// A borrowed handle on a live process group: what SyncBatchNorm needs to sum its statistics over the
+/// ranks, handed to the model as a [`RankSum`] (`rank_sum`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupRef {
     group: *mut c_void,
@@ -193,6 +194,21 @@ unsafe impl Send for GroupRef {}
 unsafe impl Sync for GroupRef {}
 
 impl GroupRef {
+    /// This group as the model's SyncBatchNorm takes it (`BnMode::TrainSync`).
+    pub fn rank_sum(self) -> RankSum {
+        fn sum(r: &RankSum, t: &Tensor) -> Result<Tensor, String> {
+            GroupRef {
+                group: r.context(),
+                rank: r.rank,
+                world_size: r.world_size,
+            }
+            .sum_over_ranks(t)
+        }
+        // SAFETY: a GroupRef is made for one step and never outlives its group (see above); c10d groups
+        // are thread-safe.
+        unsafe { RankSum::new(self.group, self.rank, self.world_size, sum) }
+    }
+
     /// The sum over ranks of `t`, differentiable: the gradient reaching `t` is the sum of every rank's
     /// gradient of the result (torch.distributed.nn's all_reduce).
     pub fn sum_over_ranks(&self, t: &Tensor) -> Result<Tensor, String> {
@@ -436,7 +452,7 @@ impl GradientReducer {
     pub fn new(group: &ProcessGroup, params: &[&Tensor]) -> Result<Self, String> {
         #[cfg(pirclip_dist)]
         {
-            let ptrs = crate::native::ptrs(params);
+            let ptrs = pirclip_model::native::ptrs(params);
             let mut err = std::ptr::null_mut();
             // SAFETY: live tensors borrowed for the call (the reducer keeps its own references).
             let reducer = unsafe {
