@@ -1,5 +1,3 @@
-mod ann_bench;
-
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -340,6 +338,21 @@ pub fn run(a: Args) -> Result<()> {
     match a.command {
         IndexCommand::Build(b) => run_build(&b.out, &b.common, false),
         IndexCommand::Add(b) => run_build(&b.index, &b.common, true),
-        IndexCommand::Bench(b) => ann_bench::run(b),
+        IndexCommand::Bench(b) => {
+            let model = crate::bench::load(&b.model).ok();
+            let spec = pirclip_index::bench::BenchSpec {
+                vectors: b.vectors,
+                queries: b.queries,
+                truth: b.truth,
+                k: b.k,
+                threads: b.threads,
+                out: b.out,
+                ann: b.ann.config(None),
+                sweep_ef_search: b.sweep_ef_search,
+                sweep_probes: b.sweep_probes,
+            };
+            let model = model.as_ref().map(|(m, weights)| (m, weights.clone()));
+            pirclip_index::bench::run(&spec, model, &mut |line| println!("{line}"))
+        }
     }
 }

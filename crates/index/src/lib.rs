@@ -4,6 +4,8 @@
 //! `part_size` images: a build that is killed resumes after its last complete part, and `add` is the same
 //! walk over an existing index.
 
+pub mod bench;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -1,11 +1,31 @@
 //! `pirclip index bench`: the approximate index measured on given vectors, one JSON line per setting.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use pirclip_model::ClipModel;
 use pirclip_store::{AnnConfig, AnnStore, IvfStore, VectorStore};
 
-use super::BenchArgs;
+/// What to measure.
+pub struct BenchSpec {
+    /// Base vectors, `[n, dim]` float .npy (normalised here).
+    pub vectors: PathBuf,
+    /// Query vectors, `[q, dim]`.
+    pub queries: PathBuf,
+    /// True neighbours, `[q, >=k]` integer .npy; computed exactly when absent.
+    pub truth: Option<PathBuf>,
+    pub k: usize,
+    /// Build threads.
+    pub threads: usize,
+    /// Where to save the index (its size is reported); a temporary folder when absent.
+    pub out: Option<PathBuf>,
+    pub ann: AnnConfig,
+    /// HNSW: more efSearch values measured on the same graph.
+    pub sweep_ef_search: Vec<usize>,
+    /// IVF: more probe counts measured on the same lists.
+    pub sweep_probes: Vec<usize>,
+}
 
 fn read_matrix(path: &std::path::Path) -> Result<(usize, Vec<f32>)> {
     let t = pirclip_checkpoint::npy::read(path).with_context(|| path.display().to_string())?;
@@ -82,7 +102,13 @@ impl Bench {
     }
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
+/// Builds the index, then measures recall and latency at each setting, one JSON object per setting
+/// handed to `emit`. With `model` (and a description of its weights), a text query end to end too.
+pub fn run(
+    a: &BenchSpec,
+    model: Option<(&ClipModel, String)>,
+    emit: &mut dyn FnMut(serde_json::Value),
+) -> Result<()> {
     let (dim, base) = read_matrix(&a.vectors)?;
     let (qdim, queries) = read_matrix(&a.queries)?;
     if qdim != dim {
@@ -98,7 +124,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let scratch = std::env::temp_dir().join(format!("pirclip-ann-bench-{}", std::process::id()));
     let root = a.out.clone().unwrap_or_else(|| scratch.clone());
     std::fs::create_dir_all(&root)?;
-    let (mut index, build_s, bytes) = build(&a, dim, &base, &root)?;
+    let (mut index, build_s, bytes) = build(a, dim, &base, &root)?;
     // Exact search over the same rows: the ground truth when none is given, and its own latency.
     let flat = pirclip_store::FlatStore::new(dim, base).map_err(anyhow::Error::msg)?;
     let truth = match given_truth {
@@ -122,7 +148,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     // A text query end to end: tokenise + encode with the model, then search (with the given query
     // vectors when the model's dimension differs from the benchmark's).
-    let model = crate::bench::load(&a.model).ok();
     let settings: Vec<usize> = match &index {
         Bench::Ivf(s) => std::iter::once(s.options().probes)
             .chain(a.sweep_probes.iter().copied().filter(|&p| p > 0))
@@ -173,7 +198,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let line = line.as_object_mut().unwrap();
         let mut out = fields.as_object().unwrap().clone();
         out.append(line);
-        println!("{}", serde_json::Value::Object(out));
+        emit(serde_json::Value::Object(out));
     }
     if a.out.is_none() {
         drop(index);
@@ -202,13 +227,13 @@ fn read_truth(p: &std::path::Path, q: usize, k: usize) -> Result<Vec<Vec<usize>>
 /// Builds the approximate index, saves it under `root` and opens it again memory-mapped, the way
 /// `search` and `serve` search it; with the build's seconds and the file's bytes.
 fn build(
-    a: &BenchArgs,
+    a: &BenchSpec,
     dim: usize,
     base: &[f32],
     root: &std::path::Path,
 ) -> Result<(Bench, f64, u64)> {
     let started = Instant::now();
-    Ok(match a.ann.config(None) {
+    Ok(match a.ann.clone() {
         AnnConfig::Ivf(o) => {
             let built =
                 IvfStore::build(dim, base, o, a.threads, &|_| {}).map_err(anyhow::Error::msg)?;
@@ -235,7 +260,7 @@ fn build(
 /// Milliseconds of a text query end to end, sorted: tokenise and encode with the model, then search
 /// (with the given query vectors when the model's dimension differs from the benchmark's).
 fn text_latency(
-    model: &pirclip_model::ClipModel,
+    model: &ClipModel,
     ann: &dyn pirclip_store::VectorStore,
     queries: &[f32],
     dim: usize,
