@@ -490,15 +490,7 @@ fn load_samples(d: &DataSpec) -> Result<(Vec<Sample>, Option<Vec<usize>>), Strin
             .images_dir
             .clone()
             .unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf());
-        let samples = samples_from_csv(
-            path,
-            &d.csv.image_key,
-            &d.csv.caption_key,
-            d.csv.separator,
-            &base,
-            d.allow_absolute_paths,
-        )?;
-        return Ok((samples, None));
+        return Ok((csv_samples(path, &base, d)?, None));
     }
     if d.train_data.ends_with(".json") && d.dataset_type != DatasetType::Webdataset {
         let images = d
@@ -523,6 +515,18 @@ fn load_samples(d: &DataSpec) -> Result<(Vec<Sample>, Option<Vec<usize>>), Strin
     Ok((samples, Some(shard_of)))
 }
 
+/// A CSV's samples with the data's columns, separator and path rule; image paths relative to `base`.
+fn csv_samples(path: &Path, base: &Path, d: &DataSpec) -> Result<Vec<Sample>, String> {
+    samples_from_csv(
+        path,
+        &d.csv.image_key,
+        &d.csv.caption_key,
+        d.csv.separator,
+        base,
+        d.allow_absolute_paths,
+    )
+}
+
 fn validation_set(v: &ValidationSpec, d: &DataSpec) -> Result<(RetrievalSet, PathBuf), String> {
     match v {
         ValidationSpec::Json {
@@ -540,14 +544,7 @@ fn validation_set(v: &ValidationSpec, d: &DataSpec) -> Result<(RetrievalSet, Pat
         // open_clip's CSV validation: the CSV's own image paths (relative to its folder) and captions.
         ValidationSpec::Csv { path } => {
             let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-            let samples = samples_from_csv(
-                path,
-                &d.csv.image_key,
-                &d.csv.caption_key,
-                d.csv.separator,
-                &base,
-                d.allow_absolute_paths,
-            )?;
+            let samples = csv_samples(path, &base, d)?;
             let paths: Vec<String> = samples
                 .iter()
                 .map(|s| match &s.image {
