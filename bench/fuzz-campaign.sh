@@ -21,17 +21,20 @@ mkdir -p bench/results target/fuzz-failures
 status=0
 for f in ${formats//,/ }; do
   start=$(date +%s)
-  PIRCLIP_FUZZ_EXECUTIONS=$n PIRCLIP_FUZZ_FORMATS=$f "$copy" --nocapture >/tmp/fuzz-$f.out 2>/tmp/fuzz-$f.err
+  # Files of this run's own (two campaigns of one format must not write into each other's).
+  out=$(mktemp /tmp/pirclip-fuzz-$f.XXXXXX.out); err=${out%.out}.err
+  PIRCLIP_FUZZ_EXECUTIONS=$n PIRCLIP_FUZZ_FORMATS=$f "$copy" --nocapture >"$out" 2>"$err"
   rc=$?
   took=$(( $(date +%s) - start ))
-  line=$(grep "^fuzz $f: .* no panic" /tmp/fuzz-$f.out | tail -1)
+  line=$(grep -a "^fuzz $f: .* no panic" "$out" | tail -1)
   if [ $rc -ne 0 ]; then
     status=1
     kept=$(ls -d /dev/shm/pirclip-fuzz-*/in-flight-$f.bin /tmp/pirclip-fuzz-*/in-flight-$f.bin 2>/dev/null | tail -1)
     [ -n "$kept" ] && cp "$kept" target/fuzz-failures/$f-crash.bin && rm -rf "$(dirname "$kept")"
-    line="fuzz $f: FAILED (exit $rc) $(grep -h "$f: input" /tmp/fuzz-$f.err | tail -1) ${kept:+input kept as target/fuzz-failures/$f-crash.bin}"
+    line="fuzz $f: FAILED (exit $rc) $(grep -ah "$f: input" "$err" | tail -1) ${kept:+input kept as target/fuzz-failures/$f-crash.bin}"
   fi
   echo "$line [${took} s]" | tee -a "$log"
+  rm -f "$out" "$err"
 done
 rm -f "$copy"
 exit $status
