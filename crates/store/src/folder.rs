@@ -108,7 +108,6 @@ impl IndexDir {
     /// Opens an index folder: index.json read (at most [`limits::INDEX_JSON_BYTES`]) and held to
     /// [`Identity::validate`]. The parts are checked by [`IndexDir::check`].
     pub fn open(root: &Path) -> Result<Self, Error> {
-        use std::io::Read;
         let meta = root.join("index.json");
         let file = std::fs::File::open(&meta)
             .map_err(|e| invalid(&meta, format!("not an index folder ({e})")))?;
@@ -180,11 +179,7 @@ impl IndexDir {
         }
         let rows = h.shape[0];
         let meta = self.meta_path(k);
-        let source = metadata_source(&meta, rows)?;
-        let declared = guarded(&meta, || {
-            let reader = SerializedFileReader::new(source)?;
-            Ok(reader.metadata().file_metadata().num_rows())
-        })?;
+        let declared = declared_rows(&meta, rows)?;
         if declared != rows as i64 {
             return Err(invalid(
                 &meta,
@@ -386,20 +381,64 @@ impl IndexDir {
     }
 }
 
+/// The most bytes a metadata part of `rows` rows can take.
+fn metadata_limit(rows: usize) -> u64 {
+    limits::METADATA_BYTES_BASE
+        .saturating_add(limits::METADATA_BYTES_PER_ROW.saturating_mul(rows as u64))
+}
+
+fn too_large(path: &Path, size: u64, rows: usize) -> Error {
+    let most = metadata_limit(rows);
+    invalid(
+        path,
+        format!("{size} bytes for {rows} rows: more than such rows can take ({most})"),
+    )
+}
+
+/// The rows a metadata part of at most `rows` rows' size declares, from its footer alone (the part's
+/// pages are read, and checked, by [`IndexDir::entries`]).
+fn declared_rows(path: &Path, rows: usize) -> Result<i64, Error> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    if size > metadata_limit(rows) {
+        return Err(too_large(path, size, rows));
+    }
+    let not_parquet = || invalid(path, "not a parquet file (no footer)");
+    let mut end = [0u8; 8];
+    file.seek(SeekFrom::Start(
+        size.checked_sub(8).ok_or_else(not_parquet)?,
+    ))?;
+    file.read_exact(&mut end)?;
+    if &end[4..] != b"PAR1" {
+        return Err(not_parquet());
+    }
+    let len = u64::from(u32::from_le_bytes([end[0], end[1], end[2], end[3]]));
+    let start = size
+        .checked_sub(8 + len)
+        .ok_or_else(|| invalid(path, format!("a footer of {len} bytes in {size}")))?;
+    // The footer and the 8 bytes after it: what `check_footer` and the crate read.
+    let mut tail = vec![0u8; (len + 8) as usize];
+    file.seek(SeekFrom::Start(start))?;
+    file.read_exact(&mut tail)?;
+    strict_read::check_footer(&tail).map_err(|e| invalid(path, e))?;
+    guarded(path, || {
+        let metadata =
+            parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&tail[..len as usize])?;
+        Ok(metadata.file_metadata().num_rows())
+    })
+}
+
 /// The bytes of a metadata part of `rows` rows, if its size is within what such rows can take.
 fn metadata_source(path: &Path, rows: usize) -> Result<strict_read::StrictSource, Error> {
-    let most = limits::METADATA_BYTES_BASE
-        .saturating_add(limits::METADATA_BYTES_PER_ROW.saturating_mul(rows as u64));
+    let most = metadata_limit(rows);
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(most + 1)
         .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > most {
         let size = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
-        return Err(invalid(
-            path,
-            format!("{size} bytes for {rows} rows: more than such rows can take ({most})"),
-        ));
+        return Err(too_large(path, size, rows));
     }
     strict_read::check_footer(&bytes).map_err(|e| invalid(path, e))?;
     Ok(strict_read::StrictSource::new(bytes))

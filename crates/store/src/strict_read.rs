@@ -1,11 +1,15 @@
-//! A metadata part, held in memory, as the parquet crate reads it — with two bounds the crate lacks.
-//!
-//! The crate skips unknown thrift fields of page headers with `io::copy(take(n))`, which treats the end
-//! of the input as success: a 2 KB page header declaring a list of 2^31 doubles was skipped one empty
-//! read at a time (42 s, found by the fuzzer, `tests/fixtures/fuzz/index-parquet-42s.bin`). Here the end
-//! of the input is an error, as it is for every caller that reads with `read_exact`, and all readers of one
-//! file share a budget of read calls proportional to its size, so no header can make reading outlast
-//! a few passes over the bytes.
+//! A metadata part as the parquet crate reads it, with the bounds the crate lacks. Ours rather than
+//! the crate's because the crate trusts declared sizes where a hostile file lies:
+//! - it skips unknown thrift fields of page headers with `io::copy(take(n))`, which treats the end of
+//!   the input as success: a 2 KB page header declaring a list of 2^31 doubles was skipped one empty
+//!   read at a time (42 s, found by the fuzzer, `tests/fixtures/fuzz/index-parquet-42s.bin`). Here the
+//!   part is held in memory ([`StrictSource`]), the end of the input is an error, and all readers of
+//!   one file share a budget of read calls proportional to its size;
+//! - a collection may declare more elements than bytes remain (2^31 booleans: 3.4 s per header), and a
+//!   known field may carry another wire type, which the crate reads by id anyway: every page header
+//!   ([`check_page_headers`]) and the footer ([`check_footer`]) are walked by a strict compact-thrift
+//!   reader first;
+//! - it reserves each schema element's declared children up front ([`check_footer`]).
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -150,7 +154,10 @@ struct Compact<'a> {
 
 impl Compact<'_> {
     fn byte(&mut self) -> Result<u8, String> {
-        let (&b, rest) = self.rest.split_first().ok_or("ends inside a page header")?;
+        let (&b, rest) = self
+            .rest
+            .split_first()
+            .ok_or("ends inside a thrift value")?;
         self.rest = rest;
         Ok(b)
     }
@@ -181,6 +188,16 @@ impl Compact<'_> {
         Ok((v >> 1) as i64 ^ -((v & 1) as i64))
     }
 
+    /// A list's or set's header: its element type and its count, at most the bytes left.
+    fn list_header(&mut self) -> Result<(u8, u64), String> {
+        let head = self.byte()?;
+        let n = match head >> 4 {
+            15 => self.varint()?,
+            n => u64::from(n),
+        };
+        Ok((head & 0x0f, self.count(n)?))
+    }
+
     /// A declared element count, at most the bytes left.
     fn count(&mut self, declared: u64) -> Result<u64, String> {
         if declared > self.rest.len() as u64 {
@@ -207,13 +224,9 @@ impl Compact<'_> {
                 self.skip(n)
             }
             9 | 10 => {
-                let head = self.byte()?;
-                let n = match head >> 4 {
-                    15 => self.varint()?,
-                    n => u64::from(n),
-                };
-                for _ in 0..self.count(n)? {
-                    self.value(head & 0x0f, true, depth + 1)?;
+                let (kind, n) = self.list_header()?;
+                for _ in 0..n {
+                    self.value(kind, true, depth + 1)?;
                 }
                 Ok(())
             }
@@ -399,19 +412,15 @@ pub(crate) fn check_footer(file: &[u8]) -> Result<(), String> {
         rest: &file[start..n - 8],
     };
     let mut elements = 0u64;
-    let mut most_children = 0i64;
+    let mut most_children = 0u64;
     input
         .fields(FILE_METADATA, 0, &mut |input, id| {
             if id != 2 {
                 return Ok(false);
             }
-            let head = input.byte()?;
-            let declared = match head >> 4 {
-                15 => input.varint()?,
-                count => u64::from(count),
-            };
-            elements = input.count(declared)?;
-            if elements > 0 && head & 0x0f != 12 {
+            let kind;
+            (kind, elements) = input.list_header()?;
+            if elements > 0 && kind != 12 {
                 return Err("a schema that is not a list of elements".into());
             }
             for _ in 0..elements {
@@ -419,14 +428,15 @@ pub(crate) fn check_footer(file: &[u8]) -> Result<(), String> {
                     if id != 5 {
                         return Ok(false);
                     }
-                    most_children = most_children.max(input.zigzag()?.abs());
+                    // unsigned_abs: i64::MIN is a value a hostile footer can send.
+                    most_children = most_children.max(input.zigzag()?.unsigned_abs());
                     Ok(true)
                 })?;
             }
             Ok(true)
         })
         .map_err(|e| format!("footer: {e}"))?;
-    if most_children as u64 > elements {
+    if most_children > elements {
         return Err(format!(
             "footer: a schema element declares {most_children} children, but the schema has {elements} elements"
         ));

@@ -460,16 +460,23 @@ fn a_footer_declaring_more_schema_children_than_elements_is_refused() {
         .unwrap()
         + 11;
     assert_eq!(footer[at], 20, "the root's num_children");
-    let mut crafted = good[..n - 8 - len].to_vec();
-    crafted.extend_from_slice(&footer[..at]);
-    crafted.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0x0f]); // zigzag(2^31 - 1)
-    crafted.extend_from_slice(&footer[at + 1..]);
-    crafted.extend_from_slice(&((len + 4) as u32).to_le_bytes());
-    crafted.extend_from_slice(b"PAR1");
-    std::fs::write(&meta, &crafted).unwrap();
-    let e = load_error(&root);
+    let with_children = |zigzag: &[u8]| {
+        let mut crafted = good[..n - 8 - len].to_vec();
+        crafted.extend_from_slice(&footer[..at]);
+        crafted.extend_from_slice(zigzag);
+        crafted.extend_from_slice(&footer[at + 1..]);
+        let grown = len + zigzag.len() - 1;
+        crafted.extend_from_slice(&(grown as u32).to_le_bytes());
+        crafted.extend_from_slice(b"PAR1");
+        std::fs::write(&meta, &crafted).unwrap();
+        load_error(&root)
+    };
+    let e = with_children(&[0xfe, 0xff, 0xff, 0xff, 0x0f]); // zigzag(2^31 - 1)
     assert!(
         e.contains("declares 2147483647 children, but the schema has 11 elements"),
         "{e}"
     );
+    // zigzag(i64::MIN): a value whose absolute value overflows.
+    let e = with_children(&[0xff; 9].iter().copied().chain([0x01]).collect::<Vec<u8>>());
+    assert!(e.contains("declares 9223372036854775808 children"), "{e}");
 }
