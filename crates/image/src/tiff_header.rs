@@ -13,6 +13,10 @@ use std::io::{Read, Seek, SeekFrom};
 /// 2,000 pixels, or 16,000 bands × 256 tiles.
 const MAX_VALUES: u64 = 4 << 20;
 
+/// Entries of one directory: a classic TIFF's count is 16-bit; a BigTIFF may declare more, which no
+/// real file needs (a GeoTIFF has a few dozen tags).
+const MAX_ENTRIES: u64 = 65_535;
+
 /// Ok for anything that is not a TIFF (other decoders read it); the stream is left at its start.
 pub(crate) fn check_first_ifd<R: Read + Seek>(r: &mut R) -> Result<(), String> {
     let len = r.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
@@ -22,7 +26,7 @@ pub(crate) fn check_first_ifd<R: Read + Seek>(r: &mut R) -> Result<(), String> {
     outcome
 }
 
-fn walk<R: Read>(r: &mut R, len: u64) -> Result<(), String> {
+fn walk<R: Read + Seek>(r: &mut R, len: u64) -> Result<(), String> {
     let mut head = [0u8; 16];
     if r.read_exact(&mut head[..8]).is_err() {
         return Ok(());
@@ -69,28 +73,30 @@ fn walk<R: Read>(r: &mut R, len: u64) -> Result<(), String> {
     } else {
         u32_at(&head[4..8])
     };
-    // Read the directory from where it is: skip to it without seeking (the reader is at 8 or 16).
     let here = if big { 16 } else { 8 };
     if ifd < here || ifd >= len {
         return Ok(()); // the tiff crate reports a directory outside the file itself
     }
-    std::io::copy(&mut r.take(ifd - here), &mut std::io::sink()).map_err(|e| e.to_string())?;
+    r.seek(SeekFrom::Start(ifd)).map_err(|e| e.to_string())?;
     let (count_bytes, entry_bytes) = if big { (8, 20) } else { (2, 12) };
     let mut count = [0u8; 8];
     if r.read_exact(&mut count[..count_bytes]).is_err() {
         return Ok(());
     }
     let entries = if big { u64_at(&count) } else { u16_at(&count) };
-    if entries.saturating_mul(entry_bytes) > len {
+    if entries > MAX_ENTRIES || entries.saturating_mul(entry_bytes) > len {
         return Err(format!(
-            "its first directory declares {entries} entries, more than the file's {len} bytes hold"
+            "its first directory declares {entries} entries, more than the file's {len} bytes \
+             hold (or over {MAX_ENTRIES})"
         ));
     }
-    let mut entry = [0u8; 20];
-    for _ in 0..entries {
-        if r.read_exact(&mut entry[..entry_bytes as usize]).is_err() {
-            return Ok(());
-        }
+    // The directory in one read (at most MAX_ENTRIES × 20 bytes), not one read per entry; a directory
+    // cut short by the file's end is checked as far as it goes.
+    let mut directory = Vec::new();
+    r.take(entries * entry_bytes)
+        .read_to_end(&mut directory)
+        .map_err(|e| e.to_string())?;
+    for entry in directory.chunks_exact(entry_bytes as usize) {
         let (tag, kind) = (u16_at(&entry[0..2]), u16_at(&entry[2..4]));
         let values = if big {
             u64_at(&entry[4..12])
@@ -141,4 +147,45 @@ pub fn append_ifd(out: &mut Vec<u8>, entries: &mut [(u16, u16, u32, Vec<u8>)]) {
     }
     out.extend(0u32.to_le_bytes());
     out.extend(tail);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(bytes: &[u8]) -> Result<(), String> {
+        check_first_ifd(&mut std::io::Cursor::new(bytes))
+    }
+
+    #[test]
+    fn a_tag_declaring_more_values_than_the_file_holds_is_refused_wherever_the_directory_lies() {
+        // 1 MB of pixels before the directory (writers such as the tiff crate put it last).
+        let mut out = b"II*\0\0\0\0\0".to_vec();
+        out.resize(8 + (1 << 20), 7);
+        let mut entries = vec![
+            (256, 4, 1, 512u32.to_le_bytes().to_vec()),
+            (339, 3, 8 << 20, vec![1, 0]),
+        ];
+        append_ifd(&mut out, &mut entries);
+        let e = check(&out).unwrap_err();
+        assert!(e.contains("tag 339 declares 8388608 values"), "{e}");
+        // The same directory with a sound count passes, and so does what is not a TIFF.
+        entries[1].2 = 1;
+        let mut ok = b"II*\0\0\0\0\0".to_vec();
+        ok.resize(8 + (1 << 20), 7);
+        append_ifd(&mut ok, &mut entries);
+        assert_eq!(check(&ok), Ok(()));
+        assert_eq!(check(b"\xff\xd8\xff\xe0 a jpeg"), Ok(()));
+    }
+
+    #[test]
+    fn a_bigtiff_directory_of_too_many_entries_is_refused() {
+        // BigTIFF: magic 43, offset size 8, directory at 16 declaring 2^32 entries.
+        let mut out = b"II+\0\x08\0\0\0".to_vec();
+        out.extend(16u64.to_le_bytes());
+        out.extend((1u64 << 32).to_le_bytes());
+        out.resize(1 << 16, 0);
+        let e = check(&out).unwrap_err();
+        assert!(e.contains("declares 4294967296 entries"), "{e}");
+    }
 }
