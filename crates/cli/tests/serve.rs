@@ -837,6 +837,22 @@ fn concurrent_scene_renders_are_bounded() {
     assert_eq!(status, 200);
     let preview = image::load_from_memory(&png).unwrap();
     assert_eq!((preview.width(), preview.height()), (1000, 1000));
+    // Previews are kept, but a scene replaced on disk is rendered anew, not served from the cache.
+    assert!(request(port, "GET", "/image/whole/0", b"").1 == png);
+    for k in 0..2 {
+        pirclip_image::scene::write_geotiff_u16(
+            &scenes.join(format!("s{k}.tif")),
+            3000,
+            3000,
+            3,
+            None,
+            |x, y, b| ((x + y + b) % 4000) as u16,
+        )
+        .unwrap();
+    }
+    let (status, again) = request(port, "GET", "/image/whole/0", b"");
+    assert_eq!(status, 200);
+    assert!(again != png, "the replaced scene was served from the cache");
     let whole_mb = peak_rss_mb(s.child.id());
     println!("peak RSS: {tiles_mb:.0} MB serving tiles, {whole_mb:.0} MB serving whole scenes");
     // A scene's samples are 54 MB; the model and runtime about 300 MB.

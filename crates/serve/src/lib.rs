@@ -72,7 +72,7 @@ pub struct AppState {
     pub limits: Limits,
     text_cache: Mutex<HashMap<String, Vec<f32>>>,
     scenes: Kept<OpenedScene>,
-    previews: Kept<Arc<Vec<u8>>>,
+    previews: Kept<Bytes>,
     renders: tokio::sync::Semaphore,
     /// Renders running or waiting.
     render_requests: std::sync::atomic::AtomicUsize,
@@ -419,7 +419,7 @@ async fn image(
                 (header::CONTENT_TYPE, kind),
                 (header::CACHE_CONTROL, "max-age=3600"),
             ],
-            bytes.as_ref().clone(),
+            bytes,
         )
             .into_response());
     }

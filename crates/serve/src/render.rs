@@ -55,19 +55,23 @@ pub(crate) async fn render(
     tile: Option<pirclip_store::Tile>,
     bands: Option<[usize; 3]>,
     geotiff: bool,
-) -> Result<Arc<Vec<u8>>, String> {
-    let key = format!("{}\u{0}{bands:?}", path.display());
+) -> Result<Bytes, String> {
+    // A file replaced on disk (another size or time) is another scene, not the cached one.
+    let stamp = std::fs::metadata(&path)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()));
+    let key = format!("{}\u{0}{bands:?}\u{0}{stamp:?}", path.display());
     if tile.is_some() || geotiff {
         return render_uncached(s, &key, path, tile, bands, geotiff)
             .await
-            .map(Arc::new);
+            .map(Bytes::from);
     }
     // A whole-scene preview: rendered once, then served from memory (the last two kept).
     let cell = s.previews.slot(&key);
     cell.get_or_init(|| async {
         render_uncached(s, &key, path, None, bands, false)
             .await
-            .map(Arc::new)
+            .map(Bytes::from)
     })
     .await
     .clone()
