@@ -1171,6 +1171,26 @@ fn mini_train_args(logs: &Path, name: &str, images: &Path, extra: &[&str]) -> Ve
     args
 }
 
+/// A distributed backend pirclip does not speak is refused before anything is loaded, launched or not.
+#[test]
+fn an_unknown_dist_backend_is_refused_at_once() {
+    let dir = tmpdir("backend");
+    let args = mini_train_args(
+        &dir.join("logs"),
+        "mpi",
+        &mini().join("images"),
+        &["--dist-backend", "mpi", "--max-steps", "1"],
+    );
+    let out = pirclip(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--dist-backend mpi: pirclip speaks nccl (CUDA) and gloo (CPU)"),
+        "{stderr}"
+    );
+    assert!(!dir.join("logs/mpi").exists(), "a run folder was made");
+}
+
 #[test]
 fn training_on_data_that_cannot_be_loaded_fails_and_says_why() {
     let dir = tmpdir("bad-data");

@@ -247,7 +247,13 @@ impl TrainRun {
             .as_ref()
             .map(|v| validation_set(v, &c.data))
             .transpose()?;
-        let loader = loader(&c)?;
+        let (loader, skipped) = loader(&c)?;
+        if skipped > 0 {
+            say(
+                &mut log,
+                &format!("shards: skipped {skipped} samples lacking an image or a caption"),
+            );
+        }
         say(&mut log, &format!("data: {}", coverage(&c.data, &loader)));
         let training = TrainingRun::new(trainer, loader, settings, run_dir, log, is_master)?;
         let mut run = TrainRun {
@@ -432,6 +438,16 @@ fn join_group(
 ) -> Result<Option<Distributed>, String> {
     // One rank joins a group only when a backend is named under a launcher (e.g. to check NCCL with
     // `torchrun --nproc_per_node 1 … --dist-backend nccl`); otherwise it trains alone, as open_clip does.
+    // A backend pirclip does not speak is refused single-process too: the flag is checked at once.
+    if let Some(b) = d
+        .backend
+        .as_deref()
+        .filter(|b| !["nccl", "gloo"].contains(b))
+    {
+        return Err(format!(
+            "--dist-backend {b}: pirclip speaks nccl (CUDA) and gloo (CPU)"
+        ));
+    }
     let launched_alone =
         world.world_size == 1 && d.backend.is_some() && std::env::var_os("MASTER_ADDR").is_some();
     if world.world_size <= 1 && !launched_alone {
@@ -441,11 +457,6 @@ fn join_group(
         .backend
         .as_deref()
         .unwrap_or(if device.is_cuda() { "nccl" } else { "gloo" });
-    if !["nccl", "gloo"].contains(&backend) {
-        return Err(format!(
-            "--dist-backend {backend}: pirclip speaks nccl (CUDA) and gloo (CPU)"
-        ));
-    }
     if backend == "nccl" && !device.is_cuda() {
         return Err("--dist-backend nccl reduces GPU tensors: add --device cuda (each rank takes cuda:LOCAL_RANK), or use gloo on CPU".into());
     }
@@ -477,8 +488,9 @@ fn is_csv_name(name: &str) -> bool {
     name.ends_with(".csv") || name.ends_with(".tsv")
 }
 
-/// Samples, and the shard of each sample when the data are shards.
-fn load_samples(d: &DataSpec) -> Result<(Vec<Sample>, Option<Vec<usize>>), String> {
+/// Samples, the shard of each sample when the data are shards, and the shard members left out for
+/// lacking an image or a caption.
+fn load_samples(d: &DataSpec) -> Result<(Vec<Sample>, Option<Vec<usize>>, usize), String> {
     let is_csv = match d.dataset_type {
         DatasetType::Csv => true,
         DatasetType::Webdataset => false,
@@ -490,7 +502,7 @@ fn load_samples(d: &DataSpec) -> Result<(Vec<Sample>, Option<Vec<usize>>), Strin
             .images_dir
             .clone()
             .unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf());
-        return Ok((csv_samples(path, &base, d)?, None));
+        return Ok((csv_samples(path, &base, d)?, None, 0));
     }
     if d.train_data.ends_with(".json") && d.dataset_type != DatasetType::Webdataset {
         let images = d
@@ -500,7 +512,7 @@ fn load_samples(d: &DataSpec) -> Result<(Vec<Sample>, Option<Vec<usize>>), Strin
         let ds = Dataset::load_with(Path::new(&d.train_data), d.allow_absolute_paths)
             .map_err(|e| format!("{e:#}"))?;
         let splits: Vec<&str> = d.train_split.split(',').map(str::trim).collect();
-        return Ok((samples_from_karpathy(&ds, &splits, images), None));
+        return Ok((samples_from_karpathy(&ds, &splits, images), None, 0));
     }
     let paths: Vec<PathBuf> = pirclip_data::shards::expand_braces(&d.train_data)
         .map_err(|e| format!("{e:#}"))?
@@ -509,10 +521,7 @@ fn load_samples(d: &DataSpec) -> Result<(Vec<Sample>, Option<Vec<usize>>), Strin
         .collect();
     let (samples, shard_of, skipped) =
         pirclip_data::shards::read_shards_indexed(&paths).map_err(|e| format!("{e:#}"))?;
-    if skipped > 0 {
-        eprintln!("shards: skipped {skipped} samples lacking an image or a caption");
-    }
-    Ok((samples, Some(shard_of)))
+    Ok((samples, Some(shard_of), skipped))
 }
 
 /// A CSV's samples with the data's columns, separator and path rule; image paths relative to `base`.
@@ -562,9 +571,10 @@ fn validation_set(v: &ValidationSpec, d: &DataSpec) -> Result<(RetrievalSet, Pat
     }
 }
 
-fn loader(c: &RunConfig) -> Result<TrainLoader, String> {
+/// The run's loader, and how many shard members were left out.
+fn loader(c: &RunConfig) -> Result<(TrainLoader, usize), String> {
     let d = &c.data;
-    let (samples, shard_of) = load_samples(d)?;
+    let (samples, shard_of, skipped) = load_samples(d)?;
     if d.one_caption_per_image && shard_of.is_some() {
         return Err("--one-caption-per-image is for JSON and CSV data: webdataset shards hold one caption per sample".into());
     }
@@ -625,7 +635,7 @@ fn loader(c: &RunConfig) -> Result<TrainLoader, String> {
             d.batch_size
         ));
     }
-    Ok(loader)
+    Ok((loader, skipped))
 }
 
 /// What an epoch covers, in words.
