@@ -78,8 +78,7 @@ pub struct Report {
 impl Report {
     /// "name:split" of an image.
     pub fn place(&self, i: usize) -> String {
-        let im = &self.images[i];
-        format!("{}:{}", self.names[im.source], im.split)
+        place(&self.names, &self.images[i])
     }
 }
 
@@ -108,34 +107,9 @@ pub fn find(
     }
     let found = near_pairs(&hashes, s.max_hamming, s.max_pairs);
     let pairs = confirm(&kept, &found.pairs, model, s, progress)?;
-    let mut report = Report {
-        names: sources.iter().map(|x| x.name.clone()).collect(),
-        images: kept,
-        unreadable,
-        candidates: found.pairs.len(),
-        truncated: found.truncated,
-        pairs,
-        pairs_by_split: BTreeMap::new(),
-        leaked: HashSet::new(),
-        test_images: Vec::new(),
-        captions: caption_overlaps(sources),
-    };
-    for p in report.pairs.clone() {
-        let (x, y) = (report.place(p.a), report.place(p.b));
-        let key = if x <= y {
-            format!("{x} ~ {y}")
-        } else {
-            format!("{y} ~ {x}")
-        };
-        *report.pairs_by_split.entry(key).or_default() += 1;
-        for (t, other) in [(p.a, p.b), (p.b, p.a)] {
-            let (t, other) = (&report.images[t], &report.images[other]);
-            if t.split == "test" && other.split != "test" {
-                report.leaked.insert((t.source, t.filename.clone()));
-            }
-        }
-    }
-    report.test_images = sources
+    let names: Vec<String> = sources.iter().map(|x| x.name.clone()).collect();
+    let (pairs_by_split, leaked) = tally(&names, &kept, &pairs);
+    let test_images = sources
         .iter()
         .enumerate()
         .filter(|(_, x)| x.images_dir.is_some())
@@ -144,7 +118,47 @@ pub fn find(
             (d, tests.count())
         })
         .collect();
-    Ok(report)
+    Ok(Report {
+        names,
+        images: kept,
+        unreadable,
+        candidates: found.pairs.len(),
+        truncated: found.truncated,
+        pairs,
+        pairs_by_split,
+        leaked,
+        test_images,
+        captions: caption_overlaps(sources),
+    })
+}
+
+fn place(names: &[String], image: &Image) -> String {
+    format!("{}:{}", names[image.source], image.split)
+}
+
+/// Confirmed pairs by the pair of places ("a:split ~ b:split"), and the test images with a
+/// near-duplicate outside the test split.
+fn tally(
+    names: &[String],
+    images: &[Image],
+    pairs: &[Pair],
+) -> (BTreeMap<String, usize>, HashSet<(usize, String)>) {
+    let (mut by_split, mut leaked) = (BTreeMap::new(), HashSet::new());
+    for p in pairs {
+        let (x, y) = (place(names, &images[p.a]), place(names, &images[p.b]));
+        let key = if x <= y {
+            format!("{x} ~ {y}")
+        } else {
+            format!("{y} ~ {x}")
+        };
+        *by_split.entry(key).or_default() += 1;
+        for (t, other) in [(&images[p.a], &images[p.b]), (&images[p.b], &images[p.a])] {
+            if t.split == "test" && other.split != "test" {
+                leaked.insert((t.source, t.filename.clone()));
+            }
+        }
+    }
+    (by_split, leaked)
 }
 
 /// Each image once per source (a Karpathy JSON lists an image once per caption group).
