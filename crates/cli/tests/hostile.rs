@@ -193,6 +193,21 @@ fn search_and_index_add_refuse_crafted_index_folders() {
         p
     };
     let mut failures = Vec::new();
+    let index_add = |p: &Path| {
+        let index = p.to_str().unwrap();
+        let images = mini_images();
+        run(
+            &[
+                "index",
+                "add",
+                "--index",
+                index,
+                "--images",
+                images.to_str().unwrap(),
+            ],
+            LIMIT,
+        )
+    };
     let mut check = |what: &str, ok: bool, o: &Outcome| {
         if !ok {
             failures.push(format!("{what}: {o:?}"));
@@ -227,17 +242,7 @@ fn search_and_index_add_refuse_crafted_index_folders() {
     let o = search(&p, &[]);
     check("int64 part", o.refused_with("int64 embeddings"), &o);
     // index add on it (exited 0, adding to an index search refuses).
-    let o = run(
-        &[
-            "index",
-            "add",
-            "--index",
-            p.to_str().unwrap(),
-            "--images",
-            mini_images().to_str().unwrap(),
-        ],
-        LIMIT,
-    );
+    let o = index_add(&p);
     check(
         "index add on a damaged index",
         o.refused_with("int64 embeddings"),
@@ -268,17 +273,7 @@ fn search_and_index_add_refuse_crafted_index_folders() {
     ] {
         let p = case(name);
         edit_json(&p.join("index.json"), |v| v["scene"] = scene.clone());
-        let o = run(
-            &[
-                "index",
-                "add",
-                "--index",
-                p.to_str().unwrap(),
-                "--images",
-                mini_images().to_str().unwrap(),
-            ],
-            LIMIT,
-        );
+        let o = index_add(&p);
         check(name, o.refused_with(says), &o);
     }
 
