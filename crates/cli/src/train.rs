@@ -617,6 +617,8 @@ fn run_settings(a: &Args, is_master: bool) -> RunSettings {
             LabelSource::Filename => run::LabelSource::FileName,
             LabelSource::Json => run::LabelSource::Json,
         },
+        // Every step's inputs for a reference run (crates/cli/tests/ddp.rs); not a flag.
+        dump_batches: std::env::var_os("PIRCLIP_DUMP_BATCHES").map(PathBuf::from),
     }
 }
 

@@ -55,6 +55,8 @@ pub struct RunSettings {
     /// Validate every N epochs (and at the end).
     pub val_frequency: usize,
     pub label_source: LabelSource,
+    /// Write every step's inputs here (see [`dump_batch`]): `PIRCLIP_DUMP_BATCHES` in the CLI.
+    pub dump_batches: Option<PathBuf>,
 }
 
 /// `out.log` of the run folder (rank 0 only: other ranks hold none and write nothing).
@@ -202,62 +204,6 @@ impl TrainingRun {
     }
 
     /// Trains from `pos` to the end (or `max_steps`), saving and validating on the way.
-    /// `PIRCLIP_DUMP_BATCHES=DIR`: every rank writes each step's inputs, as the loss sees them, to
-    /// `DIR/rank{r}-step{k}.safetensors` (`images` [n,3,S,S], `tokens` [n,77], `labels` [n], the samples'
-    /// `positions` [n] in the epoch's order, `lr` [1] f64, and the samples' names in the metadata), so that a reference implementation (the PyTorch DDP run
-    /// of `tests/reference/ddp_train.py`) can train on exactly the same batches.
-    fn dump_batch(
-        dir: &std::path::Path,
-        rank: usize,
-        step: i64,
-        batches: &[TrainBatch],
-        labels: &[i64],
-        lr: f64,
-        image_size: usize,
-    ) -> Result<(), String> {
-        use pirclip_checkpoint::{DType, StateDict, TensorData};
-        let n = labels.len();
-        let s = image_size;
-        let pixels: Vec<f32> = batches
-            .iter()
-            .flat_map(|b| b.pixels.iter().copied())
-            .collect();
-        let ids: Vec<i64> = batches.iter().flat_map(|b| b.ids.iter().copied()).collect();
-        let names: Vec<&str> = batches
-            .iter()
-            .flat_map(|b| b.names.iter().map(String::as_str))
-            .collect();
-        let mut sd = StateDict::default();
-        sd.entries.push((
-            "images".into(),
-            TensorData::from_f32(vec![n, 3, s, s], &pixels),
-        ));
-        sd.entries.push((
-            "tokens".into(),
-            TensorData::from_i64(vec![n, ids.len() / n.max(1)], &ids),
-        ));
-        sd.entries
-            .push(("labels".into(), TensorData::from_i64(vec![n], labels)));
-        sd.entries.push((
-            "lr".into(),
-            TensorData::new(DType::F64, vec![1], lr.to_le_bytes().to_vec())
-                .map_err(|e| e.to_string())?,
-        ));
-        let names = names.join("\n");
-        let positions: Vec<i64> = batches
-            .iter()
-            .flat_map(|b| b.positions.iter().map(|&p| p as i64))
-            .collect();
-        sd.entries.push((
-            "positions".into(),
-            TensorData::from_i64(vec![n], &positions),
-        ));
-        let path = dir.join(format!("rank{rank}-step{step}.safetensors"));
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        pirclip_checkpoint::safetensors::write(&path, &sd, &[("names", &names)])
-            .map_err(|e| format!("{}: {e}", path.display()))
-    }
-
     pub fn run(
         &mut self,
         pos: Position,
@@ -275,7 +221,6 @@ impl TrainingRun {
         let mut lr = self.settings.lr;
         let mut skipped_total = 0usize;
         let mut step = pos.step;
-        let dump_batches = std::env::var_os("PIRCLIP_DUMP_BATCHES").map(PathBuf::from);
         // The first step is left out of the profile: it warms allocators and autograd's graph caches.
         let mut profiler = None;
         'epochs: for epoch in pos.epoch..self.settings.epochs {
@@ -337,9 +282,9 @@ impl TrainingRun {
                     total_steps,
                     step,
                 );
-                if let Some(dir) = &dump_batches {
+                if let Some(dir) = &self.settings.dump_batches {
                     let rank = self.trainer.dist.as_ref().map_or(0, |d| d.rank());
-                    Self::dump_batch(dir, rank, step + 1, &batches, &labels, lr, image_size)?;
+                    dump_batch(dir, rank, step + 1, &batches, &labels, lr, image_size)?;
                 }
                 let s = if self.trainer.dist.is_some() {
                     self.trainer
@@ -564,4 +509,58 @@ impl TrainingRun {
         self.log.line(&line);
         Ok(())
     }
+}
+
+/// Writes a step's inputs, as the loss sees them, to `DIR/rank{r}-step{k}.safetensors`: `images`
+/// [n,3,S,S], `tokens` [n,77], `labels` [n], the samples' `positions` [n] in the epoch's order, `lr` [1]
+/// f64, and the samples' names in the metadata; so that a reference implementation (the PyTorch DDP
+/// run of `tests/reference/ddp_train.py`) can train on exactly the same batches.
+fn dump_batch(
+    dir: &Path,
+    rank: usize,
+    step: i64,
+    batches: &[TrainBatch],
+    labels: &[i64],
+    lr: f64,
+    image_size: usize,
+) -> Result<(), String> {
+    use pirclip_checkpoint::{DType, StateDict, TensorData};
+    let (n, s) = (labels.len(), image_size);
+    let pixels: Vec<f32> = batches
+        .iter()
+        .flat_map(|b| b.pixels.iter().copied())
+        .collect();
+    let ids: Vec<i64> = batches.iter().flat_map(|b| b.ids.iter().copied()).collect();
+    let positions: Vec<i64> = batches
+        .iter()
+        .flat_map(|b| b.positions.iter().map(|&p| p as i64))
+        .collect();
+    let names: Vec<&str> = batches
+        .iter()
+        .flat_map(|b| b.names.iter().map(String::as_str))
+        .collect();
+    let lr = TensorData::new(DType::F64, vec![1], lr.to_le_bytes().to_vec())
+        .map_err(|e| e.to_string())?;
+    let sd = StateDict {
+        entries: vec![
+            (
+                "images".into(),
+                TensorData::from_f32(vec![n, 3, s, s], &pixels),
+            ),
+            (
+                "tokens".into(),
+                TensorData::from_i64(vec![n, ids.len() / n.max(1)], &ids),
+            ),
+            ("labels".into(), TensorData::from_i64(vec![n], labels)),
+            (
+                "positions".into(),
+                TensorData::from_i64(vec![n], &positions),
+            ),
+            ("lr".into(), lr),
+        ],
+    };
+    let path = dir.join(format!("rank{rank}-step{step}.safetensors"));
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    pirclip_checkpoint::safetensors::write(&path, &sd, &[("names", &names.join("\n"))])
+        .map_err(|e| format!("{}: {e}", path.display()))
 }

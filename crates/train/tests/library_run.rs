@@ -67,6 +67,7 @@ fn config(logs: &Path, name: &str, max_steps: i64, resume: Option<&str>) -> RunC
             save_most_recent: false,
             val_frequency: 1,
             label_source: LabelSource::FileName,
+            dump_batches: None,
         },
         logs: logs.to_path_buf(),
         resume: resume.map(str::to_string),
