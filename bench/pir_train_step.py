@@ -12,12 +12,16 @@ milliseconds against seconds of compute), captions are real captions through ope
 Prints one JSON line with the median step time of the steps after the first (which warms allocators).
 With --profile, also writes a torch.profiler Chrome trace of the timed steps and prints the top ops."""
 import json, os, sys, time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 import open_clip
 from open_clip.modified_resnet import ModifiedResNet
 from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference"))
+from ddp_train import encode_image  # noqa: E402
 
 ds_json, images_dir, batch, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 profile = sys.argv[7] if len(sys.argv) > 7 and sys.argv[6] == "--profile" else None
@@ -33,18 +37,9 @@ class PirReference(torch.nn.Module):
         self.vision_proj_res = torch.nn.Linear(512, 768)
 
     def encode_image(self, x):
-        v = self.clip.visual
-        y = self.vision_proj_res(self.res_visual(x)).unsqueeze(1)  # instruction token [N,1,768]
-        t = v.conv1(x).flatten(2).permute(0, 2, 1)
-        cls = v.class_embedding.to(t.dtype) + torch.zeros(t.shape[0], 1, t.shape[-1], dtype=t.dtype)
-        t = v.ln_pre(torch.cat([cls, t], dim=1) + v.positional_embedding)
-        belief = torch.softmax((t * y).sum(-1), dim=-1)  # [N,50]
-        order = belief.argsort(dim=-1, descending=True)
-        weight = 1.0 / torch.sqrt(order.float() + 1.0)
-        z = F.normalize(t * (belief + weight).unsqueeze(-1), dim=1)
-        s = torch.cat([y, z], dim=1).permute(1, 0, 2)
-        s = v.transformer(s).permute(1, 0, 2)
-        return v.ln_post(s)[:, 0] @ v.proj
+        # The PIR image tower of the DDP reference (tests/reference/ddp_train.py), on this model's parts.
+        return encode_image(SimpleNamespace(visual=self.clip.visual, res_visual=self.res_visual,
+                                            vision_proj_res=self.vision_proj_res), x)
 
     def forward(self, images, texts):
         return self.encode_image(images), self.clip.encode_text(texts), self.clip.logit_scale.exp()
