@@ -63,17 +63,6 @@ impl From<PrecisionArg> for pirclip_model::Precision {
     }
 }
 
-pub fn bundled_file(relative: &str) -> Result<PathBuf> {
-    pirclip_model::resolve::bundled_file(relative).map_err(anyhow::Error::msg)
-}
-
-pub fn resolve_model(
-    model: Option<&str>,
-    checkpoint: Option<&Path>,
-) -> Result<(ModelConfig, PathBuf)> {
-    pirclip_model::resolve::resolve_model(model, checkpoint).map_err(anyhow::Error::msg)
-}
-
 pub fn load_model(config: &ModelConfig, checkpoint: &Path, device: &str) -> Result<ClipModel> {
     let device = parse_device(device)?;
     pirclip_model::load_model(config, checkpoint, device).with_context(|| {
@@ -126,9 +115,7 @@ impl ModelArgs {
             ..Default::default()
         }
     }
-}
 
-impl ModelArgs {
     pub fn options(&self) -> EncodeOptions {
         EncodeOptions {
             bn_mode: match self.bn_mode {
@@ -149,28 +136,25 @@ impl ModelArgs {
 
     /// The model and the weights file it came from (the bundled one when no --checkpoint was given).
     pub fn load_resolved(&self) -> Result<(ClipModel, PathBuf)> {
+        let (model, checkpoint) = (self.model.as_deref(), self.checkpoint.as_deref());
         let (config, checkpoint) =
-            resolve_model(self.model.as_deref(), self.checkpoint.as_deref())?;
+            pirclip_model::resolve::resolve_model(model, checkpoint).map_err(anyhow::Error::msg)?;
         let model = load_model(&config, &checkpoint, &self.device)?;
         Ok((self.ready_for_inference(model)?, checkpoint))
     }
 
-    /// Applies --threads and --precision to a loaded model and prepares it for inference.
-    pub fn ready_for_inference(&self, mut model: ClipModel) -> Result<ClipModel> {
-        if let Some(t) = self.threads {
-            tch::set_num_threads(t);
+    /// Applies --threads, --exact-fp32 and --precision to a loaded model and prepares it for inference.
+    pub fn ready_for_inference(&self, model: ClipModel) -> Result<ClipModel> {
+        let (model, warning) = pirclip_model::resolve::ready_for_inference(
+            model,
+            self.threads,
+            self.exact_fp32,
+            self.precision.into(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        if let Some(w) = warning {
+            eprintln!("{w}");
         }
-        if self.exact_fp32 {
-            pirclip_model::native::set_cudnn_tf32(false);
-        }
-        match self.precision {
-            PrecisionArg::Fp16 => warn_slow_half_precision(model.device(), tch::Kind::Half),
-            PrecisionArg::Bf16 => warn_slow_half_precision(model.device(), tch::Kind::BFloat16),
-            _ => {}
-        }
-        model
-            .prepare_for_inference(self.precision.into())
-            .context("--precision")?;
         Ok(model)
     }
 }

@@ -1,6 +1,7 @@
 use anyhow::Result;
+use pirclip_retrieval::Quiet;
 
-use crate::common::{bundled_file, ModelArgs};
+use crate::common::ModelArgs;
 
 /// The main job on bundled data, offline: retrieval evaluation of the bundled model on the bundled
 /// 60-image RSICD set (held out from its training), then three example text searches.
@@ -18,7 +19,8 @@ pub const QUERIES: [&str; 3] = [
 ];
 
 pub fn run(a: Args) -> Result<()> {
-    let dir = bundled_file("data/rsicd-mini")?;
+    let dir =
+        pirclip_model::resolve::bundled_file("data/rsicd-mini").map_err(anyhow::Error::msg)?;
     let model_args = ModelArgs::bundled_on_cpu();
     let eval_args = crate::eval::Args {
         model: model_args.clone(),
@@ -33,7 +35,8 @@ pub fn run(a: Args) -> Result<()> {
         skip_missing: false,
         allow_absolute_paths: false,
     };
-    let prepared = crate::eval::prepare(&eval_args)?;
+    let test =
+        pirclip_retrieval::evaluate::prepare(&eval_args.spec()).map_err(anyhow::Error::msg)?;
     let (model, weights) = model_args.load_resolved()?;
     println!(
         "pirclip demo — model {} ({}), images {}",
@@ -42,17 +45,21 @@ pub fn run(a: Args) -> Result<()> {
         dir.join("images").display()
     );
     println!();
-    crate::eval::evaluate(&eval_args, prepared, &model, &weights)?;
+    crate::eval::evaluate(&eval_args, &test, &model, &weights)?;
     let paths = pirclip_data::collect_images(&[dir.join("images")])?;
     let img =
-        crate::pipeline::encode_images(&model, &paths, model_args.options(), 64, true, false)?;
+        pirclip_retrieval::encode_images(&model, &paths, model_args.options(), 64, true, &Quiet)?;
     let queries: Vec<String> = QUERIES.iter().map(|q| q.to_string()).collect();
-    let txt = crate::pipeline::encode_texts(&model, &queries, 256, true, false)?;
+    let txt = pirclip_retrieval::encode_texts(&model, &queries, 256, true, &Quiet);
     println!();
     println!(
         "text search over the {} images (cosine similarity):",
         paths.len()
     );
-    crate::search::print_results(&queries, &paths, &crate::search::rank(&img, &txt, a.top_k));
+    crate::search::print_results(
+        &queries,
+        &paths,
+        &pirclip_retrieval::rank(&img, &txt, a.top_k),
+    );
     Ok(())
 }

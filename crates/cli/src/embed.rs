@@ -4,7 +4,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::common::{read_captions, write_lines, ModelArgs};
-use crate::pipeline::{encode_images, encode_texts};
+use crate::progress::Bar;
+use pirclip_retrieval::{encode_images, encode_texts};
 
 /// Embed images and/or captions. Writes <out>/img_emb.npy + images.txt and/or <out>/text_emb.npy +
 /// texts.txt (float32, one row per input, rows L2-normalised unless --no-normalize). Nothing is written
@@ -59,7 +60,7 @@ pub fn run(a: Args) -> Result<()> {
             a.model.options(),
             a.batch_size,
             normalize,
-            true,
+            &Bar::new(true),
         )?;
         let s = t.elapsed().as_secs_f64();
         eprintln!(
@@ -79,7 +80,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     if !captions.is_empty() {
         let t = Instant::now();
-        let e = encode_texts(&model, &captions, 256, normalize, true)?;
+        let e = encode_texts(&model, &captions, 256, normalize, &Bar::new(true));
         let s = t.elapsed().as_secs_f64();
         eprintln!(
             "encoded {} captions in {s:.2} s ({:.1} captions/s)",

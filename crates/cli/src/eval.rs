@@ -1,14 +1,12 @@
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use pirclip_data::karpathy::{Dataset, RetrievalSet};
-use pirclip_data::metrics::round2;
+use anyhow::{Context, Result};
 use pirclip_model::ClipModel;
+use pirclip_retrieval::evaluate::{self as retrieval, prepare, EvalSpec, TestSet};
 use serde_json::json;
 
-use crate::common::{BeliefModeArg, ModelArgs};
-use crate::pipeline::encode_set;
+use crate::common::{flag_name, ModelArgs};
+use crate::progress::Bar;
 
 /// Retrieval evaluation exactly as the official retrieval.py (spec §7): test images sorted by file name,
 /// all captions of each, cosine similarity, R@k image→text and text→image, mean recall.
@@ -53,180 +51,84 @@ pub struct Args {
     pub allow_absolute_paths: bool,
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    Ok(pirclip_index::sha256_file(path)?)
-}
-
-/// The test set, checked against the image folder before any model is loaded.
-pub struct Prepared {
-    started: Instant,
-    dataset_name: String,
-    set: RetrievalSet,
-    missing: Vec<String>,
+impl Args {
+    pub fn spec(&self) -> EvalSpec {
+        EvalSpec {
+            json: self.json.clone(),
+            images_dir: self.images_dir.clone(),
+            split: self.split.clone(),
+            batch_size: self.batch_size,
+            recall_k: self.recall_k.clone(),
+            bootstrap: self.bootstrap,
+            skip_missing: self.skip_missing,
+            allow_absolute_paths: self.allow_absolute_paths,
+        }
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let prepared = prepare(&a)?;
+    let test = prepare(&a.spec()).map_err(anyhow::Error::msg)?;
     let (model, checkpoint) = a.model.load_resolved()?;
-    evaluate(&a, prepared, &model, &checkpoint)
+    evaluate(&a, &test, &model, &checkpoint)
 }
 
-pub fn prepare(a: &Args) -> Result<Prepared> {
-    let started = Instant::now();
-    if a.recall_k.is_empty() || a.recall_k.contains(&0) {
-        bail!("--recall-k needs positive integers, e.g. 1,5,10");
-    }
-    let ds = Dataset::load_with(&a.json, a.allow_absolute_paths)?;
-    let splits: Vec<&str> = a.split.split(',').map(str::trim).collect();
-    let mut set = RetrievalSet::build(&ds, &splits);
-    if set.images.is_empty() {
-        bail!("{}: no images in split(s) {:?}", a.json.display(), splits);
-    }
-    let listed = set.images.len();
-    let missing = set.retain_present(&a.images_dir);
-    if !missing.is_empty() {
-        let first: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
-        if !a.skip_missing {
-            bail!(
-                "{} of {listed} images of split {:?} are missing from {} (first: {}); pass --skip-missing to evaluate on the {} present ones",
-                missing.len(),
-                a.split,
-                a.images_dir.display(),
-                first.join(", "),
-                listed - missing.len()
-            );
-        }
+/// Encodes the prepared set with `model` (loaded from `checkpoint`), prints and writes the metrics.
+pub fn evaluate(a: &Args, test: &TestSet, model: &ClipModel, checkpoint: &Path) -> Result<()> {
+    let (spec, margs) = (a.spec(), &a.model);
+    if let Some(first) = test.missing.first() {
         eprintln!(
-            "skipping {} missing images (first: {}); evaluating {} of {listed}",
-            missing.len(),
-            first.join(", "),
-            set.images.len()
+            "skipping {} missing images (first: {first}); evaluating {}",
+            test.missing.len(),
+            test.set.images.len()
         );
     }
-    Ok(Prepared {
-        started,
-        dataset_name: ds.name,
-        set,
-        missing,
-    })
-}
-
-/// Encodes the prepared set with `model` (loaded from `checkpoint_path`), prints and writes the metrics.
-pub fn evaluate(a: &Args, p: Prepared, model: &ClipModel, checkpoint_path: &Path) -> Result<()> {
-    let Prepared {
-        started: t0,
-        dataset_name,
-        set,
-        missing,
-    } = p;
-    let margs = &a.model;
-    let enc = encode_set(
-        model,
-        &set,
-        &a.images_dir,
-        margs.options(),
-        a.batch_size,
-        true,
-    )?;
-    let m = enc.metrics(&set, &a.recall_k);
-    let boot = enc.bootstrap(&set, &a.recall_k, a.bootstrap);
-    let (img, txt) = (&enc.img, &enc.txt);
-    let (ni, nt) = (img.rows, txt.rows);
-    let (img_s, txt_s) = (enc.image_seconds, enc.text_seconds);
-    let enc_s = img_s + txt_s;
-    let seconds = t0.elapsed().as_secs_f64();
-
+    let e = retrieval::evaluate(&spec, test, model, margs.options(), &Bar::new(true))?;
+    let skipped = match test.missing.len() {
+        0 => String::new(),
+        n => format!(" ({n} missing images skipped)"),
+    };
     println!(
-        "retrieval: {} split {} — {ni} images, {nt} texts{}",
+        "retrieval: {} split {} — {} images, {} texts{skipped}",
         a.json.display(),
         a.split,
-        if missing.is_empty() {
-            String::new()
-        } else {
-            format!(" ({} missing images skipped)", missing.len())
-        }
+        e.images,
+        e.texts
     );
-    let header: String = a
-        .recall_k
-        .iter()
-        .map(|k| format!("{:>8}", format!("R@{k}")))
-        .collect();
-    println!("{:<14}{header}", "");
-    let row = |v: &[f64]| -> String { v.iter().map(|x| format!("{:>8.2}", x)).collect() };
-    println!("{:<14}{}", "image→text", row(&m.image_to_text));
-    println!("{:<14}{}", "text→image", row(&m.text_to_image));
-    println!("{:<14}{:>8.2}", "mean recall", m.mean_recall);
-    println!(
-        "median rank   image→text {:.1}, text→image {:.1}; mean rank {:.1} / {:.1}",
-        m.i2t_median_rank, m.t2i_median_rank, m.i2t_mean_rank, m.t2i_mean_rank
-    );
-    if let Some(b) = &boot {
-        println!(
-            "mean recall 95% interval {:.2}–{:.2} (± {:.2} s.d.; {} bootstrap draws of the {ni} test images)",
-            b.low, b.high, b.std, b.samples
-        );
-    }
+    println!("{}", e.table());
     std::io::Write::flush(&mut std::io::stdout())?;
     eprintln!(
-        "{seconds:.1} s in all; encoding {enc_s:.1} s: images {:.1}/s, texts {:.1}/s",
-        ni as f64 / img_s,
-        nt as f64 / txt_s
+        "{:.1} s in all; encoding {:.1} s: images {:.1}/s, texts {:.1}/s",
+        e.seconds,
+        e.image_seconds + e.text_seconds,
+        e.images as f64 / e.image_seconds,
+        e.texts as f64 / e.text_seconds
     );
-
     if let Some(dir) = &a.embeddings_out {
-        std::fs::create_dir_all(dir)?;
-        pirclip_checkpoint::npy::write(dir.join("img_emb.npy"), &img.to_tensor_data())?;
-        pirclip_checkpoint::npy::write(dir.join("text_emb.npy"), &txt.to_tensor_data())?;
-        let t2i: Vec<i64> = set.text_to_image.iter().map(|&i| i as i64).collect();
-        pirclip_checkpoint::npy::write(
-            dir.join("text_to_image.npy"),
-            &pirclip_checkpoint::TensorData::from_i64(vec![nt], &t2i),
-        )?;
-        crate::common::write_lines(&dir.join("images.txt"), set.images.clone())?;
+        e.write_embeddings(dir, test).map_err(anyhow::Error::msg)?;
     }
     if let Some(out) = &a.out {
-        let mut obj = serde_json::Map::new();
-        let mut raw = serde_json::Map::new();
-        for (k, v) in m.official() {
-            obj.insert(k.clone(), json!(round2(v)));
-            raw.insert(k, json!(v));
-        }
-        raw.insert("image2text-median-rank".into(), json!(m.i2t_median_rank));
-        raw.insert("image2text-mean-rank".into(), json!(m.i2t_mean_rank));
-        raw.insert("text2image-median-rank".into(), json!(m.t2i_median_rank));
-        raw.insert("text2image-mean-rank".into(), json!(m.t2i_mean_rank));
-        if let Some(b) = &boot {
-            raw.insert(
-                "mean-recall-bootstrap".into(),
-                json!({"samples": b.samples, "std": b.std, "ci95": [b.low, b.high]}),
-            );
-        }
-        obj.insert("raw".into(), serde_json::Value::Object(raw));
-        obj.insert(
-            "settings".into(),
-            json!({
-                "model": model.config.name,
-                "checkpoint": checkpoint_path.display().to_string(),
-                "checkpoint_sha256": sha256_file(checkpoint_path).context("hashing the checkpoint")?,
-                "dataset": a.json.display().to_string(),
-                "dataset_name": dataset_name,
-                "images_dir": a.images_dir.display().to_string(),
-                "split": a.split,
-                "images": ni,
-                "texts": nt,
-                "missing_images_skipped": missing.len(),
-                "bn_mode": format!("{:?}", margs.bn_mode).to_lowercase(),
-                "belief_mode": match margs.belief_mode { BeliefModeArg::BeliefPlusIndex => "belief_plus_index", BeliefModeArg::BeliefOnly => "belief_only" },
-                "batch_size": a.batch_size,
-                "device": margs.device,
-                "precision": margs.precision.name(),
-                "exact_fp32": margs.exact_fp32,
-                "recall_k": a.recall_k,
-                "seconds": seconds,
-                "pirclip_version": env!("CARGO_PKG_VERSION"),
-            }),
-        );
-        let text = serde_json::to_string_pretty(&serde_json::Value::Object(obj))? + "\n";
+        let settings = json!({
+            "model": model.config.name,
+            "checkpoint": checkpoint.display().to_string(),
+            "checkpoint_sha256": pirclip_index::sha256_file(checkpoint).context("hashing the checkpoint")?,
+            "dataset": a.json.display().to_string(),
+            "dataset_name": test.dataset_name,
+            "images_dir": a.images_dir.display().to_string(),
+            "split": a.split,
+            "images": e.images,
+            "texts": e.texts,
+            "missing_images_skipped": test.missing.len(),
+            "bn_mode": flag_name(&margs.bn_mode),
+            "belief_mode": flag_name(&margs.belief_mode),
+            "batch_size": a.batch_size,
+            "device": margs.device,
+            "precision": margs.precision.name(),
+            "exact_fp32": margs.exact_fp32,
+            "recall_k": a.recall_k,
+            "seconds": e.seconds,
+            "pirclip_version": env!("CARGO_PKG_VERSION"),
+        });
+        let text = serde_json::to_string_pretty(&e.report(settings))? + "\n";
         pirclip_checkpoint::write_atomic(out, text.as_bytes())?;
         eprintln!("wrote {}", out.display());
     }

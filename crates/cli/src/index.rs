@@ -1,11 +1,12 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use pirclip_index::{build, BuildOptions};
+use pirclip_index::{build, refresh_ann, AnnPolicy, AnnRefresh, BuildOptions};
+use pirclip_model::ModelConfig;
 use pirclip_store::{Identity, IndexDir, SceneSettings};
 
 use crate::common::ModelArgs;
-use crate::pipeline::Bar;
+use crate::progress::Bar;
 
 /// Index an image archive for search: embeddings in clip-retrieval's layout (img_emb/img_emb_N.npy as
 /// float16, metadata/metadata_N.parquet with image_path, size, mtime) plus index.json with the model's
@@ -34,6 +35,16 @@ enum AnnMode {
     Auto,
     On,
     Off,
+}
+
+impl From<AnnMode> for AnnPolicy {
+    fn from(m: AnnMode) -> Self {
+        match m {
+            AnnMode::Auto => AnnPolicy::Auto,
+            AnnMode::On => AnnPolicy::On,
+            AnnMode::Off => AnnPolicy::Off,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -110,9 +121,6 @@ impl AnnArgs {
     }
 }
 
-/// Rows from which `--ann auto` builds the graph.
-const ANN_AUTO_ROWS: usize = 50_000;
-
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Base vectors, `[n, dim]` float32 or float16 .npy (normalised here).
@@ -186,10 +194,7 @@ impl Common {
             tile_stride: self.tile.map(|t| self.tile_stride.unwrap_or(t) as usize),
             bands: self.bands,
         };
-        match existing {
-            Some(e) if self.tile.is_none() && self.bands.is_none() => e.clone(),
-            _ => asked,
-        }
+        SceneSettings::asked_or_existing(asked, existing)
     }
 }
 
@@ -213,28 +218,9 @@ struct AddArgs {
 
 /// The model `args` resolve to (config, weights) and the identity an index records for it, without
 /// loading the weights.
-pub fn resolved_identity(
-    args: &ModelArgs,
-) -> Result<(pirclip_model::ModelConfig, PathBuf, Identity)> {
-    let (config, weights) =
-        crate::common::resolve_model(args.model.as_deref(), args.checkpoint.as_deref())?;
-    let identity = Identity {
-        model: config.name.clone(),
-        config: serde_json::json!({
-            "model": args.model,
-            "image_size": config.image_size,
-            "embed_dim": config.embed_dim,
-        }),
-        checkpoint: std::fs::canonicalize(&weights)
-            .unwrap_or(weights.clone())
-            .display()
-            .to_string(),
-        checkpoint_sha256: pirclip_index::sha256_file(&weights)?,
-        dim: config.embed_dim,
-        scene: SceneSettings::default(),
-        image_roots: Vec::new(),
-    };
-    Ok((config, weights, identity))
+pub fn resolved_identity(args: &ModelArgs) -> Result<(ModelConfig, PathBuf, Identity)> {
+    let checkpoint = args.checkpoint.as_deref();
+    pirclip_index::model_identity(args.model.as_deref(), checkpoint).map_err(anyhow::Error::msg)
 }
 
 /// The loaded model and its index identity.
@@ -278,27 +264,19 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
         eprintln!("skipped {u}");
     }
     let total: usize = dir.check()?.iter().map(|(_, rows)| rows).sum();
-    let has_graph = pirclip_store::has_ann(out);
-    let want_graph = match c.ann.ann {
-        AnnMode::On => true,
-        AnnMode::Off => false,
-        AnnMode::Auto => total >= ANN_AUTO_ROWS || has_graph,
-    };
-    if want_graph && total > 0 {
-        let bar = indicatif::ProgressBar::new(0).with_message("approximate index");
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} rows ({per_sec})")
-                .unwrap(),
-        );
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
-        let r = pirclip_store::update_ann(out, c.ann.config(Some(out)), threads, &|done, todo| {
-            bar.set_length(todo as u64);
-            bar.set_position(done as u64);
-        })?;
-        bar.finish_and_clear();
-        println!(
+    let bar = indicatif::ProgressBar::new(0).with_message("approximate index");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} rows ({per_sec})")
+            .unwrap(),
+    );
+    let config = c.ann.config(Some(out));
+    let refresh = refresh_ann(out, total, c.ann.ann.into(), config, &|done, todo| {
+        bar.set_length(todo as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    match refresh {
+        AnnRefresh::Updated(r) => println!(
             "{}: approximate search index ({}): {} rows added, {} in all, {:.1} MB, {:.1} s",
             out.display(),
             r.kind,
@@ -306,14 +284,12 @@ fn run_build(out: &PathBuf, c: &Common, must_exist: bool) -> Result<()> {
             r.rows,
             r.bytes as f64 / 1e6,
             r.seconds
-        );
-    } else if has_graph {
-        // A graph that no longer covers every row would be ignored by search: remove it.
-        pirclip_store::remove_ann(out)?;
-        println!(
+        ),
+        AnnRefresh::Removed => println!(
             "{}: removed the approximate search index (--ann off)",
             out.display()
-        );
+        ),
+        AnnRefresh::Unchanged => {}
     }
     let rows = if dir.identity.scene.tile.is_some() {
         "tiles"

@@ -12,7 +12,7 @@ mod export;
 mod index;
 mod init;
 mod inspect;
-mod pipeline;
+mod progress;
 mod search;
 mod serve;
 mod shards;
@@ -55,7 +55,7 @@ enum Command {
     /// Train or fine-tune (contrastive + affiliation loss) from a JSON dataset or webdataset shards.
     // A repeated flag takes its last value, as in open_clip's argparse (scripts append overrides).
     #[command(args_override_self = true)]
-    Train(Box<train::Args>),
+    Train(Box<pirclip_train::params::Params>),
     /// Write webdataset tar shards from a Karpathy-style JSON.
     Shards(shards::Args),
     /// Print the 77 CLIP token ids of each caption.

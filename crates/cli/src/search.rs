@@ -3,7 +3,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::common::ModelArgs;
-use crate::pipeline::{encode_images, encode_texts};
+use crate::progress::Bar;
+use pirclip_retrieval::{encode_images, encode_texts, Quiet};
 
 /// Search images by text: embeds the images (a directory in sorted order, or files) and prints the best
 /// matches of each query with their cosine similarity.
@@ -28,24 +29,6 @@ pub struct Args {
     pub queries: Vec<String>,
 }
 
-/// Ranked (image index, score) per query.
-pub fn rank(
-    img: &crate::pipeline::Embeddings,
-    txt: &crate::pipeline::Embeddings,
-    top_k: usize,
-) -> Vec<Vec<(usize, f32)>> {
-    let scores = crate::pipeline::similarity(img, txt);
-    (0..txt.rows)
-        .map(|q| {
-            let row = &scores[q * img.rows..(q + 1) * img.rows];
-            let mut scored: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
-            scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            scored.truncate(top_k);
-            scored
-        })
-        .collect()
-}
-
 pub fn print_results(queries: &[String], paths: &[PathBuf], ranked: &[Vec<(usize, f32)>]) {
     for (q, hits) in queries.iter().zip(ranked) {
         println!("\n\u{201c}{q}\u{201d}");
@@ -62,15 +45,11 @@ pub fn print_results(queries: &[String], paths: &[PathBuf], ranked: &[Vec<(usize
 fn run_index(a: &Args, root: &std::path::Path) -> Result<()> {
     let index = pirclip_store::LoadedIndex::load(root)?;
     let (model, identity) = crate::index::identity_of(&a.model)?;
-    if !identity.same_model(&index.dir.identity) {
-        bail!(
-            "{} was built with {} ({}, {} dimensions); pass the same --model/--checkpoint to search it",
-            root.display(),
-            index.dir.identity.model,
-            index.dir.identity.checkpoint,
-            index.dir.identity.dim
-        );
-    }
+    index
+        .dir
+        .identity
+        .require_model(root, &identity)
+        .map_err(anyhow::Error::msg)?;
     for w in &index.warnings {
         eprintln!("warning: {w}");
     }
@@ -80,7 +59,7 @@ fn run_index(a: &Args, root: &std::path::Path) -> Result<()> {
         index.entries.len(),
         index.search_kind
     );
-    let txt = encode_texts(&model, &a.queries, 256, true, false)?;
+    let txt = encode_texts(&model, &a.queries, 256, true, &Quiet);
     for (q, row) in a.queries.iter().zip(txt.values.chunks(txt.dim)) {
         println!("\n\u{201c}{q}\u{201d}");
         let hits = index
@@ -103,8 +82,19 @@ pub fn run(a: Args) -> Result<()> {
         bail!("no image files found in {:?}", a.images);
     }
     let model = a.model.load()?;
-    let img = encode_images(&model, &paths, a.model.options(), a.batch_size, true, true)?;
-    let txt = encode_texts(&model, &a.queries, 256, true, false)?;
-    print_results(&a.queries, &paths, &rank(&img, &txt, a.top_k));
+    let img = encode_images(
+        &model,
+        &paths,
+        a.model.options(),
+        a.batch_size,
+        true,
+        &Bar::new(true),
+    )?;
+    let txt = encode_texts(&model, &a.queries, 256, true, &Quiet);
+    print_results(
+        &a.queries,
+        &paths,
+        &pirclip_retrieval::rank(&img, &txt, a.top_k),
+    );
     Ok(())
 }

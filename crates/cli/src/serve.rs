@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use pirclip_serve::{AppState, Encoder, Limits, ServedIndex};
 
 use crate::common::ModelArgs;
@@ -41,38 +41,11 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let (config, weights, identity) = crate::index::resolved_identity(&a.model)?;
-    let mut indices = Vec::new();
-    for root in &a.index {
-        let loaded = pirclip_store::LoadedIndex::load(root)
-            .with_context(|| format!("loading index {}", root.display()))?;
-        if !loaded.dir.identity.same_model(&identity) {
-            bail!(
-                "{} was built with {} ({}, {} dimensions); pass the same --model/--checkpoint to serve it",
-                root.display(),
-                loaded.dir.identity.model,
-                loaded.dir.identity.checkpoint,
-                loaded.dir.identity.dim
-            );
-        }
-        for w in &loaded.warnings {
-            eprintln!("warning: {w}");
-        }
-        let base = root
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "index".into());
-        let mut name = base.clone();
-        let mut n = 2;
-        while indices.iter().any(|i: &ServedIndex| i.name == name) {
-            name = format!("{base}-{n}");
-            n += 1;
-        }
-        let (served, notes) = ServedIndex::new(name, loaded, &a.image_root, a.allow_outside_roots)
+    let (indices, warnings) =
+        ServedIndex::load_all(&a.index, &identity, &a.image_root, a.allow_outside_roots)
             .map_err(anyhow::Error::msg)?;
-        for note in notes {
-            eprintln!("warning: {note}");
-        }
-        indices.push(served);
+    for w in warnings {
+        eprintln!("warning: {w}");
     }
     let addr: std::net::SocketAddr =
         format!("{}:{}", a.host, a.port).parse().with_context(|| {

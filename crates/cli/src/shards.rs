@@ -41,23 +41,8 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let ds = Dataset::load_with(&a.json, a.allow_absolute_paths)?;
     let splits: Vec<&str> = a.split.split(',').map(str::trim).collect();
-    let mut inputs: Vec<ShardInput> = ds
-        .entries
-        .iter()
-        .filter(|e| splits.contains(&e.split.as_str()))
-        .flat_map(|e| {
-            e.captions.iter().map(|c| ShardInput {
-                image_path: a.images_dir.join(&e.filename),
-                caption: c.clone(),
-                name: e.filename.clone(),
-                label: e.label.clone(),
-            })
-        })
-        .collect();
-    if !a.no_shuffle {
-        use pirclip_data::train::{stream, Rng};
-        Rng::keyed(a.seed, stream::SHARD_WRITE, 0).shuffle(&mut inputs);
-    }
+    let seed = (!a.no_shuffle).then_some(a.seed);
+    let inputs = ShardInput::from_karpathy(&ds, &a.images_dir, &splits, seed);
     if inputs.is_empty() {
         bail!("{}: no samples in split(s) {:?}", a.json.display(), splits);
     }

@@ -207,6 +207,36 @@ pub struct ShardInput {
     pub label: Option<String>,
 }
 
+impl ShardInput {
+    /// One sample per caption of the images of `splits` in `ds` (images under `images_dir`), in the
+    /// dataset's order, or shuffled with `shuffle_seed` (the same order for the same seed).
+    pub fn from_karpathy(
+        ds: &crate::karpathy::Dataset,
+        images_dir: &Path,
+        splits: &[&str],
+        shuffle_seed: Option<u64>,
+    ) -> Vec<ShardInput> {
+        let mut inputs: Vec<ShardInput> = ds
+            .entries
+            .iter()
+            .filter(|e| splits.contains(&e.split.as_str()))
+            .flat_map(|e| {
+                e.captions.iter().map(|c| ShardInput {
+                    image_path: images_dir.join(&e.filename),
+                    caption: c.clone(),
+                    name: e.filename.clone(),
+                    label: e.label.clone(),
+                })
+            })
+            .collect();
+        if let Some(seed) = shuffle_seed {
+            use crate::train::{stream, Rng};
+            Rng::keyed(seed, stream::SHARD_WRITE, 0).shuffle(&mut inputs);
+        }
+        inputs
+    }
+}
+
 /// Writes `shard-000000.tar`, … with `shard_size` samples each, plus `sizes.json`. Each shard is written
 /// atomically. Returns the shard paths and, for each sample left out, why: its image could not be read or
 /// does not decode as an image.

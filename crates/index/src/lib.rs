@@ -42,6 +42,83 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The model that `model` (a preset, a JSON config or `None`) and `checkpoint` (or the bundled weights)
+/// resolve to, and the identity an index records for it, without loading the weights.
+pub fn model_identity(
+    model: Option<&str>,
+    checkpoint: Option<&Path>,
+) -> Result<(pirclip_model::ModelConfig, PathBuf, pirclip_store::Identity), String> {
+    let (config, weights) = pirclip_model::resolve::resolve_model(model, checkpoint)?;
+    let identity = pirclip_store::Identity {
+        model: config.name.clone(),
+        config: serde_json::json!({
+            "model": model,
+            "image_size": config.image_size,
+            "embed_dim": config.embed_dim,
+        }),
+        checkpoint: std::fs::canonicalize(&weights)
+            .unwrap_or(weights.clone())
+            .display()
+            .to_string(),
+        checkpoint_sha256: sha256_file(&weights)
+            .map_err(|e| format!("{}: {e}", weights.display()))?,
+        dim: config.embed_dim,
+        scene: SceneSettings::default(),
+        image_roots: Vec::new(),
+    };
+    Ok((config, weights, identity))
+}
+
+/// When an index folder keeps an approximate index (inverted lists or a graph) beside its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnnPolicy {
+    /// From [`ANN_AUTO_ROWS`] rows on (exact search is fast enough below), or whenever the folder
+    /// already has one.
+    Auto,
+    On,
+    Off,
+}
+
+/// Rows from which [`AnnPolicy::Auto`] builds an approximate index.
+pub const ANN_AUTO_ROWS: usize = 50_000;
+
+/// What [`refresh_ann`] did.
+pub enum AnnRefresh {
+    Updated(pirclip_store::AnnReport),
+    /// An approximate index that would no longer cover every row was removed (search ignores such
+    /// an index, so keeping it would only cost disk).
+    Removed,
+    Unchanged,
+}
+
+/// Brings the approximate index of the index folder `root` (holding `rows` rows) up to date with its
+/// rows as `policy` asks: built or extended with `config`, or removed. `progress(done, todo)`.
+pub fn refresh_ann(
+    root: &Path,
+    rows: usize,
+    policy: AnnPolicy,
+    config: pirclip_store::AnnConfig,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<AnnRefresh, Error> {
+    let has_ann = pirclip_store::has_ann(root);
+    let wanted = match policy {
+        AnnPolicy::On => true,
+        AnnPolicy::Off => false,
+        AnnPolicy::Auto => rows >= ANN_AUTO_ROWS || has_ann,
+    };
+    if wanted && rows > 0 {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(AnnRefresh::Updated(pirclip_store::update_ann(
+            root, config, threads, progress,
+        )?))
+    } else if has_ann {
+        pirclip_store::remove_ann(root)?;
+        Ok(AnnRefresh::Removed)
+    } else {
+        Ok(AnnRefresh::Unchanged)
+    }
+}
+
 /// Image files under `inputs` (folders walked recursively, hidden entries skipped), as absolute paths in
 /// sorted order, duplicates removed, and the canonical folders they lie in (see [`Walk::roots`]).
 /// Each folder is entered once by its canonical path, so symbolic links back up the tree (or between

@@ -93,3 +93,28 @@ pub fn slow_half_precision_warning(device: Device, kind: tch::Kind) -> Option<St
         .unwrap_or(false);
     (!native).then(|| format!("warning: {name} on this CPU (no {} / {}) is emulated and much slower than fp32; it is meant for CUDA or CPUs that have it", flags[0], flags[1]))
 }
+
+/// Prepares a loaded model for inference as the commands' `--threads`, `--exact-fp32` and `--precision`
+/// ask, returning it with any warning to show (half precision emulated on this CPU).
+pub fn ready_for_inference(
+    mut model: crate::ClipModel,
+    threads: Option<i32>,
+    exact_fp32: bool,
+    precision: crate::Precision,
+) -> Result<(crate::ClipModel, Option<String>), String> {
+    if let Some(t) = threads {
+        tch::set_num_threads(t);
+    }
+    if exact_fp32 {
+        crate::native::set_cudnn_tf32(false);
+    }
+    let warning = match precision {
+        crate::Precision::Fp16 => slow_half_precision_warning(model.device(), tch::Kind::Half),
+        crate::Precision::Bf16 => slow_half_precision_warning(model.device(), tch::Kind::BFloat16),
+        _ => None,
+    };
+    model
+        .prepare_for_inference(precision)
+        .map_err(|e| format!("--precision: {e}"))?;
+    Ok((model, warning))
+}

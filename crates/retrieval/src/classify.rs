@@ -162,6 +162,51 @@ pub fn labelled_by_prefix(
     }
 }
 
+/// The non-empty lines of a list file (classes, templates), trimmed.
+pub fn read_list(path: &std::path::Path, what: &str) -> Result<Vec<String>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// The prompt templates of `file` (one per line), or [`REMOTE_SENSING_TEMPLATES`]; every template must
+/// hold `{}` for the class name.
+pub fn templates(file: Option<&std::path::Path>) -> Result<Vec<String>, String> {
+    let templates = match file {
+        Some(f) => read_list(f, "templates")?,
+        None => REMOTE_SENSING_TEMPLATES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    match templates.iter().find(|t| !t.contains("{}")) {
+        Some(t) => Err(format!("template {t:?} has no `{{}}` for the class name")),
+        None => Ok(templates),
+    }
+}
+
+/// The split(s) of a Karpathy JSON, labelled by file-name prefix (the affiliation loss's classes).
+pub fn labelled_split(
+    json: &std::path::Path,
+    images_dir: &std::path::Path,
+    split: &str,
+    allow_absolute_paths: bool,
+) -> Result<Labelled, String> {
+    let ds = pirclip_data::karpathy::Dataset::load_with(json, allow_absolute_paths)
+        .map_err(|e| e.to_string())?;
+    let splits: Vec<&str> = split.split(',').map(str::trim).collect();
+    let set = pirclip_data::karpathy::RetrievalSet::build(&ds, &splits);
+    if set.images.is_empty() {
+        return Err(format!("{}: no images in split {split}", json.display()));
+    }
+    Ok(labelled_by_prefix(&set, images_dir))
+}
+
 /// A zero-shot evaluation's figures, in percent.
 pub struct Evaluation {
     pub accuracy: Accuracy,
@@ -197,7 +242,87 @@ impl Evaluation {
             .max_by_key(|(_, n)| **n)
             .map_or((i, 0), |(j, n)| (j, *n))
     }
+
+    /// The figures in lines: accuracy, chance, and every class's recall (best first) with the class it
+    /// is most often taken for.
+    pub fn summary(&self, names: &[String], templates: usize) -> String {
+        let acc = &self.accuracy;
+        let mut t = format!(
+            "zero-shot classification: {} images, {} classes, {templates} templates\n",
+            acc.images,
+            names.len()
+        );
+        t += &format!("top-1 accuracy   {:6.2} %\n", acc.top1);
+        t += &format!("top-5 accuracy   {:6.2} %\n", acc.top5);
+        t += &format!("mean class recall{:6.2} %\n", self.mean_per_class);
+        t += &format!(
+            "chance           {:6.2} % (top-1), {:.2} % (top-5)\n",
+            self.chance,
+            (5.0 * self.chance).min(100.0)
+        );
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        order.sort_by(|&x, &y| self.per_class[y].total_cmp(&self.per_class[x]));
+        for i in order {
+            let (most, n) = self.most_confused_with(i);
+            let confused = match n {
+                0 => String::new(),
+                n => format!("   most confused with {} ({n})", names[most]),
+            };
+            let count: usize = acc.confusion[i].iter().sum();
+            t += &format!(
+                "  {:<24} {:6.1} % of {count:>3}{confused}\n",
+                names[i], self.per_class[i]
+            );
+        }
+        t
+    }
+
+    /// CLIP_benchmark's zero-shot classification result (fractions, not percent) with the classes,
+    /// templates and confusion matrix.
+    pub fn report(&self, model: &str, names: &[String], templates: &[String]) -> serde_json::Value {
+        let acc = &self.accuracy;
+        serde_json::json!({
+            "task": "zeroshot_classification",
+            "model": model,
+            "metrics": {"acc1": acc.top1 / 100.0, "acc5": acc.top5 / 100.0, "mean_per_class_recall": self.mean_per_class / 100.0},
+            "chance_acc1": self.chance / 100.0,
+            "classes": names,
+            "templates": templates,
+            "confusion_matrix": acc.confusion,
+        })
+    }
+
+    /// The confusion matrix as an image, 16 pixels a cell, each row shaded by its share of the row.
+    pub fn heat_map(&self) -> pirclip_image::RgbImage {
+        const CELL: usize = 16;
+        let confusion = &self.accuracy.confusion;
+        let side = confusion.len() * CELL + 1;
+        let mut img = pirclip_image::RgbImage {
+            width: side,
+            height: side,
+            pixels: vec![200; side * side * 3],
+        };
+        for (i, row) in confusion.iter().enumerate() {
+            let total = row.iter().sum::<usize>().max(1) as f32;
+            for (j, &v) in row.iter().enumerate() {
+                let f = v as f32 / total;
+                let color = [
+                    (255.0 * (1.0 - f)) as u8,
+                    (255.0 * (1.0 - 0.8 * f)) as u8,
+                    (255.0 - 100.0 * f) as u8,
+                ];
+                for y in 1..CELL {
+                    for x in 1..CELL {
+                        let o = ((i * CELL + y) * side + j * CELL + x) * 3;
+                        img.pixels[o..o + 3].copy_from_slice(&color);
+                    }
+                }
+            }
+        }
+        img
+    }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,10 +3,11 @@
 //! across splits and datasets.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pirclip_data::dedup::{dhash, near_pairs, normalize_caption};
 use pirclip_data::karpathy::Dataset;
+use pirclip_image::RgbImage;
 use pirclip_model::{ClipModel, EncodeOptions};
 
 use crate::Progress;
@@ -79,6 +80,123 @@ impl Report {
     /// "name:split" of an image.
     pub fn place(&self, i: usize) -> String {
         place(&self.names, &self.images[i])
+    }
+
+    /// What was found, in lines: pairs per split pair, leaked test images, repeated captions.
+    pub fn summary(&self, s: &Settings) -> String {
+        let mut t = format!(
+            "images: {} hashed ({} unreadable), {} candidate pairs within {} bits, {} confirmed at cosine ≥ {}\n",
+            self.images.len(),
+            self.unreadable,
+            self.candidates,
+            s.max_hamming,
+            self.pairs.len(),
+            s.min_cosine
+        );
+        for (k, n) in &self.pairs_by_split {
+            t += &format!("  {k:<40} {n:>6} pairs\n");
+        }
+        for &(d, tests) in &self.test_images {
+            let l = self.leaked.iter().filter(|(ds, _)| *ds == d).count();
+            t += &format!(
+                "  {}: {l} of {tests} test images have a near-duplicate outside the test split\n",
+                self.names[d]
+            );
+        }
+        for c in &self.captions {
+            let name = &self.names[c.source];
+            t += &format!(
+                "captions: {name}: {} of {} distinct test captions also occur in its train/val\n",
+                c.in_own_train_or_val, c.test_captions
+            );
+            for &(o, shared) in &c.in_others {
+                t += &format!(
+                    "          {name} test captions found in {}: {shared}\n",
+                    self.names[o]
+                );
+            }
+        }
+        t
+    }
+
+    /// The report as JSON: settings, counts, leaked test images, caption overlaps and every pair.
+    pub fn to_json(&self, s: &Settings) -> serde_json::Value {
+        let mut captions = Vec::new();
+        for c in &self.captions {
+            let name = &self.names[c.source];
+            captions.push(serde_json::json!({"dataset": name, "test_captions": c.test_captions, "in_own_train_or_val": c.in_own_train_or_val}));
+            for &(o, shared) in &c.in_others {
+                captions.push(serde_json::json!({"dataset": name, "other": self.names[o], "test_captions_in_other": shared}));
+            }
+        }
+        let image = |i: usize| format!("{}:{}", self.place(i), self.images[i].filename);
+        let leaked: Vec<String> = self
+            .leaked
+            .iter()
+            .map(|(d, f)| format!("{}:{f}", self.names[*d]))
+            .collect();
+        let pairs: Vec<serde_json::Value> = self
+            .pairs
+            .iter()
+            .map(|p| serde_json::json!({"a": image(p.a), "b": image(p.b), "hamming": p.hamming, "cosine": p.cosine}))
+            .collect();
+        serde_json::json!({
+            "max_hamming": s.max_hamming,
+            "min_cosine": s.min_cosine,
+            "images_hashed": self.images.len(),
+            "candidate_pairs": self.candidates,
+            "pairs_by_split": self.pairs_by_split,
+            "leaked_test_images": leaked,
+            "captions": captions,
+            "pairs": pairs,
+        })
+    }
+
+    /// The 16 most similar pairs side by side, 128 pixels per image, for a look at what was found.
+    pub fn contact_sheet(&self) -> Result<RgbImage, String> {
+        const S: usize = 128;
+        let rows: Vec<&Pair> = self.pairs.iter().take(16).collect();
+        let (width, height) = (2 * S + 12, rows.len().max(1) * (S + 6));
+        let mut sheet = RgbImage {
+            width,
+            height,
+            pixels: vec![255; width * height * 3],
+        };
+        for (row, p) in rows.iter().enumerate() {
+            for (c, k) in [p.a, p.b].into_iter().enumerate() {
+                let path = &self.images[k].path;
+                let img = pirclip_image::decode_file(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let t = pirclip_image::resize_bicubic(&img, S, S);
+                for y in 0..S {
+                    let o = ((row * (S + 6) + y) * width + c * (S + 12)) * 3;
+                    sheet.pixels[o..o + 3 * S]
+                        .copy_from_slice(&t.pixels[y * S * 3..(y + 1) * S * 3]);
+                }
+            }
+        }
+        Ok(sheet)
+    }
+
+    /// Writes `json` (the first source's dataset file) to `out` without the test images this report
+    /// found leaked; other fields are kept as they are. Returns how many images were removed.
+    pub fn write_clean(&self, json: &Path, out: &Path) -> Result<usize, String> {
+        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", json.display());
+        let text = std::fs::read_to_string(json).map_err(|e| at(&e))?;
+        let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| at(&e))?;
+        let list = v["images"]
+            .as_array_mut()
+            .ok_or_else(|| at(&"no images list"))?;
+        let before = list.len();
+        list.retain(|im| {
+            let name = im["filename"].as_str().unwrap_or("").to_string();
+            !(im["split"] == "test" && self.leaked.contains(&(0, name)))
+        });
+        let removed = before - list.len();
+        let text = serde_json::to_string(&v).map_err(|e| at(&e))?;
+        pirclip_checkpoint::write_atomic(out, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+        Ok(removed)
     }
 }
 

@@ -5,6 +5,9 @@
 
 pub mod classify;
 pub mod dedup;
+pub mod evaluate;
+pub mod explain;
+pub mod speed;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -157,6 +160,20 @@ pub fn similarity(img: &Embeddings, txt: &Embeddings) -> Vec<f32> {
     let it = Tensor::from_slice(&img.values).view([img.rows as i64, img.dim as i64]);
     let tt = Tensor::from_slice(&txt.values).view([txt.rows as i64, txt.dim as i64]);
     to_vec(&tt.matmul(&it.tr()))
+}
+
+/// The `top_k` images of every text, best first (ties by image order), as (image row, cosine).
+pub fn rank(img: &Embeddings, txt: &Embeddings, top_k: usize) -> Vec<Vec<(usize, f32)>> {
+    let scores = similarity(img, txt);
+    (0..txt.rows)
+        .map(|q| {
+            let row = &scores[q * img.rows..(q + 1) * img.rows];
+            let mut scored: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
+            scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            scored.truncate(top_k);
+            scored
+        })
+        .collect()
 }
 
 /// A retrieval set encoded (normalised rows), with the seconds each side took.

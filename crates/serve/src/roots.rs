@@ -18,6 +18,38 @@ const FORBIDDEN_ROOTS: [&str; 13] = [
 ];
 
 impl ServedIndex {
+    /// Loads the index folders `roots` for `model` (each must have been built with it), named in the
+    /// API after their folders (`name`, `name-2`, … when two share a name), with their image roots as
+    /// [`ServedIndex::new`] decides. Returns the indexes and the warnings to show.
+    pub fn load_all(
+        roots: &[PathBuf],
+        model: &pirclip_store::Identity,
+        explicit: &[PathBuf],
+        allow_outside: bool,
+    ) -> Result<(Vec<ServedIndex>, Vec<String>), String> {
+        let (mut indices, mut warnings) = (Vec::<ServedIndex>::new(), Vec::new());
+        for root in roots {
+            let loaded = LoadedIndex::load(root)
+                .map_err(|e| format!("loading index {}: {e}", root.display()))?;
+            loaded.dir.identity.require_model(root, model)?;
+            warnings.extend(loaded.warnings.iter().cloned());
+            let base = root
+                .file_name()
+                .map_or_else(|| "index".into(), |n| n.to_string_lossy().to_string());
+            let mut name = base.clone();
+            for n in 2.. {
+                if !indices.iter().any(|i| i.name == name) {
+                    break;
+                }
+                name = format!("{base}-{n}");
+            }
+            let (served, notes) = ServedIndex::new(name, loaded, explicit, allow_outside)?;
+            warnings.extend(notes);
+            indices.push(served);
+        }
+        Ok((indices, warnings))
+    }
+
     /// Decides where `index`'s images may be read from: the `explicit` folders when given (the person
     /// running the server names them), else the roots the index recorded when it was built, each of
     /// which must exist here and be no system folder. Every row must point under them, as a plain

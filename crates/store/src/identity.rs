@@ -82,6 +82,21 @@ impl Identity {
             && self.model == other.model
             && self.dim == other.dim
     }
+
+    /// Fails, naming the model the index `root` (of this identity) was built with, unless `model` is
+    /// that model: an index is searched only with the model that made it.
+    pub fn require_model(&self, root: &Path, model: &Identity) -> Result<(), String> {
+        if self.same_model(model) {
+            return Ok(());
+        }
+        Err(format!(
+            "{} was built with {} ({}, {} dimensions); pass the same --model/--checkpoint to use it",
+            root.display(),
+            self.model,
+            self.checkpoint,
+            self.dim
+        ))
+    }
 }
 
 /// An absolute path without `.` or `..` components (so that its meaning does not depend on what
@@ -105,6 +120,20 @@ pub struct SceneSettings {
     /// 1-based red, green, blue bands of TIFFs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bands: Option<[usize; 3]>,
+}
+
+impl SceneSettings {
+    /// What a build or an add uses: the settings `asked` for, or, when nothing was asked, those of
+    /// the index being added to (`existing`); an index then refuses settings that differ from its own.
+    pub fn asked_or_existing(
+        asked: SceneSettings,
+        existing: Option<&SceneSettings>,
+    ) -> SceneSettings {
+        match existing {
+            Some(e) if asked.tile.is_none() && asked.bands.is_none() => e.clone(),
+            _ => asked,
+        }
+    }
 }
 
 /// One indexed image or tile of an image (one embedding row).

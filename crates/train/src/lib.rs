@@ -6,6 +6,7 @@ pub mod distributed;
 pub mod ema;
 pub mod loss;
 pub mod optim;
+pub mod params;
 pub mod run;
 pub mod setup;
 pub mod tensorboard;

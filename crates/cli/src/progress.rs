@@ -1,0 +1,36 @@
+//! The command line's progress bar for `pirclip_retrieval`'s pipelines.
+
+/// An indicatif bar behind `pirclip_retrieval::Progress`; hidden when `show` is false.
+pub struct Bar {
+    bar: std::cell::RefCell<Option<indicatif::ProgressBar>>,
+    show: bool,
+}
+
+impl Bar {
+    pub fn new(show: bool) -> Self {
+        Bar {
+            bar: std::cell::RefCell::new(None),
+            show,
+        }
+    }
+}
+
+impl pirclip_retrieval::Progress for Bar {
+    fn start(&self, what: &str, total: u64) {
+        let pb = crate::common::progress(total, what);
+        if !self.show {
+            pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        *self.bar.borrow_mut() = Some(pb);
+    }
+    fn advance(&self, n: u64) {
+        if let Some(pb) = &*self.bar.borrow() {
+            pb.inc(n);
+        }
+    }
+    fn finish(&self) {
+        if let Some(pb) = self.bar.borrow_mut().take() {
+            pb.finish_and_clear();
+        }
+    }
+}
