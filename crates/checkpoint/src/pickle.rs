@@ -80,7 +80,7 @@ impl Value {
         }
     }
 
-    fn type_name(&self) -> &'static str {
+    pub fn type_name(&self) -> &'static str {
         match self {
             Value::None => "None",
             Value::Bool(_) => "bool",
@@ -136,6 +136,14 @@ fn persistent_load(pid: Value) -> Result<Value, Error> {
         }
     };
     match items.as_slice() {
+        // The legacy format adds view metadata, `None` for a storage that is no view of another.
+        [kind, storage, key, location, numel, Value::None] => persistent_load(Value::Tuple(vec![
+            kind.clone(),
+            storage.clone(),
+            key.clone(),
+            location.clone(),
+            numel.clone(),
+        ])),
         [Value::Str(kind), Value::Global(Global::Storage(dtype)), key, Value::Str(location), numel]
             if kind == "storage" =>
         {
@@ -594,6 +602,12 @@ fn preview(v: &impl std::fmt::Debug, max: usize) -> String {
 
 /// Unpickles `data` with the restricted rules described in the module docs.
 pub fn unpickle(data: &[u8]) -> Result<Value, Error> {
+    unpickle_prefix(data).map(|(v, _)| v)
+}
+
+/// Unpickles the pickle at the start of `data`; returns it and the bytes it took (through its STOP):
+/// the legacy `torch.save` format writes several pickles and raw storages one after another.
+pub fn unpickle_prefix(data: &[u8]) -> Result<(Value, usize), Error> {
     let mut r = Reader { data, pos: 0 };
     let mut stack: Vec<Slot> = Vec::new();
     let mut memo: std::collections::HashMap<u32, Slot> = std::collections::HashMap::new();
@@ -676,7 +690,7 @@ pub fn unpickle(data: &[u8]) -> Result<Value, Error> {
             b'.' => {
                 let mut v = pop(&mut stack)?.value;
                 resolve_dict_keys(&mut v)?;
-                return Ok(v);
+                return Ok((v, r.pos));
             }
             b'}' => stack.push(leaf(Value::Dict(Vec::new()))),
             b']' | 0x8f => stack.push(leaf(Value::List(Vec::new()))), // EMPTY_LIST, EMPTY_SET

@@ -106,11 +106,41 @@ fn malicious_pickle_is_refused_and_never_runs() {
 }
 
 #[test]
-fn legacy_format_is_refused_clearly() {
-    let msg = load(fixture("checkpoints/legacy.pt"))
+fn legacy_format_reads_as_torch_load_does() {
+    // The same state dict saved both ways (views, offsets, fp16, int64, a 0-d tensor): equal tensors.
+    let legacy = load(fixture("checkpoints/legacy_views.pth")).unwrap();
+    let zip = load(fixture("checkpoints/legacy_views_zip.pt")).unwrap();
+    assert_eq!(legacy.state_dict.len(), 7);
+    assert_eq!(legacy.state_dict.entries, zip.state_dict.entries);
+    let narrowed = legacy.state_dict.get("narrowed").unwrap();
+    assert_eq!(narrowed.shape, vec![2, 3]);
+    assert_eq!(narrowed.to_f32_vec(), vec![8., 9., 10., 14., 15., 16.]);
+    let w = load(fixture("checkpoints/legacy.pt")).unwrap();
+    assert_eq!(w.state_dict.get("w").unwrap().to_f32_vec(), vec![0., 0.]);
+}
+
+#[test]
+fn hostile_legacy_files_are_refused() {
+    let bytes = std::fs::read(fixture("checkpoints/legacy_views.pth")).unwrap();
+    // Cut anywhere: within the pickles, the counts or the storages.
+    for cut in [20, bytes.len() / 2, bytes.len() - 9, bytes.len() - 1] {
+        let e = pirclip_checkpoint::load_bytes(&bytes[..cut])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.is_empty());
+    }
+    // A storage count of 2^62 elements: refused from the bytes left, nothing allocated.
+    let tail = bytes.len() - 24 * 4 - 8; // the last storage (`base`'s 24 floats) and its count
+    let mut huge = bytes.clone();
+    huge[tail..tail + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    let e = pirclip_checkpoint::load_bytes(&huge)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("legacy"), "{msg}");
+    assert!(e.contains("bytes are left"), "{e}");
+    // The magic number wrong.
+    let mut wrong = bytes.clone();
+    wrong[5] ^= 0xff;
+    assert!(pirclip_checkpoint::load_bytes(&wrong).is_err());
 }
 
 #[test]

@@ -5,6 +5,8 @@ use pirclip_checkpoint::StateDict;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{ModelConfig, VisionTower};
+use crate::efficientnet::TimmVisual;
+use crate::hf_text::HfTextEncoder;
 use crate::layers::{BnMode, Linear};
 use crate::pae::{HardVir, Lca};
 use crate::params::{self, Init, Registry};
@@ -38,6 +40,33 @@ pub enum Precision {
 pub enum Visual {
     Vit(VisionTransformer),
     ResNet(ModifiedResNet),
+    /// open_clip's `TimmModel` over timm's EfficientNet-Lite.
+    Timm(TimmVisual),
+}
+
+/// The text tower: CLIP's transformer (tensors at the model's top level) or a Hugging Face encoder
+/// (under `text.`).
+pub enum Text {
+    Clip(TextTower),
+    Hf(HfTextEncoder),
+}
+
+impl Text {
+    /// Unnormalised features of token ids `[N, L]` (see `TextTower::forward` for `truncate`; the HF
+    /// encoder always skips trailing padding).
+    pub fn forward(&self, ids: &Tensor, truncate: bool) -> Tensor {
+        match self {
+            Text::Clip(t) => t.forward(ids, truncate),
+            Text::Hf(t) => t.forward(ids, false),
+        }
+    }
+
+    pub fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Text::Clip(t) => t.linears(),
+            Text::Hf(t) => t.linears(),
+        }
+    }
 }
 
 /// PIR-CLIP's instruction path: scene-prior ResNet, and either the mapping of its output to one
@@ -60,7 +89,7 @@ pub struct ClipModel {
     registry: Registry,
     pub visual: Visual,
     pub instruction: Option<InstructionEncoder>,
-    pub text: TextTower,
+    pub text: Text,
     /// Temporal-PAE (`text_cfg.lca`).
     pub lca: Option<Lca>,
     pub logit_scale: Tensor,
@@ -100,7 +129,10 @@ impl ClipModel {
     pub fn new(config: &ModelConfig, device: Device) -> Self {
         let r = Registry::new(device);
         let embed = config.embed_dim as i64;
-        let text = TextTower::new(&r, &config.text, embed, config.quick_gelu);
+        let text = match &config.text.hf {
+            None => Text::Clip(TextTower::new(&r, &config.text, embed, config.quick_gelu)),
+            Some(hf) => Text::Hf(HfTextEncoder::new(&r.sub("text"), hf, embed)),
+        };
         let logit_scale = r.param("logit_scale", &[], Init::Const((1.0f64 / 0.07).ln()));
         let vision_width = config.vision_width() as i64;
         let visual = match &config.vision {
@@ -132,6 +164,9 @@ impl ClipModel {
                 embed,
                 config.image_size as i64,
             )),
+            VisionTower::TimmEfficientNetLite { variant, proj_bias } => Visual::Timm(
+                TimmVisual::new(&r.sub("visual"), *variant, embed, *proj_bias),
+            ),
         };
         let instruction = config.instruction.as_ref().map(|ins| {
             // The official code hard-codes Linear(512, 768) and res heads = res_width·32 // head_width; both
@@ -260,6 +295,7 @@ impl ClipModel {
             }
             (Visual::Vit(vit), None) => vit.forward(images),
             (Visual::ResNet(rn), _) => rn.forward(images, opts.bn_mode),
+            (Visual::Timm(t), _) => t.forward(images, opts.bn_mode),
         })
     }
 
@@ -295,16 +331,25 @@ impl ClipModel {
         self.with_precision(|| self.text_features(ids, true, dropout))
     }
 
+    /// The tokenizer of the text tower, as open_clip's `get_tokenizer` gives it for this config.
+    pub fn tokenizer(&self) -> pirclip_text::TextTokenizer {
+        match &self.config.text.hf {
+            None => pirclip_text::TextTokenizer::Clip,
+            Some(hf) => pirclip_text::TextTokenizer::Hf(hf.tokenizer.clone()),
+        }
+    }
+
     /// The same, computing all `context_length` positions like open_clip (for checks).
     pub fn encode_text_full(&self, ids: &Tensor) -> Tensor {
         self.text_features(ids, false, false)
     }
 
     fn text_features(&self, ids: &Tensor, truncate: bool, dropout: bool) -> Tensor {
-        match &self.lca {
-            None => self.text.forward(ids, truncate),
-            Some(lca) => {
-                let (tokens, eot) = self.text.project_tokens(ids, truncate);
+        match (&self.text, &self.lca) {
+            (Text::Hf(hf), _) => hf.forward(ids, dropout),
+            (Text::Clip(text), None) => text.forward(ids, truncate),
+            (Text::Clip(text), Some(lca)) => {
+                let (tokens, eot) = text.project_tokens(ids, truncate);
                 lca.forward(&tokens, &eot, dropout)
             }
         }
@@ -315,6 +360,7 @@ impl ClipModel {
         let mut out = match &self.visual {
             Visual::Vit(v) => v.linears(),
             Visual::ResNet(r) => r.linears(),
+            Visual::Timm(t) => t.linears(),
         };
         if let Some(i) = &self.instruction {
             out.extend(i.res_visual.linears());

@@ -20,6 +20,9 @@ pub enum VisionTower {
         width: usize,
         head_width: usize,
     },
+    /// open_clip `TimmModel` (`timm_model_name`): timm's `tf_efficientnet_lite{variant}`, average-pooled,
+    /// a linear projection (`timm_proj = "linear"`, bias with `timm_proj_bias`).
+    TimmEfficientNetLite { variant: u8, proj_bias: bool },
 }
 
 /// The instruction encoder of PIR-CLIP: a ModifiedResNet whose attention pool outputs `embed_dim`.
@@ -29,6 +32,78 @@ pub struct Instruction {
     pub res_width: usize,
     /// `vision_cfg.vir = "hard"`: the hard-filter Spatial-PAE in place of the soft-belief VIR.
     pub hard_vir: Option<HardVirConfig>,
+}
+
+/// A Hugging Face BERT-family encoder's `config.json` numbers.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    #[serde(default = "bert_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    #[serde(default = "absolute")]
+    pub position_embedding_type: String,
+}
+
+fn two() -> usize {
+    2
+}
+fn bert_eps() -> f64 {
+    1e-12
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+fn absolute() -> String {
+    "absolute".into()
+}
+
+/// open_clip's `hf_pooler_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfPooler {
+    /// `mean_pooler`: the mean of the last hidden states over the real tokens (sentence-transformers').
+    Mean,
+    /// `cls_pooler` without the model's pooling layer: the first token's last hidden state.
+    Cls,
+}
+
+/// open_clip's `hf_proj_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfProj {
+    Linear,
+    /// Linear → GELU → Linear through (width + embed_dim) / 2, no biases.
+    Mlp,
+    None,
+}
+
+/// `text_cfg.hf_model_name` and its settings: an open_clip `HFTextEncoder` over a BERT-family model.
+#[derive(Debug, Clone)]
+pub struct HfTextConfig {
+    pub model_name: String,
+    pub bert: BertConfig,
+    pub pooler: HfPooler,
+    pub proj: HfProj,
+    pub tokenizer: std::sync::Arc<pirclip_text::HfTokenizer>,
+}
+
+impl PartialEq for HfTextConfig {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.model_name,
+            &self.bert,
+            self.pooler,
+            self.proj,
+            &self.tokenizer.path,
+        ) == (&o.model_name, &o.bert, o.pooler, o.proj, &o.tokenizer.path)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +116,9 @@ pub struct TextConfig {
     pub mlp_ratio: f64,
     /// `text_cfg.lca`: the Temporal-PAE on the text tower.
     pub lca: Option<LcaConfig>,
+    /// `text_cfg.hf_model_name`: a Hugging Face encoder in place of CLIP's text transformer (whose
+    /// numbers then fill `vocab_size`, `width`, `heads`, `layers`).
+    pub hf: Option<HfTextConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +224,7 @@ fn hard_vir(
             check_blocks("vision_cfg (hard VIR)", embed_dim, cfg.heads, cfg.dropout)?;
             let patches = match vision {
                 VisionTower::Vit { patch_size, .. } => (image_size / patch_size).pow(2),
-                VisionTower::ModifiedResNet { .. } => 0,
+                VisionTower::ModifiedResNet { .. } | VisionTower::TimmEfficientNetLite { .. } => 0,
             };
             if cfg.filter_size == 0 || cfg.filter_size > patches {
                 return Err(Error::Config(format!(
@@ -160,6 +238,124 @@ fn hard_vir(
             "vision_cfg.vir must be \"soft\" or \"hard\"".into(),
         )),
     }
+}
+
+/// `vision_cfg.timm_model_name` and its settings, for the timm towers pirclip implements.
+fn timm_tower(vc: &Value) -> Result<VisionTower, Error> {
+    let name = vc["timm_model_name"].as_str().unwrap_or_default();
+    let variant = name
+        .strip_prefix("tf_efficientnet_lite")
+        .and_then(|v| v.parse::<u8>().ok())
+        .filter(|v| *v <= 4)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "vision_cfg.timm_model_name {name:?}: pirclip implements timm's tf_efficientnet_lite0 … lite4"
+            ))
+        })?;
+    let text_of = |key: &str, default: &str| -> String {
+        vc.get(key)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    if text_of("timm_pool", "avg") != "avg" {
+        return Err(Error::Config(
+            "vision_cfg.timm_pool: pirclip implements \"avg\"".into(),
+        ));
+    }
+    if text_of("timm_proj", "linear") != "linear" {
+        return Err(Error::Config(
+            "vision_cfg.timm_proj: pirclip implements \"linear\"".into(),
+        ));
+    }
+    let proj_bias = vc
+        .get("timm_proj_bias")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(VisionTower::TimmEfficientNetLite { variant, proj_bias })
+}
+
+/// `text_cfg.hf_*`: the encoder's numbers (`hf_model_config`, a folder's `config.json`, or those of a
+/// model pirclip knows), its tokenizer, pooler and projection.
+fn hf_text(tc: &Value, base: Option<&std::path::Path>) -> Result<HfTextConfig, Error> {
+    let model_name = tc["hf_model_name"].as_str().unwrap_or_default().to_string();
+    let local = |name: &str| {
+        let p = std::path::Path::new(name);
+        let p = match base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p.to_path_buf(),
+        };
+        p.exists().then_some(p)
+    };
+    let bert: BertConfig = if let Some(c) = tc.get("hf_model_config") {
+        serde_json::from_value(c.clone())
+            .map_err(|e| Error::Config(format!("text_cfg.hf_model_config: {e}")))?
+    } else if let Some(dir) = local(&model_name).filter(|p| p.join("config.json").is_file()) {
+        let text = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(|e| Error::Config(format!("{}: {e}", dir.join("config.json").display())))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", dir.join("config.json").display())))?
+    } else {
+        crate::resolve::known_hf_model(&model_name)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "text_cfg.hf_model_name {model_name:?}: not a folder with config.json nor a model pirclip knows ({}); give its numbers as text_cfg.hf_model_config",
+                    crate::resolve::KNOWN_HF_MODELS.join(", ")
+                ))
+            })?
+    };
+    if bert.hidden_act != "gelu" || bert.position_embedding_type != "absolute" {
+        return Err(Error::Config(format!(
+            "{model_name}: pirclip's BERT implements hidden_act \"gelu\" with absolute positions, not {:?} / {:?}",
+            bert.hidden_act, bert.position_embedding_type
+        )));
+    }
+    if bert.num_attention_heads == 0 || bert.hidden_size % bert.num_attention_heads != 0 {
+        return Err(Error::Config(format!(
+            "{model_name}: hidden_size {} is not a multiple of num_attention_heads {}",
+            bert.hidden_size, bert.num_attention_heads
+        )));
+    }
+    let tokenizer_name = tc
+        .get("hf_tokenizer_name")
+        .and_then(Value::as_str)
+        .unwrap_or(&model_name)
+        .to_string();
+    let tokenizer_file = match local(&tokenizer_name) {
+        Some(p) => p,
+        None => crate::resolve::known_hf_tokenizer(&tokenizer_name).map_err(Error::Config)?,
+    };
+    let tokenizer = pirclip_text::HfTokenizer::from_file(&tokenizer_file).map_err(Error::Config)?;
+    let pooler = match tc.get("hf_pooler_type").and_then(Value::as_str).unwrap_or("mean_pooler") {
+        "mean_pooler" => HfPooler::Mean,
+        "cls_last_hidden_state_pooler" => HfPooler::Cls,
+        other => {
+            return Err(Error::Config(format!(
+                "text_cfg.hf_pooler_type {other:?}: pirclip implements mean_pooler and cls_last_hidden_state_pooler"
+            )))
+        }
+    };
+    let proj = match tc
+        .get("hf_proj_type")
+        .and_then(Value::as_str)
+        .unwrap_or("mlp")
+    {
+        "linear" => HfProj::Linear,
+        "mlp" => HfProj::Mlp,
+        "none" => HfProj::None,
+        other => {
+            return Err(Error::Config(format!(
+                "text_cfg.hf_proj_type {other:?}: expected linear, mlp or none"
+            )))
+        }
+    };
+    Ok(HfTextConfig {
+        model_name,
+        bert,
+        pooler,
+        proj,
+        tokenizer: std::sync::Arc::new(tokenizer),
+    })
 }
 
 impl ModelConfig {
@@ -186,7 +382,7 @@ impl ModelConfig {
                 .file_stem()
                 .map(|s| s.to_string_lossy().to_string())
                 .unwrap_or_else(|| spec.to_string());
-            return Self::from_json(&text, &stem)
+            return Self::from_json_at(&text, &stem, path.parent())
                 .map_err(|e| Error::Config(format!("{spec}: {e}")));
         }
         let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
@@ -197,6 +393,16 @@ impl ModelConfig {
     }
 
     pub fn from_json(text: &str, name: &str) -> Result<Self, Error> {
+        Self::from_json_at(text, name, None)
+    }
+
+    /// The same for a config read from the folder `base`, against which relative paths in it (a
+    /// tokenizer file) are taken.
+    pub fn from_json_at(
+        text: &str,
+        name: &str,
+        base: Option<&std::path::Path>,
+    ) -> Result<Self, Error> {
         let v: Value =
             serde_json::from_str(text).map_err(|e| Error::Config(format!("invalid JSON: {e}")))?;
         let embed_dim = usize_field(&v, "embed_dim", "config")?;
@@ -211,15 +417,16 @@ impl ModelConfig {
             .get("text_cfg")
             .ok_or_else(|| Error::Config("text_cfg missing".into()))?;
         let image_size = usize_field(vc, "image_size", "vision_cfg")?;
-        let width = usize_field(vc, "width", "vision_cfg")?;
         let head_width = vc.get("head_width").and_then(Value::as_u64).unwrap_or(64) as usize;
         let vision = match vc.get("layers") {
+            _ if vc.get("timm_model_name").is_some_and(|n| !n.is_null()) => timm_tower(vc)?,
             Some(l) if l.is_array() => VisionTower::ModifiedResNet {
                 layers: four(l, "vision_cfg.layers")?,
-                width,
+                width: usize_field(vc, "width", "vision_cfg")?,
                 head_width,
             },
             _ => {
+                let width = usize_field(vc, "width", "vision_cfg")?;
                 let patch_size = usize_field(vc, "patch_size", "vision_cfg")?;
                 if image_size % patch_size != 0 {
                     return Err(Error::Config(format!(
@@ -264,7 +471,49 @@ impl ModelConfig {
                 "PIR's instruction encoder needs a ViT vision tower".into(),
             ));
         }
+        let hf = match tc.get("hf_model_name") {
+            Some(n) if !n.is_null() => Some(hf_text(tc, base)?),
+            _ => None,
+        };
+        if let Some(hf) = hf {
+            if tc.get("lca").is_some_and(|l| !l.is_null()) {
+                return Err(Error::Config(
+                    "text_cfg.lca (the Temporal-PAE) needs CLIP's text transformer, not hf_model_name"
+                        .into(),
+                ));
+            }
+            let context_length = tc
+                .get("context_length")
+                .and_then(Value::as_u64)
+                .unwrap_or(77) as usize;
+            if context_length < 2 || context_length > hf.bert.max_position_embeddings {
+                return Err(Error::Config(format!(
+                    "text_cfg.context_length {context_length} must be between 2 and {}'s {} positions",
+                    hf.model_name, hf.bert.max_position_embeddings
+                )));
+            }
+            return Ok(ModelConfig {
+                name: name.to_string(),
+                embed_dim,
+                quick_gelu,
+                image_size,
+                vision,
+                vision_mlp_ratio: 4.0,
+                instruction,
+                text: TextConfig {
+                    context_length,
+                    vocab_size: hf.bert.vocab_size,
+                    width: hf.bert.hidden_size,
+                    heads: hf.bert.num_attention_heads,
+                    layers: hf.bert.num_hidden_layers,
+                    mlp_ratio: hf.bert.intermediate_size as f64 / hf.bert.hidden_size as f64,
+                    lca: None,
+                    hf: Some(hf),
+                },
+            });
+        }
         let text = TextConfig {
+            hf: None,
             context_length: usize_field(tc, "context_length", "text_cfg")?,
             vocab_size: usize_field(tc, "vocab_size", "text_cfg")?,
             width: usize_field(tc, "width", "text_cfg")?,
@@ -302,6 +551,7 @@ impl ModelConfig {
     pub fn vision_width(&self) -> usize {
         match self.vision {
             VisionTower::Vit { width, .. } | VisionTower::ModifiedResNet { width, .. } => width,
+            VisionTower::TimmEfficientNetLite { .. } => 1280,
         }
     }
 
@@ -309,6 +559,7 @@ impl ModelConfig {
         match self.vision {
             VisionTower::Vit { head_width, .. }
             | VisionTower::ModifiedResNet { head_width, .. } => head_width,
+            VisionTower::TimmEfficientNetLite { .. } => 64,
         }
     }
 
@@ -317,6 +568,7 @@ impl ModelConfig {
             (Some(_), _) => "PIR-CLIP (ViT + instruction ResNet)",
             (None, VisionTower::Vit { .. }) => "CLIP ViT",
             (None, VisionTower::ModifiedResNet { .. }) => "CLIP ModifiedResNet",
+            (None, VisionTower::TimmEfficientNetLite { .. }) => "CLIP EfficientNet-Lite (timm)",
         }
     }
 }

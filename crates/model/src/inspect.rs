@@ -110,6 +110,9 @@ pub fn arch_of_config(c: &ModelConfig) -> Arch {
         VisionTower::ModifiedResNet { layers, width, .. } => {
             format!("ModifiedResNet layers {layers:?} width {width}")
         }
+        VisionTower::TimmEfficientNetLite { variant, .. } => {
+            format!("timm tf_efficientnet_lite{variant}")
+        }
     };
     Arch {
         embed_dim: c.embed_dim,

@@ -82,19 +82,32 @@ pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     dim: i64,
+    eps: f64,
 }
 
 impl LayerNorm {
     pub fn new(r: &Registry, dim: i64) -> Self {
+        Self::with_eps(r, dim, 1e-5)
+    }
+
+    /// With another epsilon than PyTorch's 1e-5 (BERT: 1e-12).
+    pub fn with_eps(r: &Registry, dim: i64, eps: f64) -> Self {
         LayerNorm {
             weight: r.param("weight", &[dim], Init::Ones),
             bias: r.param("bias", &[dim], Init::Zeros),
             dim,
+            eps,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), 1e-5, true)
+        x.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -167,6 +180,36 @@ pub fn multi_head_attention(
         None::<Tensor>,
         0.0,
         causal,
+        None,
+        false,
+    );
+    let (n, lq, d) = q.size3().unwrap();
+    o.transpose(1, 2).reshape([n, lq, d])
+}
+
+/// The same over keys where `keep` `[N, L]` is true (padding masked out), with dropout `p` on the
+/// attention probabilities (training).
+pub fn multi_head_attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: i64,
+    keep: &Tensor,
+    p: f64,
+) -> Tensor {
+    let split = |t: &Tensor| {
+        let (n, l, d) = t.size3().unwrap();
+        t.view([n, l, heads, d / heads]).transpose(1, 2)
+    };
+    let (n, l) = keep.size2().unwrap();
+    let mask = keep.view([n, 1, 1, l]);
+    let o = Tensor::scaled_dot_product_attention(
+        &split(q),
+        &split(k),
+        &split(v),
+        Some(mask),
+        p,
+        false,
         None,
         false,
     );
@@ -342,11 +385,26 @@ pub struct BatchNorm {
     running_mean: Tensor,
     running_var: Tensor,
     num_batches_tracked: Tensor,
+    eps: f64,
+    momentum: f64,
 }
 
 impl BatchNorm {
     pub fn new(r: &Registry, channels: i64, weight_init: Init) -> Self {
+        Self::with_eps_momentum(r, channels, weight_init, 1e-5, 0.1)
+    }
+
+    /// With TensorFlow-trained models' statistics settings (EfficientNet: eps 1e-3, momentum 0.01).
+    pub fn with_eps_momentum(
+        r: &Registry,
+        channels: i64,
+        weight_init: Init,
+        eps: f64,
+        momentum: f64,
+    ) -> Self {
         BatchNorm {
+            eps,
+            momentum,
             weight: r.param("weight", &[channels], weight_init),
             bias: r.param("bias", &[channels], Init::Zeros),
             running_mean: r.buffer("running_mean", &[channels], Kind::Float, Init::Zeros),
@@ -357,7 +415,7 @@ impl BatchNorm {
 
     /// Per-channel `(scale, shift)` with `bn(x) = x·scale + shift` under the running statistics.
     pub fn affine_of_running_stats(&self) -> (Tensor, Tensor) {
-        let scale = &self.weight * (&self.running_var + 1e-5).rsqrt();
+        let scale = &self.weight * (&self.running_var + self.eps).rsqrt();
         let shift = &self.bias - &self.running_mean * &scale;
         (scale, shift)
     }
@@ -383,8 +441,8 @@ impl BatchNorm {
             stats.map(|s| s.0),
             stats.map(|s| s.1),
             training,
-            0.1,
-            1e-5,
+            self.momentum,
+            self.eps,
             true,
         )
     }
@@ -425,18 +483,19 @@ impl BatchNorm {
             let n = n.double_value(&[0]);
             let unbiased = &var * (n / (n - 1.0).max(1.0));
             let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+            let m = self.momentum;
             let _ = self
                 .running_mean
                 .shallow_clone()
-                .g_mul_scalar_(0.9)
-                .g_add_(&(&mean * 0.1));
+                .g_mul_scalar_(1.0 - m)
+                .g_add_(&(&mean * m));
             let _ = self
                 .running_var
                 .shallow_clone()
-                .g_mul_scalar_(0.9)
-                .g_add_(&(unbiased * 0.1));
+                .g_mul_scalar_(1.0 - m)
+                .g_add_(&(unbiased * m));
         });
-        let scale = (var + 1e-5).rsqrt() * &self.weight;
+        let scale = (var + self.eps).rsqrt() * &self.weight;
         (centred * scale.view(shape) + self.bias.view(shape)).to_kind(x.kind())
     }
 }

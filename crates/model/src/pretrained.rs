@@ -1,0 +1,97 @@
+//! Pretrained towers into a CLIP model: the packages' weight files (see `resolve::PretrainedPackage`)
+//! renamed to where open_clip keeps a tower's tensors, and loaded into a model whose config has that
+//! tower.
+//!
+//! - MiniLM-L6 (`model.safetensors`, a transformers `BertModel`): `x` → `text.transformer.x`. The
+//!   file's pooling layer (`pooler.*`) is left out, as open_clip builds the model without it for
+//!   `mean_pooler`; `embeddings.position_ids` is a constant buffer transformers no longer saves.
+//! - EfficientNet-Lite0 (a `.pth` state dict in EfficientNet-PyTorch's names): each tensor →
+//!   `visual.trunk.<timm name>` (`efficientnet::timm_name_of_lukemelas`); the ImageNet classifier
+//!   (`_fc.*`) is left out, as open_clip's `TimmModel` builds the trunk without one.
+
+use pirclip_checkpoint::StateDict;
+
+use crate::clip::{ClipModel, Text, Visual};
+use crate::config::VisionTower;
+use crate::efficientnet::timm_name_of_lukemelas;
+use crate::resolve::{pretrained_file, PretrainedPackage, EFFICIENTNET_LITE0, MINILM_L6};
+
+/// `p`'s tensors under the names open_clip gives them in a CLIP model.
+pub fn tower_state_dict(p: &PretrainedPackage) -> Result<StateDict, String> {
+    let file = pretrained_file(p)?;
+    let sd = pirclip_checkpoint::load(&file)
+        .map_err(|e| e.to_string())?
+        .state_dict;
+    let renamed: Vec<(String, pirclip_checkpoint::TensorData)> = if p.name == MINILM_L6.name {
+        sd.entries
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("pooler.") && n != "embeddings.position_ids")
+            .map(|(n, t)| (format!("text.transformer.{n}"), t))
+            .collect()
+    } else if p.name == EFFICIENTNET_LITE0.name {
+        let mut out = Vec::new();
+        for (n, t) in sd.entries {
+            if n.starts_with("_fc.") {
+                continue;
+            }
+            let timm = timm_name_of_lukemelas(&n, 0).ok_or_else(|| {
+                format!(
+                    "{}: tensor {n} is not part of EfficientNet-Lite0",
+                    file.display()
+                )
+            })?;
+            out.push((format!("visual.trunk.{timm}"), t));
+        }
+        out
+    } else {
+        return Err(format!("no tensor names known for {}", p.name));
+    };
+    Ok(StateDict { entries: renamed })
+}
+
+/// Loads `p`'s weights into the tower of `model` that has its architecture; returns how many tensors
+/// were loaded. Fails unless every tensor of the file finds its place with its shape.
+pub fn load_tower(model: &ClipModel, p: &PretrainedPackage) -> Result<usize, String> {
+    let fits = match p.name {
+        n if n == MINILM_L6.name => {
+            matches!(&model.text, Text::Hf(_))
+                && model.config.text.hf.as_ref().is_some_and(|h| {
+                    crate::resolve::known_hf_model(&h.model_name).as_ref() == Some(&h.bert)
+                })
+        }
+        n if n == EFFICIENTNET_LITE0.name => {
+            matches!(&model.visual, Visual::Timm(_))
+                && matches!(
+                    model.config.vision,
+                    VisionTower::TimmEfficientNetLite { variant: 0, .. }
+                )
+        }
+        _ => false,
+    };
+    if !fits {
+        return Err(format!(
+            "{} is {}; model {} has no such tower (its config needs {})",
+            p.name,
+            p.model_name,
+            model.config.name,
+            if p.name == MINILM_L6.name {
+                "text_cfg.hf_model_name \"sentence-transformers/all-MiniLM-L6-v2\""
+            } else {
+                "vision_cfg.timm_model_name \"tf_efficientnet_lite0\""
+            }
+        ));
+    }
+    let sd = tower_state_dict(p)?;
+    let report = crate::params::load_state_dict(model.registry(), &sd);
+    if !report.unexpected.is_empty() || !report.mismatched.is_empty() {
+        let mut stray = report;
+        stray.missing.clear();
+        return Err(format!(
+            "{} does not fit model {}:{}",
+            p.name,
+            model.config.name,
+            stray.describe()
+        ));
+    }
+    Ok(report.loaded.len())
+}
