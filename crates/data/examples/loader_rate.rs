@@ -36,6 +36,7 @@ fn main() {
                 one_caption_per_image: false,
                 workers,
                 context_length: 77,
+                tokenizer: pirclip_text::TextTokenizer::Clip,
                 rank: 0,
                 world: 1,
             },

@@ -333,10 +333,7 @@ impl ClipModel {
 
     /// The tokenizer of the text tower, as open_clip's `get_tokenizer` gives it for this config.
     pub fn tokenizer(&self) -> pirclip_text::TextTokenizer {
-        match &self.config.text.hf {
-            None => pirclip_text::TextTokenizer::Clip,
-            Some(hf) => pirclip_text::TextTokenizer::Hf(hf.tokenizer.clone()),
-        }
+        self.config.tokenizer()
     }
 
     /// The same, computing all `context_length` positions like open_clip (for checks).

@@ -92,6 +92,8 @@ pub struct HfTextConfig {
     pub pooler: HfPooler,
     pub proj: HfProj,
     pub tokenizer: std::sync::Arc<pirclip_text::HfTokenizer>,
+    /// `hf_model_pretrained` (open_clip's default true): training starts from the model's weights.
+    pub pretrained: bool,
 }
 
 impl PartialEq for HfTextConfig {
@@ -134,7 +136,7 @@ pub struct ModelConfig {
     pub text: TextConfig,
 }
 
-pub const PRESETS: [(&str, &str); 4] = [
+pub const PRESETS: [(&str, &str); 5] = [
     ("PIR", include_str!("../../../assets/PIR.json")),
     (
         "ViT-B-32",
@@ -145,6 +147,15 @@ pub const PRESETS: [(&str, &str); 4] = [
         "ViT-L-14",
         r#"{"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}}"#,
+    ),
+    // The pretrained towers pirclip can load (issue #24): ImageNet EfficientNet-Lite0 through timm's
+    // tower, sentence-transformers' MiniLM-L6 through open_clip's HF tower.
+    (
+        "Lite0-MiniLM-L6",
+        r#"{"embed_dim": 384,
+            "vision_cfg": {"image_size": 224, "timm_model_name": "tf_efficientnet_lite0", "timm_pool": "avg", "timm_proj": "linear"},
+            "text_cfg": {"hf_model_name": "sentence-transformers/all-MiniLM-L6-v2", "hf_tokenizer_name": "sentence-transformers/all-MiniLM-L6-v2",
+                         "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 77}}"#,
     ),
     (
         "RN50",
@@ -349,12 +360,17 @@ fn hf_text(tc: &Value, base: Option<&std::path::Path>) -> Result<HfTextConfig, E
             )))
         }
     };
+    let pretrained = tc
+        .get("hf_model_pretrained")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
     Ok(HfTextConfig {
         model_name,
         bert,
         pooler,
         proj,
         tokenizer: std::sync::Arc::new(tokenizer),
+        pretrained,
     })
 }
 
@@ -546,6 +562,14 @@ impl ModelConfig {
             instruction,
             text,
         })
+    }
+
+    /// The text tower's tokenizer, as open_clip's `get_tokenizer` gives it for this config.
+    pub fn tokenizer(&self) -> pirclip_text::TextTokenizer {
+        match &self.text.hf {
+            None => pirclip_text::TextTokenizer::Clip,
+            Some(hf) => pirclip_text::TextTokenizer::Hf(hf.tokenizer.clone()),
+        }
     }
 
     pub fn vision_width(&self) -> usize {

@@ -7,6 +7,8 @@
 //! so convolutions pad as TensorFlow's "SAME" (more on the bottom/right where the stride leaves a
 //! remainder) and BatchNorm uses eps 1e-3, momentum 0.01.
 
+use std::cell::Cell;
+
 use tch::Tensor;
 
 use crate::layers::{BatchNorm, BnMode, Linear};
@@ -240,26 +242,24 @@ pub struct EfficientNetLite {
     /// ImageNet logits (`classifier`), only in the standalone network (`with_classifier`).
     classifier: Option<Linear>,
     pub features: i64,
+    /// Parameter groups (stem, blocks, head convolution: see [`trunk_group`]) whose BatchNorm uses its
+    /// running statistics whatever the mode, counted from the stem: open_clip's `freeze_bn_stats`.
+    frozen_bn_groups: Cell<usize>,
 }
 
 impl EfficientNetLite {
     /// timm's `tf_efficientnet_lite{variant}` under `r` (open_clip: `visual.trunk`).
     pub fn new(r: &Registry, variant: u8, classes: Option<i64>) -> Self {
-        let (width, depth) = lite_multipliers(variant).expect("variant 0..=4");
+        let (width, _) = lite_multipliers(variant).expect("variant 0..=4");
+        let repeats = stage_repeats(variant).expect("variant 0..=4");
         let stem = ConvBn::new(&r.sub("conv_stem"), &r.sub("bn1"), 3, 32, 3, 2, 1);
         let mut inp = 32;
-        let last = LITE0.len() - 1;
         let blocks = LITE0
             .iter()
+            .zip(repeats)
             .enumerate()
-            .map(|(s, stage)| {
+            .map(|(s, (stage, repeats))| {
                 let out = round_channels(stage.out, width);
-                // Lite keeps the first and last stages' depth; the others scale (rounded up).
-                let repeats = if s == 0 || s == last {
-                    stage.repeats
-                } else {
-                    (stage.repeats as f64 * depth).ceil() as usize
-                };
                 (0..repeats)
                     .map(|b| {
                         let stride = if b == 0 { stage.stride } else { 1 };
@@ -285,17 +285,29 @@ impl EfficientNetLite {
             head,
             classifier,
             features: 1280,
+            frozen_bn_groups: Cell::new(0),
         }
+    }
+
+    /// From now on the first `groups` parameter groups normalise with their running statistics.
+    pub fn freeze_bn_stats(&self, groups: usize) {
+        self.frozen_bn_groups.set(groups);
     }
 
     /// Globally average-pooled features `[N, 1280]` of images `[N, 3, H, W]`.
     pub fn features(&self, images: &Tensor, bn: BnMode) -> Tensor {
-        let mut x = self.stem.forward(images, bn, true);
-        for block in self.blocks.iter().flatten() {
-            x = block.forward(&x, bn);
+        let frozen = self.frozen_bn_groups.get();
+        let mode = |group: usize| if group < frozen { BnMode::Running } else { bn };
+        let mut x = self.stem.forward(images, mode(0), true);
+        for (i, block) in self.blocks.iter().flatten().enumerate() {
+            x = block.forward(&x, mode(1 + i));
         }
-        let x = self.head.forward(&x, bn, true);
+        let x = self.head.forward(&x, mode(1 + self.block_count()), true);
         x.mean_dim([2i64, 3].as_slice(), false, x.kind())
+    }
+
+    pub fn block_count(&self) -> usize {
+        self.blocks.iter().map(Vec::len).sum()
     }
 
     /// ImageNet logits (a network built `with_classifier`).
@@ -303,11 +315,49 @@ impl EfficientNetLite {
         let c = self.classifier.as_ref()?;
         Some(c.forward(&self.features(images, BnMode::Running)))
     }
+}
 
-    /// Blocks in order, for `--lock-image-unlocked-groups` (stem, each stage, head).
-    pub fn stage_count(&self) -> usize {
-        self.blocks.len() + 2
+/// timm's parameter group of the trunk tensor `name` (`visual.trunk.…`) of a model with a timm tower,
+/// as `group_matcher(coarse=False)` numbers them for open_clip's `lock`: the stem 0, each block in
+/// order, the head convolution last; with the number of groups.
+pub fn trunk_group(name: &str, config: &crate::ModelConfig) -> Option<(usize, usize)> {
+    let crate::config::VisionTower::TimmEfficientNetLite { variant, .. } = config.vision else {
+        return None;
+    };
+    let repeats = stage_repeats(variant)?;
+    let blocks: usize = repeats.iter().sum();
+    let rest = name.strip_prefix("visual.trunk.")?;
+    if rest.starts_with("conv_stem.") || rest.starts_with("bn1.") {
+        return Some((0, blocks + 2));
     }
+    if rest.starts_with("conv_head.") || rest.starts_with("bn2.") {
+        return Some((blocks + 1, blocks + 2));
+    }
+    let mut parts = rest.strip_prefix("blocks.")?.split('.');
+    let stage: usize = parts.next()?.parse().ok()?;
+    let block: usize = parts.next()?.parse().ok()?;
+    let before: usize = repeats.get(..stage)?.iter().sum();
+    Some((1 + before + block, blocks + 2))
+}
+
+/// Blocks per stage of `tf_efficientnet_lite{variant}`: Lite keeps the first and last stages' depth,
+/// the others scale, rounded up.
+fn stage_repeats(variant: u8) -> Option<Vec<usize>> {
+    let (_, depth) = lite_multipliers(variant)?;
+    let last = LITE0.len() - 1;
+    Some(
+        LITE0
+            .iter()
+            .enumerate()
+            .map(|(s, st)| {
+                if s == 0 || s == last {
+                    st.repeats
+                } else {
+                    (st.repeats as f64 * depth).ceil() as usize
+                }
+            })
+            .collect(),
+    )
 }
 
 /// open_clip's `TimmModel` with `timm_pool = "avg"`: the trunk's pooled features through the head's
@@ -344,19 +394,7 @@ impl TimmVisual {
 /// them per stage; a block's BatchNorms shift by one where it has no expansion. Names that are not part
 /// of the network (none in the Lite0 file) give `None`.
 pub fn timm_name_of_lukemelas(name: &str, variant: u8) -> Option<String> {
-    let (_, depth) = lite_multipliers(variant)?;
-    let last = LITE0.len() - 1;
-    let repeats: Vec<usize> = LITE0
-        .iter()
-        .enumerate()
-        .map(|(s, st)| {
-            if s == 0 || s == last {
-                st.repeats
-            } else {
-                (st.repeats as f64 * depth).ceil() as usize
-            }
-        })
-        .collect();
+    let repeats = stage_repeats(variant)?;
     let top = |rest: &str| -> Option<String> {
         let map = [
             ("_conv_stem.", "conv_stem."),

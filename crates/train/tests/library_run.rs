@@ -26,6 +26,7 @@ fn config(logs: &Path, name: &str, max_steps: i64, resume: Option<&str>) -> RunC
         )
         .unwrap(),
         pretrained: None,
+        pretrained_image: false,
         seed: 0,
         data: DataSpec {
             train_data: mini.join("dataset_rsicd_mini.json").display().to_string(),

@@ -25,6 +25,8 @@ pub struct LoaderConfig {
     pub one_caption_per_image: bool,
     pub workers: usize,
     pub context_length: usize,
+    /// The text tower's tokenizer (CLIP's BPE, or a Hugging Face tower's own).
+    pub tokenizer: pirclip_text::TextTokenizer,
     /// Distributed training: this process's rank and the number of ranks. Every global batch of
     /// `batch_size × world` consecutive samples of the epoch order is shared out as torch's
     /// DistributedSampler does (rank r takes every world-th sample from the r-th), so W ranks see exactly
@@ -217,7 +219,7 @@ impl TrainLoader {
         let order = self.epoch_order(epoch);
         let nb = self.batches_per_epoch();
         thread::spawn(move || {
-            let tok = pirclip_text::Tokenizer::new();
+            let tok = cfg.tokenizer.clone();
             let b = cfg.batch_size;
             let per = 3 * cfg.image_size * cfg.image_size;
             let (rank, world) = (cfg.rank, cfg.world.max(1));
@@ -457,6 +459,7 @@ mod tests {
             one_caption_per_image: false,
             workers: 1,
             context_length: 77,
+            tokenizer: pirclip_text::TextTokenizer::Clip,
             rank: 0,
             world: 1,
         };
@@ -520,6 +523,7 @@ mod tests {
             one_caption_per_image: true,
             workers: 1,
             context_length: 77,
+            tokenizer: pirclip_text::TextTokenizer::Clip,
             rank: 0,
             world: 1,
         };
@@ -574,6 +578,7 @@ mod tests {
                 one_caption_per_image: false,
                 workers: 1,
                 context_length: 77,
+                tokenizer: pirclip_text::TextTokenizer::Clip,
                 rank,
                 world,
             };
