@@ -27,6 +27,35 @@ pub fn read_file(path: &Path) -> Result<StateDict, Error> {
     read_from(std::io::BufReader::new(file)).map_err(|e| e.in_file(path))
 }
 
+/// The string metadata (`__metadata__`) of a safetensors file, read from its header alone.
+pub fn read_metadata_file(path: &Path) -> Result<Vec<(String, String)>, Error> {
+    let mut r = std::fs::File::open(path).map_err(|e| Error::Io(e).in_file(path))?;
+    let file_len = r.seek(SeekFrom::End(0))?;
+    r.seek(SeekFrom::Start(0))?;
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len)
+        .map_err(|e| Error::Io(e).in_file(path))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER || n > file_len.saturating_sub(8) {
+        return Err(Error::Format(format!("safetensors header claims {n} bytes")).in_file(path));
+    }
+    let mut header = vec![0u8; n as usize];
+    r.read_exact(&mut header)
+        .map_err(|e| Error::Io(e).in_file(path))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
+        Error::Format(format!("safetensors header is not valid JSON: {e}")).in_file(path)
+    })?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 pub fn read_from<R: Read + Seek>(mut r: R) -> Result<StateDict, Error> {
     let file_len = r.seek(SeekFrom::End(0))?;
     r.seek(SeekFrom::Start(0))?;

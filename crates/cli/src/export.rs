@@ -23,6 +23,11 @@ pub struct Args {
     out: PathBuf,
     #[arg(long, value_enum, default_value_t = DTypeArg::Fp32)]
     dtype: DTypeArg,
+    /// Leave out the tensors that are bit for bit those of a pretrained tower's package (a tower
+    /// trained locked, or its frozen parts): the file names the packages and their files' SHA-256, and
+    /// loading takes those tensors from the installed packages (scripts/setup.sh).
+    #[arg(long)]
+    without_package_towers: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -33,12 +38,33 @@ pub fn run(a: Args) -> Result<()> {
         DTypeArg::Bf16 => DType::BF16,
     };
     let mut sd = ck.state_dict;
+    let mut metadata = vec![("format".to_string(), "pt".to_string())];
+    if a.without_package_towers {
+        let before = sd.len();
+        let (kept, towers) =
+            pirclip_model::pretrained::without_package_tensors(sd).map_err(anyhow::Error::msg)?;
+        sd = kept;
+        match towers {
+            Some(t) => {
+                eprintln!(
+                    "left out {} tensors equal to the package towers': {t}",
+                    before - sd.len()
+                );
+                metadata.push((pirclip_model::pretrained::PACKAGE_TOWERS_KEY.to_string(), t));
+            }
+            None => eprintln!("no tensor equals a package tower's; nothing left out"),
+        }
+    }
     for (name, t) in sd.entries.iter_mut() {
         if t.dtype.is_float() && !is_buffer_name(name) {
             *t = t.cast_float(to);
         }
     }
-    pirclip_checkpoint::safetensors::write(&a.out, &sd, &[("format", "pt")])
+    let metadata: Vec<(&str, &str)> = metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    pirclip_checkpoint::safetensors::write(&a.out, &sd, &metadata)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let size = std::fs::metadata(&a.out)?.len();
     eprintln!(

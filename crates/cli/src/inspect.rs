@@ -49,7 +49,11 @@ pub fn run(a: Args) -> Result<()> {
         ),
         Some(arch) => {
             println!("family:      {}", arch.family());
-            println!("vision:      {}, image {}", arch.vision, arch.image_size);
+            match arch.image_size {
+                // A convolutional trunk's weights fit any image size: the config sets it.
+                0 => println!("vision:      {} (image size from the config)", arch.vision),
+                size => println!("vision:      {}, image {size}", arch.vision),
+            }
             if let Some((layers, width)) = arch.instruction {
                 println!("instruction: ModifiedResNet layers {layers:?} width {width}");
             }
@@ -62,7 +66,12 @@ pub fn run(a: Args) -> Result<()> {
                 println!("temporal PAE: LCA, {cycles} cycle(s), feed-forward {ffn}");
             }
             let (ctx, vocab, width, layers) = arch.text;
-            println!("text:        width {width} layers {layers} context {ctx} vocab {vocab}");
+            let positions = if arch.vision.starts_with("timm") {
+                "positions"
+            } else {
+                "context"
+            };
+            println!("text:        width {width} layers {layers} {positions} {ctx} vocab {vocab}");
             println!("embed dim:   {}", arch.embed_dim);
             match arch.matching_preset() {
                 Some(p) => println!("preset:      {p} (use --model {p})"),

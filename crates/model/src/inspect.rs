@@ -52,8 +52,57 @@ fn resnet_layers(sd: &StateDict, prefix: &str) -> [usize; 4] {
     [1, 2, 3, 4].map(|i| count_blocks(sd, &format!("{prefix}layer{i}.")))
 }
 
+/// The numbers of an open_clip `CustomTextCLIP` on pirclip's pretrained towers (a Hugging Face text
+/// tower, a timm EfficientNet-Lite or CLIP image tower). Image size and context length leave no trace
+/// in a convolutional trunk's and BERT's shapes: 0 and the position table's length stand for them.
+fn custom_text_arch_of(sd: &StateDict) -> Option<Arch> {
+    let hf = "text.transformer.";
+    let width = dim(sd, &format!("{hf}embeddings.word_embeddings.weight"), 1)?;
+    let embed_dim = dim(sd, "text.proj.weight", 0)
+        .or_else(|| dim(sd, "text.proj.2.weight", 0))
+        .unwrap_or(width);
+    let text = (
+        dim(sd, &format!("{hf}embeddings.position_embeddings.weight"), 0)?,
+        dim(sd, &format!("{hf}embeddings.word_embeddings.weight"), 0)?,
+        width,
+        count_blocks(sd, &format!("{hf}encoder.layer.")),
+    );
+    let blocks: usize = (0..7)
+        .map(|s| count_blocks(sd, &format!("visual.trunk.blocks.{s}.")))
+        .sum();
+    let variant = (0u8..=4).find(|&v| {
+        crate::efficientnet::trunk_group("visual.trunk.conv_head.weight", &lite_config(v))
+            .is_some_and(|(_, groups)| groups == blocks + 2)
+    })?;
+    Some(Arch {
+        embed_dim,
+        image_size: 0,
+        vision: format!("timm tf_efficientnet_lite{variant}"),
+        instruction: None,
+        spatial_pae: None,
+        temporal_pae: None,
+        text,
+    })
+}
+
+/// A config whose only use is to carry the EfficientNet-Lite variant.
+fn lite_config(variant: u8) -> ModelConfig {
+    let mut c = ModelConfig::from_name_or_path("ViT-B-32").expect("preset");
+    c.vision = VisionTower::TimmEfficientNetLite {
+        variant,
+        proj_bias: false,
+    };
+    c
+}
+
 /// The architecture a state dict's keys and shapes imply; `None` without open_clip CLIP keys.
 pub fn arch_of(sd: &StateDict) -> Option<Arch> {
+    if sd
+        .get("text.transformer.embeddings.word_embeddings.weight")
+        .is_some()
+    {
+        return custom_text_arch_of(sd);
+    }
     let embed_dim = dim(sd, "text_projection", 1)?;
     let text = (
         dim(sd, "positional_embedding", 0)?,
@@ -130,15 +179,26 @@ pub fn arch_of_config(c: &ModelConfig) -> Arch {
             .as_ref()
             .map(|l| (l.cycles, l.ffn_width.unwrap_or(2 * c.embed_dim))),
         text: (
-            c.text.context_length,
+            c.text
+                .hf
+                .as_ref()
+                .map_or(c.text.context_length, |h| h.bert.max_position_embeddings),
             c.text.vocab_size,
             c.text.width,
             c.text.layers,
         ),
     }
+    .without_image_size_of_a_conv_trunk()
 }
 
 impl Arch {
+    fn without_image_size_of_a_conv_trunk(mut self) -> Self {
+        if self.vision.starts_with("timm") {
+            self.image_size = 0;
+        }
+        self
+    }
+
     /// The model family in words.
     pub fn family(&self) -> &'static str {
         match (&self.instruction, self.vision.starts_with("ViT")) {
@@ -147,6 +207,9 @@ impl Arch {
             }
             (Some(_), _) => "PIR-CLIP (CLIP ViT + instruction ResNet + VIR)",
             (None, true) => "open_clip CLIP with a ViT image tower",
+            (None, false) if self.vision.starts_with("timm") => {
+                "open_clip CLIP with a timm EfficientNet-Lite image tower and a Hugging Face text tower"
+            }
             (None, false) => "open_clip CLIP with a ModifiedResNet image tower",
         }
     }

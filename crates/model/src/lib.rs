@@ -42,8 +42,20 @@ pub fn load_model(
     device: tch::Device,
 ) -> Result<ClipModel, Error> {
     let ck = pirclip_checkpoint::load(checkpoint)?;
+    let mut state_dict = ck.state_dict;
+    if ck.layout == pirclip_checkpoint::Layout::Safetensors {
+        // A checkpoint that leaves its package towers' unchanged tensors in the packages.
+        let meta = pirclip_checkpoint::safetensors::read_metadata_file(checkpoint)?;
+        if let Some((_, towers)) = meta
+            .iter()
+            .find(|(k, _)| k == pretrained::PACKAGE_TOWERS_KEY)
+        {
+            state_dict = pretrained::with_package_tensors(state_dict, towers)
+                .map_err(|e| Error::Load(format!("{}: {e}", checkpoint.display())))?;
+        }
+    }
     let model = ClipModel::new(config, device);
-    model.load(&ck.state_dict, &checkpoint.display().to_string())?;
+    model.load(&state_dict, &checkpoint.display().to_string())?;
     Ok(model)
 }
 

@@ -95,3 +95,84 @@ pub fn load_tower(model: &ClipModel, p: &PretrainedPackage) -> Result<usize, Str
     }
     Ok(report.loaded.len())
 }
+
+/// The safetensors metadata key of a checkpoint that leaves out the tensors equal to a package
+/// tower's: a JSON list of `{"name", "package", "file", "sha256", "tensors"}`, one per package.
+pub const PACKAGE_TOWERS_KEY: &str = "pirclip.package_towers";
+
+/// SHA-256 of a file, hex.
+fn sha256_file(path: &std::path::Path) -> Result<String, String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// `sd` without the tensors that are bit for bit a package tower's (a tower trained locked, or frozen
+/// parts of one), and the metadata that names those packages (`None` when nothing was left out).
+pub fn without_package_tensors(sd: StateDict) -> Result<(StateDict, Option<String>), String> {
+    let mut kept = sd;
+    let mut used = Vec::new();
+    for p in crate::resolve::PRETRAINED_PACKAGES {
+        let prefix = if p.name == MINILM_L6.name {
+            "text.transformer."
+        } else {
+            "visual.trunk."
+        };
+        if !kept.entries.iter().any(|(n, _)| n.starts_with(prefix)) || pretrained_file(&p).is_err()
+        {
+            continue;
+        }
+        let tower = tower_state_dict(&p)?;
+        let before = kept.entries.len();
+        kept.entries
+            .retain(|(n, t)| tower.get(n).is_none_or(|base| base != t));
+        let dropped = before - kept.entries.len();
+        if dropped > 0 {
+            let file = pretrained_file(&p)?;
+            used.push(serde_json::json!({
+                "name": p.name,
+                "package": p.package,
+                "file": p.file,
+                "sha256": sha256_file(&file)?,
+                "tensors": dropped,
+            }));
+        }
+    }
+    let meta = (!used.is_empty()).then(|| serde_json::Value::Array(used).to_string());
+    Ok((kept, meta))
+}
+
+/// `sd` completed with the package towers its metadata `meta` names (each package file checked
+/// against the SHA-256 it was made with); the checkpoint's own tensors win.
+pub fn with_package_tensors(sd: StateDict, meta: &str) -> Result<StateDict, String> {
+    let list: Vec<serde_json::Value> = serde_json::from_str(meta)
+        .map_err(|e| format!("{PACKAGE_TOWERS_KEY}: not a JSON list ({e})"))?;
+    let mut out = sd;
+    for entry in list {
+        let name = entry["name"].as_str().unwrap_or_default();
+        let p = crate::resolve::pretrained_package(name)?;
+        let file = pretrained_file(&p)?;
+        let want = entry["sha256"].as_str().unwrap_or_default();
+        let have = sha256_file(&file)?;
+        if have != want {
+            return Err(format!(
+                "this checkpoint takes its {name} tower from {} with sha256 {want}, but the installed file has {have}; reinstall {} (scripts/setup.sh)",
+                file.display(),
+                p.package
+            ));
+        }
+        let names: std::collections::HashSet<String> =
+            out.entries.iter().map(|(n, _)| n.clone()).collect();
+        let tower = tower_state_dict(&p)?;
+        out.entries.extend(
+            tower
+                .entries
+                .into_iter()
+                .filter(|(n, _)| !names.contains(n)),
+        );
+    }
+    Ok(out)
+}

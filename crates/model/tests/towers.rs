@@ -186,3 +186,35 @@ fn a_clip_on_both_towers_loads_them_from_the_packages_and_encodes() {
     let e = pirclip_model::pretrained::load_tower(&vit, &MINILM_L6).unwrap_err();
     assert!(e.contains("hf_model_name"), "{e}");
 }
+
+#[test]
+fn a_checkpoint_can_leave_unchanged_towers_in_their_packages() {
+    use pirclip_model::pretrained::{with_package_tensors, without_package_tensors};
+    let model = ClipModel::new(&lite0_minilm("linear", 256), Device::Cpu);
+    pirclip_model::init::initialize(model.registry(), 0);
+    pirclip_model::pretrained::load_tower(&model, &MINILM_L6).unwrap();
+    pirclip_model::pretrained::load_tower(&model, &EFFICIENTNET_LITE0).unwrap();
+    // One text tensor trained: it stays in the checkpoint.
+    let mut sd = model.state_dict();
+    let trained = "text.transformer.encoder.layer.5.output.dense.bias";
+    let t = sd.entries.iter_mut().find(|(n, _)| n == trained).unwrap();
+    t.1 = pirclip_checkpoint::TensorData::from_f32(t.1.shape.clone(), &vec![0.5; t.1.shape[0]]);
+    let (kept, meta) = without_package_tensors(sd.clone()).unwrap();
+    assert_eq!(
+        kept.len(),
+        sd.len() - 100 - 294,
+        "every untouched tower tensor left out"
+    );
+    assert!(kept.get(trained).is_some() && kept.get("visual.head.proj.weight").is_some());
+    let meta = meta.unwrap();
+    let restored = with_package_tensors(kept.clone(), &meta).unwrap();
+    let mut want = sd.entries.clone();
+    let mut got = restored.entries.clone();
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(want == got, "restored state dict differs");
+    // A package file other than the one the checkpoint was made with is refused.
+    let forged = meta.replacen("\"sha256\":\"", "\"sha256\":\"0", 1);
+    let e = with_package_tensors(kept, &forged).unwrap_err();
+    assert!(e.contains("sha256"), "{e}");
+}
