@@ -136,9 +136,15 @@ impl ModelArgs {
 
     /// The model and the weights file it came from (the bundled one when no --checkpoint was given).
     pub fn load_resolved(&self) -> Result<(ClipModel, PathBuf)> {
+        self.load_resolved_or(pirclip_model::resolve::BUNDLED_MODEL)
+    }
+
+    /// The same with another bundled model as the default.
+    pub fn load_resolved_or(&self, bundled: &str) -> Result<(ClipModel, PathBuf)> {
         let (model, checkpoint) = (self.model.as_deref(), self.checkpoint.as_deref());
         let (config, checkpoint) =
-            pirclip_model::resolve::resolve_model(model, checkpoint).map_err(anyhow::Error::msg)?;
+            pirclip_model::resolve::resolve_model_or(model, checkpoint, bundled)
+                .map_err(anyhow::Error::msg)?;
         let model = load_model(&config, &checkpoint, &self.device)?;
         Ok((self.ready_for_inference(model)?, checkpoint))
     }

@@ -28,7 +28,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = a.model.load()?;
+    // VIR's belief map needs a PIR model: without weights, the bundled PIR model.
+    let (model, _) = a
+        .model
+        .load_resolved_or(pirclip_model::resolve::BUNDLED_PIR_MODEL)?;
     let e = pirclip_retrieval::explain::explain(&model, &a.image, &a.text, a.model.options())
         .map_err(anyhow::Error::msg)?;
     let png = pirclip_image::encode_png(&e.render(a.size as usize));

@@ -10,6 +10,9 @@ use crate::config::ModelConfig;
 /// The model pirclip trained itself and ships (models/README.md): the default when no weights are given.
 pub const BUNDLED_MODEL: &str = "pir-small-aid150";
 
+/// The bundled PIR-CLIP model: the default of `explain`, which needs VIR's belief map.
+pub const BUNDLED_PIR_MODEL: &str = "pir-small-aid150";
+
 /// Finds a file shipped with pirclip (models/, data/): next to the executable's repository (when run
 /// from target/release) or in the source tree it was built from.
 pub fn bundled_file(relative: &str) -> Result<PathBuf, String> {
@@ -35,17 +38,26 @@ pub fn resolve_model(
     model: Option<&str>,
     checkpoint: Option<&Path>,
 ) -> Result<(ModelConfig, PathBuf), String> {
+    resolve_model_or(model, checkpoint, BUNDLED_MODEL)
+}
+
+/// The same with another bundled model (`models/<bundled>.{json,safetensors}`) as the default.
+pub fn resolve_model_or(
+    model: Option<&str>,
+    checkpoint: Option<&Path>,
+    bundled: &str,
+) -> Result<(ModelConfig, PathBuf), String> {
     let config = |name: &str| ModelConfig::from_name_or_path(name).map_err(|e| format!("{e:#}"));
     match checkpoint {
         Some(c) => Ok((config(model.unwrap_or("PIR"))?, c.to_path_buf())),
         None => {
-            let weights = bundled_file(&format!("models/{BUNDLED_MODEL}.safetensors"))?;
+            let weights = bundled_file(&format!("models/{bundled}.safetensors"))?;
             let config = match model {
                 Some(m) => config(m)?,
                 None => {
-                    let path = bundled_file(&format!("models/{BUNDLED_MODEL}.json"))?;
+                    let path = bundled_file(&format!("models/{bundled}.json"))?;
                     let mut c = config(&path.to_string_lossy())?;
-                    c.name = BUNDLED_MODEL.to_string();
+                    c.name = bundled.to_string();
                     c
                 }
             };

@@ -107,6 +107,14 @@ pub struct TrainingRun {
     is_master: bool,
 }
 
+/// The torch generator's seed for optimizer step `step` of rank `rank` (SplitMix64 of the three).
+fn forward_seed(seed: u64, rank: u64, step: i64) -> i64 {
+    let mut z = seed ^ rank.rotate_left(32) ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunEnd {
@@ -286,6 +294,12 @@ impl TrainingRun {
                     let rank = self.trainer.dist.as_ref().map_or(0, |d| d.rank());
                     dump_batch(dir, rank, step + 1, &batches, &labels, lr, image_size)?;
                 }
+                // The forward pass's random draws (dropout in a Hugging Face text tower or the PAEs)
+                // depend on the seed, the rank and the step alone, so a resumed run draws exactly
+                // what the uninterrupted one does (one torch generator state would not survive a
+                // checkpoint).
+                let rank = self.trainer.dist.as_ref().map_or(0, |d| d.rank()) as u64;
+                tch::manual_seed(forward_seed(self.loader.seed(), rank, step));
                 let s = if self.trainer.dist.is_some() {
                     self.trainer
                         .try_step_distributed(&micro, &labels, lr)

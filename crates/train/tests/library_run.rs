@@ -100,6 +100,9 @@ impl RunObserver for Seen {
     }
 }
 
+/// The tests of this file train one at a time: torch's generator (dropout) is one per process.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn train(c: RunConfig) -> Seen {
     let mut seen = Seen::default();
     let mut run = TrainRun::from_config(c, &mut seen).unwrap();
@@ -115,6 +118,7 @@ fn weights(logs: &Path, name: &str) -> pirclip_checkpoint::StateDict {
 
 #[test]
 fn a_run_through_the_library_trains_and_resumes_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     tch::set_num_threads(1);
     let logs = std::env::temp_dir().join(format!("pirclip-library-run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&logs);
@@ -144,5 +148,69 @@ fn a_run_through_the_library_trains_and_resumes_exactly() {
     for ((name, x), (_, y)) in a.entries.iter().zip(&b.entries) {
         assert_eq!(x.bytes, y.bytes, "{name}");
     }
+    std::fs::remove_dir_all(&logs).unwrap();
+}
+
+/// The same on the pretrained towers (issue #24): a 64-pixel Lite0 + MiniLM CLIP starting from both
+/// packages, the image trunk locked with frozen BatchNorm statistics, the text embeddings locked; two
+/// steps and two resumed end where four straight do, and the locked tensors are still the packages'.
+#[test]
+fn a_run_on_the_pretrained_towers_resumes_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    tch::set_num_threads(1);
+    let logs = std::env::temp_dir().join(format!("pirclip-towers-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&logs);
+    let towers = |name: &str, steps: i64, resume: Option<&str>| {
+        let mut c = config(&logs, name, steps, resume);
+        c.model = ModelConfig::from_json(
+            r#"{"embed_dim": 64,
+                "vision_cfg": {"image_size": 64, "timm_model_name": "tf_efficientnet_lite0"},
+                "text_cfg": {"hf_model_name": "sentence-transformers/all-MiniLM-L6-v2", "hf_proj_type": "linear", "context_length": 32}}"#,
+            "towers-64",
+        )
+        .unwrap();
+        c.pretrained_image = true;
+        c.options = TrainOptions {
+            lock_image: true,
+            lock_image_freeze_bn_stats: true,
+            lock_text: true,
+            lock_text_unlocked_layers: 6,
+            ..TrainOptions::default()
+        };
+        c.data.batch_size = 2;
+        c
+    };
+    let straight = train(towers("straight", 4, None));
+    assert!(straight
+        .lines
+        .iter()
+        .any(|l| l.starts_with("pretrained image tower: efficientnet-lite0")));
+    assert!(straight
+        .lines
+        .iter()
+        .any(|l| l.starts_with("pretrained text tower: minilm-l6")));
+    let first = train(towers("resumed", 2, None));
+    assert_eq!(first.losses, straight.losses[..2]);
+    let second = train(towers("resumed", 4, Some("latest")));
+    assert_eq!(second.losses, straight.losses[2..]);
+    let (a, b) = (weights(&logs, "straight"), weights(&logs, "resumed"));
+    for ((name, x), (_, y)) in a.entries.iter().zip(&b.entries) {
+        assert_eq!(x.bytes, y.bytes, "{name}");
+    }
+    let (kept, _) = pirclip_model::pretrained::without_package_tensors(a.clone()).unwrap();
+    let left_out: Vec<&str> = a
+        .entries
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| kept.get(n).is_none())
+        .collect();
+    assert!(
+        left_out.contains(&"visual.trunk.blocks.3.1.bn2.running_var"),
+        "frozen statistics"
+    );
+    assert!(left_out.contains(&"text.transformer.embeddings.word_embeddings.weight"));
+    assert!(!left_out
+        .iter()
+        .any(|n| n.contains("encoder.layer") || n.starts_with("visual.head")));
     std::fs::remove_dir_all(&logs).unwrap();
 }

@@ -74,6 +74,11 @@ pub struct ShardOrder {
 }
 
 impl TrainLoader {
+    /// The run's seed (the data order and augmentation draw from it).
+    pub fn seed(&self) -> u64 {
+        self.config.seed
+    }
+
     pub fn new(samples: Vec<Sample>, config: LoaderConfig) -> Self {
         let images = config.one_caption_per_image.then(|| {
             let mut slot: std::collections::HashMap<String, usize> = Default::default();
