@@ -1,8 +1,8 @@
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::ValueEnum;
-use pirclip_checkpoint::{is_buffer_name, DType};
+use pirclip_checkpoint::DType;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DTypeArg {
@@ -31,47 +31,26 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let ck = pirclip_checkpoint::load(&a.checkpoint)?;
     let to = match a.dtype {
         DTypeArg::Fp32 => DType::F32,
         DTypeArg::Fp16 => DType::F16,
         DTypeArg::Bf16 => DType::BF16,
     };
-    let mut sd = ck.state_dict;
-    let mut metadata = vec![("format".to_string(), "pt".to_string())];
-    if a.without_package_towers {
-        let before = sd.len();
-        let (kept, towers) =
-            pirclip_model::pretrained::without_package_tensors(sd).map_err(anyhow::Error::msg)?;
-        sd = kept;
-        match towers {
-            Some(t) => {
-                eprintln!(
-                    "left out {} tensors equal to the package towers': {t}",
-                    before - sd.len()
-                );
-                metadata.push((pirclip_model::pretrained::PACKAGE_TOWERS_KEY.to_string(), t));
-            }
-            None => eprintln!("no tensor equals a package tower's; nothing left out"),
-        }
+    let r = pirclip_model::pretrained::export(&a.checkpoint, &a.out, to, a.without_package_towers)
+        .map_err(anyhow::Error::msg)?;
+    match (&r.package_towers, a.without_package_towers) {
+        (Some(t), _) => eprintln!(
+            "left out {} tensors equal to the package towers': {t}",
+            r.left_out
+        ),
+        (None, true) => eprintln!("no tensor equals a package tower's; nothing left out"),
+        (None, false) => {}
     }
-    for (name, t) in sd.entries.iter_mut() {
-        if t.dtype.is_float() && !is_buffer_name(name) {
-            *t = t.cast_float(to);
-        }
-    }
-    let metadata: Vec<(&str, &str)> = metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    pirclip_checkpoint::safetensors::write(&a.out, &sd, &metadata)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    let size = std::fs::metadata(&a.out)?.len();
+    let mb = std::fs::metadata(&a.out)?.len() as f64 / 1e6;
     eprintln!(
-        "wrote {} ({} entries, {:.1} MB, {:?})",
+        "wrote {} ({} entries, {mb:.1} MB, {:?})",
         a.out.display(),
-        sd.len(),
-        size as f64 / 1e6,
+        r.entries,
         a.dtype
     );
     Ok(())

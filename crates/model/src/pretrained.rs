@@ -176,3 +176,52 @@ pub fn with_package_tensors(sd: StateDict, meta: &str) -> Result<StateDict, Stri
     }
     Ok(out)
 }
+
+/// What [`export`] wrote.
+pub struct Exported {
+    pub entries: usize,
+    /// Tensors left out as equal to a package tower's, and the packages' metadata.
+    pub left_out: usize,
+    pub package_towers: Option<String>,
+}
+
+/// `pirclip export`: a checkpoint's weights (any readable layout; optimizer state dropped, DDP prefix
+/// stripped) as safetensors, floating-point weights cast to `dtype` (BatchNorm statistics stay
+/// float32), optionally without the tensors its package towers hold.
+pub fn export(
+    checkpoint: &std::path::Path,
+    out: &std::path::Path,
+    dtype: pirclip_checkpoint::DType,
+    without_package_towers: bool,
+) -> Result<Exported, String> {
+    let mut sd = pirclip_checkpoint::load(checkpoint)
+        .map_err(|e| e.to_string())?
+        .state_dict;
+    let before = sd.len();
+    let mut metadata = vec![("format".to_string(), "pt".to_string())];
+    let mut package_towers = None;
+    if without_package_towers {
+        let (kept, towers) = without_package_tensors(sd)?;
+        sd = kept;
+        if let Some(t) = &towers {
+            metadata.push((PACKAGE_TOWERS_KEY.to_string(), t.clone()));
+        }
+        package_towers = towers;
+    }
+    for (name, t) in sd.entries.iter_mut() {
+        if t.dtype.is_float() && !pirclip_checkpoint::is_buffer_name(name) {
+            *t = t.cast_float(dtype);
+        }
+    }
+    let metadata: Vec<(&str, &str)> = metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    pirclip_checkpoint::safetensors::write(out, &sd, &metadata)
+        .map_err(|e| format!("writing {}: {e}", out.display()))?;
+    Ok(Exported {
+        entries: sd.len(),
+        left_out: before - sd.len(),
+        package_towers,
+    })
+}

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod distributed;
 pub mod ema;
 pub mod loss;
+mod model_setup;
 pub mod optim;
 pub mod params;
 pub mod run;
