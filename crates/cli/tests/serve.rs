@@ -733,7 +733,9 @@ fn a_hostile_index_and_hostile_clients_leave_the_server_up() {
     assert!(status == 413 || status == 408 || status == 400, "{status}");
 
     // Embeddings of the wrong length or not finite; counts far beyond the rows.
-    let dim = 256;
+    let identity: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(index.join("index.json")).unwrap()).unwrap();
+    let dim = identity["dim"].as_u64().unwrap() as usize;
     for bad in [
         serde_json::json!({"embedding_input": [0.5, 0.5, 0.5]}),
         serde_json::json!({"embedding_input": vec![1e39; dim]}),
