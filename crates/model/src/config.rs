@@ -167,6 +167,7 @@ pub const PRESETS: [(&str, &str); 5] = [
 fn usize_field(v: &Value, key: &str, ctx: &str) -> Result<usize, Error> {
     v.get(key)
         .and_then(Value::as_u64)
+        .filter(|x| *x > 0)
         .map(|x| x as usize)
         .ok_or_else(|| Error::Config(format!("{ctx}.{key} must be a positive integer")))
 }
@@ -321,6 +322,19 @@ fn hf_text(tc: &Value, base: Option<&std::path::Path>) -> Result<HfTextConfig, E
             bert.hidden_act, bert.position_embedding_type
         )));
     }
+    let sizes = [
+        bert.vocab_size,
+        bert.hidden_size,
+        bert.num_hidden_layers,
+        bert.intermediate_size,
+        bert.max_position_embeddings,
+        bert.type_vocab_size,
+    ];
+    if sizes.contains(&0) || !(bert.layer_norm_eps > 0.0 && bert.layer_norm_eps < 1.0) {
+        return Err(Error::Config(format!(
+            "{model_name}: sizes must be positive and layer_norm_eps in (0, 1)"
+        )));
+    }
     if bert.num_attention_heads == 0 || bert.hidden_size % bert.num_attention_heads != 0 {
         return Err(Error::Config(format!(
             "{model_name}: hidden_size {} is not a multiple of num_attention_heads {}",
@@ -419,6 +433,72 @@ impl ModelConfig {
         name: &str,
         base: Option<&std::path::Path>,
     ) -> Result<Self, Error> {
+        let config = Self::parse(text, name, base)?;
+        config.check_size()?;
+        Ok(config)
+    }
+
+    /// Refuses a config whose tensors no machine holds: a mistyped or hostile number (a width of 10^8)
+    /// would otherwise reach the first allocation and abort the process. The count is an estimate
+    /// (within a small factor of the real one); the largest CLIPs have about 5 billion parameters.
+    fn check_size(&self) -> Result<(), Error> {
+        const MAX_PARAMETERS: f64 = 20e9;
+        const MAX_SIDE: usize = 16384;
+        let f = |x: usize| x as f64;
+        let e = f(self.embed_dim);
+        let resnet = |layers: &[usize; 4], width: usize| {
+            let blocks: usize = layers.iter().sum();
+            // Bottlenecks up to 32·width channels, plus the attention pool.
+            f(blocks + 1) * 64.0 * f(width).powi(2) + 4.0 * f(32 * width).powi(2)
+        };
+        let vision = match &self.vision {
+            VisionTower::Vit { layers, width, patch_size, .. } => {
+                12.0 * f(*layers) * f(*width).powi(2)
+                    + (3.0 * f(*patch_size).powi(2) + (f(self.image_size) / f(*patch_size)).powi(2) + e)
+                        * f(*width)
+            }
+            VisionTower::ModifiedResNet { layers, width, .. } => resnet(layers, *width),
+            VisionTower::TimmEfficientNetLite { .. } => 2e7,
+        };
+        let instruction = self.instruction.as_ref().map_or(0.0, |i| resnet(&i.res_layers, i.res_width));
+        let t = &self.text;
+        let text = match &t.hf {
+            None => {
+                f(t.vocab_size + t.context_length) * f(t.width)
+                    + f(t.layers) * f(t.width).powi(2) * (4.0 + 2.0 * t.mlp_ratio)
+            }
+            Some(h) => {
+                let b = &h.bert;
+                f(b.vocab_size + b.max_position_embeddings + b.type_vocab_size) * f(b.hidden_size)
+                    + f(b.num_hidden_layers) * f(b.hidden_size) * (4.0 * f(b.hidden_size) + 2.0 * f(b.intermediate_size))
+            }
+        };
+        let paes = [
+            self.instruction.as_ref().and_then(|i| i.hard_vir.as_ref()).map(|h| (h.instruction_rounds, h.ffn_width)),
+            t.lca.as_ref().map(|l| (l.cycles, l.ffn_width)),
+        ];
+        let pae: f64 = paes
+            .iter()
+            .flatten()
+            .map(|(steps, ffn)| f(*steps) * e * (8.0 * e + 2.0 * f(ffn.unwrap_or(2 * self.embed_dim))))
+            .sum();
+        let total = vision + instruction + text + pae + e * f(t.width.max(self.vision_width()));
+        if !(total <= MAX_PARAMETERS) {
+            return Err(Error::Config(format!(
+                "the config describes a model of about {:.3e} parameters, beyond any machine's memory (a mistyped width, layer count or vocabulary?)",
+                total
+            )));
+        }
+        if self.image_size > MAX_SIDE || t.context_length > MAX_SIDE {
+            return Err(Error::Config(format!(
+                "image_size {} / context_length {}: at most {MAX_SIDE}",
+                self.image_size, t.context_length
+            )));
+        }
+        Ok(())
+    }
+
+    fn parse(text: &str, name: &str, base: Option<&std::path::Path>) -> Result<Self, Error> {
         let v: Value =
             serde_json::from_str(text).map_err(|e| Error::Config(format!("invalid JSON: {e}")))?;
         let embed_dim = usize_field(&v, "embed_dim", "config")?;
@@ -433,7 +513,10 @@ impl ModelConfig {
             .get("text_cfg")
             .ok_or_else(|| Error::Config("text_cfg missing".into()))?;
         let image_size = usize_field(vc, "image_size", "vision_cfg")?;
-        let head_width = vc.get("head_width").and_then(Value::as_u64).unwrap_or(64) as usize;
+        let head_width = match vc.get("head_width") {
+            None => 64,
+            Some(_) => usize_field(vc, "head_width", "vision_cfg")?,
+        };
         let vision = match vc.get("layers") {
             _ if vc.get("timm_model_name").is_some_and(|n| !n.is_null()) => timm_tower(vc)?,
             Some(l) if l.is_array() => VisionTower::ModifiedResNet {
