@@ -919,7 +919,7 @@ fn demo_runs_offline_with_the_bundled_model() {
     ]);
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
-    assert_eq!(v["settings"]["model"], "pir-small-aid150");
+    assert_eq!(v["settings"]["model"], "lite0-minilm-aid150");
     assert_eq!(
         v["retrieval-mean-recall"].as_f64().unwrap(),
         (mr * 100.0).round() / 100.0

@@ -8,7 +8,8 @@ use tch::Device;
 use crate::config::ModelConfig;
 
 /// The model pirclip trained itself and ships (models/README.md): the default when no weights are given.
-pub const BUNDLED_MODEL: &str = "pir-small-aid150";
+/// Its towers' unchanged tensors come from the pretrained packages scripts/setup.sh installs.
+pub const BUNDLED_MODEL: &str = "lite0-minilm-aid150";
 
 /// The bundled PIR-CLIP model: the default of `explain`, which needs VIR's belief map.
 pub const BUNDLED_PIR_MODEL: &str = "pir-small-aid150";
