@@ -7,7 +7,6 @@ use pirclip_retrieval::classify::{
 
 use crate::common::ModelArgs;
 use crate::progress::Bar;
-use pirclip_retrieval::encode_images;
 
 /// Zero-shot scene classification: each class is the mean text embedding of its prompts; prints the top-k
 /// classes of every image. With --json it evaluates instead: the label of an image is its file-name prefix
@@ -90,14 +89,7 @@ pub fn run(a: Args) -> Result<()> {
     // Prompts read better with words than with run-together file-name prefixes.
     let names: Vec<String> = classes.iter().map(|c| readable_class_name(c)).collect();
     let zs = ZeroShot::new(&model, &names, &templates, &Bar::new(false));
-    let img = encode_images(
-        &model,
-        &paths,
-        a.model.options(),
-        a.batch_size,
-        true,
-        &Bar::new(true),
-    )?;
+    let img = crate::progress::encode_images(&model, &paths, &a.model, a.batch_size)?;
     let scores = zs.scores(&img);
     let top = zs.top_k(&scores, a.top_k.max(5));
     let Some(truth) = truth else {

@@ -15,6 +15,24 @@ impl Bar {
     }
 }
 
+/// Normalised embeddings of `paths` with the model's options from the flags and a progress bar.
+pub fn encode_images(
+    model: &pirclip_model::ClipModel,
+    paths: &[std::path::PathBuf],
+    args: &crate::common::ModelArgs,
+    batch_size: usize,
+) -> anyhow::Result<pirclip_retrieval::Embeddings> {
+    let bar = Bar::new(true);
+    Ok(pirclip_retrieval::encode_images(
+        model,
+        paths,
+        args.options(),
+        batch_size,
+        true,
+        &bar,
+    )?)
+}
+
 impl pirclip_retrieval::Progress for Bar {
     fn start(&self, what: &str, total: u64) {
         let pb = crate::common::progress(total, what);

@@ -3,8 +3,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::common::ModelArgs;
-use crate::progress::Bar;
-use pirclip_retrieval::{encode_images, encode_texts, Quiet};
+use pirclip_retrieval::{encode_texts, Quiet};
 
 /// Search images by text: embeds the images (a directory in sorted order, or files) and prints the best
 /// matches of each query with their cosine similarity.
@@ -82,14 +81,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("no image files found in {:?}", a.images);
     }
     let model = a.model.load()?;
-    let img = encode_images(
-        &model,
-        &paths,
-        a.model.options(),
-        a.batch_size,
-        true,
-        &Bar::new(true),
-    )?;
+    let img = crate::progress::encode_images(&model, &paths, &a.model, a.batch_size)?;
     let txt = encode_texts(&model, &a.queries, 256, true, &Quiet);
     print_results(
         &a.queries,

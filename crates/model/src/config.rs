@@ -452,15 +452,25 @@ impl ModelConfig {
             f(blocks + 1) * 64.0 * f(width).powi(2) + 4.0 * f(32 * width).powi(2)
         };
         let vision = match &self.vision {
-            VisionTower::Vit { layers, width, patch_size, .. } => {
+            VisionTower::Vit {
+                layers,
+                width,
+                patch_size,
+                ..
+            } => {
                 12.0 * f(*layers) * f(*width).powi(2)
-                    + (3.0 * f(*patch_size).powi(2) + (f(self.image_size) / f(*patch_size)).powi(2) + e)
+                    + (3.0 * f(*patch_size).powi(2)
+                        + (f(self.image_size) / f(*patch_size)).powi(2)
+                        + e)
                         * f(*width)
             }
             VisionTower::ModifiedResNet { layers, width, .. } => resnet(layers, *width),
             VisionTower::TimmEfficientNetLite { .. } => 2e7,
         };
-        let instruction = self.instruction.as_ref().map_or(0.0, |i| resnet(&i.res_layers, i.res_width));
+        let instruction = self
+            .instruction
+            .as_ref()
+            .map_or(0.0, |i| resnet(&i.res_layers, i.res_width));
         let t = &self.text;
         let text = match &t.hf {
             None => {
@@ -470,17 +480,24 @@ impl ModelConfig {
             Some(h) => {
                 let b = &h.bert;
                 f(b.vocab_size + b.max_position_embeddings + b.type_vocab_size) * f(b.hidden_size)
-                    + f(b.num_hidden_layers) * f(b.hidden_size) * (4.0 * f(b.hidden_size) + 2.0 * f(b.intermediate_size))
+                    + f(b.num_hidden_layers)
+                        * f(b.hidden_size)
+                        * (4.0 * f(b.hidden_size) + 2.0 * f(b.intermediate_size))
             }
         };
         let paes = [
-            self.instruction.as_ref().and_then(|i| i.hard_vir.as_ref()).map(|h| (h.instruction_rounds, h.ffn_width)),
+            self.instruction
+                .as_ref()
+                .and_then(|i| i.hard_vir.as_ref())
+                .map(|h| (h.instruction_rounds, h.ffn_width)),
             t.lca.as_ref().map(|l| (l.cycles, l.ffn_width)),
         ];
         let pae: f64 = paes
             .iter()
             .flatten()
-            .map(|(steps, ffn)| f(*steps) * e * (8.0 * e + 2.0 * f(ffn.unwrap_or(2 * self.embed_dim))))
+            .map(|(steps, ffn)| {
+                f(*steps) * e * (8.0 * e + 2.0 * f(ffn.unwrap_or(2 * self.embed_dim)))
+            })
             .sum();
         let total = vision + instruction + text + pae + e * f(t.width.max(self.vision_width()));
         if !(total <= MAX_PARAMETERS) {

@@ -175,44 +175,24 @@ impl Block {
     fn new(r: &Registry, inp: i64, out: i64, kernel: i64, stride: i64, expand: i64) -> Self {
         let mid = inp * expand;
         let residual = stride == 1 && inp == out;
+        // (conv, its BatchNorm) names, input and output channels, kernel, stride, groups.
+        let conv = |names: (&str, &str), i: i64, o: i64, k: i64, s: i64, g: i64| {
+            ConvBn::new(&r.sub(names.0), &r.sub(names.1), i, o, k, s, g)
+        };
         if expand == 1 {
             // timm's DepthwiseSeparableConv: conv_dw/bn1, conv_pw/bn2.
             return Block {
                 expand: None,
-                depthwise: ConvBn::new(
-                    &r.sub("conv_dw"),
-                    &r.sub("bn1"),
-                    inp,
-                    inp,
-                    kernel,
-                    stride,
-                    inp,
-                ),
-                project: ConvBn::new(&r.sub("conv_pw"), &r.sub("bn2"), inp, out, 1, 1, 1),
+                depthwise: conv(("conv_dw", "bn1"), inp, inp, kernel, stride, inp),
+                project: conv(("conv_pw", "bn2"), inp, out, 1, 1, 1),
                 residual,
             };
         }
         // timm's InvertedResidual: conv_pw/bn1, conv_dw/bn2, conv_pwl/bn3.
         Block {
-            expand: Some(ConvBn::new(
-                &r.sub("conv_pw"),
-                &r.sub("bn1"),
-                inp,
-                mid,
-                1,
-                1,
-                1,
-            )),
-            depthwise: ConvBn::new(
-                &r.sub("conv_dw"),
-                &r.sub("bn2"),
-                mid,
-                mid,
-                kernel,
-                stride,
-                mid,
-            ),
-            project: ConvBn::new(&r.sub("conv_pwl"), &r.sub("bn3"), mid, out, 1, 1, 1),
+            expand: Some(conv(("conv_pw", "bn1"), inp, mid, 1, 1, 1)),
+            depthwise: conv(("conv_dw", "bn2"), mid, mid, kernel, stride, mid),
+            project: conv(("conv_pwl", "bn3"), mid, out, 1, 1, 1),
             residual,
         }
     }
