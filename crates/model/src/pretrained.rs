@@ -100,6 +100,15 @@ pub fn load_tower(model: &ClipModel, p: &PretrainedPackage) -> Result<usize, Str
 /// tower's: a JSON list of `{"name", "package", "file", "sha256", "tensors"}`, one per package.
 pub const PACKAGE_TOWERS_KEY: &str = "pirclip.package_towers";
 
+/// The packages a safetensors checkpoint takes its unchanged tower tensors from (its
+/// [`PACKAGE_TOWERS_KEY`] metadata), if it names any.
+pub fn package_towers_of(checkpoint: &std::path::Path) -> Option<String> {
+    let meta = pirclip_checkpoint::safetensors::read_metadata_file(checkpoint).ok()?;
+    meta.into_iter()
+        .find(|(k, _)| k == PACKAGE_TOWERS_KEY)
+        .map(|(_, v)| v)
+}
+
 /// SHA-256 of a file, hex.
 fn sha256_file(path: &std::path::Path) -> Result<String, String> {
     use sha2::Digest;
