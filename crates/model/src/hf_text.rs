@@ -176,8 +176,10 @@ impl HfTextEncoder {
         match self.pooler {
             HfPooler::Mean => {
                 let m = keep.to_kind(x.kind()).unsqueeze(-1);
+                // Clamped as sentence-transformers does: a row with no real token pools to zeros, not NaN.
                 (&x * &m).sum_dim_intlist([1i64].as_slice(), false, x.kind())
                     / m.sum_dim_intlist([1i64].as_slice(), false, x.kind())
+                        .clamp_min(1e-9)
             }
             HfPooler::Cls => x.select(1, 0),
         }

@@ -104,6 +104,10 @@ fn minilm_sentence_embeddings_equal_sentence_transformers() {
     let one = tch::no_grad(|| encoder.pooled(&Tensor::from_slice(&ids[..77]).view([1, 77]), false));
     let d = (batch.get(0) - one.get(0)).abs().max().double_value(&[]);
     assert!(d < 1e-5, "batching changed an embedding by {d:e}");
+    // A row of padding alone (a tokenizer that gave no token) pools to zeros, not NaN.
+    let pads = Tensor::full([1, 8], tokenizer.pad_id(), (Kind::Int64, Device::Cpu));
+    let empty = tch::no_grad(|| encoder.pooled(&pads, false));
+    assert_eq!(empty.abs().max().double_value(&[]), 0.0);
 }
 
 #[test]

@@ -15,6 +15,9 @@ const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
 /// A Hugging Face tokenizer loaded from its `tokenizer.json`.
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` set up for open_clip's call at the last context length asked for: a tokenizer (its
+    /// vocabulary included) is cloned once per context length, not once per caption.
+    configured: std::sync::Mutex<Option<(usize, Arc<tokenizers::Tokenizer>)>>,
     pad_id: u32,
     pub path: PathBuf,
 }
@@ -52,6 +55,7 @@ impl HfTokenizer {
             .unwrap_or(0);
         Ok(HfTokenizer {
             inner,
+            configured: std::sync::Mutex::new(None),
             pad_id,
             path: file,
         })
@@ -80,18 +84,23 @@ impl HfTokenizer {
     /// with the pad id to exactly `context_length` ids.
     pub fn tokenize(&self, text: &str, context_length: usize) -> Vec<i64> {
         let cleaned = crate::clean_whitespace(text);
-        let mut ids = self
-            .configured(context_length)
-            .encode(cleaned.as_str(), true)
-            .map(|e| e.get_ids().iter().map(|&i| i as i64).collect::<Vec<_>>())
-            // A tokenizer.json that cannot encode a text (no such case in BERT's) leaves it empty:
-            // [CLS] [SEP] are what an empty caption gives.
-            .unwrap_or_default();
+        let t = self.configured(context_length);
+        let ids_of = |s: &str| {
+            t.encode(s, true)
+                .map(|e| e.get_ids().iter().map(|&i| i as i64).collect::<Vec<_>>())
+        };
+        // A text this tokenizer.json cannot encode (none in BERT's; a regex that gives up in a user's)
+        // is encoded as the empty caption, and as padding alone if even that fails.
+        let mut ids = ids_of(&cleaned).or_else(|_| ids_of("")).unwrap_or_default();
         ids.resize(context_length, self.pad_id as i64);
         ids
     }
 
-    fn configured(&self, context_length: usize) -> tokenizers::Tokenizer {
+    fn configured(&self, context_length: usize) -> Arc<tokenizers::Tokenizer> {
+        let mut cache = self.configured.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = cache.as_ref().filter(|(ctx, _)| *ctx == context_length) {
+            return t.clone();
+        }
         let mut t = self.inner.clone();
         t.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(context_length),
@@ -103,6 +112,8 @@ impl HfTokenizer {
             max_length: context_length,
             ..Default::default()
         }));
+        let t = Arc::new(t);
+        *cache = Some((context_length, t.clone()));
         t
     }
 }
